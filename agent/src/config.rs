@@ -1,0 +1,267 @@
+//! Agent configuration: a TOML file and/or command-line flags, validated
+//! with errors that name the field.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edge_net::logging::LogFormat;
+use edge_net::quic::TunnelTuning;
+use edge_proto::join::JoinTicket;
+use serde::Deserialize;
+
+/// What the agent does with a client connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Terminate TLS with the node's certificate, forward plaintext.
+    #[default]
+    Terminate,
+    /// Forward the raw TLS bytes to a local TLS service.
+    Passthrough,
+}
+
+/// Everything `edge-agent` needs.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Join string from `edge-server node add` (secret).
+    pub join: String,
+    /// Verify the server with this CA bundle instead of the pinned fingerprint.
+    #[serde(default)]
+    pub server_ca_file: Option<PathBuf>,
+    /// Local service, `host:port`, that receives the client connections.
+    pub upstream: String,
+    /// `terminate` (default) or `passthrough`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Send a PROXY protocol v2 header to the upstream with the client address.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Directory for generated certificates.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Node certificate chain (PEM). Without it a local CA and certificate
+    /// are generated in `data_dir/certs`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Node private key (PEM).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// ALPN protocols offered to clients when terminating TLS.
+    #[serde(default = "default_alpn")]
+    pub alpn: Vec<String>,
+    /// Local status endpoint (`/ready`, `/metrics`); loopback only; off when unset.
+    #[serde(default)]
+    pub status_listen: Option<SocketAddr>,
+    /// Reconnect backoff.
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    /// QUIC tunnel tuning.
+    #[serde(default)]
+    pub tunnel: TunnelTuning,
+    /// Log format, `text` or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("edge-agent-data")
+}
+
+fn default_alpn() -> Vec<String> {
+    vec!["http/1.1".into()]
+}
+
+/// Reconnect backoff: exponential from `initial_ms` to `max_ms`, with jitter.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectConfig {
+    /// First delay.
+    pub initial_ms: u64,
+    /// Largest delay.
+    pub max_ms: u64,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            initial_ms: 250,
+            max_ms: 30_000,
+        }
+    }
+}
+
+impl fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field(
+                "join",
+                &JoinTicket::parse(&self.join)
+                    .map_or_else(|_| "<invalid>".to_string(), |t| format!("{t:?}")),
+            )
+            .field("server_ca_file", &self.server_ca_file)
+            .field("upstream", &self.upstream)
+            .field("mode", &self.mode)
+            .field("proxy_protocol", &self.proxy_protocol)
+            .field("data_dir", &self.data_dir)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("alpn", &self.alpn)
+            .field("status_listen", &self.status_listen)
+            .field("reconnect", &self.reconnect)
+            .field("tunnel", &self.tunnel)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// A configuration error; the message names the origin and field.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    /// The file, or `command line`.
+    pub origin: String,
+    /// What is wrong, naming the field and value.
+    pub message: String,
+}
+
+impl AgentConfig {
+    /// Reads a TOML file (without validating; see [`AgentConfig::validate`]).
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
+        let mut config = Self::parse(&text, &origin)?;
+        if let Some(dir) = path.parent() {
+            for p in [
+                Some(&mut config.data_dir),
+                config.cert_file.as_mut(),
+                config.key_file.as_mut(),
+                config.server_ca_file.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError {
+            origin: origin.into(),
+            message: e.to_string().trim_end().into(),
+        })
+    }
+
+    /// Checks values serde cannot; returns the parsed join ticket.
+    pub fn validate(&self, origin: &str) -> Result<JoinTicket, ConfigError> {
+        let err = |message: String| ConfigError {
+            origin: origin.into(),
+            message,
+        };
+        let ticket = JoinTicket::parse(&self.join).map_err(|e| err(format!("join: {e}")))?;
+        if ticket.fingerprint.is_none() && self.server_ca_file.is_none() {
+            return Err(err("join: has no fp= fingerprint and server_ca_file is not set; one is needed to trust the server".into()));
+        }
+        let ok = self
+            .upstream
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+        if !ok {
+            return Err(err(format!(
+                "upstream = {:?} must be host:port",
+                self.upstream
+            )));
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => return Err(err("key_file must be set when cert_file is".into())),
+            (None, Some(_)) => return Err(err("cert_file must be set when key_file is".into())),
+            _ => {}
+        }
+        if self.mode == Mode::Terminate && self.alpn.iter().any(|a| a.is_empty() || a.len() > 255) {
+            return Err(err(format!(
+                "alpn = {:?}: each protocol must be 1 to 255 bytes",
+                self.alpn
+            )));
+        }
+        if let Some(addr) = self.status_listen {
+            if !addr.ip().is_loopback() {
+                return Err(err(format!(
+                    "status_listen = {addr:?} must be a loopback address (127.0.0.0/8 or ::1)"
+                )));
+            }
+        }
+        if self.reconnect.initial_ms == 0 || self.reconnect.max_ms < self.reconnect.initial_ms {
+            return Err(err(format!(
+                "reconnect.initial_ms = {} must be at least 1 and at most reconnect.max_ms = {}",
+                self.reconnect.initial_ms, self.reconnect.max_ms
+            )));
+        }
+        self.tunnel.validate("tunnel").map_err(err)?;
+        Ok(ticket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join() -> String {
+        let token = edge_proto::join::make_token("n1", &[7; 32]);
+        format!("edge://{token}@127.0.0.1:4433?fp={}", "ab".repeat(32))
+    }
+
+    #[test]
+    fn valid_minimal() {
+        let text = format!("join = {:?}\nupstream = \"127.0.0.1:3000\"\n", join());
+        let c = AgentConfig::parse(&text, "agent.toml").unwrap();
+        let ticket = c.validate("agent.toml").unwrap();
+        assert_eq!(ticket.node(), "n1");
+        assert!(
+            !format!("{c:?}").contains(&ticket.token),
+            "Debug hides the token"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let j = join();
+        let cases = [
+            (format!("join = {j:?}\nupstream = \"nope\""), "upstream"),
+            (format!("join = \"x\"\nupstream = \"h:1\""), "join"),
+            (
+                format!("join = {j:?}\nupstream = \"h:1\"\nstatus_listen = \"0.0.0.0:9\""),
+                "status_listen",
+            ),
+            (
+                format!("join = {j:?}\nupstream = \"h:1\"\nmode = \"bogus\""),
+                "mode",
+            ),
+            (
+                format!("join = {j:?}\nupstream = \"h:1\"\n[reconnect]\ninitial_ms = 0"),
+                "reconnect.initial_ms",
+            ),
+            (
+                format!("join = {j:?}\nupstream = \"h:1\"\ncert_file = \"c.pem\""),
+                "key_file",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = AgentConfig::parse(&text, "agent.toml")
+                .and_then(|c| c.validate("agent.toml").map(|_| ()));
+            let msg = err.unwrap_err().to_string();
+            assert!(
+                msg.starts_with("agent.toml") && msg.contains(field),
+                "{msg:?} should name {field}"
+            );
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! `edge-agent`: runs on a node (often behind NAT), dials `edge-server`
+//! over QUIC, and serves the client connections the server routes to it:
+//! TLS is terminated here with the node's own certificate, so neither the
+//! key nor the plaintext ever reaches the cluster.
+//!
+//! - [`config`]: configuration file and validation.
+//! - [`session`]: dial, authenticate, heartbeat, reconnect with backoff.
+//! - [`streams`]: one client connection per QUIC stream.
+//! - [`tls`]: node certificate (swappable) and server trust.
+//! - [`signal`]: heartbeats to the signal API.
+//! - [`status`]: local `/ready` and `/metrics`.
+//! - [`metrics`]: counters.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod metrics;
+pub mod session;
+pub mod signal;
+pub mod status;
+pub mod streams;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use edge_proto::join::JoinTicket;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::metrics::AgentMetrics;
+use crate::tls::{NodeCertResolver, ServerTrust};
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// A certificate or key could not be loaded or generated.
+    #[error(transparent)]
+    Cert(#[from] edge_certs::CertError),
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Retrying cannot help: wrong token, node removed, wrong server.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// State shared by the agent's tasks.
+#[derive(Debug)]
+pub struct AgentShared {
+    /// Validated configuration.
+    pub config: AgentConfig,
+    /// Parsed join string.
+    pub ticket: JoinTicket,
+    /// How the server is trusted.
+    pub trust: ServerTrust,
+    /// Counters.
+    pub metrics: AgentMetrics,
+    resolver: Arc<NodeCertResolver>,
+    node: Mutex<Option<Arc<Node>>>,
+}
+
+/// The node as the server described it in its welcome.
+#[derive(Debug)]
+pub struct Node {
+    /// Agent state.
+    pub shared: Arc<AgentShared>,
+    /// Node name.
+    pub name: String,
+    /// Hostnames this node owns.
+    pub hostnames: Vec<String>,
+    /// TLS config for terminating client connections.
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+impl Node {
+    /// Whether `sni` is one of this node's names (exact or one-label wildcard).
+    pub fn owns(&self, sni: &str) -> bool {
+        self.hostnames.iter().any(|h| h == sni)
+            || edge_proto::names::wildcard_parent(sni).is_some_and(|w| self.hostnames.contains(&w))
+    }
+}
+
+impl AgentShared {
+    /// The node for a welcome; the certificate is loaded or generated once
+    /// and reused across reconnects while the names stay the same.
+    async fn node_for(
+        self: &Arc<Self>,
+        name: &str,
+        hostnames: &[String],
+    ) -> Result<Arc<Node>, AgentError> {
+        if let Some(node) = self.node.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if node.name == name && node.hostnames == hostnames {
+                return Ok(node);
+            }
+        }
+        let shared = self.clone();
+        let (n, h) = (name.to_string(), hostnames.to_vec());
+        let key = tokio::task::spawn_blocking(move || tls::load_node_cert(&shared.config, &n, &h))
+            .await
+            .map_err(|e| AgentError::Fatal(format!("certificate task failed: {e}")))??;
+        self.resolver.set(key);
+        let node = Arc::new(Node {
+            shared: self.clone(),
+            name: name.to_string(),
+            hostnames: hostnames.to_vec(),
+            tls: tls::termination_config(self.resolver.clone(), &self.config.alpn),
+        });
+        *self.node.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
+        Ok(node)
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled or a fatal error occurs.
+pub async fn run(
+    config: AgentConfig,
+    origin: &str,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let ticket = config
+        .validate(origin)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let trust = ServerTrust::from_config(config.server_ca_file.as_deref(), ticket.fingerprint)?;
+    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let socket =
+        edge_net::quic::udp_socket(bind, config.tunnel.udp_buffer_bytes).map_err(|source| {
+            AgentError::Bind {
+                what: "QUIC socket",
+                addr: bind,
+                source,
+            }
+        })?;
+    let endpoint = edge_net::quic::endpoint(socket, None).map_err(|source| AgentError::Bind {
+        what: "QUIC endpoint",
+        addr: bind,
+        source,
+    })?;
+    let status_listener = match config.status_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Bind {
+                    what: "status endpoint",
+                    addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let shared = Arc::new(AgentShared {
+        config,
+        ticket,
+        trust,
+        metrics: AgentMetrics::default(),
+        resolver: NodeCertResolver::new(),
+        node: Mutex::new(None),
+    });
+    tracing::info!(node = shared.ticket.node(), server = %shared.ticket.server, upstream = %shared.config.upstream,
+        mode = ?shared.config.mode, "edge-agent starting");
+    if let Some(listener) = status_listener {
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "status endpoint listening");
+        tokio::spawn(status::serve(listener, shared.clone(), shutdown.clone()));
+    }
+    let heartbeats = tokio::spawn(signal::run(shared.clone(), shutdown.clone()));
+    let result = session::run(endpoint.clone(), shared, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = heartbeats.await;
+    endpoint.close(quinn::VarInt::from_u32(0), b"agent stopped");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+    result
+}

@@ -1,0 +1,90 @@
+//! Agent counters, exposed on the local status endpoint.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use edge_net::splice::ByteCounters;
+
+/// Counters for one agent process.
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    /// Tunnels currently up.
+    pub tunnels_up: AtomicU64,
+    /// Successful tunnel handshakes.
+    pub connects: AtomicU64,
+    /// Failed connection attempts.
+    pub connect_failures: AtomicU64,
+    /// Data streams open now.
+    pub open_streams: AtomicU64,
+    /// Data streams accepted.
+    pub total_streams: AtomicU64,
+    /// Streams that ended in an error (bad header, TLS, upstream).
+    pub stream_errors: AtomicU64,
+    /// Bytes client → upstream (`tcp_to_quic` is upstream → client here).
+    pub bytes: ByteCounters,
+}
+
+impl AgentMetrics {
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let rows: [(&str, &str, &str, u64); 8] = [
+            (
+                "edge_agent_tunnels_up",
+                "gauge",
+                "Tunnels to the server currently up.",
+                g(&self.tunnels_up),
+            ),
+            (
+                "edge_agent_connects_total",
+                "counter",
+                "Tunnel handshakes completed.",
+                g(&self.connects),
+            ),
+            (
+                "edge_agent_connect_failures_total",
+                "counter",
+                "Failed connection attempts.",
+                g(&self.connect_failures),
+            ),
+            (
+                "edge_agent_open_streams",
+                "gauge",
+                "Client streams open now.",
+                g(&self.open_streams),
+            ),
+            (
+                "edge_agent_streams_total",
+                "counter",
+                "Client streams accepted.",
+                g(&self.total_streams),
+            ),
+            (
+                "edge_agent_stream_errors_total",
+                "counter",
+                "Client streams that failed.",
+                g(&self.stream_errors),
+            ),
+            (
+                "edge_agent_bytes_to_upstream_total",
+                "counter",
+                "Bytes from clients to the upstream.",
+                g(&self.bytes.quic_to_tcp),
+            ),
+            (
+                "edge_agent_bytes_from_upstream_total",
+                "counter",
+                "Bytes from the upstream to clients.",
+                g(&self.bytes.tcp_to_quic),
+            ),
+        ];
+        let mut out = String::with_capacity(1024);
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        out
+    }
+}

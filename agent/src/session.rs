@@ -1,0 +1,289 @@
+//! One tunnel session: dial, authenticate, serve streams, heartbeat; and the
+//! reconnect loop around it (exponential backoff with full jitter).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edge_proto::tunnel::{
+    codes, AgentMessage, ControlCodec, ServerMessage, ALPN, PROTOCOL_VERSION,
+};
+use futures_util::{SinkExt, StreamExt};
+use quinn::VarInt;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{AgentError, AgentShared};
+
+/// Deadline for the QUIC handshake.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+/// Deadline for the server's answer to hello.
+const WELCOME_DEADLINE: Duration = Duration::from_secs(10);
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// How long open streams may finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// How a session ended.
+#[derive(Debug)]
+enum End {
+    /// Shutdown requested.
+    Shutdown,
+    /// Try again after a backoff.
+    Retry(String),
+    /// Retrying cannot help (bad token, removed node, wrong server).
+    Fatal(String),
+}
+
+/// Runs sessions until shutdown or a fatal error.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    shared: Arc<AgentShared>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let initial = Duration::from_millis(shared.config.reconnect.initial_ms);
+    let max = Duration::from_millis(shared.config.reconnect.max_ms);
+    let mut backoff = initial;
+    loop {
+        let started = Instant::now();
+        match session(&endpoint, &shared, &shutdown).await {
+            End::Shutdown => return Ok(()),
+            End::Fatal(message) => return Err(AgentError::Fatal(message)),
+            End::Retry(reason) => {
+                if started.elapsed() >= STABLE_SESSION {
+                    backoff = initial;
+                }
+                // Full jitter: a fleet of agents reconnecting after a server
+                // restart spreads out instead of arriving in one burst.
+                let delay = backoff.mul_f64(rand::random_range(0.5..=1.0));
+                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                backoff = (backoff * 2).min(max);
+            }
+        }
+    }
+}
+
+fn classify_close(error: &quinn::ConnectionError) -> End {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason).into_owned();
+            match close.error_code.into_inner() as u32 {
+                codes::CLOSE_AUTH_FAILED => {
+                    End::Fatal(format!("server refused the node token: {reason}"))
+                }
+                codes::CLOSE_NODE_REMOVED => {
+                    End::Fatal(format!("this node was removed from the server: {reason}"))
+                }
+                codes::CLOSE_VERSION_MISMATCH => End::Fatal(format!("protocol mismatch: {reason}")),
+                _ => End::Retry(format!("server closed the tunnel: {reason}")),
+            }
+        }
+        quinn::ConnectionError::LocallyClosed => End::Shutdown,
+        other => End::Retry(other.to_string()),
+    }
+}
+
+async fn session(
+    endpoint: &quinn::Endpoint,
+    shared: &Arc<AgentShared>,
+    shutdown: &CancellationToken,
+) -> End {
+    let ticket = &shared.ticket;
+    let addr = match tokio::net::lookup_host(&ticket.server)
+        .await
+        .map(|mut a| a.next())
+    {
+        Ok(Some(addr)) => addr,
+        Ok(None) => return End::Retry(format!("{} resolved to no address", ticket.server)),
+        Err(e) => return End::Retry(format!("resolving {}: {e}", ticket.server)),
+    };
+    let tls = shared.trust.client_config(ALPN);
+    let crypto = match quinn::crypto::rustls::QuicClientConfig::try_from(tls) {
+        Ok(c) => c,
+        Err(e) => return End::Fatal(format!("QUIC TLS config: {e}")),
+    };
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(
+        shared
+            .config
+            .tunnel
+            .transport(shared.config.tunnel.max_streams),
+    ));
+    let connecting =
+        match endpoint.connect_with(client, addr, &crate::tls::server_name(&ticket.server)) {
+            Ok(c) => c,
+            Err(e) => return End::Retry(format!("connecting to {addr}: {e}")),
+        };
+    let conn = tokio::select! {
+        _ = shutdown.cancelled() => return End::Shutdown,
+        r = tokio::time::timeout(CONNECT_DEADLINE, connecting) => match r {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                shared.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
+                if let Some(message) = shared.trust.mismatch_message() {
+                    return End::Fatal(message);
+                }
+                return match classify_close(&e) {
+                    End::Retry(m) => End::Retry(format!("connecting to {addr}: {m}")),
+                    other => other,
+                };
+            }
+            Err(_) => {
+                shared.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
+                return End::Retry(format!("no QUIC handshake with {addr} within {}s", CONNECT_DEADLINE.as_secs()));
+            }
+        }
+    };
+    let end = tunnel(&conn, shared, shutdown).await;
+    if let End::Shutdown = end {
+        conn.close(
+            VarInt::from_u32(codes::CLOSE_NORMAL),
+            b"agent shutting down",
+        );
+    }
+    end
+}
+
+type Reader = FramedRead<quinn::RecvStream, ControlCodec<ServerMessage, AgentMessage>>;
+type Writer = FramedWrite<quinn::SendStream, ControlCodec<ServerMessage, AgentMessage>>;
+
+async fn handshake(
+    conn: &quinn::Connection,
+    shared: &AgentShared,
+) -> Result<(Reader, Writer, String, Vec<String>, u64), End> {
+    let closed = |e: quinn::ConnectionError| classify_close(&e);
+    let (send, recv) = conn.open_bi().await.map_err(closed)?;
+    let mut reader = FramedRead::new(recv, ControlCodec::<ServerMessage, AgentMessage>::default());
+    let mut writer = FramedWrite::new(send, ControlCodec::<ServerMessage, AgentMessage>::default());
+    let mut capabilities = vec!["tls_termination".to_string(), "passthrough".to_string()];
+    if shared.config.proxy_protocol {
+        capabilities.push("proxy_v2".into());
+    }
+    let hello = AgentMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: shared.ticket.token.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        capabilities,
+    };
+    if let Err(e) = writer.send(hello).await {
+        return Err(conn.close_reason().map_or_else(
+            || End::Retry(format!("sending hello: {e}")),
+            |r| classify_close(&r),
+        ));
+    }
+    match tokio::time::timeout(WELCOME_DEADLINE, reader.next()).await {
+        Ok(Some(Ok(ServerMessage::Welcome {
+            node,
+            hostnames,
+            heartbeat_secs,
+            ..
+        }))) => Ok((
+            reader,
+            writer,
+            node,
+            hostnames,
+            heartbeat_secs.clamp(1, 300),
+        )),
+        Ok(Some(Ok(ServerMessage::Rejected { code, reason }))) => Err(match code {
+            codes::CLOSE_AUTH_FAILED => {
+                End::Fatal(format!("server refused the node token: {reason}"))
+            }
+            codes::CLOSE_VERSION_MISMATCH => End::Fatal(format!("protocol mismatch: {reason}")),
+            _ => End::Retry(format!("server rejected the agent: {reason}")),
+        }),
+        Ok(Some(Ok(other))) => Err(End::Retry(format!(
+            "unexpected first message from server: {other:?}"
+        ))),
+        Ok(Some(Err(e))) => Err(End::Retry(format!("control stream: {e}"))),
+        Ok(None) => {
+            // The server may close before its Rejected frame is delivered;
+            // the close code carries the verdict.
+            let reason = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            Err(reason.map_or_else(
+                |_| End::Retry("control stream closed".into()),
+                |r| classify_close(&r),
+            ))
+        }
+        Err(_) => Err(End::Retry("server did not answer hello in time".into())),
+    }
+}
+
+async fn tunnel(
+    conn: &quinn::Connection,
+    shared: &Arc<AgentShared>,
+    shutdown: &CancellationToken,
+) -> End {
+    let (mut reader, mut writer, node_name, hostnames, heartbeat_secs) =
+        match handshake(conn, shared).await {
+            Ok(h) => h,
+            Err(end) => return end,
+        };
+    if node_name != shared.ticket.node() {
+        return End::Fatal(format!(
+            "server says this is node {node_name:?}, the join string says {:?}",
+            shared.ticket.node()
+        ));
+    }
+    let node = match shared.node_for(&node_name, &hostnames).await {
+        Ok(node) => node,
+        Err(e) => return End::Fatal(e.to_string()),
+    };
+    shared.metrics.connects.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.tunnels_up.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(node = %node_name, hostnames = ?hostnames, server = %conn.remote_address(), "tunnel up");
+
+    let streams = TaskTracker::new();
+    let interval = Duration::from_secs(heartbeat_secs);
+    let mut heartbeat = tokio::time::interval(interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq: u64 = 0;
+    let mut last_ack = Instant::now();
+    let end = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break End::Shutdown,
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(crate::streams::handle(send, recv, node.clone()));
+                }
+                Err(e) => break classify_close(&e),
+            },
+            _ = heartbeat.tick() => {
+                if last_ack.elapsed() > interval * 3 {
+                    conn.close(VarInt::from_u32(codes::CLOSE_NORMAL), b"heartbeat timeout");
+                    break End::Retry("server stopped answering heartbeats".into());
+                }
+                seq += 1;
+                let open_streams = shared.metrics.open_streams.load(Ordering::Relaxed);
+                if let Err(e) = writer.send(AgentMessage::Heartbeat { seq, open_streams }).await {
+                    break conn.close_reason().map_or_else(|| End::Retry(format!("heartbeat: {e}")), |r| classify_close(&r));
+                }
+            }
+            message = reader.next() => match message {
+                Some(Ok(ServerMessage::HeartbeatAck { .. })) => last_ack = Instant::now(),
+                Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),
+                Some(Ok(ServerMessage::Rejected { reason, .. })) => break End::Fatal(format!("server rejected the agent: {reason}")),
+                Some(Ok(ServerMessage::Welcome { .. })) => break End::Retry("unexpected second welcome".into()),
+                Some(Err(e)) => break End::Retry(format!("control stream: {e}")),
+                None => {
+                    let reason = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    break reason.map_or_else(|_| End::Retry("control stream closed".into()), |r| classify_close(&r));
+                }
+            }
+        }
+    };
+    shared.metrics.tunnels_up.fetch_sub(1, Ordering::Relaxed);
+    streams.close();
+    if let End::Shutdown = end {
+        tracing::info!(
+            open_streams = streams.len(),
+            "draining streams before closing the tunnel"
+        );
+        let _ = tokio::time::timeout(DRAIN, streams.wait()).await;
+    }
+    end
+}

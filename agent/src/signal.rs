@@ -1,0 +1,110 @@
+//! Heartbeats to the server's signal API over HTTPS, with the same server
+//! trust as the tunnel (pinned fingerprint or CA).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+use crate::AgentShared;
+
+/// Interval between heartbeats.
+pub const INTERVAL: Duration = Duration::from_secs(15);
+/// Deadline for one heartbeat request, connect to response.
+const DEADLINE: Duration = Duration::from_secs(10);
+/// Largest response body read.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// Sends a heartbeat every [`INTERVAL`] until shutdown. Failures are logged
+/// and do not stop the agent: the tunnel is what carries traffic.
+pub async fn run(shared: Arc<AgentShared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if shared.metrics.tunnels_up.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        match tokio::time::timeout(DEADLINE, send(&shared)).await {
+            Ok(Ok(())) => tracing::debug!("heartbeat sent to signal API"),
+            Ok(Err(e)) => {
+                tracing::warn!(api = %shared.ticket.api, error = %e, "heartbeat to signal API failed")
+            }
+            Err(_) => tracing::warn!(api = %shared.ticket.api, "heartbeat to signal API timed out"),
+        }
+    }
+}
+
+/// One heartbeat request.
+pub async fn send(shared: &AgentShared) -> Result<(), String> {
+    let m = &shared.metrics;
+    let body = serde_json::json!({
+        "status": "ready",
+        "version": env!("CARGO_PKG_VERSION"),
+        "capabilities": ["tls_termination", "passthrough", "proxy_v2"],
+        "counters": {
+            "open_streams": m.open_streams.load(Ordering::Relaxed),
+            "total_streams": m.total_streams.load(Ordering::Relaxed),
+            "stream_errors": m.stream_errors.load(Ordering::Relaxed),
+            "tunnels_up": m.tunnels_up.load(Ordering::Relaxed),
+            "bytes_to_upstream": m.bytes.quic_to_tcp.load(Ordering::Relaxed),
+            "bytes_from_upstream": m.bytes.tcp_to_quic.load(Ordering::Relaxed),
+        }
+    });
+    let api = &shared.ticket.api;
+    let tcp = tokio::net::TcpStream::connect(api)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(shared.trust.client_config(b"http/1.1"));
+    let name = rustls::pki_types::ServerName::try_from(crate::tls::server_name(api))
+        .map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(conn);
+    let request = hyper::Request::post("/api/signal/heartbeat")
+        .header(hyper::header::HOST, api.as_str())
+        .header(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer {}", shared.ticket.token),
+        )
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string());
+    let result = match response {
+        Ok(response) => {
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                ))
+            }
+        }
+        Err(e) => Err(e),
+    };
+    driver.abort();
+    result
+}

@@ -1,0 +1,193 @@
+//! One data stream = one client connection: read the header, check the name
+//! is this node's, then terminate TLS and forward plaintext to the upstream
+//! (or forward the raw TLS in passthrough mode).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_proto::tunnel::{codes, StreamHeader, MAX_STREAM_HEADER};
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::config::Mode;
+use crate::Node;
+
+/// Deadline for the header and for the client's TLS handshake.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Deadline for connecting to the upstream.
+const UPSTREAM_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+/// Copy buffer per direction when terminating TLS.
+const COPY_BUF: usize = 32 * 1024;
+
+/// Why a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The header was missing, late or invalid.
+    #[error("bad stream header: {0}")]
+    Header(String),
+    /// The server sent a name this node does not own.
+    #[error("stream for {0:?}, which this node does not own")]
+    NotOurs(String),
+    /// The upstream could not be reached.
+    #[error("upstream {addr}: {error}")]
+    Upstream {
+        /// Upstream address.
+        addr: String,
+        /// Why.
+        error: String,
+    },
+    /// The client's TLS handshake failed.
+    #[error("client TLS handshake: {0}")]
+    Tls(String),
+}
+
+/// Serves one data stream to completion.
+pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>) {
+    let metrics = &node.shared.metrics;
+    metrics.total_streams.fetch_add(1, Ordering::Relaxed);
+    metrics.open_streams.fetch_add(1, Ordering::Relaxed);
+    let result = match prepare(&mut recv, &node).await {
+        Err((code, e)) => {
+            let _ = send.reset(VarInt::from_u32(code));
+            let _ = recv.stop(VarInt::from_u32(code));
+            Err(e)
+        }
+        Ok((header, upstream)) => match node.shared.config.mode {
+            Mode::Passthrough => {
+                let end = edge_net::splice::splice(
+                    upstream,
+                    send,
+                    recv,
+                    codes::STREAM_UPSTREAM_FAILED,
+                    &metrics.bytes,
+                )
+                .await;
+                tracing::trace!(?end, sni = %header.sni, "passthrough stream done");
+                Ok(())
+            }
+            Mode::Terminate => terminate(send, recv, upstream, &node, &header).await,
+        },
+    };
+    metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
+    if let Err(e) = result {
+        metrics.stream_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(error = %e, "stream failed");
+    }
+}
+
+async fn read_header(recv: &mut RecvStream) -> Result<StreamHeader, StreamError> {
+    let mut len = [0u8; 2];
+    recv.read_exact(&mut len)
+        .await
+        .map_err(|e| StreamError::Header(e.to_string()))?;
+    let n = usize::from(u16::from_be_bytes(len));
+    if n > MAX_STREAM_HEADER {
+        return Err(StreamError::Header(format!(
+            "{n} bytes exceeds {MAX_STREAM_HEADER}"
+        )));
+    }
+    let mut buf = vec![0u8; 2 + n];
+    buf[..2].copy_from_slice(&len);
+    recv.read_exact(&mut buf[2..])
+        .await
+        .map_err(|e| StreamError::Header(e.to_string()))?;
+    match StreamHeader::decode(&buf) {
+        Ok(Some((header, _))) => Ok(header),
+        Ok(None) => Err(StreamError::Header("truncated".into())),
+        Err(e) => Err(StreamError::Header(e.to_string())),
+    }
+}
+
+async fn connect_upstream(
+    addr: &str,
+    header: &StreamHeader,
+    proxy_protocol: bool,
+) -> Result<TcpStream, StreamError> {
+    let fail = |error: String| StreamError::Upstream {
+        addr: addr.to_string(),
+        error,
+    };
+    let mut tcp = tokio::time::timeout(UPSTREAM_CONNECT_DEADLINE, TcpStream::connect(addr))
+        .await
+        .map_err(|_| fail("connect timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    if proxy_protocol {
+        let proxy = edge_proto::proxy_v2::encode(header.client, header.local);
+        tcp.write_all(&proxy)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(tcp)
+}
+
+/// Reads the header, checks ownership, connects the upstream.
+async fn prepare(
+    recv: &mut RecvStream,
+    node: &Node,
+) -> Result<(StreamHeader, TcpStream), (u32, StreamError)> {
+    let header = tokio::time::timeout(HANDSHAKE_DEADLINE, read_header(recv))
+        .await
+        .map_err(|_| StreamError::Header("timed out".into()))
+        .and_then(|r| r)
+        .map_err(|e| (codes::STREAM_BAD_HEADER, e))?;
+    if !node.owns(&header.sni) {
+        tracing::warn!(sni = %header.sni, "server sent a stream for a name this node does not own; refused");
+        return Err((codes::STREAM_BAD_HEADER, StreamError::NotOurs(header.sni)));
+    }
+    let config = &node.shared.config;
+    let upstream = connect_upstream(&config.upstream, &header, config.proxy_protocol)
+        .await
+        .map_err(|e| (codes::STREAM_UPSTREAM_FAILED, e))?;
+    Ok((header, upstream))
+}
+
+async fn terminate(
+    send: SendStream,
+    recv: RecvStream,
+    mut upstream: TcpStream,
+    node: &Node,
+    header: &StreamHeader,
+) -> Result<(), StreamError> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(node.tls.clone());
+    let accept = acceptor.accept(tokio::io::join(recv, send)).into_fallible();
+    let mut tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err((e, io))) => {
+            let (mut r, mut s) = io.into_inner();
+            let _ = s.reset(VarInt::from_u32(codes::STREAM_TLS_FAILED));
+            let _ = r.stop(VarInt::from_u32(codes::STREAM_TLS_FAILED));
+            edge_net::splice::reset_tcp(&upstream);
+            return Err(StreamError::Tls(e.to_string()));
+        }
+        Err(_) => {
+            edge_net::splice::reset_tcp(&upstream);
+            return Err(StreamError::Tls("timed out".into()));
+        }
+    };
+    let copied =
+        tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut upstream, COPY_BUF, COPY_BUF).await;
+    let bytes = &node.shared.metrics.bytes;
+    match copied {
+        Ok((to_upstream, from_upstream)) => {
+            bytes.quic_to_tcp.fetch_add(to_upstream, Ordering::Relaxed);
+            bytes
+                .tcp_to_quic
+                .fetch_add(from_upstream, Ordering::Relaxed);
+            tracing::trace!(sni = %header.sni, to_upstream, from_upstream, "stream done");
+            Ok(())
+        }
+        Err(e) => {
+            // Abort both ways: reset the QUIC stream, RST the upstream.
+            let (io, _) = tls.into_inner();
+            let (mut r, mut s) = io.into_inner();
+            let _ = s.reset(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
+            let _ = r.stop(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
+            edge_net::splice::reset_tcp(&upstream);
+            tracing::debug!(sni = %header.sni, error = %e, "stream aborted");
+            Ok(())
+        }
+    }
+}

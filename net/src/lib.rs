@@ -1,0 +1,17 @@
+//! Runtime glue shared by `edge-server` and `edge-agent`.
+//!
+//! The protocol logic lives in `edge-proto` (sans-IO); this crate holds the
+//! few pieces both binaries need to move bytes with tokio and quinn:
+//!
+//! - [`quic`]: transport tuning for a busy tunnel and UDP sockets with large
+//!   buffers.
+//! - [`splice`]: TCP ⇄ QUIC stream copy with half-close and reset propagation.
+//! - [`pinned`]: a rustls verifier that accepts exactly one certificate,
+//!   identified by its SHA-256 fingerprint.
+//! - [`logging`]: tracing subscriber setup (text or JSON).
+#![forbid(unsafe_code)]
+
+pub mod logging;
+pub mod pinned;
+pub mod quic;
+pub mod splice;

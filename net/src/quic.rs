@@ -1,0 +1,133 @@
+//! QUIC transport tuning and UDP socket setup.
+//!
+//! quinn's defaults suit a browser, not a tunnel that multiplexes thousands of
+//! client connections: at most 100 concurrent bidirectional streams (opening
+//! the 101st blocks) and windows sized for one download. Here the peer may
+//! open up to `max_streams` streams; each stream may have `stream_window`
+//! bytes in flight, but the connection-level window caps the total, so the
+//! memory a peer can pin is bounded by `connection_window` whatever the
+//! number of streams.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+/// Tunnel tuning shared by server and agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelTuning {
+    /// Concurrent data streams (client connections) per tunnel.
+    pub max_streams: u32,
+    /// Per-stream receive window in bytes.
+    pub stream_window: u32,
+    /// Per-connection receive and send window in bytes; bounds total memory.
+    pub connection_window: u64,
+    /// Keep-alive interval in seconds; below common NAT UDP timeouts (30 s).
+    pub keep_alive_secs: u64,
+    /// Idle timeout in seconds after which a silent tunnel is dead.
+    pub idle_timeout_secs: u64,
+    /// UDP socket send and receive buffer size requested from the kernel.
+    pub udp_buffer_bytes: usize,
+}
+
+impl Default for TunnelTuning {
+    fn default() -> Self {
+        Self {
+            max_streams: 10_000,
+            stream_window: 1024 * 1024,
+            connection_window: 32 * 1024 * 1024,
+            keep_alive_secs: 10,
+            idle_timeout_secs: 30,
+            udp_buffer_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl TunnelTuning {
+    /// Checks the values, naming the first bad field.
+    pub fn validate(&self, prefix: &str) -> Result<(), String> {
+        if self.max_streams == 0 || self.max_streams > 1_000_000 {
+            return Err(format!(
+                "{prefix}.max_streams = {} must be between 1 and 1000000",
+                self.max_streams
+            ));
+        }
+        if self.stream_window < 16 * 1024 {
+            return Err(format!(
+                "{prefix}.stream_window = {} must be at least 16384",
+                self.stream_window
+            ));
+        }
+        if self.connection_window < u64::from(self.stream_window)
+            || self.connection_window > (1 << 32)
+        {
+            return Err(format!(
+                "{prefix}.connection_window = {} must be between stream_window and 4 GiB",
+                self.connection_window
+            ));
+        }
+        if self.keep_alive_secs == 0 || self.keep_alive_secs >= self.idle_timeout_secs {
+            return Err(format!(
+                "{prefix}.keep_alive_secs = {} must be at least 1 and below idle_timeout_secs ({})",
+                self.keep_alive_secs, self.idle_timeout_secs
+            ));
+        }
+        if self.idle_timeout_secs > 600 {
+            return Err(format!(
+                "{prefix}.idle_timeout_secs = {} must be at most 600",
+                self.idle_timeout_secs
+            ));
+        }
+        Ok(())
+    }
+
+    /// A transport config where the peer may open `peer_bidi_streams`.
+    pub fn transport(&self, peer_bidi_streams: u32) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        t.max_concurrent_bidi_streams(VarInt::from_u32(peer_bidi_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(VarInt::from_u32(self.stream_window))
+            .receive_window(VarInt::from_u64(self.connection_window).unwrap_or(VarInt::MAX))
+            .send_window(self.connection_window)
+            .keep_alive_interval(Some(Duration::from_secs(self.keep_alive_secs)))
+            .max_idle_timeout(
+                IdleTimeout::try_from(Duration::from_secs(self.idle_timeout_secs)).ok(),
+            )
+            .datagram_receive_buffer_size(None);
+        t
+    }
+}
+
+/// Binds a UDP socket with large buffers (the kernel may clamp them to
+/// `net.core.rmem_max`/`wmem_max`; the granted sizes are logged).
+pub fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(buffer_bytes);
+    let _ = socket.set_send_buffer_size(buffer_bytes);
+    socket.bind(&addr.into())?;
+    tracing::debug!(
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "udp socket buffers"
+    );
+    Ok(socket.into())
+}
+
+/// A quinn endpoint on `socket`, serving when `server` is given.
+pub fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}

@@ -1,0 +1,106 @@
+//! Bidirectional copy between a TCP connection and a QUIC stream.
+//!
+//! A FIN on either side becomes a FIN on the other (half-close), so protocols
+//! that close their write side first keep working. An abort on either side
+//! becomes an abort on the other: a TCP reset resets the QUIC stream with
+//! `abort_code`, and a QUIC reset makes the TCP side send an RST (linger 0),
+//! so nobody waits on a peer that is gone.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Buffer per direction; 32 KiB is two TLS records.
+const BUF_LEN: usize = 32 * 1024;
+
+/// Byte counters a splice adds to as it goes.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    /// Bytes read from TCP and sent on the QUIC stream.
+    pub tcp_to_quic: AtomicU64,
+    /// Bytes received on the QUIC stream and written to TCP.
+    pub quic_to_tcp: AtomicU64,
+}
+
+/// How a splice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceEnd {
+    /// Both directions finished with a FIN.
+    Clean,
+    /// The TCP side failed or reset; the QUIC stream was reset.
+    TcpAborted,
+    /// The QUIC side reset, stopped or lost its connection; TCP got an RST.
+    QuicAborted,
+}
+
+enum Abort {
+    Tcp,
+    Quic,
+}
+
+/// Copies both ways until both sides have finished or one aborts.
+/// `abort_code` is sent with the QUIC reset when the TCP side fails.
+pub async fn splice(
+    mut tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    abort_code: u32,
+    counters: &ByteCounters,
+) -> SpliceEnd {
+    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let upstream = async {
+        let mut buf = vec![0u8; BUF_LEN];
+        loop {
+            let n = tcp_read.read(&mut buf).await.map_err(|_| Abort::Tcp)?;
+            if n == 0 {
+                let _ = send.finish();
+                return Ok(());
+            }
+            send.write_all(&buf[..n]).await.map_err(|_| Abort::Quic)?;
+            counters.tcp_to_quic.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
+    let downstream = async {
+        let mut buf = vec![0u8; BUF_LEN];
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    tcp_write
+                        .write_all(&buf[..n])
+                        .await
+                        .map_err(|_| Abort::Tcp)?;
+                    counters.quic_to_tcp.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Ok(None) => {
+                    let _ = tcp_write.shutdown().await;
+                    return Ok(());
+                }
+                Err(_) => return Err(Abort::Quic),
+            }
+        }
+    };
+    let outcome = tokio::try_join!(upstream, downstream);
+    match outcome {
+        // A finished SendStream keeps delivering its buffer after the drop.
+        Ok(_) => SpliceEnd::Clean,
+        Err(Abort::Tcp) => {
+            let _ = send.reset(VarInt::from_u32(abort_code));
+            let _ = recv.stop(VarInt::from_u32(abort_code));
+            SpliceEnd::TcpAborted
+        }
+        Err(Abort::Quic) => {
+            let _ = send.reset(VarInt::from_u32(abort_code));
+            let _ = recv.stop(VarInt::from_u32(abort_code));
+            reset_tcp(&tcp);
+            SpliceEnd::QuicAborted
+        }
+    }
+}
+
+/// Makes the next close of `tcp` send an RST instead of a FIN.
+pub fn reset_tcp(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}

@@ -1,0 +1,19 @@
+//! Sans-IO protocol core shared by `edge-server` and `edge-agent`.
+//!
+//! Nothing in this crate touches a socket or a clock: parsers take bytes and
+//! return a verdict, so every path is tested exhaustively without a network.
+//!
+//! - [`client_hello`]: reads the SNI out of a TLS ClientHello as bytes arrive
+//!   (incomplete / rejected / found).
+//! - [`tunnel`]: the wire protocol spoken over the QUIC tunnel between server
+//!   and agent (ALPN, control messages, per-connection stream header).
+//! - [`proxy_v2`]: PROXY protocol v2 headers sent from the agent to upstreams.
+//! - [`join`]: the one-line join string an operator hands to an agent.
+//! - [`names`]: DNS name rules shared by routing and the node registry.
+#![forbid(unsafe_code)]
+
+pub mod client_hello;
+pub mod join;
+pub mod names;
+pub mod proxy_v2;
+pub mod tunnel;

@@ -1,0 +1,308 @@
+//! The tunnel protocol spoken over QUIC between `edge-server` and `edge-agent`.
+//!
+//! See `docs/protocol.md` for the prose description. In short:
+//!
+//! - ALPN [`ALPN`] (`edge-tunnel/1`); the version is part of the ALPN so an
+//!   incompatible peer fails the handshake instead of misreading frames.
+//! - The agent opens the first bidirectional stream, the **control stream**.
+//!   Each frame is a big-endian `u32` length followed by one JSON message
+//!   ([`AgentMessage`] up, [`ServerMessage`] down), at most
+//!   [`MAX_CONTROL_FRAME`] bytes.
+//! - For every client connection the server opens a new bidirectional
+//!   **data stream**: a big-endian `u16` length, a JSON [`StreamHeader`] of at
+//!   most [`MAX_STREAM_HEADER`] bytes, then the client's raw bytes, starting
+//!   with the replayed ClientHello. The agent never opens data streams.
+
+use std::net::SocketAddr;
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+/// ALPN of the tunnel protocol, version 1.
+pub const ALPN: &[u8] = b"edge-tunnel/1";
+/// Protocol version carried in [`AgentMessage::Hello`].
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest control frame accepted, in bytes (length prefix excluded).
+pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
+/// Largest data-stream header accepted, in bytes (length prefix excluded).
+pub const MAX_STREAM_HEADER: usize = 1024;
+
+/// QUIC application error codes, used to close connections and reset streams.
+pub mod codes {
+    /// Normal close (shutdown, replaced by a newer connection).
+    pub const CLOSE_NORMAL: u32 = 0;
+    /// The agent's token was not accepted; the agent must not retry with it.
+    pub const CLOSE_AUTH_FAILED: u32 = 0x10;
+    /// The node was removed by an operator.
+    pub const CLOSE_NODE_REMOVED: u32 = 0x11;
+    /// The peer violated the protocol (bad frame, bad message order).
+    pub const CLOSE_PROTOCOL_ERROR: u32 = 0x12;
+    /// The server is shutting down; reconnect later.
+    pub const CLOSE_SHUTDOWN: u32 = 0x13;
+    /// The agent's protocol version is not supported.
+    pub const CLOSE_VERSION_MISMATCH: u32 = 0x14;
+
+    /// Data stream reset: the client side aborted (TCP reset or error).
+    pub const STREAM_CLIENT_ABORTED: u32 = 0x1;
+    /// Data stream reset: the agent could not reach or lost its upstream.
+    pub const STREAM_UPSTREAM_FAILED: u32 = 0x2;
+    /// Data stream reset: the stream header was invalid.
+    pub const STREAM_BAD_HEADER: u32 = 0x3;
+    /// Data stream reset: TLS termination on the agent failed.
+    pub const STREAM_TLS_FAILED: u32 = 0x4;
+    /// Data stream reset: shutting down.
+    pub const STREAM_SHUTDOWN: u32 = 0x5;
+}
+
+/// Messages the agent sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentMessage {
+    /// First message: authenticate with the node token.
+    Hello {
+        /// [`PROTOCOL_VERSION`] the agent speaks.
+        protocol: u32,
+        /// The node token (`<node>.<secret>`).
+        token: String,
+        /// Agent software version, for operators.
+        agent_version: String,
+        /// Optional features the agent supports (e.g. `proxy_v2`).
+        #[serde(default)]
+        capabilities: Vec<String>,
+    },
+    /// Liveness and load report.
+    Heartbeat {
+        /// Sequence number echoed in [`ServerMessage::HeartbeatAck`].
+        seq: u64,
+        /// Data streams currently open on the agent.
+        open_streams: u64,
+    },
+}
+
+/// Messages the server sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServerMessage {
+    /// Authentication succeeded.
+    Welcome {
+        /// The node this agent serves.
+        node: String,
+        /// Hostnames routed to this node (exact and wildcard).
+        hostnames: Vec<String>,
+        /// How often the server expects heartbeats, in seconds.
+        heartbeat_secs: u64,
+        /// Server software version.
+        server_version: String,
+    },
+    /// Authentication or version check failed; the connection closes next.
+    Rejected {
+        /// One of the `CLOSE_*` codes in [`codes`].
+        code: u32,
+        /// A human-readable reason.
+        reason: String,
+    },
+    /// Answer to [`AgentMessage::Heartbeat`].
+    HeartbeatAck {
+        /// The heartbeat's sequence number.
+        seq: u64,
+    },
+    /// Something the operator should see in the agent's log.
+    Notice {
+        /// `info`, `warn` or `error`.
+        level: String,
+        /// The text.
+        message: String,
+    },
+}
+
+/// Header at the start of every data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamHeader {
+    /// The client's address as the server saw it.
+    pub client: SocketAddr,
+    /// The server address the client connected to.
+    pub local: SocketAddr,
+    /// The server name from the ClientHello.
+    pub sni: String,
+}
+
+/// Errors decoding tunnel frames.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// A frame or header is longer than its limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLong {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame's JSON does not match the protocol.
+    #[error("invalid message: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Underlying I/O failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl StreamHeader {
+    /// Encodes the header with its `u16` length prefix.
+    pub fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(json.len() + 2);
+        out.extend_from_slice(&(json.len() as u16).to_be_bytes());
+        out.extend_from_slice(&json);
+        out
+    }
+
+    /// Decodes a header from the start of `buf`: `Ok(None)` when more bytes
+    /// are needed, else the header and the bytes it used.
+    pub fn decode(buf: &[u8]) -> Result<Option<(StreamHeader, usize)>, TunnelError> {
+        let Some(&[a, b]) = buf.get(..2) else {
+            return Ok(None);
+        };
+        let len = usize::from(u16::from_be_bytes([a, b]));
+        if len > MAX_STREAM_HEADER {
+            return Err(TunnelError::TooLong {
+                len,
+                max: MAX_STREAM_HEADER,
+            });
+        }
+        let Some(json) = buf.get(2..2 + len) else {
+            return Ok(None);
+        };
+        let header: StreamHeader = serde_json::from_slice(json)?;
+        if crate::names::normalize_hostname(&header.sni).as_deref() != Some(header.sni.as_str()) {
+            return Err(TunnelError::Json(serde::de::Error::custom(
+                "sni is not a normalized hostname",
+            )));
+        }
+        Ok(Some((header, 2 + len)))
+    }
+}
+
+/// A `tokio-util` codec for control frames carrying JSON messages.
+///
+/// `In` is the message type decoded, `Out` the type encoded; the server uses
+/// `ControlCodec<AgentMessage, ServerMessage>` and the agent the reverse.
+#[derive(Debug)]
+pub struct ControlCodec<In, Out> {
+    frames: LengthDelimitedCodec,
+    _types: std::marker::PhantomData<fn(Out) -> In>,
+}
+
+impl<In, Out> Default for ControlCodec<In, Out> {
+    fn default() -> Self {
+        let frames = LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .max_frame_length(MAX_CONTROL_FRAME)
+            .new_codec();
+        Self {
+            frames,
+            _types: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<In: serde::de::DeserializeOwned, Out> Decoder for ControlCodec<In, Out> {
+    type Item = In;
+    type Error = TunnelError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, TunnelError> {
+        if src.len() >= 4 {
+            let len = (&src[..4]).get_u32() as usize;
+            if len > MAX_CONTROL_FRAME {
+                return Err(TunnelError::TooLong {
+                    len,
+                    max: MAX_CONTROL_FRAME,
+                });
+            }
+        }
+        match self.frames.decode(src)? {
+            Some(frame) => Ok(Some(serde_json::from_slice(&frame)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<In, Out: Serialize> Encoder<Out> for ControlCodec<In, Out> {
+    type Error = TunnelError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), TunnelError> {
+        let json = serde_json::to_vec(&item)?;
+        if json.len() > MAX_CONTROL_FRAME {
+            return Err(TunnelError::TooLong {
+                len: json.len(),
+                max: MAX_CONTROL_FRAME,
+            });
+        }
+        dst.reserve(4 + json.len());
+        dst.put_u32(json.len() as u32);
+        dst.extend_from_slice(&json);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_header_round_trip_and_prefixes() {
+        let header = StreamHeader {
+            client: "203.0.113.9:51000".parse().unwrap(),
+            local: "[2001:db8::1]:443".parse().unwrap(),
+            sni: "app.n1.example".into(),
+        };
+        let mut wire = header.encode();
+        wire.extend_from_slice(b"\x16\x03\x01rest");
+        for end in 0..wire.len() - 9 {
+            assert!(
+                StreamHeader::decode(&wire[..end]).unwrap().is_none(),
+                "prefix {end}"
+            );
+        }
+        let (decoded, used) = StreamHeader::decode(&wire).unwrap().unwrap();
+        assert_eq!(decoded, header);
+        assert_eq!(&wire[used..], b"\x16\x03\x01rest");
+    }
+
+    #[test]
+    fn stream_header_rejects_hostile_input() {
+        assert!(StreamHeader::decode(&[0xff, 0xff]).is_err());
+        assert!(StreamHeader::decode(b"\x00\x03abc").is_err());
+        let mut bad = br#"{"client":"1.2.3.4:5","local":"1.2.3.4:443","sni":"A B"}"#.to_vec();
+        bad.splice(0..0, (bad.len() as u16).to_be_bytes());
+        assert!(StreamHeader::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn control_codec_round_trip_and_limits() {
+        let mut up: ControlCodec<ServerMessage, AgentMessage> = ControlCodec::default();
+        let mut down: ControlCodec<AgentMessage, ServerMessage> = ControlCodec::default();
+        let hello = AgentMessage::Hello {
+            protocol: PROTOCOL_VERSION,
+            token: "n1.secret".into(),
+            agent_version: "0.1.0".into(),
+            capabilities: vec!["proxy_v2".into()],
+        };
+        let mut buf = BytesMut::new();
+        up.encode(hello.clone(), &mut buf).unwrap();
+        let full = buf.clone();
+        for end in 0..full.len() {
+            let mut part = BytesMut::from(&full[..end]);
+            assert!(down.decode(&mut part).unwrap().is_none());
+        }
+        assert_eq!(down.decode(&mut buf).unwrap(), Some(hello));
+
+        let mut huge = BytesMut::from(&[0x7f, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            down.decode(&mut huge),
+            Err(TunnelError::TooLong { .. })
+        ));
+        let mut junk = BytesMut::from(&b"\x00\x00\x00\x02{}"[..]);
+        assert!(matches!(down.decode(&mut junk), Err(TunnelError::Json(_))));
+    }
+}

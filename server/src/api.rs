@@ -1,0 +1,206 @@
+//! The signal API (HTTPS, JSON) for agents and operators.
+//!
+//! - `POST /api/signal/heartbeat`: node token as bearer; status report.
+//! - `GET /api/nodes`: admin token as bearer; nodes and their live state.
+//! - `GET /healthz`: liveness.
+//! - `GET /metrics`: Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Shared;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+/// Deadline for the TLS handshake and for request headers.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The API routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/signal/heartbeat", post(heartbeat))
+        .route("/api/nodes", get(nodes))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shared)
+}
+
+/// Serves `router` over HTTPS on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    router: Router,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on API listener");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let tls = tls.clone();
+        let service = TowerToHyperService::new(router.clone());
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let stream = match tokio::time::timeout(CLIENT_DEADLINE, tls.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "API TLS handshake timed out"),
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(CLIENT_DEADLINE)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => { let _ = result; }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLIENT_DEADLINE, conn).await;
+                }
+            }
+        });
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// Body of `POST /api/signal/heartbeat`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// Agent state, e.g. `ready`.
+    pub status: String,
+    /// Agent version.
+    pub version: String,
+    /// Features the agent supports.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Agent counters (open streams, bytes, ...).
+    #[serde(default)]
+    pub counters: BTreeMap<String, u64>,
+}
+
+async fn heartbeat(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Json<HeartbeatRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(token) = bearer(&headers) else {
+        return error(StatusCode::UNAUTHORIZED, "missing bearer token");
+    };
+    let Some(node) = shared.authenticate(token).await else {
+        shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        return error(StatusCode::UNAUTHORIZED, "invalid node token");
+    };
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    if body.status.len() > 64
+        || body.version.len() > 64
+        || body.capabilities.len() > 64
+        || body.counters.len() > 64
+    {
+        return error(StatusCode::BAD_REQUEST, "heartbeat fields too long");
+    }
+    {
+        let mut status = node.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.last_heartbeat = Some(crate::unix_now());
+        status.agent_version = Some(body.version.clone());
+        if let Some(open) = body.counters.get("open_streams") {
+            status.agent_open_streams = *open;
+        }
+    }
+    shared.persist_status(&node).await;
+    Json(serde_json::json!({
+        "node": node.name,
+        "hostnames": node.hostnames,
+        "tunnels": node.tunnel_count(),
+        "server_time": crate::unix_now(),
+    }))
+    .into_response()
+}
+
+/// One node in `GET /api/nodes`.
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// Hostnames routed to it.
+    pub hostnames: Vec<String>,
+    /// Whether a tunnel is up.
+    pub connected: bool,
+    /// Live tunnels.
+    pub tunnels: usize,
+    /// Unix seconds of the last heartbeat.
+    pub last_heartbeat: Option<i64>,
+    /// Client connections open now.
+    pub open_connections: u64,
+    /// Client connections routed so far.
+    pub total_connections: u64,
+    /// Bytes client → node.
+    pub bytes_to_node: u64,
+    /// Bytes node → client.
+    pub bytes_from_node: u64,
+    /// Agent version.
+    pub agent_version: Option<String>,
+    /// Agent address.
+    pub remote_addr: Option<String>,
+}
+
+async fn nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let presented = bearer(&headers).map(crate::token_hash);
+    let ok = presented.is_some_and(|hash| bool::from(hash.ct_eq(&shared.admin_token_hash)));
+    if !ok {
+        return error(StatusCode::UNAUTHORIZED, "admin token required");
+    }
+    let views: Vec<NodeView> = shared
+        .registry
+        .nodes()
+        .iter()
+        .map(|n| shared.node_view(n))
+        .collect();
+    Json(views).into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let body = shared.metrics.render(&shared.registry);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

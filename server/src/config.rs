@@ -1,0 +1,331 @@
+//! Server configuration: TOML, parsed separately from reading the file, then
+//! validated; every error names the field (and the file, when read from one).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edge_net::logging::LogFormat;
+use edge_net::quic::TunnelTuning;
+use serde::Deserialize;
+
+/// Everything `edge-server` needs to run.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The DNS zone nodes live in: node `n1` owns `n1.<zone>` and `*.n1.<zone>`.
+    pub zone: String,
+    /// Directory for the SQLite database and the server identity.
+    pub data_dir: PathBuf,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// Addresses agents dial, written into join strings.
+    #[serde(default)]
+    pub public: PublicConfig,
+    /// Server certificate for QUIC and the signal API; self-signed if unset.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// Admin bearer token for `GET /api/nodes`; generated into
+    /// `<data_dir>/admin.token` when unset.
+    #[serde(default)]
+    pub admin_token: Option<Secret>,
+    /// Limits on client connections.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// QUIC tunnel tuning.
+    #[serde(default)]
+    pub tunnel: TunnelTuning,
+    /// Log format, `text` or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Public TLS (TCP) listener for clients.
+    pub tls: SocketAddr,
+    /// QUIC (UDP) listener for agents.
+    pub quic: SocketAddr,
+    /// Signal API (HTTPS over TCP).
+    pub api: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            tls: "0.0.0.0:443".parse().unwrap_or(([0, 0, 0, 0], 443).into()),
+            quic: ([0, 0, 0, 0], 4433).into(),
+            api: ([0, 0, 0, 0], 4433).into(),
+        }
+    }
+}
+
+/// Addresses as agents see them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicConfig {
+    /// `host:port` agents dial over QUIC; defaults to the bound QUIC address.
+    pub quic: Option<String>,
+    /// `host:port` of the signal API; defaults to the bound API address.
+    pub api: Option<String>,
+}
+
+/// Server certificate files.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// PEM certificate chain (e.g. CA-issued).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Limits on client connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Deadline for a client to send its complete ClientHello.
+    pub client_hello_timeout_ms: u64,
+    /// Cap on the bytes read while looking for the SNI.
+    pub client_hello_max_bytes: usize,
+    /// How long open connections may drain after SIGTERM.
+    pub drain_timeout_secs: u64,
+    /// Deadline for opening a stream to an agent.
+    pub open_stream_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            client_hello_timeout_ms: 10_000,
+            client_hello_max_bytes: edge_proto::client_hello::DEFAULT_MAX_HELLO_BYTES,
+            drain_timeout_secs: 30,
+            open_stream_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// A secret string: shown as `<redacted>` in `Debug`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("zone", &self.zone)
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("public", &self.public)
+            .field("identity", &self.identity)
+            .field("admin_token", &self.admin_token)
+            .field("limits", &self.limits)
+            .field("tunnel", &self.tunnel)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// A configuration error; the message names the file and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or a field of the wrong type (toml names the field).
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file, or `<config>` when parsed from a string.
+        origin: String,
+        /// toml's message.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// The file, or `<config>`.
+        origin: String,
+        /// Names the field and value.
+        message: String,
+    },
+}
+
+impl ServerConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        // A relative data_dir is relative to the config file, not the cwd.
+        if config.data_dir.is_relative() {
+            if let Some(dir) = path.parent() {
+                config.data_dir = dir.join(&config.data_dir);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: ServerConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        let zone = self.zone.trim_end_matches('.');
+        if edge_proto::names::normalize_hostname(zone).as_deref() != Some(zone)
+            || !zone.contains('.')
+        {
+            return Err(format!(
+                "zone = {:?} must be a lowercase DNS name with at least two labels (e.g. \"edge.example.com\")",
+                self.zone
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err("data_dir must not be empty".into());
+        }
+        for (field, value) in [
+            ("public.quic", &self.public.quic),
+            ("public.api", &self.public.api),
+        ] {
+            if let Some(v) = value {
+                let ok = v
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+                if !ok {
+                    return Err(format!("{field} = {v:?} must be host:port"));
+                }
+            }
+        }
+        match (&self.identity.cert_file, &self.identity.key_file) {
+            (Some(_), None) => {
+                return Err("identity.key_file must be set when identity.cert_file is".into())
+            }
+            (None, Some(_)) => {
+                return Err("identity.cert_file must be set when identity.key_file is".into())
+            }
+            _ => {}
+        }
+        if let Some(token) = &self.admin_token {
+            if token.0.len() < 16 {
+                return Err("admin_token must be at least 16 characters".into());
+            }
+        }
+        let l = &self.limits;
+        if !(100..=120_000).contains(&l.client_hello_timeout_ms) {
+            return Err(format!(
+                "limits.client_hello_timeout_ms = {} must be between 100 and 120000",
+                l.client_hello_timeout_ms
+            ));
+        }
+        if !(512..=1024 * 1024).contains(&l.client_hello_max_bytes) {
+            return Err(format!(
+                "limits.client_hello_max_bytes = {} must be between 512 and 1048576",
+                l.client_hello_max_bytes
+            ));
+        }
+        if l.drain_timeout_secs > 3600 {
+            return Err(format!(
+                "limits.drain_timeout_secs = {} must be at most 3600",
+                l.drain_timeout_secs
+            ));
+        }
+        if !(100..=60_000).contains(&l.open_stream_timeout_ms) {
+            return Err(format!(
+                "limits.open_stream_timeout_ms = {} must be between 100 and 60000",
+                l.open_stream_timeout_ms
+            ));
+        }
+        self.tunnel.validate("tunnel")
+    }
+
+    /// The zone without a trailing dot.
+    pub fn zone(&self) -> &str {
+        self.zone.trim_end_matches('.')
+    }
+
+    /// Path of the SQLite database.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("edge.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "zone = \"edge.test\"\ndata_dir = \"/tmp/x\"\n";
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = ServerConfig::parse(MINIMAL, "t").unwrap();
+        assert_eq!(c.listen.tls.port(), 443);
+        assert_eq!(c.limits.client_hello_max_bytes, 16 * 1024);
+        assert_eq!(c.tunnel.max_streams, 10_000);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("zone = \"Bad Zone\"\ndata_dir = \"x\"", "zone"),
+            (&format!("{MINIMAL}bogus = 1"), "bogus"),
+            (
+                &format!("{MINIMAL}[limits]\nclient_hello_max_bytes = 1"),
+                "limits.client_hello_max_bytes",
+            ),
+            (
+                &format!("{MINIMAL}[tunnel]\nkeep_alive_secs = 60"),
+                "tunnel.keep_alive_secs",
+            ),
+            (&format!("{MINIMAL}[listen]\ntls = \"nope\""), "tls"),
+            (
+                &format!("{MINIMAL}[public]\nquic = \"host\""),
+                "public.quic",
+            ),
+            (&format!("{MINIMAL}admin_token = \"short\""), "admin_token"),
+        ];
+        for (text, field) in cases {
+            let err = ServerConfig::parse(text, "server.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(field) && err.starts_with("server.toml"),
+                "{err:?} should name {field}"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_masks_admin_token() {
+        let c = ServerConfig::parse(
+            &format!("{MINIMAL}admin_token = \"super-secret-admin-token\""),
+            "t",
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("super-secret"));
+    }
+}

@@ -1,0 +1,165 @@
+//! The public TLS listener: read the SNI, route it, splice the raw bytes
+//! over a new QUIC stream to the owning node's agent. Nothing is decrypted.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_proto::client_hello::{fatal_alert, AlertDescription};
+use edge_proto::tunnel::{codes, StreamHeader};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::sni::{read_client_hello, HelloError};
+use crate::Shared;
+
+/// Decrements a gauge when dropped, whatever path the task takes.
+struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts client connections until `shutdown`; each runs on `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                shared
+                    .metrics
+                    .connections_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                let shared = shared.clone();
+                tracker.spawn(async move { handle(tcp, peer, shared).await });
+            }
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed on TLS listener");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::info!("TLS listener stopped accepting");
+}
+
+async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _open = GaugeGuard::new(&shared.metrics.connections_open);
+    let _ = tcp.set_nodelay(true);
+    let local = tcp
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let limits = &shared.config.limits;
+    let mut hello = Vec::with_capacity(2048);
+    let read = tokio::time::timeout(
+        Duration::from_millis(limits.client_hello_timeout_ms),
+        read_client_hello(&mut tcp, limits.client_hello_max_bytes, &mut hello),
+    )
+    .await;
+    let sni = match read {
+        Ok(Ok(sni)) => sni,
+        Ok(Err(HelloError::Rejected(rejection))) => {
+            shared.metrics.reject(rejection.label());
+            tracing::debug!(%peer, reason = %rejection, "rejected client");
+            if let Some(alert) = rejection.alert() {
+                send_alert(&mut tcp, alert).await;
+            }
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "client gone before ClientHello");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.reject("timeout");
+            tracing::debug!(%peer, bytes = hello.len(), "ClientHello deadline passed");
+            return;
+        }
+    };
+
+    let Some(node) = shared.registry.route(&sni) else {
+        shared.metrics.reject("unknown_sni");
+        tracing::debug!(%peer, %sni, "no node owns this name");
+        send_alert(&mut tcp, AlertDescription::UnrecognizedName).await;
+        return;
+    };
+    let Some(tunnel) = node.pick_tunnel() else {
+        shared.metrics.reject("node_offline");
+        tracing::debug!(%peer, %sni, node = %node.name, "node has no tunnel");
+        send_alert(&mut tcp, AlertDescription::InternalError).await;
+        return;
+    };
+    let open = tokio::time::timeout(
+        Duration::from_millis(limits.open_stream_timeout_ms),
+        tunnel.conn.open_bi(),
+    )
+    .await;
+    let (mut send, recv) = match open {
+        Ok(Ok(streams)) => streams,
+        other => {
+            shared.metrics.reject("tunnel_failed");
+            tracing::warn!(%peer, %sni, node = %node.name, timed_out = other.is_err(), "could not open tunnel stream");
+            send_alert(&mut tcp, AlertDescription::InternalError).await;
+            return;
+        }
+    };
+    let _active = GaugeGuard::new(&node.metrics.active);
+    node.metrics.total.fetch_add(1, Ordering::Relaxed);
+
+    let mut first = StreamHeader {
+        client: peer,
+        local,
+        sni,
+    }
+    .encode();
+    first.extend_from_slice(&hello);
+    if send.write_all(&first).await.is_err() {
+        shared.metrics.reject("tunnel_failed");
+        edge_net::splice::reset_tcp(&tcp);
+        return;
+    }
+    node.metrics
+        .bytes
+        .tcp_to_quic
+        .fetch_add(hello.len() as u64, Ordering::Relaxed);
+    drop(hello);
+    drop(first);
+    let end = edge_net::splice::splice(
+        tcp,
+        send,
+        recv,
+        codes::STREAM_CLIENT_ABORTED,
+        &node.metrics.bytes,
+    )
+    .await;
+    tracing::trace!(%peer, node = %node.name, ?end, "connection finished");
+}
+
+/// Best effort: one fatal alert, bounded in time, then the caller drops.
+async fn send_alert(tcp: &mut TcpStream, alert: AlertDescription) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tcp.write_all(&fatal_alert(alert)).await?;
+        tcp.shutdown().await
+    })
+    .await;
+}

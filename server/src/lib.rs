@@ -1,0 +1,406 @@
+//! `edge-server`: accepts public TLS, reads only the SNI, and splices the raw
+//! bytes over QUIC tunnels to the agent of the node that owns the name.
+//!
+//! Entry point: [`Server::bind`] then [`BoundServer::run`] with a
+//! cancellation token; the binary in `main.rs` is a thin CLI around it.
+//!
+//! - [`config`]: TOML configuration and validation.
+//! - [`store`]: persistent state (SQLite) behind one trait.
+//! - [`registry`]: in-memory routes and live tunnels.
+//! - [`ingress`]: the TLS listener and the splice to agents.
+//! - [`sni`]: reading the ClientHello under a cap.
+//! - [`tunnel`]: the QUIC listener and agent sessions.
+//! - [`api`]: the signal API, health and metrics over HTTPS.
+//! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`identity`]: the server certificate agents pin.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod identity;
+pub mod ingress;
+pub mod metrics;
+pub mod registry;
+pub mod sni;
+pub mod store;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::registry::{NodeHandle, Registry};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{NodeStatus, Store, StoreError};
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        /// Which listener (`tls`, `quic`, `api`).
+        what: &'static str,
+        /// The address from the config.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A certificate or key could not be loaded or generated.
+    #[error(transparent)]
+    Cert(#[from] edge_certs::CertError),
+    /// TLS configuration failed.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// A file the server writes could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// SHA-256 of a bearer token, the only form in which tokens are stored.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// State shared by all tasks of one server.
+#[derive(Debug)]
+pub struct Shared {
+    /// Validated configuration.
+    pub config: ServerConfig,
+    /// Persistent state.
+    pub store: Arc<dyn Store>,
+    /// Routes and tunnels.
+    pub registry: Registry,
+    /// Counters.
+    pub metrics: Metrics,
+    /// SHA-256 of the admin token.
+    pub admin_token_hash: [u8; 32],
+    last_forced_reload: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for dyn Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Shared {
+    /// The node a bearer token belongs to, if the token is valid. Hashes are
+    /// compared in constant time. A token of a node this process has not
+    /// loaded yet (added by the CLI a moment ago) triggers one reload from
+    /// the store, at most once a second.
+    pub async fn authenticate(&self, token: &str) -> Option<Arc<NodeHandle>> {
+        let name = edge_proto::join::node_of_token(token)?;
+        let hash = token_hash(token);
+        if let Some(node) = self.registry.node(name).filter(|n| n.token_matches(&hash)) {
+            return Some(node);
+        }
+        let may_reload = {
+            let mut last = self
+                .last_forced_reload
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if may_reload {
+            if let Err(e) = self.reload().await {
+                tracing::error!(error = %e, "reloading nodes from the store failed");
+            }
+        }
+        self.registry.node(name).filter(|n| n.token_matches(&hash))
+    }
+
+    /// Reloads the registry from the store.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let records = tokio::task::spawn_blocking(move || store.list_nodes())
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        self.registry.reload(&records);
+        Ok(())
+    }
+
+    /// Writes a node's live status to the store (off the async threads).
+    pub async fn persist_status(&self, node: &NodeHandle) {
+        let view = self.node_view(node);
+        let status = NodeStatus {
+            connected: view.connected,
+            last_heartbeat: view.last_heartbeat,
+            open_connections: view.open_connections,
+            agent_version: view.agent_version,
+            remote_addr: view.remote_addr,
+        };
+        let store = self.store.clone();
+        let name = node.name.clone();
+        let result = tokio::task::spawn_blocking(move || store.record_status(&name, &status)).await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!(node = %node.name, error = %e, "recording node status failed");
+        }
+    }
+
+    /// The live view of a node, for the API and the store.
+    pub fn node_view(&self, node: &NodeHandle) -> api::NodeView {
+        use std::sync::atomic::Ordering::Relaxed;
+        let status = node
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let tunnels = node.tunnel_count();
+        api::NodeView {
+            name: node.name.clone(),
+            hostnames: node.hostnames.clone(),
+            connected: tunnels > 0,
+            tunnels,
+            last_heartbeat: status.last_heartbeat,
+            open_connections: node.metrics.active.load(Relaxed),
+            total_connections: node.metrics.total.load(Relaxed),
+            bytes_to_node: node.metrics.bytes.tcp_to_quic.load(Relaxed),
+            bytes_from_node: node.metrics.bytes.quic_to_tcp.load(Relaxed),
+            agent_version: status.agent_version,
+            remote_addr: status.remote_addr,
+        }
+    }
+}
+
+/// Addresses the server actually bound (port 0 in the config picks one).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct BoundAddrs {
+    /// Public TLS listener.
+    pub tls: SocketAddr,
+    /// QUIC listener for agents.
+    pub quic: SocketAddr,
+    /// Signal API.
+    pub api: SocketAddr,
+}
+
+/// File in the data directory where a running server records its bound
+/// addresses, so `node add` can print a join string for them.
+pub fn listening_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("listening.json")
+}
+
+/// A server whose listeners are bound, ready to run.
+pub struct BoundServer {
+    shared: Arc<Shared>,
+    tls: TcpListener,
+    api: TcpListener,
+    endpoint: quinn::Endpoint,
+    api_tls: tokio_rustls::TlsAcceptor,
+    /// The bound addresses.
+    pub addrs: BoundAddrs,
+}
+
+/// Builder entry point.
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// Opens the store, loads or creates the identity, binds all listeners.
+    pub async fn bind(config: ServerConfig) -> Result<BoundServer, ServerError> {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path())?);
+        store.reset_status()?;
+        let identity = identity::load_or_create(&config)?;
+        let admin_token_hash = token_hash(&identity::admin_token(&config)?);
+
+        let tls = bind_tcp("tls", config.listen.tls).await?;
+        let api = bind_tcp("api", config.listen.api).await?;
+        let socket = edge_net::quic::udp_socket(config.listen.quic, config.tunnel.udp_buffer_bytes)
+            .map_err(|source| ServerError::Bind {
+                what: "quic",
+                addr: config.listen.quic,
+                source,
+            })?;
+        let server_config = identity::quic_server_config(&identity, &config.tunnel)?;
+        let endpoint = edge_net::quic::endpoint(socket, Some(server_config)).map_err(|source| {
+            ServerError::Bind {
+                what: "quic",
+                addr: config.listen.quic,
+                source,
+            }
+        })?;
+        let api_tls = identity::api_acceptor(&identity)?;
+        let local = |l: &TcpListener, a| l.local_addr().unwrap_or(a);
+        let addrs = BoundAddrs {
+            tls: local(&tls, config.listen.tls),
+            quic: endpoint.local_addr().unwrap_or(config.listen.quic),
+            api: local(&api, config.listen.api),
+        };
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            registry: Registry::default(),
+            metrics: Metrics::default(),
+            admin_token_hash,
+            last_forced_reload: Mutex::new(None),
+        });
+        shared.reload().await?;
+        Ok(BoundServer {
+            shared,
+            tls,
+            api,
+            endpoint,
+            api_tls,
+            addrs,
+        })
+    }
+}
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+impl std::fmt::Debug for BoundServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundServer")
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BoundServer {
+    /// Shared state (for tests and embedding).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains: stops accepting,
+    /// lets client connections finish up to the drain timeout, then closes
+    /// the tunnels.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let BoundServer {
+            shared,
+            tls,
+            api,
+            endpoint,
+            api_tls,
+            addrs,
+        } = self;
+        let path = listening_file(&shared.config.data_dir);
+        let json = serde_json::to_vec_pretty(&addrs).unwrap_or_default();
+        edge_certs::store::write_atomic(&path, &json, edge_certs::store::Sensitivity::Public)
+            .map_err(|e| ServerError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        tracing::info!(tls = %addrs.tls, quic = %addrs.quic, api = %addrs.api, zone = shared.config.zone(), "edge-server listening");
+
+        let clients = TaskTracker::new();
+        let agents = TaskTracker::new();
+        let background = TaskTracker::new();
+        let close_tunnels = CancellationToken::new();
+
+        background.spawn(ingress::serve(
+            tls,
+            shared.clone(),
+            shutdown.clone(),
+            clients.clone(),
+        ));
+        background.spawn(api::serve(
+            api,
+            api_tls,
+            api::router(shared.clone()),
+            shutdown.clone(),
+            clients.clone(),
+        ));
+        background.spawn(tunnel::serve(
+            endpoint.clone(),
+            shared.clone(),
+            shutdown.clone(),
+            close_tunnels.clone(),
+            agents.clone(),
+        ));
+        background.spawn(watch_store(shared.clone(), shutdown.clone()));
+        background.close();
+
+        shutdown.cancelled().await;
+        let drain = Duration::from_secs(shared.config.limits.drain_timeout_secs);
+        let open = clients.len();
+        tracing::info!(
+            open_connections = open,
+            drain_secs = drain.as_secs(),
+            "shutting down: draining connections"
+        );
+        clients.close();
+        if tokio::time::timeout(drain, clients.wait()).await.is_err() {
+            tracing::warn!(
+                remaining = clients.len(),
+                "drain timeout passed; closing remaining connections"
+            );
+        }
+        close_tunnels.cancel();
+        agents.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), agents.wait()).await;
+        endpoint.close(
+            quinn::VarInt::from_u32(edge_proto::tunnel::codes::CLOSE_SHUTDOWN),
+            b"server shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
+        let _ = std::fs::remove_file(&path);
+        tracing::info!("edge-server stopped");
+        Ok(())
+    }
+}
+
+/// Reloads the registry when the store's revision changes (nodes added or
+/// removed by the CLI), and persists live node status every few seconds.
+async fn watch_store(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut seen: Option<i64> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        ticks += 1;
+        let store = shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.revision()).await {
+            Ok(Ok(revision)) if seen != Some(revision) => {
+                if let Err(e) = shared.reload().await {
+                    tracing::error!(error = %e, "reloading nodes failed");
+                } else {
+                    seen = Some(revision);
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "reading store revision failed"),
+            _ => {}
+        }
+        if ticks % 5 == 0 {
+            for node in shared.registry.nodes() {
+                shared.persist_status(&node).await;
+            }
+        }
+    }
+}

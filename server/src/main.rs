@@ -1,0 +1,235 @@
+//! `edge-server` command line: run the server, manage nodes.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use edge_proto::join::JoinTicket;
+use edge_server::config::ServerConfig;
+use edge_server::store::sqlite::SqliteStore;
+use edge_server::store::Store;
+use edge_server::{listening_file, token_hash, BoundAddrs, Server};
+use tokio_util::sync::CancellationToken;
+
+/// Public edge of the cluster: routes TLS by SNI over QUIC tunnels to node
+/// agents, without decrypting.
+///
+/// Quick start:
+///   edge-server --config server.toml run
+///   edge-server --config server.toml node add web1     # prints a join string
+///   edge-agent run --join '<join string>' --upstream 127.0.0.1:3000
+#[derive(Debug, Parser)]
+#[command(name = "edge-server", version, verbatim_doc_comment)]
+struct Cli {
+    /// Config file (TOML). See examples/server.toml for every field.
+    #[arg(
+        short,
+        long,
+        env = "EDGE_SERVER_CONFIG",
+        default_value = "/etc/edge/server.toml",
+        global = true
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server until SIGINT or SIGTERM, then drain connections.
+    Run,
+    /// Check the config file and print it (secrets masked).
+    CheckConfig,
+    /// Manage nodes (works while the server runs: it picks changes up
+    /// within a second).
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Create a node; prints the join string for its agent on stdout.
+    ///
+    /// The node NAME owns NAME.<zone> and *.NAME.<zone>. The token in the
+    /// join string is shown only now; the server keeps only its hash.
+    Add {
+        /// One DNS label: lowercase letters, digits, '-'.
+        name: String,
+    },
+    /// List nodes with their state.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node; its live tunnel is cut and its token stops working.
+    Remove {
+        /// Node name.
+        name: String,
+    },
+    /// Issue a new token for a node (the old one stops working); prints
+    /// the new join string.
+    RotateToken {
+        /// Node name.
+        name: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-server: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let config = ServerConfig::load(&cli.config).context("loading config")?;
+    match cli.command {
+        Command::Run => run(config),
+        Command::CheckConfig => {
+            println!("{config:#?}");
+            Ok(())
+        }
+        Command::Node(cmd) => node(config, &cli.config, cmd),
+    }
+}
+
+fn run(config: ServerConfig) -> Result<()> {
+    edge_net::logging::init(config.log_format);
+    let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
+    runtime.block_on(async {
+        let server = Server::bind(config).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal_handler(shutdown.clone()));
+        server.run(shutdown).await?;
+        Ok(())
+    })
+}
+
+/// Signals only cancel; the server drains by itself.
+async fn signal_handler(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+    shutdown.cancel();
+}
+
+fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -> Result<()> {
+    let store = SqliteStore::open(&config.database_path())?;
+    match cmd {
+        NodeCommand::Add { name } => {
+            edge_proto::names::validate_node_name(&name).map_err(anyhow::Error::msg)?;
+            let hostnames = edge_proto::names::node_hostnames(&name, config.zone());
+            let token = edge_proto::join::make_token(&name, &rand::random());
+            let ticket = join_ticket(&config, config_path, token.clone())?;
+            store.add_node(&name, &hostnames, &token_hash(&token))?;
+            eprintln!("created node {name} owning {}", hostnames.join(", "));
+            eprintln!("join string for its agent (shown once; keep it secret):");
+            println!("{ticket}");
+        }
+        NodeCommand::RotateToken { name } => {
+            let token = edge_proto::join::make_token(&name, &rand::random());
+            let ticket = join_ticket(&config, config_path, token.clone())?;
+            if !store.set_token_hash(&name, &token_hash(&token))? {
+                bail!("no node named {name:?}");
+            }
+            eprintln!("new token for node {name}; the old one no longer works:");
+            println!("{ticket}");
+        }
+        NodeCommand::Remove { name } => {
+            if !store.remove_node(&name)? {
+                bail!("no node named {name:?}");
+            }
+            eprintln!("removed node {name}");
+        }
+        NodeCommand::List { json } => {
+            let nodes = store.list_nodes()?;
+            if json {
+                let rows: Vec<_> = nodes
+                    .iter()
+                    .map(|n| {
+                        serde_json::json!({
+                            "name": n.name, "hostnames": n.hostnames, "created_at": n.created_at,
+                            "connected": n.status.connected, "last_heartbeat": n.status.last_heartbeat,
+                            "open_connections": n.status.open_connections,
+                            "agent_version": n.status.agent_version, "remote_addr": n.status.remote_addr,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<20} {:<10} {:<22} {:>6}  HOSTNAMES",
+                    "NAME", "CONNECTED", "LAST HEARTBEAT", "CONNS"
+                );
+                let now = edge_server::unix_now();
+                for n in &nodes {
+                    let hb = n.status.last_heartbeat.map_or("never".to_string(), |t| {
+                        format!("{}s ago", (now - t).max(0))
+                    });
+                    let connected = if n.status.connected { "yes" } else { "no" };
+                    println!(
+                        "{:<20} {:<10} {:<22} {:>6}  {}",
+                        n.name,
+                        connected,
+                        hb,
+                        n.status.open_connections,
+                        n.hostnames.join(" ")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The join string for `token`: public addresses from the config, else
+/// those a running server recorded, else the listen addresses.
+fn join_ticket(
+    config: &ServerConfig,
+    config_path: &std::path::Path,
+    token: String,
+) -> Result<JoinTicket> {
+    let running: Option<BoundAddrs> = std::fs::read(listening_file(&config.data_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let usable = |a: std::net::SocketAddr| {
+        (!a.ip().is_unspecified() && a.port() != 0).then(|| a.to_string())
+    };
+    let server = config
+        .public
+        .quic
+        .clone()
+        .or_else(|| running.and_then(|r| usable(r.quic)))
+        .or_else(|| usable(config.listen.quic));
+    let Some(server) = server else {
+        bail!(
+            "cannot tell agents where to connect: set public.quic in {} (listen.quic = {} is not an address agents can dial)",
+            config_path.display(),
+            config.listen.quic
+        );
+    };
+    let api = config
+        .public
+        .api
+        .clone()
+        .or_else(|| running.and_then(|r| usable(r.api)))
+        .or_else(|| usable(config.listen.api))
+        .unwrap_or_else(|| server.clone());
+    let identity = edge_server::identity::load_or_create(config)?;
+    Ok(JoinTicket {
+        token,
+        server,
+        fingerprint: Some(identity.fingerprint),
+        api,
+    })
+}

@@ -1,0 +1,271 @@
+//! The in-memory node registry: routes (hostname → node) and live tunnels.
+//!
+//! Every client connection does one lookup here under a read lock; the store
+//! is never consulted per connection. The registry is rebuilt from the store
+//! when its revision changes (a node added, removed or re-keyed by the CLI),
+//! and removing a node closes its tunnels.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use edge_net::splice::ByteCounters;
+use subtle::ConstantTimeEq;
+
+use crate::store::NodeRecord;
+
+/// Per-node traffic counters.
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    /// Client connections currently spliced to the node.
+    pub active: AtomicU64,
+    /// Client connections ever routed to the node.
+    pub total: AtomicU64,
+    /// Bytes each way (client → node is `tcp_to_quic`).
+    pub bytes: ByteCounters,
+}
+
+/// A live agent connection.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    /// Unique per server process.
+    pub id: u64,
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+}
+
+/// What the server knows at run time about a node's agent.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeStatus {
+    /// Unix seconds of the last heartbeat (control stream or signal API).
+    pub last_heartbeat: Option<i64>,
+    /// Version the agent reported.
+    pub agent_version: Option<String>,
+    /// Where the newest tunnel comes from.
+    pub remote_addr: Option<String>,
+    /// Streams the agent reported open in its last heartbeat.
+    pub agent_open_streams: u64,
+}
+
+/// A node and its live tunnels.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// Node name.
+    pub name: String,
+    /// Hostnames routed to it.
+    pub hostnames: Vec<String>,
+    token_hash: Mutex<[u8; 32]>,
+    tunnels: Mutex<Vec<Tunnel>>,
+    /// Traffic counters.
+    pub metrics: NodeMetrics,
+    /// Agent-reported status.
+    pub status: Mutex<RuntimeStatus>,
+}
+
+impl NodeHandle {
+    fn new(record: &NodeRecord) -> Self {
+        Self {
+            name: record.name.clone(),
+            hostnames: record.hostnames.clone(),
+            token_hash: Mutex::new(record.token_hash),
+            tunnels: Mutex::new(Vec::new()),
+            metrics: NodeMetrics::default(),
+            status: Mutex::new(RuntimeStatus::default()),
+        }
+    }
+
+    /// Compares a token's hash with the node's in constant time.
+    pub fn token_matches(&self, token_hash: &[u8; 32]) -> bool {
+        let stored = *lock(&self.token_hash);
+        bool::from(stored.ct_eq(token_hash))
+    }
+
+    /// The tunnel new streams should use: the newest one still open. A
+    /// restarted agent's new connection wins at once, before the old one's
+    /// idle timeout has noticed that it is dead.
+    pub fn pick_tunnel(&self) -> Option<Tunnel> {
+        let tunnels = lock(&self.tunnels);
+        tunnels
+            .iter()
+            .rev()
+            .find(|t| t.conn.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Adds a tunnel.
+    pub fn add_tunnel(&self, tunnel: Tunnel) {
+        lock(&self.tunnels).push(tunnel);
+    }
+
+    /// Removes a tunnel; returns how many remain.
+    pub fn remove_tunnel(&self, id: u64) -> usize {
+        let mut tunnels = lock(&self.tunnels);
+        tunnels.retain(|t| t.id != id);
+        tunnels.len()
+    }
+
+    /// Number of live tunnels.
+    pub fn tunnel_count(&self) -> usize {
+        lock(&self.tunnels)
+            .iter()
+            .filter(|t| t.conn.close_reason().is_none())
+            .count()
+    }
+
+    /// Closes every tunnel with `code`.
+    pub fn close_tunnels(&self, code: u32, reason: &str) {
+        for t in lock(&self.tunnels).drain(..) {
+            t.conn
+                .close(quinn::VarInt::from_u32(code), reason.as_bytes());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    nodes: HashMap<String, Arc<NodeHandle>>,
+    routes: HashMap<String, Arc<NodeHandle>>,
+}
+
+/// Routes and tunnels of all nodes.
+#[derive(Debug, Default)]
+pub struct Registry {
+    tables: RwLock<Tables>,
+    next_tunnel_id: AtomicU64,
+}
+
+impl Registry {
+    /// The node that owns `sni` (already lowercased): exact name first, then
+    /// the one-label wildcard.
+    pub fn route(&self, sni: &str) -> Option<Arc<NodeHandle>> {
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(node) = tables.routes.get(sni) {
+            return Some(node.clone());
+        }
+        let wildcard = edge_proto::names::wildcard_parent(sni)?;
+        tables.routes.get(&wildcard).cloned()
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<Arc<NodeHandle>> {
+        self.tables
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .nodes
+            .get(name)
+            .cloned()
+    }
+
+    /// All nodes, by name.
+    pub fn nodes(&self) -> Vec<Arc<NodeHandle>> {
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        let mut nodes: Vec<_> = tables.nodes.values().cloned().collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes
+    }
+
+    /// A fresh tunnel id.
+    pub fn next_tunnel_id(&self) -> u64 {
+        self.next_tunnel_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Makes the registry match `records`: new nodes appear, removed nodes
+    /// lose their routes and tunnels, re-keyed nodes get the new hash.
+    pub fn reload(&self, records: &[NodeRecord]) {
+        let mut removed = Vec::new();
+        {
+            let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+            let mut nodes = HashMap::with_capacity(records.len());
+            for record in records {
+                let handle = match tables.nodes.remove(&record.name) {
+                    Some(existing) if existing.hostnames == record.hostnames => {
+                        let mut hash = lock(&existing.token_hash);
+                        if *hash != record.token_hash {
+                            *hash = record.token_hash;
+                            // Tunnels opened with the old token are cut.
+                            existing.close_tunnels(
+                                edge_proto::tunnel::codes::CLOSE_AUTH_FAILED,
+                                "token rotated",
+                            );
+                        }
+                        drop(hash);
+                        existing
+                    }
+                    Some(existing) => {
+                        removed.push(existing);
+                        Arc::new(NodeHandle::new(record))
+                    }
+                    None => Arc::new(NodeHandle::new(record)),
+                };
+                nodes.insert(record.name.clone(), handle);
+            }
+            removed.extend(tables.nodes.drain().map(|(_, n)| n));
+            let mut routes = HashMap::new();
+            for node in nodes.values() {
+                for host in &node.hostnames {
+                    routes.insert(host.clone(), node.clone());
+                }
+            }
+            *tables = Tables { nodes, routes };
+        }
+        for node in removed {
+            tracing::info!(node = %node.name, "node removed; closing its tunnels");
+            node.close_tunnels(
+                edge_proto::tunnel::codes::CLOSE_NODE_REMOVED,
+                "node removed",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NodeStatus;
+
+    fn record(name: &str, hash: u8) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            hostnames: edge_proto::names::node_hostnames(name, "z.test"),
+            token_hash: [hash; 32],
+            created_at: 0,
+            status: NodeStatus::default(),
+        }
+    }
+
+    #[test]
+    fn exact_then_wildcard_one_label() {
+        let reg = Registry::default();
+        reg.reload(&[record("n1", 1), record("n2", 2)]);
+        assert_eq!(reg.route("n1.z.test").unwrap().name, "n1");
+        assert_eq!(reg.route("app.n1.z.test").unwrap().name, "n1");
+        assert_eq!(reg.route("app.n2.z.test").unwrap().name, "n2");
+        assert!(
+            reg.route("a.b.n1.z.test").is_none(),
+            "wildcard covers one label"
+        );
+        assert!(reg.route("z.test").is_none());
+        assert!(reg.route("n3.z.test").is_none());
+        assert!(reg.route("n1.z.test.evil").is_none());
+    }
+
+    #[test]
+    fn reload_removes_and_rekeys() {
+        let reg = Registry::default();
+        reg.reload(&[record("n1", 1), record("n2", 2)]);
+        let n1 = reg.node("n1").unwrap();
+        assert!(n1.token_matches(&[1; 32]));
+        reg.reload(&[record("n1", 9)]);
+        assert!(
+            Arc::ptr_eq(&n1, &reg.node("n1").unwrap()),
+            "handle kept across reloads"
+        );
+        assert!(n1.token_matches(&[9; 32]) && !n1.token_matches(&[1; 32]));
+        assert!(reg.route("n2.z.test").is_none());
+        assert_eq!(reg.nodes().len(), 1);
+    }
+}

@@ -1,0 +1,113 @@
+//! All persistent state goes through the [`Store`] trait.
+//!
+//! One implementation today, [`sqlite::SqliteStore`] (embedded, one file,
+//! WAL). A shared PostgreSQL store for clusters of several servers will
+//! implement the same trait. Nothing on the per-connection path touches the
+//! store: routing uses the in-memory [`crate::registry::Registry`], which is
+//! reloaded when [`Store::revision`] changes.
+
+pub mod sqlite;
+
+/// A node as stored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Node name (one DNS label).
+    pub name: String,
+    /// Hostnames the node owns, derived from its name and the zone.
+    pub hostnames: Vec<String>,
+    /// SHA-256 of the node token; the token itself is never stored.
+    pub token_hash: [u8; 32],
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Last status the server recorded.
+    pub status: NodeStatus,
+}
+
+impl std::fmt::Debug for NodeRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeRecord")
+            .field("name", &self.name)
+            .field("hostnames", &self.hostnames)
+            .field("token_hash", &"<redacted>")
+            .field("created_at", &self.created_at)
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+/// Runtime status of a node as last recorded by the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NodeStatus {
+    /// Whether at least one tunnel was up.
+    pub connected: bool,
+    /// Unix seconds of the last heartbeat.
+    pub last_heartbeat: Option<i64>,
+    /// Client connections open through the node.
+    pub open_connections: u64,
+    /// Version the agent reported.
+    pub agent_version: Option<String>,
+    /// Address the agent connected from.
+    pub remote_addr: Option<String>,
+}
+
+/// Errors from a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database reported an error.
+    #[error("database {path}: {source}")]
+    Database {
+        /// The database file.
+        path: String,
+        /// The driver's error.
+        source: rusqlite::Error,
+    },
+    /// The schema is newer than this binary understands.
+    #[error("database {path} has schema version {found}, newer than this edge-server ({supported}); upgrade edge-server")]
+    SchemaTooNew {
+        /// The database file.
+        path: String,
+        /// Version in the file.
+        found: i64,
+        /// Highest version this binary knows.
+        supported: i64,
+    },
+    /// A node with this name exists already.
+    #[error("node {0:?} already exists")]
+    NodeExists(String),
+    /// The task running a store operation failed.
+    #[error("store task failed: {0}")]
+    Task(String),
+    /// Stored data could not be decoded.
+    #[error("database {path}: corrupt row: {what}")]
+    Corrupt {
+        /// The database file.
+        path: String,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// Persistent state of the server.
+pub trait Store: Send + Sync + 'static {
+    /// Creates a node; fails with [`StoreError::NodeExists`] if taken.
+    fn add_node(
+        &self,
+        name: &str,
+        hostnames: &[String],
+        token_hash: &[u8; 32],
+    ) -> Result<NodeRecord, StoreError>;
+    /// Removes a node; `false` if it did not exist.
+    fn remove_node(&self, name: &str) -> Result<bool, StoreError>;
+    /// Replaces a node's token hash; `false` if it does not exist.
+    fn set_token_hash(&self, name: &str, token_hash: &[u8; 32]) -> Result<bool, StoreError>;
+    /// One node by name.
+    fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
+    /// All nodes, by name.
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// A number that changes whenever nodes are added, removed or re-keyed.
+    fn revision(&self) -> Result<i64, StoreError>;
+    /// Records a node's runtime status.
+    fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError>;
+    /// Marks every node disconnected (at server start).
+    fn reset_status(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,376 @@
+//! SQLite implementation of [`Store`]: one file, WAL journal, versioned
+//! migrations applied in transactions at open.
+//!
+//! The connection sits behind a mutex: every operation is a few
+//! milliseconds and none is on the per-connection path.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{NodeRecord, NodeStatus, Store, StoreError};
+
+/// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: nodes, their status, and a revision counter for change detection.
+    "CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        hostnames TEXT NOT NULL,
+        token_hash BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE node_status (
+        name TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        connected INTEGER NOT NULL DEFAULT 0,
+        last_heartbeat INTEGER,
+        open_connections INTEGER NOT NULL DEFAULT 0,
+        agent_version TEXT,
+        remote_addr TEXT,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('revision', 0);",
+];
+
+/// The embedded store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: String,
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let display = path.display().to_string();
+        let db_err = |source| StoreError::Database {
+            path: display.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| db_err(io_error(e)))?;
+        }
+        let mut conn = Connection::open(path).map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        migrate(&mut conn, &display)?;
+        Ok(Self {
+            path: display,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.path)
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut conn).map_err(|source| StoreError::Database {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn row_to_node(&self, row: RawNode) -> Result<NodeRecord, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt {
+            path: self.path.clone(),
+            what: format!("node {:?}: {what}", row.name),
+        };
+        let hostnames: Vec<String> =
+            serde_json::from_str(&row.hostnames).map_err(|_| corrupt("hostnames"))?;
+        let token_hash: [u8; 32] = row
+            .token_hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("token_hash"))?;
+        Ok(NodeRecord {
+            name: row.name,
+            hostnames,
+            token_hash,
+            created_at: row.created_at,
+            status: row.status,
+        })
+    }
+}
+
+fn io_error(e: std::io::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
+
+fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
+    let db_err = |source| StoreError::Database {
+        path: path.to_string(),
+        source,
+    };
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db_err)?;
+    let supported = MIGRATIONS.len() as i64;
+    if version > supported {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_string(),
+            found: version,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(db_err)?;
+        tx.execute_batch(sql).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        tracing::info!(path, version = i + 1, "applied database migration");
+    }
+    Ok(())
+}
+
+struct RawNode {
+    name: String,
+    hostnames: String,
+    token_hash: Vec<u8>,
+    created_at: i64,
+    status: NodeStatus,
+}
+
+const SELECT_NODES: &str = "SELECT n.name, n.hostnames, n.token_hash, n.created_at,
+        COALESCE(s.connected, 0), s.last_heartbeat, COALESCE(s.open_connections, 0), s.agent_version, s.remote_addr
+    FROM nodes n LEFT JOIN node_status s ON s.name = n.name";
+
+fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
+    Ok(RawNode {
+        name: row.get(0)?,
+        hostnames: row.get(1)?,
+        token_hash: row.get(2)?,
+        created_at: row.get(3)?,
+        status: NodeStatus {
+            connected: row.get::<_, i64>(4)? != 0,
+            last_heartbeat: row.get(5)?,
+            open_connections: row.get::<_, i64>(6)?.max(0) as u64,
+            agent_version: row.get(7)?,
+            remote_addr: row.get(8)?,
+        },
+    })
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn bump_revision(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE meta SET value = value + 1 WHERE key = 'revision'",
+        [],
+    )
+    .map(|_| ())
+}
+
+impl Store for SqliteStore {
+    fn add_node(
+        &self,
+        name: &str,
+        hostnames: &[String],
+        token_hash: &[u8; 32],
+    ) -> Result<NodeRecord, StoreError> {
+        let created_at = now();
+        let hostnames_json = serde_json::to_string(hostnames).unwrap_or_else(|_| "[]".into());
+        let inserted = self.with(|conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO nodes (name, hostnames, token_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, hostnames_json, token_hash.as_slice(), created_at],
+            )?;
+            if n == 1 {
+                bump_revision(&tx)?;
+            }
+            tx.commit()?;
+            Ok(n == 1)
+        })?;
+        if !inserted {
+            return Err(StoreError::NodeExists(name.to_string()));
+        }
+        Ok(NodeRecord {
+            name: name.to_string(),
+            hostnames: hostnames.to_vec(),
+            token_hash: *token_hash,
+            created_at,
+            status: NodeStatus::default(),
+        })
+    }
+
+    fn remove_node(&self, name: &str) -> Result<bool, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![name])?;
+            if n > 0 {
+                bump_revision(&tx)?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+    }
+
+    fn set_token_hash(&self, name: &str, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute(
+                "UPDATE nodes SET token_hash = ?2 WHERE name = ?1",
+                params![name, token_hash.as_slice()],
+            )?;
+            if n > 0 {
+                bump_revision(&tx)?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+    }
+
+    fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let raw = self.with(|conn| {
+            conn.query_row(
+                &format!("{SELECT_NODES} WHERE n.name = ?1"),
+                params![name],
+                raw_node,
+            )
+            .optional()
+        })?;
+        raw.map(|r| self.row_to_node(r)).transpose()
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let raws = self.with(|conn| {
+            let mut stmt = conn.prepare(&format!("{SELECT_NODES} ORDER BY n.name"))?;
+            let rows = stmt
+                .query_map([], raw_node)?
+                .collect::<rusqlite::Result<Vec<_>>>();
+            rows
+        })?;
+        raws.into_iter().map(|r| self.row_to_node(r)).collect()
+    }
+
+    fn revision(&self) -> Result<i64, StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
+                r.get(0)
+            })
+        })
+    }
+
+    fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, updated_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)
+                 ON CONFLICT(name) DO UPDATE SET connected = excluded.connected,
+                    last_heartbeat = COALESCE(excluded.last_heartbeat, node_status.last_heartbeat),
+                    open_connections = excluded.open_connections,
+                    agent_version = COALESCE(excluded.agent_version, node_status.agent_version),
+                    remote_addr = COALESCE(excluded.remote_addr, node_status.remote_addr),
+                    updated_at = excluded.updated_at",
+                params![
+                    name,
+                    status.connected as i64,
+                    status.last_heartbeat,
+                    status.open_connections as i64,
+                    status.agent_version,
+                    status.remote_addr,
+                    now()
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn reset_status(&self) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE node_status SET connected = 0, open_connections = 0",
+                [],
+            )
+            .map(|_| ())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_survive_reopen_and_revision_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let r0 = store.revision().unwrap();
+        store
+            .add_node("n1", &["n1.z.test".into(), "*.n1.z.test".into()], &[1; 32])
+            .unwrap();
+        assert!(matches!(
+            store.add_node("n1", &[], &[2; 32]),
+            Err(StoreError::NodeExists(_))
+        ));
+        let r1 = store.revision().unwrap();
+        assert!(r1 > r0);
+        store
+            .record_status(
+                "n1",
+                &NodeStatus {
+                    connected: true,
+                    last_heartbeat: Some(5),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        drop(store);
+
+        let store = SqliteStore::open(&path).unwrap();
+        let node = store.get_node("n1").unwrap().unwrap();
+        assert_eq!(node.token_hash, [1; 32]);
+        assert_eq!(node.hostnames.len(), 2);
+        assert!(node.status.connected);
+        store.reset_status().unwrap();
+        assert!(!store.get_node("n1").unwrap().unwrap().status.connected);
+        assert!(store.set_token_hash("n1", &[3; 32]).unwrap());
+        assert!(store.remove_node("n1").unwrap());
+        assert!(!store.remove_node("n1").unwrap());
+        assert!(store.get_node("n1").unwrap().is_none());
+        assert!(store.revision().unwrap() > r1);
+        // Status of a removed node is not recorded.
+        store.record_status("n1", &NodeStatus::default()).unwrap();
+        assert!(store.list_nodes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! The QUIC listener for agents: authenticate, register the tunnel, answer
+//! heartbeats on the control stream, unregister when it ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_proto::tunnel::{codes, AgentMessage, ControlCodec, ServerMessage, PROTOCOL_VERSION};
+use futures_util::{SinkExt, StreamExt};
+use quinn::VarInt;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::registry::{NodeHandle, Tunnel};
+use crate::Shared;
+
+/// Deadline for each step of an agent's handshake.
+const HANDSHAKE_STEP: Duration = Duration::from_secs(10);
+/// Heartbeat interval the server asks agents for.
+pub const HEARTBEAT_SECS: u64 = 15;
+
+/// Accepts agent connections until `shutdown`. Sessions end when
+/// `close_tunnels` is cancelled (after client connections drained).
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    close_tunnels: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let shared = shared.clone();
+        let close_tunnels = close_tunnels.clone();
+        tracker.spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(e) = session(incoming, shared, close_tunnels).await {
+                tracing::info!(%remote, error = %e, "agent session ended");
+            }
+        });
+    }
+    tracing::info!("QUIC listener stopped accepting agents");
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("control stream: {0}")]
+    Control(#[from] edge_proto::tunnel::TunnelError),
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    #[error("authentication failed for token of node {0:?}")]
+    Auth(String),
+    #[error("agent speaks protocol {0}, server speaks {PROTOCOL_VERSION}")]
+    Version(u32),
+}
+
+async fn step<T, E: Into<SessionError>>(
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, SessionError> {
+    tokio::time::timeout(HANDSHAKE_STEP, fut)
+        .await
+        .map_err(|_| SessionError::Timeout)?
+        .map_err(Into::into)
+}
+
+async fn session(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    close_tunnels: CancellationToken,
+) -> Result<(), SessionError> {
+    let conn = step(async { incoming.await }).await?;
+    let remote = conn.remote_address();
+    let (send, recv) = step(conn.accept_bi()).await?;
+    let mut reader = FramedRead::new(recv, ControlCodec::<AgentMessage, ServerMessage>::default());
+    let mut writer = FramedWrite::new(send, ControlCodec::<AgentMessage, ServerMessage>::default());
+
+    let first = tokio::time::timeout(HANDSHAKE_STEP, reader.next()).await;
+    let (protocol, token, agent_version) = match first {
+        Ok(Some(Ok(AgentMessage::Hello {
+            protocol,
+            token,
+            agent_version,
+            ..
+        }))) => (protocol, token, agent_version),
+        Ok(Some(Ok(_))) => {
+            return Err(close_with(
+                &conn,
+                codes::CLOSE_PROTOCOL_ERROR,
+                SessionError::Protocol("first message is not hello"),
+            ))
+        }
+        Ok(Some(Err(e))) => return Err(close_with(&conn, codes::CLOSE_PROTOCOL_ERROR, e)),
+        Ok(None) => {
+            return Err(close_with(
+                &conn,
+                codes::CLOSE_PROTOCOL_ERROR,
+                SessionError::Protocol("control stream closed before hello"),
+            ))
+        }
+        Err(_) => {
+            return Err(close_with(
+                &conn,
+                codes::CLOSE_PROTOCOL_ERROR,
+                SessionError::Timeout,
+            ))
+        }
+    };
+    if protocol != PROTOCOL_VERSION {
+        let reason = format!(
+            "unsupported protocol version {protocol}; this server speaks {PROTOCOL_VERSION}"
+        );
+        let _ = writer
+            .send(ServerMessage::Rejected {
+                code: codes::CLOSE_VERSION_MISMATCH,
+                reason,
+            })
+            .await;
+        return Err(close_with(
+            &conn,
+            codes::CLOSE_VERSION_MISMATCH,
+            SessionError::Version(protocol),
+        ));
+    }
+    let Some(node) = shared.authenticate(&token).await else {
+        shared
+            .metrics
+            .auth_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let node = edge_proto::join::node_of_token(&token)
+            .unwrap_or("?")
+            .to_string();
+        tracing::warn!(%remote, %node, "agent authentication failed");
+        let reason = "invalid node token (unknown node, removed node or wrong token)".to_string();
+        let _ = writer
+            .send(ServerMessage::Rejected {
+                code: codes::CLOSE_AUTH_FAILED,
+                reason,
+            })
+            .await;
+        return Err(close_with(
+            &conn,
+            codes::CLOSE_AUTH_FAILED,
+            SessionError::Auth(node),
+        ));
+    };
+    writer
+        .send(ServerMessage::Welcome {
+            node: node.name.clone(),
+            hostnames: node.hostnames.clone(),
+            heartbeat_secs: HEARTBEAT_SECS,
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .await?;
+
+    let tunnel_id = shared.registry.next_tunnel_id();
+    node.add_tunnel(Tunnel {
+        id: tunnel_id,
+        conn: conn.clone(),
+    });
+    {
+        let mut status = node.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.agent_version = Some(agent_version.clone());
+        status.remote_addr = Some(remote.to_string());
+        status.last_heartbeat = Some(crate::unix_now());
+    }
+    shared.persist_status(&node).await;
+    tracing::info!(node = %node.name, %remote, agent_version, tunnel = tunnel_id, "agent connected");
+
+    let result = control_loop(&conn, &node, &mut reader, &mut writer, &close_tunnels).await;
+    let remaining = node.remove_tunnel(tunnel_id);
+    shared.persist_status(&node).await;
+    tracing::info!(node = %node.name, %remote, tunnel = tunnel_id, remaining, "agent disconnected");
+    result
+}
+
+type Reader = FramedRead<quinn::RecvStream, ControlCodec<AgentMessage, ServerMessage>>;
+type Writer = FramedWrite<quinn::SendStream, ControlCodec<AgentMessage, ServerMessage>>;
+
+async fn control_loop(
+    conn: &quinn::Connection,
+    node: &Arc<NodeHandle>,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    close_tunnels: &CancellationToken,
+) -> Result<(), SessionError> {
+    loop {
+        tokio::select! {
+            _ = close_tunnels.cancelled() => {
+                conn.close(VarInt::from_u32(codes::CLOSE_SHUTDOWN), b"server shutting down");
+                return Ok(());
+            }
+            reason = conn.closed() => {
+                return match reason {
+                    quinn::ConnectionError::LocallyClosed | quinn::ConnectionError::ApplicationClosed(_) => Ok(()),
+                    other => Err(other.into()),
+                };
+            }
+            message = reader.next() => match message {
+                Some(Ok(AgentMessage::Heartbeat { seq, open_streams })) => {
+                    {
+                        let mut status = node.status.lock().unwrap_or_else(|p| p.into_inner());
+                        status.last_heartbeat = Some(crate::unix_now());
+                        status.agent_open_streams = open_streams;
+                    }
+                    writer.send(ServerMessage::HeartbeatAck { seq }).await?;
+                }
+                Some(Ok(AgentMessage::Hello { .. })) => {
+                    return Err(close_with(conn, codes::CLOSE_PROTOCOL_ERROR, SessionError::Protocol("second hello")));
+                }
+                Some(Err(e)) => return Err(close_with(conn, codes::CLOSE_PROTOCOL_ERROR, e)),
+                None => {
+                    conn.close(VarInt::from_u32(codes::CLOSE_NORMAL), b"control stream closed");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn close_with(conn: &quinn::Connection, code: u32, error: impl Into<SessionError>) -> SessionError {
+    let error = error.into();
+    conn.close(VarInt::from_u32(code), error.to_string().as_bytes());
+    error
+}
