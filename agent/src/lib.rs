@@ -167,7 +167,20 @@ pub async fn run(
     tracing::info!(node = shared.ticket.node(), server = %shared.ticket.server, upstream = %shared.config.upstream,
         mode = ?shared.config.mode, "edge-agent starting");
     if let Some(listener) = status_listener {
-        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "status endpoint listening");
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(%addr, "status endpoint listening");
+        // Lets supervisors and tests find an ephemeral port (status_listen = "127.0.0.1:0").
+        let path = shared.config.data_dir.join("status.addr");
+        if let Err(e) = edge_certs::store::write_atomic(
+            &path,
+            addr.as_bytes(),
+            edge_certs::store::Sensitivity::Public,
+        ) {
+            tracing::warn!(error = %e, "could not record the status address");
+        }
         tokio::spawn(status::serve(listener, shared.clone(), shutdown.clone()));
     }
     let heartbeats = tokio::spawn(signal::run(shared.clone(), shutdown.clone()));

@@ -1,1 +1,369 @@
-//! placeholder
+//! Test harness: starts the real `edge-server` and `edge-agent` binaries in
+//! temporary directories on loopback, plus small in-process upstreams and
+//! TLS clients. Used by the end-to-end tests, the demo and the benchmark.
+//!
+//! Every listener binds port 0; processes report their ports through files
+//! (`listening.json`, `status.addr`). Every wait is bounded.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod clients;
+pub mod upstreams;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Path of a workspace binary, next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built (run cargo build --workspace first)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or fails after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Its stderr log file.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
+        let file = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("EDGE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Self { child, log })
+    }
+
+    /// Sends a signal (`TERM`, `KILL`, `INT`) with the `kill` command.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Waits for exit up to `limit`; `None` if still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_for("process exit", limit, || {
+            self.child.try_wait().ok().flatten()
+        })
+        .ok()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Addresses a running server bound.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+pub struct ServerAddrs {
+    /// TLS listener.
+    pub tls: SocketAddr,
+    /// QUIC listener.
+    pub quic: SocketAddr,
+    /// Signal API.
+    pub api: SocketAddr,
+}
+
+/// A running `edge-server`.
+#[derive(Debug)]
+pub struct Server {
+    /// The process.
+    pub proc: Proc,
+    /// Its directory (config, data).
+    pub dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Bound addresses.
+    pub addrs: ServerAddrs,
+}
+
+/// Zone used by all tests.
+pub const ZONE: &str = "edge.test";
+
+impl Server {
+    /// Starts a server in `dir` with ports chosen by the kernel. `extra` is
+    /// appended to the config (top-level keys before any table).
+    pub fn start(dir: &Path, extra: &str) -> Result<Self> {
+        Self::start_on(dir, extra, None)
+    }
+
+    /// Starts a server on the given addresses (to restart on the same ports).
+    pub fn start_on(dir: &Path, extra: &str, addrs: Option<ServerAddrs>) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let (tls, quic, api) = match addrs {
+            Some(a) => (a.tls.to_string(), a.quic.to_string(), a.api.to_string()),
+            None => (
+                "127.0.0.1:0".into(),
+                "127.0.0.1:0".into(),
+                "127.0.0.1:0".into(),
+            ),
+        };
+        let config = dir.join("server.toml");
+        let text = format!(
+            "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\n"
+        );
+        std::fs::write(&config, text)?;
+        let listening = dir.join("data/listening.json");
+        let _ = std::fs::remove_file(&listening);
+        let mut cmd = Command::new(bin("edge-server"));
+        cmd.arg("--config").arg(&config).arg("run");
+        let n = std::fs::read_dir(dir)?.count();
+        let mut proc = Proc::spawn(cmd, dir.join(format!("server-{n}.log")))?;
+        let addrs: ServerAddrs =
+            wait_for("server listening.json", Duration::from_secs(20), || {
+                if !proc.alive() {
+                    return Some(None);
+                }
+                let bytes = std::fs::read(&listening).ok()?;
+                serde_json::from_slice(&bytes).ok().map(Some)
+            })?
+            .with_context(|| format!("edge-server exited at start:\n{}", proc.log_text()))?;
+        Ok(Self {
+            proc,
+            dir: dir.to_path_buf(),
+            config,
+            addrs,
+        })
+    }
+
+    /// Runs `edge-server --config <config> <args>`; returns stdout, or the
+    /// error with stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(bin("edge-server"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "edge-server {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `node add NAME` → join string.
+    pub fn add_node(&self, name: &str) -> Result<String> {
+        Ok(self.cli(&["node", "add", name])?.trim().to_string())
+    }
+
+    /// GET an API path with curl (`-k`: the identity is self-signed; agents
+    /// pin it, tests only read).
+    pub fn api_get(&self, path: &str, bearer: Option<&str>) -> Result<(u16, String)> {
+        let url = format!("https://{}{path}", self.addrs.api);
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "--max-time", "10", "-w", "\n%{http_code}", &url]);
+        if let Some(token) = bearer {
+            cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
+        }
+        let out = cmd.output().context("running curl")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    }
+
+    /// `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        let (code, body) = self.api_get("/metrics", None)?;
+        if code != 200 {
+            bail!("metrics answered {code}");
+        }
+        Ok(body)
+    }
+
+    /// The admin token the server generated.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("data/admin.token"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+}
+
+/// A running `edge-agent`.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its status endpoint.
+    pub status: SocketAddr,
+}
+
+impl Agent {
+    /// Starts an agent and waits until its tunnel is up (`/ready` is 200).
+    pub fn start(
+        dir: &Path,
+        join: &str,
+        upstream: SocketAddr,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        let agent = Self::spawn(dir, join, upstream, extra_args)?;
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts an agent without waiting for its tunnel.
+    pub fn spawn(
+        dir: &Path,
+        join: &str,
+        upstream: SocketAddr,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let status_file = dir.join("status.addr");
+        let _ = std::fs::remove_file(&status_file);
+        let mut cmd = Command::new(bin("edge-agent"));
+        cmd.args([
+            "run",
+            "--join",
+            join,
+            "--upstream",
+            &upstream.to_string(),
+            "--status-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(extra_args);
+        let n = std::fs::read_dir(dir)?.count();
+        let mut proc = Proc::spawn(cmd, dir.join(format!("agent-{n}.log")))?;
+        let status = wait_for("agent status.addr", Duration::from_secs(20), || {
+            if !proc.alive() {
+                return Some(None);
+            }
+            std::fs::read_to_string(&status_file)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+                .map(Some)
+        })?
+        .with_context(|| format!("edge-agent exited at start:\n{}", proc.log_text()))?;
+        Ok(Self {
+            proc,
+            data_dir: dir.to_path_buf(),
+            status,
+        })
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub fn wait_ready(&self, limit: Duration) -> Result<()> {
+        wait_for("agent /ready", limit, || {
+            (http_get(self.status, "/ready").ok()?.0 == 200).then_some(())
+        })
+        .with_context(|| format!("agent log:\n{}", self.proc.log_text()))
+    }
+
+    /// The local CA clients trust for this node's generated certificate.
+    pub fn local_ca(&self, node: &str) -> PathBuf {
+        self.data_dir.join(format!("certs/{node}-local-ca.crt"))
+    }
+
+    /// `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        Ok(http_get(self.status, "/metrics")?.1)
+    }
+}
+
+/// A plain HTTP/1.0 GET with a 5 s deadline: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text)?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of a Prometheus series (exact `name{labels}` match).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Number of open file descriptors of a process (Linux).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Resident set size of a process in KiB, and its peak (Linux).
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}

@@ -1,0 +1,108 @@
+//! Small in-process upstream services standing in for a node's local app.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn listen() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream")
+}
+
+fn serve<F, Fut>(listener: TcpListener, handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(handler(tcp));
+        }
+    });
+    addr
+}
+
+/// Echoes every byte back; closes its write side after the client's FIN.
+pub async fn echo() -> SocketAddr {
+    serve(listen().await, |mut tcp| async move {
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+}
+
+/// HTTP/1.1 with keep-alive: answers every GET with 200 and `body`.
+pub async fn http(body: &'static str) -> SocketAddr {
+    serve(listen().await, move |tcp| http_conn(tcp, body))
+}
+
+async fn http_conn(mut tcp: TcpStream, body: &'static str) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = find(&buf, b"\r\n\r\n") {
+            let request = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end + 4);
+            let close = request.contains("connection: close") || request.contains("http/1.0");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+                body.len(),
+                if close { "Connection: close\r\n" } else { "" }
+            );
+            if tcp.write_all(response.as_bytes()).await.is_err() || close {
+                let _ = tcp.shutdown().await;
+                return;
+            }
+        }
+        if buf.len() > 64 * 1024 {
+            return;
+        }
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Reads a PROXY v2 header, then answers one HTTP request with the client
+/// address the header carried (or `none`).
+pub async fn proxy_v2_reporter() -> SocketAddr {
+    serve(listen().await, |mut tcp| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let client = loop {
+            match edge_proto::proxy_v2::parse(&buf) {
+                edge_proto::proxy_v2::Parsed::Header { client, len, .. } => {
+                    buf.drain(..len);
+                    break client.map_or("none".to_string(), |c| c.to_string());
+                }
+                edge_proto::proxy_v2::Parsed::Invalid => break "invalid".to_string(),
+                edge_proto::proxy_v2::Parsed::Incomplete => {}
+            }
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        while find(&buf, b"\r\n\r\n").is_none() {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{client}",
+            client.len()
+        );
+        let _ = tcp.write_all(response.as_bytes()).await;
+        let _ = tcp.shutdown().await;
+    })
+}
