@@ -149,6 +149,11 @@ async fn session(
     end
 }
 
+/// The verdict of a closed connection, else a retry with `fallback`.
+fn ended(conn: &quinn::Connection, fallback: String) -> End {
+    conn.close_reason().map_or(End::Retry(fallback), |r| classify_close(&r))
+}
+
 type Reader = FramedRead<quinn::RecvStream, ControlCodec<ServerMessage, AgentMessage>>;
 type Writer = FramedWrite<quinn::SendStream, ControlCodec<ServerMessage, AgentMessage>>;
 
@@ -199,7 +204,7 @@ async fn handshake(
         Ok(Some(Ok(other))) => Err(End::Retry(format!(
             "unexpected first message from server: {other:?}"
         ))),
-        Ok(Some(Err(e))) => Err(End::Retry(format!("control stream: {e}"))),
+        Ok(Some(Err(e))) => Err(ended(conn, format!("control stream: {e}"))),
         Ok(None) => {
             // The server may close before its Rejected frame is delivered;
             // the close code carries the verdict.
@@ -268,7 +273,7 @@ async fn tunnel(
                 Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),
                 Some(Ok(ServerMessage::Rejected { reason, .. })) => break End::Fatal(format!("server rejected the agent: {reason}")),
                 Some(Ok(ServerMessage::Welcome { .. })) => break End::Retry("unexpected second welcome".into()),
-                Some(Err(e)) => break End::Retry(format!("control stream: {e}")),
+                Some(Err(e)) => break ended(conn, format!("control stream: {e}")),
                 None => {
                     let reason = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                     break reason.map_or_else(|_| End::Retry("control stream closed".into()), |r| classify_close(&r));

@@ -151,10 +151,15 @@ fn reassemble(buf: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, Rejection
                 return Err(Rejection::TooLarge);
             }
             if message.len() >= msg_len {
-                if message.len() > msg_len {
-                    // The record carried more handshake data after the hello;
-                    // a client must wait for the ServerHello, so this is bogus.
+                if message.len() > msg_len || available.len() < len {
+                    // The record carries (or announces) more handshake data
+                    // after the hello; a client must wait for the ServerHello,
+                    // so this is bogus.
                     return Err(Rejection::Malformed("trailing data after ClientHello"));
+                }
+                // `min_wire` assumed full-size records; count the real ones.
+                if body_start + len > max_bytes {
+                    return Err(Rejection::TooLarge);
                 }
                 return Ok(Some(message));
             }

@@ -56,7 +56,7 @@ enum SessionError {
     Control(#[from] edge_proto::tunnel::TunnelError),
     #[error("protocol violation: {0}")]
     Protocol(&'static str),
-    #[error("authentication failed for token of node {0:?}")]
+    #[error("invalid node token for node {0:?} (unknown node, removed node or wrong token)")]
     Auth(String),
     #[error("agent speaks protocol {0}, server speaks {PROTOCOL_VERSION}")]
     Version(u32),

@@ -280,18 +280,12 @@ impl Agent {
         .args(extra_args);
         let n = std::fs::read_dir(dir)?.count();
         let mut proc = Proc::spawn(cmd, dir.join(format!("agent-{n}.log")))?;
+        // An agent may exit at once (bad token): then there is no status
+        // address, and the caller inspects the exit status and log.
         let status = wait_for("agent status.addr", Duration::from_secs(20), || {
-            if !proc.alive() {
-                return Some(None);
-            }
-            std::fs::read_to_string(&status_file)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-                .map(Some)
-        })?
-        .with_context(|| format!("edge-agent exited at start:\n{}", proc.log_text()))?;
+            let recorded = std::fs::read_to_string(&status_file).ok().and_then(|s| s.trim().parse().ok());
+            recorded.or_else(|| (!proc.alive()).then(|| SocketAddr::from(([127, 0, 0, 1], 1))))
+        })?;
         Ok(Self {
             proc,
             data_dir: dir.to_path_buf(),
