@@ -232,6 +232,15 @@ mod tests {
     }
 
     #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../examples/agent.toml");
+        let c = AgentConfig::parse(text, "examples/agent.toml").unwrap();
+        let ticket = c.validate("examples/agent.toml").unwrap();
+        assert_eq!(ticket.node(), "web1");
+        assert_eq!(c.status_listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let j = join();
         let cases = [

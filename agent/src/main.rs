@@ -124,6 +124,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Run(args) => {
             let (config, origin) = args.into_config()?;
             edge_net::logging::init(config.log_format);
+            edge_net::raise_fd_limit();
             let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();

@@ -151,7 +151,8 @@ async fn session(
 
 /// The verdict of a closed connection, else a retry with `fallback`.
 fn ended(conn: &quinn::Connection, fallback: String) -> End {
-    conn.close_reason().map_or(End::Retry(fallback), |r| classify_close(&r))
+    conn.close_reason()
+        .map_or(End::Retry(fallback), |r| classify_close(&r))
 }
 
 type Reader = FramedRead<quinn::RecvStream, ControlCodec<ServerMessage, AgentMessage>>;

@@ -15,3 +15,13 @@ pub mod logging;
 pub mod pinned;
 pub mod quic;
 pub mod splice;
+
+/// Raises the soft limit on open files to the hard limit: every client
+/// connection costs a descriptor or two, and the common soft default of
+/// 1024 would cap a busy server far below what it can carry.
+pub fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
+}

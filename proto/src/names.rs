@@ -89,7 +89,7 @@ mod tests {
             "a/b",
             "\u{e9}.x",
             &"a".repeat(64),
-            &"a.".repeat(127),
+            &"a.".repeat(128),
         ] {
             assert_eq!(normalize_hostname(bad), None, "{bad:?}");
         }

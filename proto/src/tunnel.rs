@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder};
 
 /// ALPN of the tunnel protocol, version 1.
 pub const ALPN: &[u8] = b"edge-tunnel/1";
@@ -187,20 +187,16 @@ impl StreamHeader {
 ///
 /// `In` is the message type decoded, `Out` the type encoded; the server uses
 /// `ControlCodec<AgentMessage, ServerMessage>` and the agent the reverse.
+/// The length is checked before the frame is buffered, so a peer cannot
+/// make the reader hold more than [`MAX_CONTROL_FRAME`] bytes.
 #[derive(Debug)]
 pub struct ControlCodec<In, Out> {
-    frames: LengthDelimitedCodec,
     _types: std::marker::PhantomData<fn(Out) -> In>,
 }
 
 impl<In, Out> Default for ControlCodec<In, Out> {
     fn default() -> Self {
-        let frames = LengthDelimitedCodec::builder()
-            .length_field_length(4)
-            .max_frame_length(MAX_CONTROL_FRAME)
-            .new_codec();
         Self {
-            frames,
             _types: std::marker::PhantomData,
         }
     }
@@ -211,19 +207,23 @@ impl<In: serde::de::DeserializeOwned, Out> Decoder for ControlCodec<In, Out> {
     type Error = TunnelError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, TunnelError> {
-        if src.len() >= 4 {
-            let len = (&src[..4]).get_u32() as usize;
-            if len > MAX_CONTROL_FRAME {
-                return Err(TunnelError::TooLong {
-                    len,
-                    max: MAX_CONTROL_FRAME,
-                });
-            }
+        let Some(&[a, b, c, d]) = src.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if len > MAX_CONTROL_FRAME {
+            return Err(TunnelError::TooLong {
+                len,
+                max: MAX_CONTROL_FRAME,
+            });
         }
-        match self.frames.decode(src)? {
-            Some(frame) => Ok(Some(serde_json::from_slice(&frame)?)),
-            None => Ok(None),
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
         }
+        src.advance(4);
+        let frame = src.split_to(len);
+        Ok(Some(serde_json::from_slice(&frame)?))
     }
 }
 
@@ -294,6 +294,13 @@ mod tests {
         for end in 0..full.len() {
             let mut part = BytesMut::from(&full[..end]);
             assert!(down.decode(&mut part).unwrap().is_none());
+            // The same codec then gets the rest, as from a second read.
+            part.extend_from_slice(&full[end..]);
+            assert_eq!(
+                down.decode(&mut part).unwrap(),
+                Some(hello.clone()),
+                "split at {end}"
+            );
         }
         assert_eq!(down.decode(&mut buf).unwrap(), Some(hello));
 

@@ -320,6 +320,14 @@ mod tests {
     }
 
     #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../examples/server.toml");
+        let c = ServerConfig::parse(text, "examples/server.toml").unwrap();
+        assert_eq!(c.zone(), "edge.example.com");
+        assert_eq!(c.public.quic.as_deref(), Some("edge.example.com:4433"));
+    }
+
+    #[test]
     fn debug_masks_admin_token() {
         let c = ServerConfig::parse(
             &format!("{MINIMAL}admin_token = \"super-secret-admin-token\""),

@@ -27,8 +27,8 @@ pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -99,7 +99,6 @@ pub struct Shared {
     pub metrics: Metrics,
     /// SHA-256 of the admin token.
     pub admin_token_hash: [u8; 32],
-    last_forced_reload: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -110,30 +109,34 @@ impl std::fmt::Debug for dyn Store {
 
 impl Shared {
     /// The node a bearer token belongs to, if the token is valid. Hashes are
-    /// compared in constant time. A token of a node this process has not
-    /// loaded yet (added by the CLI a moment ago) triggers one reload from
-    /// the store, at most once a second.
+    /// compared in constant time. The in-memory registry answers first; on a
+    /// miss the store is asked for that one node (a node added or re-keyed by
+    /// the CLI a moment ago), and a match reloads the registry. This runs per
+    /// agent connection or heartbeat, never per client connection.
     pub async fn authenticate(&self, token: &str) -> Option<Arc<NodeHandle>> {
         let name = edge_proto::join::node_of_token(token)?;
         let hash = token_hash(token);
         if let Some(node) = self.registry.node(name).filter(|n| n.token_matches(&hash)) {
             return Some(node);
         }
-        let may_reload = {
-            let mut last = self
-                .last_forced_reload
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-            if due {
-                *last = Some(Instant::now());
+        let store = self.store.clone();
+        let owned = name.to_string();
+        let record = match tokio::task::spawn_blocking(move || store.get_node(&owned)).await {
+            Ok(Ok(record)) => record?,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "store lookup during authentication failed");
+                return None;
             }
-            due
+            Err(_) => return None,
         };
-        if may_reload {
-            if let Err(e) = self.reload().await {
-                tracing::error!(error = %e, "reloading nodes from the store failed");
-            }
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            &record.token_hash[..],
+            &hash[..],
+        )) {
+            return None;
+        }
+        if let Err(e) = self.reload().await {
+            tracing::error!(error = %e, "reloading nodes from the store failed");
         }
         self.registry.node(name).filter(|n| n.token_matches(&hash))
     }
@@ -260,7 +263,6 @@ impl Server {
             registry: Registry::default(),
             metrics: Metrics::default(),
             admin_token_hash,
-            last_forced_reload: Mutex::new(None),
         });
         shared.reload().await?;
         Ok(BoundServer {

@@ -100,6 +100,7 @@ fn real_main(cli: Cli) -> Result<()> {
 
 fn run(config: ServerConfig) -> Result<()> {
     edge_net::logging::init(config.log_format);
+    edge_net::raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
     runtime.block_on(async {
         let server = Server::bind(config).await?;

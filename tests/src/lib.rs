@@ -283,7 +283,9 @@ impl Agent {
         // An agent may exit at once (bad token): then there is no status
         // address, and the caller inspects the exit status and log.
         let status = wait_for("agent status.addr", Duration::from_secs(20), || {
-            let recorded = std::fs::read_to_string(&status_file).ok().and_then(|s| s.trim().parse().ok());
+            let recorded = std::fs::read_to_string(&status_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
             recorded.or_else(|| (!proc.alive()).then(|| SocketAddr::from(([127, 0, 0, 1], 1))))
         })?;
         Ok(Self {
