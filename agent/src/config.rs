@@ -54,6 +54,10 @@ pub struct AgentConfig {
     /// Local status endpoint (`/ready`, `/metrics`); loopback only; off when unset.
     #[serde(default)]
     pub status_listen: Option<SocketAddr>,
+    /// Also accept clients directly on this address (TLS terminated here,
+    /// same certificate and upstream); off when unset.
+    #[serde(default)]
+    pub direct_listen: Option<SocketAddr>,
     /// Reconnect backoff.
     #[serde(default)]
     pub reconnect: ReconnectConfig,
@@ -85,10 +89,7 @@ pub struct ReconnectConfig {
 
 impl Default for ReconnectConfig {
     fn default() -> Self {
-        Self {
-            initial_ms: 250,
-            max_ms: 30_000,
-        }
+        Self { initial_ms: 250, max_ms: 30_000 }
     }
 }
 
@@ -97,8 +98,7 @@ impl fmt::Debug for AgentConfig {
         f.debug_struct("AgentConfig")
             .field(
                 "join",
-                &JoinTicket::parse(&self.join)
-                    .map_or_else(|_| "<invalid>".to_string(), |t| format!("{t:?}")),
+                &JoinTicket::parse(&self.join).map_or_else(|_| "<invalid>".to_string(), |t| format!("{t:?}")),
             )
             .field("server_ca_file", &self.server_ca_file)
             .field("upstream", &self.upstream)
@@ -109,6 +109,7 @@ impl fmt::Debug for AgentConfig {
             .field("key_file", &self.key_file)
             .field("alpn", &self.alpn)
             .field("status_listen", &self.status_listen)
+            .field("direct_listen", &self.direct_listen)
             .field("reconnect", &self.reconnect)
             .field("tunnel", &self.tunnel)
             .field("log_format", &self.log_format)
@@ -130,10 +131,8 @@ impl AgentConfig {
     /// Reads a TOML file (without validating; see [`AgentConfig::validate`]).
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            origin: origin.clone(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { origin: origin.clone(), message: e.to_string() })?;
         let mut config = Self::parse(&text, &origin)?;
         if let Some(dir) = path.parent() {
             for p in [
@@ -155,31 +154,25 @@ impl AgentConfig {
 
     /// Parses TOML text.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError {
-            origin: origin.into(),
-            message: e.to_string().trim_end().into(),
-        })
+        toml::from_str(text)
+            .map_err(|e| ConfigError { origin: origin.into(), message: e.to_string().trim_end().into() })
     }
 
     /// Checks values serde cannot; returns the parsed join ticket.
     pub fn validate(&self, origin: &str) -> Result<JoinTicket, ConfigError> {
-        let err = |message: String| ConfigError {
-            origin: origin.into(),
-            message,
-        };
+        let err = |message: String| ConfigError { origin: origin.into(), message };
         let ticket = JoinTicket::parse(&self.join).map_err(|e| err(format!("join: {e}")))?;
         if ticket.fingerprint.is_none() && self.server_ca_file.is_none() {
-            return Err(err("join: has no fp= fingerprint and server_ca_file is not set; one is needed to trust the server".into()));
+            return Err(err(
+                "join: has no fp= fingerprint and server_ca_file is not set; one is needed to trust the server".into(),
+            ));
         }
         let ok = self
             .upstream
             .rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
         if !ok {
-            return Err(err(format!(
-                "upstream = {:?} must be host:port",
-                self.upstream
-            )));
+            return Err(err(format!("upstream = {:?} must be host:port", self.upstream)));
         }
         match (&self.cert_file, &self.key_file) {
             (Some(_), None) => return Err(err("key_file must be set when cert_file is".into())),
@@ -187,16 +180,11 @@ impl AgentConfig {
             _ => {}
         }
         if self.mode == Mode::Terminate && self.alpn.iter().any(|a| a.is_empty() || a.len() > 255) {
-            return Err(err(format!(
-                "alpn = {:?}: each protocol must be 1 to 255 bytes",
-                self.alpn
-            )));
+            return Err(err(format!("alpn = {:?}: each protocol must be 1 to 255 bytes", self.alpn)));
         }
         if let Some(addr) = self.status_listen {
             if !addr.ip().is_loopback() {
-                return Err(err(format!(
-                    "status_listen = {addr:?} must be a loopback address (127.0.0.0/8 or ::1)"
-                )));
+                return Err(err(format!("status_listen = {addr:?} must be a loopback address (127.0.0.0/8 or ::1)")));
             }
         }
         if self.reconnect.initial_ms == 0 || self.reconnect.max_ms < self.reconnect.initial_ms {
@@ -225,10 +213,7 @@ mod tests {
         let c = AgentConfig::parse(&text, "agent.toml").unwrap();
         let ticket = c.validate("agent.toml").unwrap();
         assert_eq!(ticket.node(), "n1");
-        assert!(
-            !format!("{c:?}").contains(&ticket.token),
-            "Debug hides the token"
-        );
+        assert!(!format!("{c:?}").contains(&ticket.token), "Debug hides the token");
     }
 
     #[test]
@@ -245,32 +230,16 @@ mod tests {
         let j = join();
         let cases = [
             (format!("join = {j:?}\nupstream = \"nope\""), "upstream"),
-            (format!("join = \"x\"\nupstream = \"h:1\""), "join"),
-            (
-                format!("join = {j:?}\nupstream = \"h:1\"\nstatus_listen = \"0.0.0.0:9\""),
-                "status_listen",
-            ),
-            (
-                format!("join = {j:?}\nupstream = \"h:1\"\nmode = \"bogus\""),
-                "mode",
-            ),
-            (
-                format!("join = {j:?}\nupstream = \"h:1\"\n[reconnect]\ninitial_ms = 0"),
-                "reconnect.initial_ms",
-            ),
-            (
-                format!("join = {j:?}\nupstream = \"h:1\"\ncert_file = \"c.pem\""),
-                "key_file",
-            ),
+            ("join = \"x\"\nupstream = \"h:1\"".to_string(), "join"),
+            (format!("join = {j:?}\nupstream = \"h:1\"\nstatus_listen = \"0.0.0.0:9\""), "status_listen"),
+            (format!("join = {j:?}\nupstream = \"h:1\"\nmode = \"bogus\""), "mode"),
+            (format!("join = {j:?}\nupstream = \"h:1\"\n[reconnect]\ninitial_ms = 0"), "reconnect.initial_ms"),
+            (format!("join = {j:?}\nupstream = \"h:1\"\ncert_file = \"c.pem\""), "key_file"),
         ];
         for (text, field) in cases {
-            let err = AgentConfig::parse(&text, "agent.toml")
-                .and_then(|c| c.validate("agent.toml").map(|_| ()));
+            let err = AgentConfig::parse(&text, "agent.toml").and_then(|c| c.validate("agent.toml").map(|_| ()));
             let msg = err.unwrap_err().to_string();
-            assert!(
-                msg.starts_with("agent.toml") && msg.contains(field),
-                "{msg:?} should name {field}"
-            );
+            assert!(msg.starts_with("agent.toml") && msg.contains(field), "{msg:?} should name {field}");
         }
     }
 }

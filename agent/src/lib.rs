@@ -6,13 +6,15 @@
 //! - [`config`]: configuration file and validation.
 //! - [`session`]: dial, authenticate, heartbeat, reconnect with backoff.
 //! - [`streams`]: one client connection per QUIC stream.
+//! - [`direct`]: clients connecting to the node itself, without the tunnel.
 //! - [`tls`]: node certificate (swappable) and server trust.
 //! - [`signal`]: heartbeats to the signal API.
 //! - [`status`]: local `/ready` and `/metrics`.
-//! - [`metrics`]: counters.
+//! - [`metrics`]: the agent's counters.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod direct;
 pub mod metrics;
 pub mod session;
 pub mod signal;
@@ -91,13 +93,14 @@ impl Node {
 }
 
 impl AgentShared {
+    /// The node as last welcomed by the server, once known.
+    pub fn current_node(&self) -> Option<Arc<Node>> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The node for a welcome; the certificate is loaded or generated once
     /// and reused across reconnects while the names stay the same.
-    async fn node_for(
-        self: &Arc<Self>,
-        name: &str,
-        hostnames: &[String],
-    ) -> Result<Arc<Node>, AgentError> {
+    async fn node_for(self: &Arc<Self>, name: &str, hostnames: &[String]) -> Result<Arc<Node>, AgentError> {
         if let Some(node) = self.node.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             if node.name == name && node.hostnames == hostnames {
                 return Ok(node);
@@ -121,39 +124,31 @@ impl AgentShared {
 }
 
 /// Runs the agent until `shutdown` is cancelled or a fatal error occurs.
-pub async fn run(
-    config: AgentConfig,
-    origin: &str,
-    shutdown: CancellationToken,
-) -> Result<(), AgentError> {
-    let ticket = config
-        .validate(origin)
-        .map_err(|e| AgentError::Config(e.to_string()))?;
+pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let ticket = config.validate(origin).map_err(|e| AgentError::Config(e.to_string()))?;
     let trust = ServerTrust::from_config(config.server_ca_file.as_deref(), ticket.fingerprint)?;
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let socket =
-        edge_net::quic::udp_socket(bind, config.tunnel.udp_buffer_bytes).map_err(|source| {
-            AgentError::Bind {
-                what: "QUIC socket",
-                addr: bind,
-                source,
-            }
-        })?;
+    let socket = edge_net::quic::udp_socket(bind, config.tunnel.udp_buffer_bytes)
+        .map_err(|source| AgentError::Bind { what: "QUIC socket", addr: bind, source })?;
     let endpoint = edge_net::quic::endpoint(socket, None).map_err(|source| AgentError::Bind {
         what: "QUIC endpoint",
         addr: bind,
         source,
     })?;
     let status_listener = match config.status_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| AgentError::Bind {
-                    what: "status endpoint",
-                    addr,
-                    source,
-                })?,
-        ),
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind {
+            what: "status endpoint",
+            addr,
+            source,
+        })?),
+        None => None,
+    };
+    let direct_listener = match config.direct_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind {
+            what: "direct listener",
+            addr,
+            source,
+        })?),
         None => None,
     };
     let shared = Arc::new(AgentShared {
@@ -167,21 +162,22 @@ pub async fn run(
     tracing::info!(node = shared.ticket.node(), server = %shared.ticket.server, upstream = %shared.config.upstream,
         mode = ?shared.config.mode, "edge-agent starting");
     if let Some(listener) = status_listener {
-        let addr = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(%addr, "status endpoint listening");
         // Lets supervisors and tests find an ephemeral port (status_listen = "127.0.0.1:0").
         let path = shared.config.data_dir.join("status.addr");
-        if let Err(e) = edge_certs::store::write_atomic(
-            &path,
-            addr.as_bytes(),
-            edge_certs::store::Sensitivity::Public,
-        ) {
+        if let Err(e) = edge_certs::store::write_atomic(&path, addr.as_bytes(), edge_certs::store::Sensitivity::Public)
+        {
             tracing::warn!(error = %e, "could not record the status address");
         }
         tokio::spawn(status::serve(listener, shared.clone(), shutdown.clone()));
+    }
+    if let Some(listener) = direct_listener {
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(%addr, "direct listener accepting");
+        let path = shared.config.data_dir.join("direct.addr");
+        let _ = edge_certs::store::write_atomic(&path, addr.as_bytes(), edge_certs::store::Sensitivity::Public);
+        tokio::spawn(direct::serve(listener, shared.clone(), shutdown.clone()));
     }
     let heartbeats = tokio::spawn(signal::run(shared.clone(), shutdown.clone()));
     let result = session::run(endpoint.clone(), shared, shutdown.clone()).await;

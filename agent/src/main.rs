@@ -60,6 +60,9 @@ struct RunArgs {
     /// Serve /ready and /metrics on this loopback address.
     #[arg(long)]
     status_listen: Option<SocketAddr>,
+    /// Also accept clients directly on this address (no tunnel).
+    #[arg(long)]
+    direct_listen: Option<SocketAddr>,
 }
 
 impl RunArgs {
@@ -71,10 +74,7 @@ impl RunArgs {
                 let join = self.join.clone().ok_or_else(|| missing("--join"))?;
                 let upstream = self.upstream.clone().ok_or_else(|| missing("--upstream"))?;
                 let text = format!("join = {join:?}\nupstream = {upstream:?}\n");
-                (
-                    AgentConfig::parse(&text, "command line")?,
-                    "command line".to_string(),
-                )
+                (AgentConfig::parse(&text, "command line")?, "command line".to_string())
             }
         };
         if let Some(join) = self.join {
@@ -98,6 +98,9 @@ impl RunArgs {
         }
         if self.status_listen.is_some() {
             config.status_listen = self.status_listen;
+        }
+        if self.direct_listen.is_some() {
+            config.direct_listen = self.direct_listen;
         }
         config.validate(&origin)?;
         Ok((config, origin))

@@ -29,42 +29,12 @@ impl AgentMetrics {
     pub fn render(&self) -> String {
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let rows: [(&str, &str, &str, u64); 8] = [
-            (
-                "edge_agent_tunnels_up",
-                "gauge",
-                "Tunnels to the server currently up.",
-                g(&self.tunnels_up),
-            ),
-            (
-                "edge_agent_connects_total",
-                "counter",
-                "Tunnel handshakes completed.",
-                g(&self.connects),
-            ),
-            (
-                "edge_agent_connect_failures_total",
-                "counter",
-                "Failed connection attempts.",
-                g(&self.connect_failures),
-            ),
-            (
-                "edge_agent_open_streams",
-                "gauge",
-                "Client streams open now.",
-                g(&self.open_streams),
-            ),
-            (
-                "edge_agent_streams_total",
-                "counter",
-                "Client streams accepted.",
-                g(&self.total_streams),
-            ),
-            (
-                "edge_agent_stream_errors_total",
-                "counter",
-                "Client streams that failed.",
-                g(&self.stream_errors),
-            ),
+            ("edge_agent_tunnels_up", "gauge", "Tunnels to the server currently up.", g(&self.tunnels_up)),
+            ("edge_agent_connects_total", "counter", "Tunnel handshakes completed.", g(&self.connects)),
+            ("edge_agent_connect_failures_total", "counter", "Failed connection attempts.", g(&self.connect_failures)),
+            ("edge_agent_open_streams", "gauge", "Client streams open now.", g(&self.open_streams)),
+            ("edge_agent_streams_total", "counter", "Client streams accepted.", g(&self.total_streams)),
+            ("edge_agent_stream_errors_total", "counter", "Client streams that failed.", g(&self.stream_errors)),
             (
                 "edge_agent_bytes_to_upstream_total",
                 "counter",
@@ -80,10 +50,7 @@ impl AgentMetrics {
         ];
         let mut out = String::with_capacity(1024);
         for (name, kind, help, value) in rows {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
         out
     }

@@ -5,9 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edge_proto::tunnel::{
-    codes, AgentMessage, ControlCodec, ServerMessage, ALPN, PROTOCOL_VERSION,
-};
+use edge_proto::tunnel::{codes, AgentMessage, ControlCodec, ServerMessage, ALPN, PROTOCOL_VERSION};
 use futures_util::{SinkExt, StreamExt};
 use quinn::VarInt;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -73,12 +71,8 @@ fn classify_close(error: &quinn::ConnectionError) -> End {
         quinn::ConnectionError::ApplicationClosed(close) => {
             let reason = String::from_utf8_lossy(&close.reason).into_owned();
             match close.error_code.into_inner() as u32 {
-                codes::CLOSE_AUTH_FAILED => {
-                    End::Fatal(format!("server refused the node token: {reason}"))
-                }
-                codes::CLOSE_NODE_REMOVED => {
-                    End::Fatal(format!("this node was removed from the server: {reason}"))
-                }
+                codes::CLOSE_AUTH_FAILED => End::Fatal(format!("server refused the node token: {reason}")),
+                codes::CLOSE_NODE_REMOVED => End::Fatal(format!("this node was removed from the server: {reason}")),
                 codes::CLOSE_VERSION_MISMATCH => End::Fatal(format!("protocol mismatch: {reason}")),
                 _ => End::Retry(format!("server closed the tunnel: {reason}")),
             }
@@ -88,16 +82,9 @@ fn classify_close(error: &quinn::ConnectionError) -> End {
     }
 }
 
-async fn session(
-    endpoint: &quinn::Endpoint,
-    shared: &Arc<AgentShared>,
-    shutdown: &CancellationToken,
-) -> End {
+async fn session(endpoint: &quinn::Endpoint, shared: &Arc<AgentShared>, shutdown: &CancellationToken) -> End {
     let ticket = &shared.ticket;
-    let addr = match tokio::net::lookup_host(&ticket.server)
-        .await
-        .map(|mut a| a.next())
-    {
+    let addr = match tokio::net::lookup_host(&ticket.server).await.map(|mut a| a.next()) {
         Ok(Some(addr)) => addr,
         Ok(None) => return End::Retry(format!("{} resolved to no address", ticket.server)),
         Err(e) => return End::Retry(format!("resolving {}: {e}", ticket.server)),
@@ -108,17 +95,11 @@ async fn session(
         Err(e) => return End::Fatal(format!("QUIC TLS config: {e}")),
     };
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(
-        shared
-            .config
-            .tunnel
-            .transport(shared.config.tunnel.max_streams),
-    ));
-    let connecting =
-        match endpoint.connect_with(client, addr, &crate::tls::server_name(&ticket.server)) {
-            Ok(c) => c,
-            Err(e) => return End::Retry(format!("connecting to {addr}: {e}")),
-        };
+    client.transport_config(Arc::new(shared.config.tunnel.transport(shared.config.tunnel.max_streams)));
+    let connecting = match endpoint.connect_with(client, addr, &crate::tls::server_name(&ticket.server)) {
+        Ok(c) => c,
+        Err(e) => return End::Retry(format!("connecting to {addr}: {e}")),
+    };
     let conn = tokio::select! {
         _ = shutdown.cancelled() => return End::Shutdown,
         r = tokio::time::timeout(CONNECT_DEADLINE, connecting) => match r {
@@ -141,18 +122,14 @@ async fn session(
     };
     let end = tunnel(&conn, shared, shutdown).await;
     if let End::Shutdown = end {
-        conn.close(
-            VarInt::from_u32(codes::CLOSE_NORMAL),
-            b"agent shutting down",
-        );
+        conn.close(VarInt::from_u32(codes::CLOSE_NORMAL), b"agent shutting down");
     }
     end
 }
 
 /// The verdict of a closed connection, else a retry with `fallback`.
 fn ended(conn: &quinn::Connection, fallback: String) -> End {
-    conn.close_reason()
-        .map_or(End::Retry(fallback), |r| classify_close(&r))
+    conn.close_reason().map_or(End::Retry(fallback), |r| classify_close(&r))
 }
 
 type Reader = FramedRead<quinn::RecvStream, ControlCodec<ServerMessage, AgentMessage>>;
@@ -177,58 +154,36 @@ async fn handshake(
         capabilities,
     };
     if let Err(e) = writer.send(hello).await {
-        return Err(conn.close_reason().map_or_else(
-            || End::Retry(format!("sending hello: {e}")),
-            |r| classify_close(&r),
-        ));
+        return Err(conn
+            .close_reason()
+            .map_or_else(|| End::Retry(format!("sending hello: {e}")), |r| classify_close(&r)));
     }
     match tokio::time::timeout(WELCOME_DEADLINE, reader.next()).await {
-        Ok(Some(Ok(ServerMessage::Welcome {
-            node,
-            hostnames,
-            heartbeat_secs,
-            ..
-        }))) => Ok((
-            reader,
-            writer,
-            node,
-            hostnames,
-            heartbeat_secs.clamp(1, 300),
-        )),
+        Ok(Some(Ok(ServerMessage::Welcome { node, hostnames, heartbeat_secs, .. }))) => {
+            Ok((reader, writer, node, hostnames, heartbeat_secs.clamp(1, 300)))
+        }
         Ok(Some(Ok(ServerMessage::Rejected { code, reason }))) => Err(match code {
-            codes::CLOSE_AUTH_FAILED => {
-                End::Fatal(format!("server refused the node token: {reason}"))
-            }
+            codes::CLOSE_AUTH_FAILED => End::Fatal(format!("server refused the node token: {reason}")),
             codes::CLOSE_VERSION_MISMATCH => End::Fatal(format!("protocol mismatch: {reason}")),
             _ => End::Retry(format!("server rejected the agent: {reason}")),
         }),
-        Ok(Some(Ok(other))) => Err(End::Retry(format!(
-            "unexpected first message from server: {other:?}"
-        ))),
+        Ok(Some(Ok(other))) => Err(End::Retry(format!("unexpected first message from server: {other:?}"))),
         Ok(Some(Err(e))) => Err(ended(conn, format!("control stream: {e}"))),
         Ok(None) => {
             // The server may close before its Rejected frame is delivered;
             // the close code carries the verdict.
             let reason = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-            Err(reason.map_or_else(
-                |_| End::Retry("control stream closed".into()),
-                |r| classify_close(&r),
-            ))
+            Err(reason.map_or_else(|_| End::Retry("control stream closed".into()), |r| classify_close(&r)))
         }
         Err(_) => Err(End::Retry("server did not answer hello in time".into())),
     }
 }
 
-async fn tunnel(
-    conn: &quinn::Connection,
-    shared: &Arc<AgentShared>,
-    shutdown: &CancellationToken,
-) -> End {
-    let (mut reader, mut writer, node_name, hostnames, heartbeat_secs) =
-        match handshake(conn, shared).await {
-            Ok(h) => h,
-            Err(end) => return end,
-        };
+async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &CancellationToken) -> End {
+    let (mut reader, mut writer, node_name, hostnames, heartbeat_secs) = match handshake(conn, shared).await {
+        Ok(h) => h,
+        Err(end) => return end,
+    };
     if node_name != shared.ticket.node() {
         return End::Fatal(format!(
             "server says this is node {node_name:?}, the join string says {:?}",
@@ -285,10 +240,7 @@ async fn tunnel(
     shared.metrics.tunnels_up.fetch_sub(1, Ordering::Relaxed);
     streams.close();
     if let End::Shutdown = end {
-        tracing::info!(
-            open_streams = streams.len(),
-            "draining streams before closing the tunnel"
-        );
+        tracing::info!(open_streams = streams.len(), "draining streams before closing the tunnel");
         let _ = tokio::time::timeout(DRAIN, streams.wait()).await;
     }
     end

@@ -59,33 +59,20 @@ pub async fn send(shared: &AgentShared) -> Result<(), String> {
         }
     });
     let api = &shared.ticket.api;
-    let tcp = tokio::net::TcpStream::connect(api)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect(api).await.map_err(|e| format!("connect: {e}"))?;
     let connector = tokio_rustls::TlsConnector::from(shared.trust.client_config(b"http/1.1"));
-    let name = rustls::pki_types::ServerName::try_from(crate::tls::server_name(api))
-        .map_err(|e| e.to_string())?;
-    let tls = connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(crate::tls::server_name(api)).map_err(|e| e.to_string())?;
+    let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
     let driver = tokio::spawn(conn);
     let request = hyper::Request::post("/api/signal/heartbeat")
         .header(hyper::header::HOST, api.as_str())
-        .header(
-            hyper::header::AUTHORIZATION,
-            format!("Bearer {}", shared.ticket.token),
-        )
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {}", shared.ticket.token))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string());
+    let response = sender.send_request(request).await.map_err(|e| e.to_string());
     let result = match response {
         Ok(response) => {
             let status = response.status();
@@ -97,10 +84,7 @@ pub async fn send(shared: &AgentShared) -> Result<(), String> {
             if status.is_success() {
                 Ok(())
             } else {
-                Err(format!(
-                    "{status}: {}",
-                    String::from_utf8_lossy(&body).trim()
-                ))
+                Err(format!("{status}: {}", String::from_utf8_lossy(&body).trim()))
             }
         }
         Err(e) => Err(e),

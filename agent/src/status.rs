@@ -16,10 +16,7 @@ use crate::AgentShared;
 
 /// The status routes.
 pub fn router(shared: Arc<AgentShared>) -> Router {
-    Router::new()
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .with_state(shared)
+    Router::new().route("/ready", get(ready)).route("/metrics", get(metrics)).with_state(shared)
 }
 
 async fn ready(State(shared): State<Arc<AgentShared>>) -> impl IntoResponse {
@@ -31,17 +28,13 @@ async fn ready(State(shared): State<Arc<AgentShared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(shared): State<Arc<AgentShared>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render())
 }
 
 /// Serves until shutdown.
 pub async fn serve(listener: TcpListener, shared: Arc<AgentShared>, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router(shared))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    let result =
+        axum::serve(listener, router(shared)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "status endpoint stopped");
     }

@@ -19,7 +19,7 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Deadline for connecting to the upstream.
 const UPSTREAM_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 /// Copy buffer per direction when terminating TLS.
-const COPY_BUF: usize = 32 * 1024;
+const COPY_BUF: usize = 64 * 1024;
 
 /// Why a stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,18 +56,12 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>)
         }
         Ok((header, upstream)) => match node.shared.config.mode {
             Mode::Passthrough => {
-                let end = edge_net::splice::splice(
-                    upstream,
-                    send,
-                    recv,
-                    codes::STREAM_UPSTREAM_FAILED,
-                    &metrics.bytes,
-                )
-                .await;
+                let end =
+                    edge_net::splice::splice(upstream, send, recv, codes::STREAM_UPSTREAM_FAILED, &metrics.bytes).await;
                 tracing::trace!(?end, sni = %header.sni, "passthrough stream done");
                 Ok(())
             }
-            Mode::Terminate => terminate(send, recv, upstream, &node, &header).await,
+            Mode::Terminate => terminate(tokio::io::join(recv, send), upstream, &node, &header.sni).await,
         },
     };
     metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
@@ -79,20 +73,14 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>)
 
 async fn read_header(recv: &mut RecvStream) -> Result<StreamHeader, StreamError> {
     let mut len = [0u8; 2];
-    recv.read_exact(&mut len)
-        .await
-        .map_err(|e| StreamError::Header(e.to_string()))?;
+    recv.read_exact(&mut len).await.map_err(|e| StreamError::Header(e.to_string()))?;
     let n = usize::from(u16::from_be_bytes(len));
     if n > MAX_STREAM_HEADER {
-        return Err(StreamError::Header(format!(
-            "{n} bytes exceeds {MAX_STREAM_HEADER}"
-        )));
+        return Err(StreamError::Header(format!("{n} bytes exceeds {MAX_STREAM_HEADER}")));
     }
     let mut buf = vec![0u8; 2 + n];
     buf[..2].copy_from_slice(&len);
-    recv.read_exact(&mut buf[2..])
-        .await
-        .map_err(|e| StreamError::Header(e.to_string()))?;
+    recv.read_exact(&mut buf[2..]).await.map_err(|e| StreamError::Header(e.to_string()))?;
     match StreamHeader::decode(&buf) {
         Ok(Some((header, _))) => Ok(header),
         Ok(None) => Err(StreamError::Header("truncated".into())),
@@ -100,15 +88,13 @@ async fn read_header(recv: &mut RecvStream) -> Result<StreamHeader, StreamError>
     }
 }
 
-async fn connect_upstream(
+/// Connects to the upstream, writing a PROXY v2 header first if configured.
+pub async fn connect_upstream(
     addr: &str,
     header: &StreamHeader,
     proxy_protocol: bool,
 ) -> Result<TcpStream, StreamError> {
-    let fail = |error: String| StreamError::Upstream {
-        addr: addr.to_string(),
-        error,
-    };
+    let fail = |error: String| StreamError::Upstream { addr: addr.to_string(), error };
     let mut tcp = tokio::time::timeout(UPSTREAM_CONNECT_DEADLINE, TcpStream::connect(addr))
         .await
         .map_err(|_| fail("connect timed out".into()))?
@@ -116,18 +102,13 @@ async fn connect_upstream(
     let _ = tcp.set_nodelay(true);
     if proxy_protocol {
         let proxy = edge_proto::proxy_v2::encode(header.client, header.local);
-        tcp.write_all(&proxy)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        tcp.write_all(&proxy).await.map_err(|e| fail(e.to_string()))?;
     }
     Ok(tcp)
 }
 
 /// Reads the header, checks ownership, connects the upstream.
-async fn prepare(
-    recv: &mut RecvStream,
-    node: &Node,
-) -> Result<(StreamHeader, TcpStream), (u32, StreamError)> {
+async fn prepare(recv: &mut RecvStream, node: &Node) -> Result<(StreamHeader, TcpStream), (u32, StreamError)> {
     let header = tokio::time::timeout(HANDSHAKE_DEADLINE, read_header(recv))
         .await
         .map_err(|_| StreamError::Header("timed out".into()))
@@ -144,21 +125,39 @@ async fn prepare(
     Ok((header, upstream))
 }
 
-async fn terminate(
-    send: SendStream,
-    recv: RecvStream,
-    mut upstream: TcpStream,
-    node: &Node,
-    header: &StreamHeader,
-) -> Result<(), StreamError> {
+/// A client transport that can be aborted (QUIC reset, TCP RST).
+pub trait Abort {
+    /// Aborts both directions with `code` where the transport carries one.
+    fn abort(self, code: u32);
+}
+
+impl Abort for tokio::io::Join<RecvStream, SendStream> {
+    fn abort(self, code: u32) {
+        let (mut r, mut s) = self.into_inner();
+        let _ = s.reset(VarInt::from_u32(code));
+        let _ = r.stop(VarInt::from_u32(code));
+    }
+}
+
+impl Abort for TcpStream {
+    fn abort(self, _code: u32) {
+        edge_net::splice::reset_tcp(&self);
+    }
+}
+
+/// Terminates the client's TLS on `io` with the node certificate and copies
+/// plaintext to and from `upstream` until both sides finish. Used for
+/// tunnel streams and for direct connections alike.
+pub async fn terminate<IO>(io: IO, mut upstream: TcpStream, node: &Node, sni: &str) -> Result<(), StreamError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
+{
     let acceptor = tokio_rustls::TlsAcceptor::from(node.tls.clone());
-    let accept = acceptor.accept(tokio::io::join(recv, send)).into_fallible();
+    let accept = acceptor.accept(io).into_fallible();
     let mut tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err((e, io))) => {
-            let (mut r, mut s) = io.into_inner();
-            let _ = s.reset(VarInt::from_u32(codes::STREAM_TLS_FAILED));
-            let _ = r.stop(VarInt::from_u32(codes::STREAM_TLS_FAILED));
+            io.abort(codes::STREAM_TLS_FAILED);
             edge_net::splice::reset_tcp(&upstream);
             return Err(StreamError::Tls(e.to_string()));
         }
@@ -167,26 +166,21 @@ async fn terminate(
             return Err(StreamError::Tls("timed out".into()));
         }
     };
-    let copied =
-        tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut upstream, COPY_BUF, COPY_BUF).await;
+    let copied = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut upstream, COPY_BUF, COPY_BUF).await;
     let bytes = &node.shared.metrics.bytes;
     match copied {
         Ok((to_upstream, from_upstream)) => {
             bytes.quic_to_tcp.fetch_add(to_upstream, Ordering::Relaxed);
-            bytes
-                .tcp_to_quic
-                .fetch_add(from_upstream, Ordering::Relaxed);
-            tracing::trace!(sni = %header.sni, to_upstream, from_upstream, "stream done");
+            bytes.tcp_to_quic.fetch_add(from_upstream, Ordering::Relaxed);
+            tracing::trace!(sni, to_upstream, from_upstream, "stream done");
             Ok(())
         }
         Err(e) => {
-            // Abort both ways: reset the QUIC stream, RST the upstream.
+            // Abort both ways: reset the client side, RST the upstream.
             let (io, _) = tls.into_inner();
-            let (mut r, mut s) = io.into_inner();
-            let _ = s.reset(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
-            let _ = r.stop(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
+            io.abort(codes::STREAM_UPSTREAM_FAILED);
             edge_net::splice::reset_tcp(&upstream);
-            tracing::debug!(sni = %header.sni, error = %e, "stream aborted");
+            tracing::debug!(sni, error = %e, "stream aborted");
             Ok(())
         }
     }

@@ -19,9 +19,7 @@ pub struct NodeCertResolver {
 impl NodeCertResolver {
     /// An empty resolver (handshakes fail until a certificate is set).
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            current: RwLock::new(None),
-        })
+        Arc::new(Self { current: RwLock::new(None) })
     }
 
     /// Installs a new certificate.
@@ -31,33 +29,22 @@ impl NodeCertResolver {
 
     /// Whether a certificate is installed.
     pub fn is_ready(&self) -> bool {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 }
 
 impl rustls::server::ResolvesServerCert for NodeCertResolver {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
 /// The TLS server config used to terminate client connections.
-pub fn termination_config(
-    resolver: Arc<NodeCertResolver>,
-    alpn: &[String],
-) -> Arc<rustls::ServerConfig> {
+pub fn termination_config(resolver: Arc<NodeCertResolver>, alpn: &[String]) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .unwrap_or_else(|_| {
-            rustls::ServerConfig::builder_with_protocol_versions(rustls::DEFAULT_VERSIONS)
-        })
+        .unwrap_or_else(|_| rustls::ServerConfig::builder_with_protocol_versions(rustls::DEFAULT_VERSIONS))
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
@@ -66,11 +53,7 @@ pub fn termination_config(
 
 /// Loads the configured node certificate, or creates a local one for
 /// `hostnames` in `<data_dir>/certs`.
-pub fn load_node_cert(
-    config: &AgentConfig,
-    node: &str,
-    hostnames: &[String],
-) -> Result<Arc<CertifiedKey>, AgentError> {
+pub fn load_node_cert(config: &AgentConfig, node: &str, hostnames: &[String]) -> Result<Arc<CertifiedKey>, AgentError> {
     let key = match (&config.cert_file, &config.key_file) {
         (Some(cert), Some(key)) => edge_certs::pem::load_certified_key(cert, key)?,
         _ => {
@@ -98,24 +81,16 @@ pub enum ServerTrust {
 
 impl ServerTrust {
     /// From the config: a CA file wins over the join string's fingerprint.
-    pub fn from_config(
-        ca_file: Option<&Path>,
-        fingerprint: Option<[u8; 32]>,
-    ) -> Result<Self, AgentError> {
+    pub fn from_config(ca_file: Option<&Path>, fingerprint: Option<[u8; 32]>) -> Result<Self, AgentError> {
         if let Some(path) = ca_file {
             let mut roots = rustls::RootCertStore::empty();
             for cert in edge_certs::pem::load_certs(path)? {
-                roots.add(cert).map_err(|e| {
-                    AgentError::Config(format!("server_ca_file {}: {e}", path.display()))
-                })?;
+                roots.add(cert).map_err(|e| AgentError::Config(format!("server_ca_file {}: {e}", path.display())))?;
             }
             return Ok(ServerTrust::Roots(Arc::new(roots)));
         }
-        let fp = fingerprint
-            .ok_or_else(|| AgentError::Config("join string has no fingerprint".into()))?;
-        Ok(ServerTrust::Pinned(edge_net::pinned::PinnedVerifier::new(
-            fp,
-        )))
+        let fp = fingerprint.ok_or_else(|| AgentError::Config("join string has no fingerprint".into()))?;
+        Ok(ServerTrust::Pinned(edge_net::pinned::PinnedVerifier::new(fp)))
     }
 
     /// A client config with this trust and the given ALPN.
@@ -123,17 +98,12 @@ impl ServerTrust {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap_or_else(|_| {
-                rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-            });
+            .unwrap_or_else(|_| rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13]));
         let mut config = match self {
-            ServerTrust::Pinned(verifier) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(verifier.clone())
-                .with_no_client_auth(),
-            ServerTrust::Roots(roots) => builder
-                .with_root_certificates(roots.clone())
-                .with_no_client_auth(),
+            ServerTrust::Pinned(verifier) => {
+                builder.dangerous().with_custom_certificate_verifier(verifier.clone()).with_no_client_auth()
+            }
+            ServerTrust::Roots(roots) => builder.with_root_certificates(roots.clone()).with_no_client_auth(),
         };
         config.alpn_protocols = vec![alpn.to_vec()];
         Arc::new(config)
@@ -157,10 +127,7 @@ impl ServerTrust {
 
 /// The name to put in SNI when dialing `host:port`.
 pub fn server_name(addr: &str) -> String {
-    let host = addr
-        .rsplit_once(':')
-        .map_or(addr, |(h, _)| h)
-        .trim_matches(['[', ']']);
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
     if host.parse::<std::net::IpAddr>().is_ok() {
         "edge-server".to_string()
     } else {

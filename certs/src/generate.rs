@@ -6,9 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-};
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair};
 
 use crate::store::{write_atomic, Sensitivity};
 use crate::CertError;
@@ -25,10 +23,7 @@ pub struct PemPair {
 /// Loads the server identity from `dir`, creating a self-signed one with the
 /// given subject alternative names on first use.
 pub fn server_identity(dir: &Path, names: &[String]) -> Result<PemPair, CertError> {
-    let pair = PemPair {
-        cert: dir.join("server-identity.crt"),
-        key: dir.join("server-identity.key"),
-    };
+    let pair = PemPair { cert: dir.join("server-identity.crt"), key: dir.join("server-identity.key") };
     if pair.cert.exists() && pair.key.exists() {
         return Ok(pair);
     }
@@ -41,11 +36,7 @@ pub fn server_identity(dir: &Path, names: &[String]) -> Result<PemPair, CertErro
     params.distinguished_name = dn("edge-server identity");
     params.not_after = rcgen::date_time_ymd(2100, 1, 1);
     let cert = params.self_signed(&key)?;
-    write_atomic(
-        &pair.key,
-        key.serialize_pem().as_bytes(),
-        Sensitivity::Secret,
-    )?;
+    write_atomic(&pair.key, key.serialize_pem().as_bytes(), Sensitivity::Secret)?;
     write_atomic(&pair.cert, cert.pem().as_bytes(), Sensitivity::Public)?;
     tracing::info!(cert = %pair.cert.display(), "generated self-signed server identity");
     Ok(pair)
@@ -63,26 +54,15 @@ pub struct LocalNodeCert {
 /// Loads the node certificate for `hostnames` from `dir`, issuing a new leaf
 /// from a new local CA when none exists or the names changed. The CA key is
 /// never written: the CA signs this one leaf and is forgotten.
-pub fn local_node_cert(
-    dir: &Path,
-    node: &str,
-    hostnames: &[String],
-) -> Result<LocalNodeCert, CertError> {
+pub fn local_node_cert(dir: &Path, node: &str, hostnames: &[String]) -> Result<LocalNodeCert, CertError> {
     let out = LocalNodeCert {
-        pair: PemPair {
-            cert: dir.join(format!("{node}.crt")),
-            key: dir.join(format!("{node}.key")),
-        },
+        pair: PemPair { cert: dir.join(format!("{node}.crt")), key: dir.join(format!("{node}.key")) },
         ca: dir.join(format!("{node}-local-ca.crt")),
     };
     let names_file = dir.join(format!("{node}.names"));
     let wanted = hostnames.join("\n");
     let current = std::fs::read_to_string(&names_file).ok();
-    if out.pair.cert.exists()
-        && out.pair.key.exists()
-        && out.ca.exists()
-        && current.as_deref() == Some(&wanted)
-    {
+    if out.pair.cert.exists() && out.pair.key.exists() && out.ca.exists() && current.as_deref() == Some(&wanted) {
         return Ok(out);
     }
     let ca_key = KeyPair::generate()?;
@@ -97,16 +77,8 @@ pub fn local_node_cert(
     leaf_params.distinguished_name = dn(hostnames.first().map(String::as_str).unwrap_or(node));
     let leaf = leaf_params.signed_by(&leaf_key, &issuer)?;
 
-    write_atomic(
-        &out.pair.key,
-        leaf_key.serialize_pem().as_bytes(),
-        Sensitivity::Secret,
-    )?;
-    write_atomic(
-        &out.pair.cert,
-        format!("{}{}", leaf.pem(), ca_cert.pem()).as_bytes(),
-        Sensitivity::Public,
-    )?;
+    write_atomic(&out.pair.key, leaf_key.serialize_pem().as_bytes(), Sensitivity::Secret)?;
+    write_atomic(&out.pair.cert, format!("{}{}", leaf.pem(), ca_cert.pem()).as_bytes(), Sensitivity::Public)?;
     write_atomic(&out.ca, ca_cert.pem().as_bytes(), Sensitivity::Public)?;
     write_atomic(&names_file, wanted.as_bytes(), Sensitivity::Public)?;
     tracing::info!(cert = %out.pair.cert.display(), ca = %out.ca.display(), "generated local node certificate");

@@ -28,10 +28,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
 
 /// Builds a rustls signing key from a certificate chain and key file pair,
 /// checking that the key matches the certificate.
-pub fn load_certified_key(
-    cert: &Path,
-    key: &Path,
-) -> Result<rustls::sign::CertifiedKey, CertError> {
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<rustls::sign::CertifiedKey, CertError> {
     let chain = load_certs(cert)?;
     let key_der = load_key(key)?;
     let provider = rustls::crypto::aws_lc_rs::default_provider();
@@ -40,25 +37,16 @@ pub fn load_certified_key(
         .load_private_key(key_der)
         .map_err(|e| pem_error(key, format!("unsupported private key: {e}")))?;
     let certified = rustls::sign::CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(|e| {
-        pem_error(
-            key,
-            format!("key does not match certificate {}: {e}", cert.display()),
-        )
-    })?;
+    certified
+        .keys_match()
+        .map_err(|e| pem_error(key, format!("key does not match certificate {}: {e}", cert.display())))?;
     Ok(certified)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CertError> {
-    std::fs::read(path).map_err(|source| CertError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| CertError::Io { path: path.to_path_buf(), source })
 }
 
 fn pem_error(path: &Path, what: String) -> CertError {
-    CertError::Pem {
-        path: path.to_path_buf(),
-        what,
-    }
+    CertError::Pem { path: path.to_path_buf(), what }
 }

@@ -79,9 +79,7 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rejection::NotTls => f.write_str("not a TLS handshake"),
-            Rejection::NotClientHello => {
-                f.write_str("first handshake message is not a ClientHello")
-            }
+            Rejection::NotClientHello => f.write_str("first handshake message is not a ClientHello"),
             Rejection::NoSni => f.write_str("ClientHello carries no server name (SNI)"),
             Rejection::Malformed(why) => write!(f, "malformed ClientHello: {why}"),
             Rejection::TooLarge => f.write_str("ClientHello exceeds the size cap"),
@@ -120,9 +118,7 @@ fn reassemble(buf: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, Rejection
             return Err(Rejection::NotTls);
         }
         if content_type != CONTENT_TYPE_HANDSHAKE {
-            return Err(Rejection::Malformed(
-                "non-handshake record inside ClientHello",
-            ));
+            return Err(Rejection::Malformed("non-handshake record inside ClientHello"));
         }
         if major != 3 || minor > 4 {
             return Err(Rejection::Malformed("bad record version"));
@@ -140,10 +136,7 @@ fn reassemble(buf: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, Rejection
             if message[0] != HANDSHAKE_CLIENT_HELLO {
                 return Err(Rejection::NotClientHello);
             }
-            let msg_len = 4
-                + (usize::from(message[1]) << 16
-                    | usize::from(message[2]) << 8
-                    | usize::from(message[3]));
+            let msg_len = 4 + (usize::from(message[1]) << 16 | usize::from(message[2]) << 8 | usize::from(message[3]));
             // Bytes on the wire: this message plus at least one record header
             // per 2^14 bytes of it.
             let min_wire = msg_len + RECORD_HEADER_LEN * msg_len.div_ceil(MAX_PLAINTEXT_RECORD);
@@ -176,9 +169,7 @@ fn reassemble(buf: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, Rejection
 
 /// Rejects a partial first record header as early as its bytes allow.
 fn check_prefix(partial: &[u8], first: bool) -> Result<(), Rejection> {
-    let bad_type = partial
-        .first()
-        .is_some_and(|&t| t != CONTENT_TYPE_HANDSHAKE);
+    let bad_type = partial.first().is_some_and(|&t| t != CONTENT_TYPE_HANDSHAKE);
     let bad_major = partial.get(1).is_some_and(|&v| v != 3);
     let bad_minor = partial.get(2).is_some_and(|&v| v > 4);
     match (first, bad_type || bad_major || bad_minor) {
@@ -191,11 +182,7 @@ fn check_prefix(partial: &[u8], first: bool) -> Result<(), Rejection> {
 /// Parses a complete handshake message and extracts the SNI host name.
 fn parse_message(message: &[u8]) -> Parse {
     let hello = match parse_tls_message_handshake(message) {
-        Ok((rest, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello))))
-            if rest.is_empty() =>
-        {
-            hello
-        }
+        Ok(([], TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) => hello,
         Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(_)))) => {
             return Parse::Rejected(Rejection::Malformed("trailing bytes in ClientHello"))
         }
@@ -224,13 +211,10 @@ fn parse_message(message: &[u8]) -> Parse {
 
 fn server_name(data: &[u8]) -> Parse {
     let names = match parse_tls_extension_sni_content(data) {
-        Ok((rest, TlsExtension::SNI(names))) if rest.is_empty() => names,
+        Ok(([], TlsExtension::SNI(names))) => names,
         _ => return Parse::Rejected(Rejection::Malformed("invalid server_name extension")),
     };
-    let Some((_, raw)) = names
-        .into_iter()
-        .find(|(kind, _)| *kind == SNIType::HostName)
-    else {
+    let Some((_, raw)) = names.into_iter().find(|(kind, _)| *kind == SNIType::HostName) else {
         return Parse::Rejected(Rejection::NoSni);
     };
     let Ok(text) = std::str::from_utf8(raw) else {
@@ -317,16 +301,9 @@ mod tests {
     #[test]
     fn finds_sni_in_minimal_hello() {
         let wire = record(&hello_message(&sni_extension(b"A.Example.TEST")));
-        assert_eq!(
-            parse(&wire, DEFAULT_MAX_HELLO_BYTES),
-            Parse::Found("a.example.test".into())
-        );
+        assert_eq!(parse(&wire, DEFAULT_MAX_HELLO_BYTES), Parse::Found("a.example.test".into()));
         for end in 0..wire.len() {
-            assert_eq!(
-                parse(&wire[..end], DEFAULT_MAX_HELLO_BYTES),
-                Parse::Incomplete,
-                "prefix {end}"
-            );
+            assert_eq!(parse(&wire[..end], DEFAULT_MAX_HELLO_BYTES), Parse::Incomplete, "prefix {end}");
         }
     }
 
@@ -340,66 +317,38 @@ mod tests {
         for split in 1..msg.len() {
             let mut wire = record(&msg[..split]);
             wire.extend(record(&msg[split..]));
-            assert_eq!(
-                parse(&wire, DEFAULT_MAX_HELLO_BYTES),
-                Parse::Found("split.example".into()),
-                "split {split}"
-            );
+            assert_eq!(parse(&wire, DEFAULT_MAX_HELLO_BYTES), Parse::Found("split.example".into()), "split {split}");
         }
     }
 
     #[test]
     fn rejections() {
         let cap = DEFAULT_MAX_HELLO_BYTES;
-        assert_eq!(
-            parse(b"GET / HTTP/1.1\r\n", cap),
-            Parse::Rejected(Rejection::NotTls)
-        );
+        assert_eq!(parse(b"GET / HTTP/1.1\r\n", cap), Parse::Rejected(Rejection::NotTls));
         assert_eq!(parse(b"G", cap), Parse::Rejected(Rejection::NotTls));
-        assert_eq!(
-            parse(&[0x16, 0x02], cap),
-            Parse::Rejected(Rejection::NotTls)
-        );
-        assert_eq!(
-            parse(&record(&[0x02, 0, 0, 0]), cap),
-            Parse::Rejected(Rejection::NotClientHello)
-        );
-        assert_eq!(
-            parse(&record(&hello_message(&[])), cap),
-            Parse::Rejected(Rejection::NoSni)
-        );
+        assert_eq!(parse(&[0x16, 0x02], cap), Parse::Rejected(Rejection::NotTls));
+        assert_eq!(parse(&record(&[0x02, 0, 0, 0]), cap), Parse::Rejected(Rejection::NotClientHello));
+        assert_eq!(parse(&record(&hello_message(&[])), cap), Parse::Rejected(Rejection::NoSni));
         assert_eq!(
             parse(&[0x16, 0x03, 0x01, 0x00, 0x00], cap),
             Parse::Rejected(Rejection::Malformed("empty handshake record"))
         );
         // Announces a 1 MiB hello: rejected before it arrives.
-        assert_eq!(
-            parse(&record(&[0x01, 0x10, 0x00, 0x00]), cap),
-            Parse::Rejected(Rejection::TooLarge)
-        );
+        assert_eq!(parse(&record(&[0x01, 0x10, 0x00, 0x00]), cap), Parse::Rejected(Rejection::TooLarge));
         // A valid hello larger than a small cap.
         let wire = record(&hello_message(&sni_extension(b"x.example")));
         assert_eq!(parse(&wire, 40), Parse::Rejected(Rejection::TooLarge));
         // Garbage extension block.
         let bad = record(&hello_message(&[0x00, 0x00, 0xff, 0xff]));
-        assert!(matches!(
-            parse(&bad, cap),
-            Parse::Rejected(Rejection::Malformed(_))
-        ));
+        assert!(matches!(parse(&bad, cap), Parse::Rejected(Rejection::Malformed(_))));
         // Invalid host name bytes.
         let bad = record(&hello_message(&sni_extension(b"a b")));
-        assert!(matches!(
-            parse(&bad, cap),
-            Parse::Rejected(Rejection::Malformed(_))
-        ));
+        assert!(matches!(parse(&bad, cap), Parse::Rejected(Rejection::Malformed(_))));
         // A change-cipher-spec record in the middle of a fragmented hello.
         let msg = hello_message(&sni_extension(b"x.example"));
         let mut wire = record(&msg[..10]);
         wire.extend_from_slice(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x01]);
-        assert!(matches!(
-            parse(&wire, cap),
-            Parse::Rejected(Rejection::Malformed(_))
-        ));
+        assert!(matches!(parse(&wire, cap), Parse::Rejected(Rejection::Malformed(_))));
     }
 
     #[test]

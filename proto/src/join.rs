@@ -77,28 +77,16 @@ impl JoinTicket {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("fp", value)) => {
-                    fingerprint = Some(
-                        parse_fingerprint(value)
-                            .ok_or_else(|| JoinError::Fingerprint(value.into()))?,
-                    )
+                    fingerprint = Some(parse_fingerprint(value).ok_or_else(|| JoinError::Fingerprint(value.into()))?)
                 }
                 Some(("api", value)) => {
                     check_host_port(value)?;
                     api = value.to_string();
                 }
-                _ => {
-                    return Err(JoinError::UnknownParameter(
-                        pair.split('=').next().unwrap_or("").into(),
-                    ))
-                }
+                _ => return Err(JoinError::UnknownParameter(pair.split('=').next().unwrap_or("").into())),
             }
         }
-        Ok(JoinTicket {
-            token: token.to_string(),
-            server: server.to_string(),
-            fingerprint,
-            api,
-        })
+        Ok(JoinTicket { token: token.to_string(), server: server.to_string(), fingerprint, api })
     }
 
     /// The node name carried in the token.
@@ -136,20 +124,14 @@ fn check_host_port(s: &str) -> Result<(), JoinError> {
 
 /// Generates a new node token from 32 random bytes.
 pub fn make_token(node: &str, secret: &[u8; 32]) -> String {
-    format!(
-        "{node}.{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
-    )
+    format!("{node}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret))
 }
 
 /// The node name of a well-formed token (`<node>.<43 base64url chars>`).
 pub fn node_of_token(token: &str) -> Option<&str> {
     let (node, secret) = token.split_once('.')?;
     crate::names::validate_node_name(node).ok()?;
-    let ok = secret.len() == 43
-        && secret
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let ok = secret.len() == 43 && secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     ok.then_some(node)
 }
 
@@ -188,10 +170,7 @@ mod tests {
         let text = ticket.to_string();
         assert_eq!(JoinTicket::parse(&text).unwrap(), ticket);
         assert_eq!(ticket.node(), "n1");
-        assert!(
-            !format!("{ticket:?}").contains(&token),
-            "Debug must not show the token"
-        );
+        assert!(!format!("{ticket:?}").contains(&token), "Debug must not show the token");
         let same_port = format!("edge://{token}@127.0.0.1:4433");
         let parsed = JoinTicket::parse(&same_port).unwrap();
         assert_eq!(parsed.api, "127.0.0.1:4433");
@@ -203,17 +182,8 @@ mod tests {
         let token = make_token("n1", &[1u8; 32]);
         assert_eq!(JoinTicket::parse("http://x"), Err(JoinError::Scheme));
         assert_eq!(JoinTicket::parse("edge://bad@h:1"), Err(JoinError::Token));
-        assert!(matches!(
-            JoinTicket::parse(&format!("edge://{token}@h")),
-            Err(JoinError::Server(_))
-        ));
-        assert!(matches!(
-            JoinTicket::parse(&format!("edge://{token}@h:1?fp=zz")),
-            Err(JoinError::Fingerprint(_))
-        ));
-        assert!(matches!(
-            JoinTicket::parse(&format!("edge://{token}@h:1?x=1")),
-            Err(JoinError::UnknownParameter(_))
-        ));
+        assert!(matches!(JoinTicket::parse(&format!("edge://{token}@h")), Err(JoinError::Server(_))));
+        assert!(matches!(JoinTicket::parse(&format!("edge://{token}@h:1?fp=zz")), Err(JoinError::Fingerprint(_))));
+        assert!(matches!(JoinTicket::parse(&format!("edge://{token}@h:1?x=1")), Err(JoinError::UnknownParameter(_))));
     }
 }

@@ -20,10 +20,7 @@ pub fn normalize_hostname(name: &str) -> Option<String> {
         if label.is_empty() || label.len() > 63 {
             return None;
         }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return None;
         }
     }
@@ -34,17 +31,10 @@ pub fn normalize_hostname(name: &str) -> Option<String> {
 /// not starting or ending with `-`, 1..=63 bytes.
 pub fn validate_node_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
-        return Err(format!(
-            "node name {name:?} must be 1 to 63 characters long"
-        ));
+        return Err(format!("node name {name:?} must be 1 to 63 characters long"));
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err(format!(
-            "node name {name:?} may contain only lowercase letters, digits and '-'"
-        ));
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(format!("node name {name:?} may contain only lowercase letters, digits and '-'"));
     }
     if name.starts_with('-') || name.ends_with('-') {
         return Err(format!("node name {name:?} must not start or end with '-'"));
@@ -73,24 +63,12 @@ mod tests {
 
     #[test]
     fn normalizes_case_and_trailing_dot() {
-        assert_eq!(
-            normalize_hostname("App.N1.Example."),
-            Some("app.n1.example".into())
-        );
+        assert_eq!(normalize_hostname("App.N1.Example."), Some("app.n1.example".into()));
     }
 
     #[test]
     fn rejects_bad_names() {
-        for bad in [
-            "",
-            ".",
-            "a..b",
-            "a b",
-            "a/b",
-            "\u{e9}.x",
-            &"a".repeat(64),
-            &"a.".repeat(128),
-        ] {
+        for bad in ["", ".", "a..b", "a b", "a/b", "\u{e9}.x", &"a".repeat(64), &"a.".repeat(128)] {
             assert_eq!(normalize_hostname(bad), None, "{bad:?}");
         }
     }
@@ -106,10 +84,7 @@ mod tests {
 
     #[test]
     fn hostnames_and_wildcards() {
-        assert_eq!(
-            node_hostnames("n1", "Z.Example."),
-            vec!["n1.z.example", "*.n1.z.example"]
-        );
+        assert_eq!(node_hostnames("n1", "Z.Example."), vec!["n1.z.example", "*.n1.z.example"]);
         assert_eq!(wildcard_parent("app.n1.z"), Some("*.n1.z".into()));
         assert_eq!(wildcard_parent("z"), None);
     }

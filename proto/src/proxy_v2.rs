@@ -95,11 +95,7 @@ pub fn parse(buf: &[u8]) -> Parsed {
         (1, 0x11 | 0x21) => return Parsed::Invalid,
         _ => None,
     };
-    Parsed::Header {
-        client: addrs.map(|a| a.0),
-        local: addrs.map(|a| a.1),
-        len,
-    }
+    Parsed::Header { client: addrs.map(|a| a.0), local: addrs.map(|a| a.1), len }
 }
 
 #[cfg(test)]
@@ -108,23 +104,13 @@ mod tests {
 
     #[test]
     fn v4_and_v6_round_trip_with_prefixes() {
-        for (c, l) in [
-            ("198.51.100.7:40000", "127.0.0.1:443"),
-            ("[2001:db8::7]:40000", "[::1]:443"),
-        ] {
+        for (c, l) in [("198.51.100.7:40000", "127.0.0.1:443"), ("[2001:db8::7]:40000", "[::1]:443")] {
             let (c, l): (SocketAddr, SocketAddr) = (c.parse().unwrap(), l.parse().unwrap());
             let wire = encode(c, l);
             for end in 0..wire.len() {
                 assert_eq!(parse(&wire[..end]), Parsed::Incomplete);
             }
-            assert_eq!(
-                parse(&wire),
-                Parsed::Header {
-                    client: Some(c),
-                    local: Some(l),
-                    len: wire.len()
-                }
-            );
+            assert_eq!(parse(&wire), Parsed::Header { client: Some(c), local: Some(l), len: wire.len() });
         }
     }
 
@@ -132,12 +118,7 @@ mod tests {
     fn mixed_families_map_to_v6() {
         let c: SocketAddr = "198.51.100.7:1".parse().unwrap();
         let l: SocketAddr = "[::1]:443".parse().unwrap();
-        let Parsed::Header {
-            client: Some(got), ..
-        } = parse(&encode(c, l))
-        else {
-            panic!()
-        };
+        let Parsed::Header { client: Some(got), .. } = parse(&encode(c, l)) else { panic!() };
         assert_eq!(got.ip(), IpAddr::V6("::ffff:198.51.100.7".parse().unwrap()));
     }
 

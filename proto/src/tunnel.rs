@@ -165,19 +165,14 @@ impl StreamHeader {
         };
         let len = usize::from(u16::from_be_bytes([a, b]));
         if len > MAX_STREAM_HEADER {
-            return Err(TunnelError::TooLong {
-                len,
-                max: MAX_STREAM_HEADER,
-            });
+            return Err(TunnelError::TooLong { len, max: MAX_STREAM_HEADER });
         }
         let Some(json) = buf.get(2..2 + len) else {
             return Ok(None);
         };
         let header: StreamHeader = serde_json::from_slice(json)?;
         if crate::names::normalize_hostname(&header.sni).as_deref() != Some(header.sni.as_str()) {
-            return Err(TunnelError::Json(serde::de::Error::custom(
-                "sni is not a normalized hostname",
-            )));
+            return Err(TunnelError::Json(serde::de::Error::custom("sni is not a normalized hostname")));
         }
         Ok(Some((header, 2 + len)))
     }
@@ -196,9 +191,7 @@ pub struct ControlCodec<In, Out> {
 
 impl<In, Out> Default for ControlCodec<In, Out> {
     fn default() -> Self {
-        Self {
-            _types: std::marker::PhantomData,
-        }
+        Self { _types: std::marker::PhantomData }
     }
 }
 
@@ -212,10 +205,7 @@ impl<In: serde::de::DeserializeOwned, Out> Decoder for ControlCodec<In, Out> {
         };
         let len = u32::from_be_bytes([a, b, c, d]) as usize;
         if len > MAX_CONTROL_FRAME {
-            return Err(TunnelError::TooLong {
-                len,
-                max: MAX_CONTROL_FRAME,
-            });
+            return Err(TunnelError::TooLong { len, max: MAX_CONTROL_FRAME });
         }
         if src.len() < 4 + len {
             src.reserve(4 + len - src.len());
@@ -233,10 +223,7 @@ impl<In, Out: Serialize> Encoder<Out> for ControlCodec<In, Out> {
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), TunnelError> {
         let json = serde_json::to_vec(&item)?;
         if json.len() > MAX_CONTROL_FRAME {
-            return Err(TunnelError::TooLong {
-                len: json.len(),
-                max: MAX_CONTROL_FRAME,
-            });
+            return Err(TunnelError::TooLong { len: json.len(), max: MAX_CONTROL_FRAME });
         }
         dst.reserve(4 + json.len());
         dst.put_u32(json.len() as u32);
@@ -259,10 +246,7 @@ mod tests {
         let mut wire = header.encode();
         wire.extend_from_slice(b"\x16\x03\x01rest");
         for end in 0..wire.len() - 9 {
-            assert!(
-                StreamHeader::decode(&wire[..end]).unwrap().is_none(),
-                "prefix {end}"
-            );
+            assert!(StreamHeader::decode(&wire[..end]).unwrap().is_none(), "prefix {end}");
         }
         let (decoded, used) = StreamHeader::decode(&wire).unwrap().unwrap();
         assert_eq!(decoded, header);
@@ -296,19 +280,12 @@ mod tests {
             assert!(down.decode(&mut part).unwrap().is_none());
             // The same codec then gets the rest, as from a second read.
             part.extend_from_slice(&full[end..]);
-            assert_eq!(
-                down.decode(&mut part).unwrap(),
-                Some(hello.clone()),
-                "split at {end}"
-            );
+            assert_eq!(down.decode(&mut part).unwrap(), Some(hello.clone()), "split at {end}");
         }
         assert_eq!(down.decode(&mut buf).unwrap(), Some(hello));
 
         let mut huge = BytesMut::from(&[0x7f, 0xff, 0xff, 0xff][..]);
-        assert!(matches!(
-            down.decode(&mut huge),
-            Err(TunnelError::TooLong { .. })
-        ));
+        assert!(matches!(down.decode(&mut huge), Err(TunnelError::TooLong { .. })));
         let mut junk = BytesMut::from(&b"\x00\x00\x00\x02{}"[..]);
         assert!(matches!(down.decode(&mut junk), Err(TunnelError::Json(_))));
     }

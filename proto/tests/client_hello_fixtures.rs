@@ -31,11 +31,7 @@ macro_rules! fixture {
     ($file:literal, $sni:expr, $len:expr) => {
         Fixture {
             name: $file,
-            wire: include_bytes!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/client_hello/",
-                $file
-            )),
+            wire: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/client_hello/", $file)),
             sni: $sni,
             len: $len,
         }
@@ -79,12 +75,7 @@ fn refragment(message: &[u8], size: usize) -> Vec<u8> {
 fn assert_every_prefix_incomplete(label: &str, wire: &[u8], cap: usize) {
     for end in 0..wire.len() {
         let got = parse(&wire[..end], cap);
-        assert_eq!(
-            got,
-            Parse::Incomplete,
-            "{label}: prefix of {end}/{} bytes",
-            wire.len()
-        );
+        assert_eq!(got, Parse::Incomplete, "{label}: prefix of {end}/{} bytes", wire.len());
     }
 }
 
@@ -113,19 +104,12 @@ fn fixtures_match_readme() {
         let msg = handshake_message(f.wire);
         // Sanity: the SNI is really (not) in the bytes.
         if let Some(sni) = f.sni {
-            assert!(
-                msg.windows(sni.len()).any(|w| w == sni.as_bytes()),
-                "{}: SNI bytes not found",
-                f.name
-            );
+            assert!(msg.windows(sni.len()).any(|w| w == sni.as_bytes()), "{}: SNI bytes not found", f.name);
         }
     }
     // chromium.bin carries an X25519MLKEM768 share (group 0x11ec, 1216 bytes).
     let chromium = &fixtures()[3];
-    assert!(chromium
-        .wire
-        .windows(4)
-        .any(|w| w == [0x11, 0xec, 0x04, 0xc0]));
+    assert!(chromium.wire.windows(4).any(|w| w == [0x11, 0xec, 0x04, 0xc0]));
 }
 
 #[test]
@@ -167,11 +151,7 @@ fn refragmented_into_many_records() {
 fn refragmented_byte_at_a_time() {
     for f in fixtures() {
         let wire = refragment(handshake_message(f.wire), 100);
-        feed_byte_at_a_time(
-            &format!("{} in records of 100", f.name),
-            &wire,
-            &f.expected(),
-        );
+        feed_byte_at_a_time(&format!("{} in records of 100", f.name), &wire, &f.expected());
     }
 }
 
@@ -184,12 +164,7 @@ fn size_cap() {
         // Any smaller cap refuses the hello (the handshake header announces
         // its length, so this is known from the first 9 bytes on).
         for cap in [n - 1, n / 2, 100, 9, 1] {
-            assert_eq!(
-                parse(f.wire, cap),
-                Parse::Rejected(Rejection::TooLarge),
-                "{}: cap = {cap}",
-                f.name
-            );
+            assert_eq!(parse(f.wire, cap), Parse::Rejected(Rejection::TooLarge), "{}: cap = {cap}", f.name);
         }
         assert_eq!(
             parse(&f.wire[..9], n - 1),
@@ -209,18 +184,9 @@ fn size_cap_counts_record_headers_of_fragmented_hellos() {
             let n = wire.len();
             let label = format!("{} in records of {size}", f.name);
             assert_eq!(parse(&wire, n), f.expected(), "{label}: cap = {n}");
-            assert_eq!(
-                parse(&wire, n - 1),
-                Parse::Rejected(Rejection::TooLarge),
-                "{label}: cap = {}",
-                n - 1
-            );
+            assert_eq!(parse(&wire, n - 1), Parse::Rejected(Rejection::TooLarge), "{label}: cap = {}", n - 1);
             // What the server does: never hands the parser more than the cap.
-            assert_eq!(
-                parse(&wire[..n - 1], n - 1),
-                Parse::Rejected(Rejection::TooLarge),
-                "{label}: capped buffer"
-            );
+            assert_eq!(parse(&wire[..n - 1], n - 1), Parse::Rejected(Rejection::TooLarge), "{label}: capped buffer");
         }
     }
 }
@@ -239,22 +205,12 @@ fn bytes_after_the_hello_are_ignored() {
         for tail in tails {
             let mut wire = f.wire.to_vec();
             wire.extend_from_slice(tail);
-            assert_eq!(
-                parse(&wire, CAP),
-                f.expected(),
-                "{}: tail {tail:02x?}",
-                f.name
-            );
+            assert_eq!(parse(&wire, CAP), f.expected(), "{}: tail {tail:02x?}", f.name);
         }
         // Also after a re-fragmented hello.
         let mut wire = refragment(handshake_message(f.wire), 100);
         wire.extend_from_slice(tails[0]);
-        assert_eq!(
-            parse(&wire, CAP),
-            f.expected(),
-            "{}: fragmented + CCS",
-            f.name
-        );
+        assert_eq!(parse(&wire, CAP), f.expected(), "{}: fragmented + CCS", f.name);
     }
 }
 
@@ -272,10 +228,7 @@ fn verdict_does_not_depend_on_read_boundaries() {
             wire.extend_from_slice(msg);
             wire.extend(std::iter::repeat_n(0x01, extra));
             let label = format!("{}: record {extra} bytes longer than the hello", f.name);
-            assert!(
-                matches!(parse(&wire, CAP), Parse::Rejected(Rejection::Malformed(_))),
-                "{label}"
-            );
+            assert!(matches!(parse(&wire, CAP), Parse::Rejected(Rejection::Malformed(_))), "{label}");
             for end in 5 + msg.len()..wire.len() {
                 let got = parse(&wire[..end], CAP);
                 assert!(
@@ -381,11 +334,7 @@ mod live_rustls {
         assert_eq!(parse(wire, CAP), expected, "{label}");
         assert_every_prefix_incomplete(label, wire, CAP);
         assert_eq!(parse(wire, wire.len()), expected, "{label}: cap = length");
-        assert_eq!(
-            parse(wire, wire.len() - 1),
-            Parse::Rejected(Rejection::TooLarge),
-            "{label}: cap = length - 1"
-        );
+        assert_eq!(parse(wire, wire.len() - 1), Parse::Rejected(Rejection::TooLarge), "{label}: cap = length - 1");
         let msg = handshake_message(wire);
         for size in [7, 512] {
             let fragmented = refragment(msg, size);
@@ -408,10 +357,7 @@ mod live_rustls {
     }
 
     fn x25519_only() -> CryptoProvider {
-        CryptoProvider {
-            kx_groups: vec![aws_lc_rs::kx_group::X25519],
-            ..aws_lc_rs::default_provider()
-        }
+        CryptoProvider { kx_groups: vec![aws_lc_rs::kx_group::X25519], ..aws_lc_rs::default_provider() }
     }
 
     #[test]
@@ -425,15 +371,9 @@ mod live_rustls {
         // builds rustls with default features off).
         let pq_preferred = groups.first() == Some(&NamedGroup::X25519MLKEM768);
         let wire = client_hello(provider, &[]);
-        eprintln!(
-            "default aws_lc_rs kx_groups {groups:?}: hello of {} bytes",
-            wire.len()
-        );
+        eprintln!("default aws_lc_rs kx_groups {groups:?}: hello of {} bytes", wire.len());
         assert!(groups.contains(&NamedGroup::X25519));
-        assert_eq!(
-            offers_key_share(&wire, NamedGroup::X25519MLKEM768),
-            pq_preferred
-        );
+        assert_eq!(offers_key_share(&wire, NamedGroup::X25519MLKEM768), pq_preferred);
         if pq_preferred {
             assert!(wire.len() > 1100, "PQ hello of {} bytes", wire.len());
         } else {
@@ -446,12 +386,8 @@ mod live_rustls {
     fn post_quantum_preferred() {
         // Whatever the build's feature set, put X25519MLKEM768 first.
         let mut provider = aws_lc_rs::default_provider();
-        provider
-            .kx_groups
-            .retain(|g| g.name() != NamedGroup::X25519MLKEM768);
-        provider
-            .kx_groups
-            .insert(0, aws_lc_rs::kx_group::X25519MLKEM768);
+        provider.kx_groups.retain(|g| g.name() != NamedGroup::X25519MLKEM768);
+        provider.kx_groups.insert(0, aws_lc_rs::kx_group::X25519MLKEM768);
         let wire = client_hello(provider, &[]);
         assert!(offers_key_share(&wire, NamedGroup::X25519MLKEM768));
         assert!(wire.len() > 1100, "PQ hello of {} bytes", wire.len());

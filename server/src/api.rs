@@ -89,12 +89,7 @@ pub async fn serve(
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -133,11 +128,7 @@ async fn heartbeat(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
     };
-    if body.status.len() > 64
-        || body.version.len() > 64
-        || body.capabilities.len() > 64
-        || body.counters.len() > 64
-    {
+    if body.status.len() > 64 || body.version.len() > 64 || body.capabilities.len() > 64 || body.counters.len() > 64 {
         return error(StatusCode::BAD_REQUEST, "heartbeat fields too long");
     }
     {
@@ -191,12 +182,7 @@ async fn nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respons
     if !ok {
         return error(StatusCode::UNAUTHORIZED, "admin token required");
     }
-    let views: Vec<NodeView> = shared
-        .registry
-        .nodes()
-        .iter()
-        .map(|n| shared.node_view(n))
-        .collect();
+    let views: Vec<NodeView> = shared.registry.nodes().iter().map(|n| shared.node_view(n)).collect();
     Json(views).into_response()
 }
 

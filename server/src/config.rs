@@ -167,10 +167,7 @@ pub enum ConfigError {
 impl ServerConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         let mut config = Self::parse(&text, &path.display().to_string())?;
         // A relative data_dir is relative to the config file, not the cwd.
         if config.data_dir.is_relative() {
@@ -187,19 +184,14 @@ impl ServerConfig {
             origin: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config.validate().map_err(|message| ConfigError::Invalid {
-            origin: origin.to_string(),
-            message,
-        })?;
+        config.validate().map_err(|message| ConfigError::Invalid { origin: origin.to_string(), message })?;
         Ok(config)
     }
 
     /// Checks values that serde cannot.
     pub fn validate(&self) -> Result<(), String> {
         let zone = self.zone.trim_end_matches('.');
-        if edge_proto::names::normalize_hostname(zone).as_deref() != Some(zone)
-            || !zone.contains('.')
-        {
+        if edge_proto::names::normalize_hostname(zone).as_deref() != Some(zone) || !zone.contains('.') {
             return Err(format!(
                 "zone = {:?} must be a lowercase DNS name with at least two labels (e.g. \"edge.example.com\")",
                 self.zone
@@ -208,26 +200,18 @@ impl ServerConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err("data_dir must not be empty".into());
         }
-        for (field, value) in [
-            ("public.quic", &self.public.quic),
-            ("public.api", &self.public.api),
-        ] {
+        for (field, value) in [("public.quic", &self.public.quic), ("public.api", &self.public.api)] {
             if let Some(v) = value {
-                let ok = v
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+                let ok =
+                    v.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
                 if !ok {
                     return Err(format!("{field} = {v:?} must be host:port"));
                 }
             }
         }
         match (&self.identity.cert_file, &self.identity.key_file) {
-            (Some(_), None) => {
-                return Err("identity.key_file must be set when identity.cert_file is".into())
-            }
-            (None, Some(_)) => {
-                return Err("identity.cert_file must be set when identity.key_file is".into())
-            }
+            (Some(_), None) => return Err("identity.key_file must be set when identity.cert_file is".into()),
+            (None, Some(_)) => return Err("identity.cert_file must be set when identity.key_file is".into()),
             _ => {}
         }
         if let Some(token) = &self.admin_token {
@@ -249,10 +233,7 @@ impl ServerConfig {
             ));
         }
         if l.drain_timeout_secs > 3600 {
-            return Err(format!(
-                "limits.drain_timeout_secs = {} must be at most 3600",
-                l.drain_timeout_secs
-            ));
+            return Err(format!("limits.drain_timeout_secs = {} must be at most 3600", l.drain_timeout_secs));
         }
         if !(100..=60_000).contains(&l.open_stream_timeout_ms) {
             return Err(format!(
@@ -293,29 +274,15 @@ mod tests {
         let cases = [
             ("zone = \"Bad Zone\"\ndata_dir = \"x\"", "zone"),
             (&format!("{MINIMAL}bogus = 1"), "bogus"),
-            (
-                &format!("{MINIMAL}[limits]\nclient_hello_max_bytes = 1"),
-                "limits.client_hello_max_bytes",
-            ),
-            (
-                &format!("{MINIMAL}[tunnel]\nkeep_alive_secs = 60"),
-                "tunnel.keep_alive_secs",
-            ),
+            (&format!("{MINIMAL}[limits]\nclient_hello_max_bytes = 1"), "limits.client_hello_max_bytes"),
+            (&format!("{MINIMAL}[tunnel]\nkeep_alive_secs = 60"), "tunnel.keep_alive_secs"),
             (&format!("{MINIMAL}[listen]\ntls = \"nope\""), "tls"),
-            (
-                &format!("{MINIMAL}[public]\nquic = \"host\""),
-                "public.quic",
-            ),
+            (&format!("{MINIMAL}[public]\nquic = \"host\""), "public.quic"),
             (&format!("{MINIMAL}admin_token = \"short\""), "admin_token"),
         ];
         for (text, field) in cases {
-            let err = ServerConfig::parse(text, "server.toml")
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains(field) && err.starts_with("server.toml"),
-                "{err:?} should name {field}"
-            );
+            let err = ServerConfig::parse(text, "server.toml").unwrap_err().to_string();
+            assert!(err.contains(field) && err.starts_with("server.toml"), "{err:?} should name {field}");
         }
     }
 
@@ -329,11 +296,7 @@ mod tests {
 
     #[test]
     fn debug_masks_admin_token() {
-        let c = ServerConfig::parse(
-            &format!("{MINIMAL}admin_token = \"super-secret-admin-token\""),
-            "t",
-        )
-        .unwrap();
+        let c = ServerConfig::parse(&format!("{MINIMAL}admin_token = \"super-secret-admin-token\""), "t").unwrap();
         assert!(!format!("{c:?}").contains("super-secret"));
     }
 }

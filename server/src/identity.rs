@@ -25,13 +25,7 @@ pub fn load_or_create(config: &ServerConfig) -> Result<Identity, ServerError> {
         (Some(cert), Some(key)) => (cert.clone(), key.clone()),
         _ => {
             let mut names = vec!["edge-server".to_string()];
-            if let Some(host) = config
-                .public
-                .quic
-                .as_deref()
-                .and_then(|a| a.rsplit_once(':'))
-                .map(|(h, _)| h)
-            {
+            if let Some(host) = config.public.quic.as_deref().and_then(|a| a.rsplit_once(':')).map(|(h, _)| h) {
                 names.push(host.trim_matches(['[', ']']).to_string());
             }
             let pair = edge_certs::generate::server_identity(&config.data_dir, &names)?;
@@ -39,17 +33,8 @@ pub fn load_or_create(config: &ServerConfig) -> Result<Identity, ServerError> {
         }
     };
     let certified = edge_certs::pem::load_certified_key(&cert, &key)?;
-    let fingerprint = edge_certs::fingerprint(
-        certified
-            .cert
-            .first()
-            .map(|c| c.as_ref())
-            .unwrap_or_default(),
-    );
-    Ok(Identity {
-        key: Arc::new(certified),
-        fingerprint,
-    })
+    let fingerprint = edge_certs::fingerprint(certified.cert.first().map(|c| c.as_ref()).unwrap_or_default());
+    Ok(Identity { key: Arc::new(certified), fingerprint })
 }
 
 /// The admin token: from the config, else from `<data_dir>/admin.token`,
@@ -106,8 +91,5 @@ pub fn quic_server_config(
 
 /// TLS acceptor for the signal API.
 pub fn api_acceptor(identity: &Identity) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(
-        identity,
-        b"http/1.1",
-    )?)))
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(identity, b"http/1.1")?)))
 }

@@ -33,12 +33,7 @@ impl Drop for GaugeGuard<'_> {
 }
 
 /// Accepts client connections until `shutdown`; each runs on `tracker`.
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -46,10 +41,7 @@ pub async fn serve(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                shared
-                    .metrics
-                    .connections_accepted
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 tracker.spawn(async move { handle(tcp, peer, shared).await });
             }
@@ -66,9 +58,7 @@ pub async fn serve(
 async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _open = GaugeGuard::new(&shared.metrics.connections_open);
     let _ = tcp.set_nodelay(true);
-    let local = tcp
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let local = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let limits = &shared.config.limits;
     let mut hello = Vec::with_capacity(2048);
     let read = tokio::time::timeout(
@@ -109,11 +99,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         send_alert(&mut tcp, AlertDescription::InternalError).await;
         return;
     };
-    let open = tokio::time::timeout(
-        Duration::from_millis(limits.open_stream_timeout_ms),
-        tunnel.conn.open_bi(),
-    )
-    .await;
+    let open = tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), tunnel.conn.open_bi()).await;
     let (mut send, recv) = match open {
         Ok(Ok(streams)) => streams,
         other => {
@@ -126,32 +112,17 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _active = GaugeGuard::new(&node.metrics.active);
     node.metrics.total.fetch_add(1, Ordering::Relaxed);
 
-    let mut first = StreamHeader {
-        client: peer,
-        local,
-        sni,
-    }
-    .encode();
+    let mut first = StreamHeader { client: peer, local, sni }.encode();
     first.extend_from_slice(&hello);
     if send.write_all(&first).await.is_err() {
         shared.metrics.reject("tunnel_failed");
         edge_net::splice::reset_tcp(&tcp);
         return;
     }
-    node.metrics
-        .bytes
-        .tcp_to_quic
-        .fetch_add(hello.len() as u64, Ordering::Relaxed);
+    node.metrics.bytes.tcp_to_quic.fetch_add(hello.len() as u64, Ordering::Relaxed);
     drop(hello);
     drop(first);
-    let end = edge_net::splice::splice(
-        tcp,
-        send,
-        recv,
-        codes::STREAM_CLIENT_ABORTED,
-        &node.metrics.bytes,
-    )
-    .await;
+    let end = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes).await;
     tracing::trace!(%peer, node = %node.name, ?end, "connection finished");
 }
 

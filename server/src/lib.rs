@@ -80,10 +80,7 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// State shared by all tasks of one server.
@@ -129,10 +126,7 @@ impl Shared {
             }
             Err(_) => return None,
         };
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(
-            &record.token_hash[..],
-            &hash[..],
-        )) {
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&record.token_hash[..], &hash[..])) {
             return None;
         }
         if let Err(e) = self.reload().await {
@@ -172,11 +166,7 @@ impl Shared {
     /// The live view of a node, for the API and the store.
     pub fn node_view(&self, node: &NodeHandle) -> api::NodeView {
         use std::sync::atomic::Ordering::Relaxed;
-        let status = node
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let status = node.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let tunnels = node.tunnel_count();
         api::NodeView {
             name: node.name.clone(),
@@ -237,18 +227,12 @@ impl Server {
         let tls = bind_tcp("tls", config.listen.tls).await?;
         let api = bind_tcp("api", config.listen.api).await?;
         let socket = edge_net::quic::udp_socket(config.listen.quic, config.tunnel.udp_buffer_bytes)
-            .map_err(|source| ServerError::Bind {
-                what: "quic",
-                addr: config.listen.quic,
-                source,
-            })?;
+            .map_err(|source| ServerError::Bind { what: "quic", addr: config.listen.quic, source })?;
         let server_config = identity::quic_server_config(&identity, &config.tunnel)?;
-        let endpoint = edge_net::quic::endpoint(socket, Some(server_config)).map_err(|source| {
-            ServerError::Bind {
-                what: "quic",
-                addr: config.listen.quic,
-                source,
-            }
+        let endpoint = edge_net::quic::endpoint(socket, Some(server_config)).map_err(|source| ServerError::Bind {
+            what: "quic",
+            addr: config.listen.quic,
+            source,
         })?;
         let api_tls = identity::api_acceptor(&identity)?;
         let local = |l: &TcpListener, a| l.local_addr().unwrap_or(a);
@@ -265,28 +249,17 @@ impl Server {
             admin_token_hash,
         });
         shared.reload().await?;
-        Ok(BoundServer {
-            shared,
-            tls,
-            api,
-            endpoint,
-            api_tls,
-            addrs,
-        })
+        Ok(BoundServer { shared, tls, api, endpoint, api_tls, addrs })
     }
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind { what, addr, source })
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what, addr, source })
 }
 
 impl std::fmt::Debug for BoundServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BoundServer")
-            .field("addrs", &self.addrs)
-            .finish_non_exhaustive()
+        f.debug_struct("BoundServer").field("addrs", &self.addrs).finish_non_exhaustive()
     }
 }
 
@@ -300,21 +273,11 @@ impl BoundServer {
     /// lets client connections finish up to the drain timeout, then closes
     /// the tunnels.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let BoundServer {
-            shared,
-            tls,
-            api,
-            endpoint,
-            api_tls,
-            addrs,
-        } = self;
+        let BoundServer { shared, tls, api, endpoint, api_tls, addrs } = self;
         let path = listening_file(&shared.config.data_dir);
         let json = serde_json::to_vec_pretty(&addrs).unwrap_or_default();
         edge_certs::store::write_atomic(&path, &json, edge_certs::store::Sensitivity::Public)
-            .map_err(|e| ServerError::Io {
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            .map_err(|e| ServerError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
         tracing::info!(tls = %addrs.tls, quic = %addrs.quic, api = %addrs.api, zone = shared.config.zone(), "edge-server listening");
 
         let clients = TaskTracker::new();
@@ -322,19 +285,8 @@ impl BoundServer {
         let background = TaskTracker::new();
         let close_tunnels = CancellationToken::new();
 
-        background.spawn(ingress::serve(
-            tls,
-            shared.clone(),
-            shutdown.clone(),
-            clients.clone(),
-        ));
-        background.spawn(api::serve(
-            api,
-            api_tls,
-            api::router(shared.clone()),
-            shutdown.clone(),
-            clients.clone(),
-        ));
+        background.spawn(ingress::serve(tls, shared.clone(), shutdown.clone(), clients.clone()));
+        background.spawn(api::serve(api, api_tls, api::router(shared.clone()), shutdown.clone(), clients.clone()));
         background.spawn(tunnel::serve(
             endpoint.clone(),
             shared.clone(),
@@ -348,25 +300,15 @@ impl BoundServer {
         shutdown.cancelled().await;
         let drain = Duration::from_secs(shared.config.limits.drain_timeout_secs);
         let open = clients.len();
-        tracing::info!(
-            open_connections = open,
-            drain_secs = drain.as_secs(),
-            "shutting down: draining connections"
-        );
+        tracing::info!(open_connections = open, drain_secs = drain.as_secs(), "shutting down: draining connections");
         clients.close();
         if tokio::time::timeout(drain, clients.wait()).await.is_err() {
-            tracing::warn!(
-                remaining = clients.len(),
-                "drain timeout passed; closing remaining connections"
-            );
+            tracing::warn!(remaining = clients.len(), "drain timeout passed; closing remaining connections");
         }
         close_tunnels.cancel();
         agents.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), agents.wait()).await;
-        endpoint.close(
-            quinn::VarInt::from_u32(edge_proto::tunnel::codes::CLOSE_SHUTDOWN),
-            b"server shutting down",
-        );
+        endpoint.close(quinn::VarInt::from_u32(edge_proto::tunnel::codes::CLOSE_SHUTDOWN), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
         let _ = std::fs::remove_file(&path);
@@ -399,7 +341,7 @@ async fn watch_store(shared: Arc<Shared>, shutdown: CancellationToken) {
             Ok(Err(e)) => tracing::error!(error = %e, "reading store revision failed"),
             _ => {}
         }
-        if ticks % 5 == 0 {
+        if ticks.is_multiple_of(5) {
             for node in shared.registry.nodes() {
                 shared.persist_status(&node).await;
             }

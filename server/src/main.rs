@@ -22,13 +22,7 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "edge-server", version, verbatim_doc_comment)]
 struct Cli {
     /// Config file (TOML). See examples/server.toml for every field.
-    #[arg(
-        short,
-        long,
-        env = "EDGE_SERVER_CONFIG",
-        default_value = "/etc/edge/server.toml",
-        global = true
-    )]
+    #[arg(short, long, env = "EDGE_SERVER_CONFIG", default_value = "/etc/edge/server.toml", global = true)]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -168,15 +162,11 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
-                    "{:<20} {:<10} {:<22} {:>6}  HOSTNAMES",
-                    "NAME", "CONNECTED", "LAST HEARTBEAT", "CONNS"
-                );
+                println!("{:<20} {:<10} {:<22} {:>6}  HOSTNAMES", "NAME", "CONNECTED", "LAST HEARTBEAT", "CONNS");
                 let now = edge_server::unix_now();
                 for n in &nodes {
-                    let hb = n.status.last_heartbeat.map_or("never".to_string(), |t| {
-                        format!("{}s ago", (now - t).max(0))
-                    });
+                    let hb =
+                        n.status.last_heartbeat.map_or("never".to_string(), |t| format!("{}s ago", (now - t).max(0)));
                     let connected = if n.status.connected { "yes" } else { "no" };
                     println!(
                         "{:<20} {:<10} {:<22} {:>6}  {}",
@@ -195,17 +185,10 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
 
 /// The join string for `token`: public addresses from the config, else
 /// those a running server recorded, else the listen addresses.
-fn join_ticket(
-    config: &ServerConfig,
-    config_path: &std::path::Path,
-    token: String,
-) -> Result<JoinTicket> {
-    let running: Option<BoundAddrs> = std::fs::read(listening_file(&config.data_dir))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let usable = |a: std::net::SocketAddr| {
-        (!a.ip().is_unspecified() && a.port() != 0).then(|| a.to_string())
-    };
+fn join_ticket(config: &ServerConfig, config_path: &std::path::Path, token: String) -> Result<JoinTicket> {
+    let running: Option<BoundAddrs> =
+        std::fs::read(listening_file(&config.data_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let usable = |a: std::net::SocketAddr| (!a.ip().is_unspecified() && a.port() != 0).then(|| a.to_string());
     let server = config
         .public
         .quic
@@ -227,10 +210,5 @@ fn join_ticket(
         .or_else(|| usable(config.listen.api))
         .unwrap_or_else(|| server.clone());
     let identity = edge_server::identity::load_or_create(config)?;
-    Ok(JoinTicket {
-        token,
-        server,
-        fingerprint: Some(identity.fingerprint),
-        api,
-    })
+    Ok(JoinTicket { token, server, fingerprint: Some(identity.fingerprint), api })
 }

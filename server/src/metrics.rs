@@ -45,100 +45,52 @@ impl Metrics {
     pub fn render(&self, registry: &Registry) -> String {
         let mut out = String::with_capacity(4096);
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP edge_connections_accepted_total TCP connections accepted on the TLS listener."
-        );
+        let _ = writeln!(out, "# HELP edge_connections_accepted_total TCP connections accepted on the TLS listener.");
         let _ = writeln!(out, "# TYPE edge_connections_accepted_total counter");
-        let _ = writeln!(
-            out,
-            "edge_connections_accepted_total {}",
-            g(&self.connections_accepted)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP edge_connections_open Client connections open, any stage."
-        );
+        let _ = writeln!(out, "edge_connections_accepted_total {}", g(&self.connections_accepted));
+        let _ = writeln!(out, "# HELP edge_connections_open Client connections open, any stage.");
         let _ = writeln!(out, "# TYPE edge_connections_open gauge");
         let _ = writeln!(out, "edge_connections_open {}", g(&self.connections_open));
-        let _ = writeln!(
-            out,
-            "# HELP edge_sni_rejections_total Client connections refused, by reason."
-        );
+        let _ = writeln!(out, "# HELP edge_sni_rejections_total Client connections refused, by reason.");
         let _ = writeln!(out, "# TYPE edge_sni_rejections_total counter");
         for (reason, count) in REJECTION_REASONS.iter().zip(&self.rejections) {
-            let _ = writeln!(
-                out,
-                "edge_sni_rejections_total{{reason=\"{reason}\"}} {}",
-                g(count)
-            );
+            let _ = writeln!(out, "edge_sni_rejections_total{{reason=\"{reason}\"}} {}", g(count));
         }
-        let _ = writeln!(
-            out,
-            "# HELP edge_agent_auth_failures_total Agent authentications refused."
-        );
+        let _ = writeln!(out, "# HELP edge_agent_auth_failures_total Agent authentications refused.");
         let _ = writeln!(out, "# TYPE edge_agent_auth_failures_total counter");
-        let _ = writeln!(
-            out,
-            "edge_agent_auth_failures_total {}",
-            g(&self.auth_failures)
-        );
+        let _ = writeln!(out, "edge_agent_auth_failures_total {}", g(&self.auth_failures));
 
         let nodes = registry.nodes();
         let connected = nodes.iter().map(|n| n.tunnel_count()).sum::<usize>();
-        let _ = writeln!(
-            out,
-            "# HELP edge_tunnels_connected Agent QUIC tunnels currently up."
-        );
+        let _ = writeln!(out, "# HELP edge_tunnels_connected Agent QUIC tunnels currently up.");
         let _ = writeln!(out, "# TYPE edge_tunnels_connected gauge");
         let _ = writeln!(out, "edge_tunnels_connected {connected}");
-        let series: [(&str, &str, &str, fn(&crate::registry::NodeMetrics) -> u64); 4] = [
-            (
-                "edge_node_connections_active",
-                "gauge",
-                "Client connections spliced to the node now.",
-                |m| m.active.load(Ordering::Relaxed),
-            ),
-            (
-                "edge_node_connections_total",
-                "counter",
-                "Client connections routed to the node.",
-                |m| m.total.load(Ordering::Relaxed),
-            ),
-            (
-                "edge_node_bytes_to_node_total",
-                "counter",
-                "Bytes from clients to the node.",
-                |m| m.bytes.tcp_to_quic.load(Ordering::Relaxed),
-            ),
-            (
-                "edge_node_bytes_from_node_total",
-                "counter",
-                "Bytes from the node to clients.",
-                |m| m.bytes.quic_to_tcp.load(Ordering::Relaxed),
-            ),
+        type Getter = fn(&crate::registry::NodeMetrics) -> u64;
+        let series: [(&str, &str, &str, Getter); 4] = [
+            ("edge_node_connections_active", "gauge", "Client connections spliced to the node now.", |m| {
+                m.active.load(Ordering::Relaxed)
+            }),
+            ("edge_node_connections_total", "counter", "Client connections routed to the node.", |m| {
+                m.total.load(Ordering::Relaxed)
+            }),
+            ("edge_node_bytes_to_node_total", "counter", "Bytes from clients to the node.", |m| {
+                m.bytes.tcp_to_quic.load(Ordering::Relaxed)
+            }),
+            ("edge_node_bytes_from_node_total", "counter", "Bytes from the node to clients.", |m| {
+                m.bytes.quic_to_tcp.load(Ordering::Relaxed)
+            }),
         ];
         for (name, kind, help, get) in series {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
             for node in &nodes {
-                let _ = writeln!(
-                    out,
-                    "{name}{{node=\"{}\"}} {}",
-                    node.name,
-                    get(&node.metrics)
-                );
+                let _ = writeln!(out, "{name}{{node=\"{}\"}} {}", node.name, get(&node.metrics));
             }
         }
         let _ = writeln!(out, "# HELP edge_node_tunnels Live tunnels per node.");
         let _ = writeln!(out, "# TYPE edge_node_tunnels gauge");
         for node in &nodes {
-            let _ = writeln!(
-                out,
-                "edge_node_tunnels{{node=\"{}\"}} {}",
-                node.name,
-                node.tunnel_count()
-            );
+            let _ = writeln!(out, "edge_node_tunnels{{node=\"{}\"}} {}", node.name, node.tunnel_count());
         }
         out
     }

@@ -85,11 +85,7 @@ impl NodeHandle {
     /// idle timeout has noticed that it is dead.
     pub fn pick_tunnel(&self) -> Option<Tunnel> {
         let tunnels = lock(&self.tunnels);
-        tunnels
-            .iter()
-            .rev()
-            .find(|t| t.conn.close_reason().is_none())
-            .cloned()
+        tunnels.iter().rev().find(|t| t.conn.close_reason().is_none()).cloned()
     }
 
     /// Adds a tunnel.
@@ -106,17 +102,13 @@ impl NodeHandle {
 
     /// Number of live tunnels.
     pub fn tunnel_count(&self) -> usize {
-        lock(&self.tunnels)
-            .iter()
-            .filter(|t| t.conn.close_reason().is_none())
-            .count()
+        lock(&self.tunnels).iter().filter(|t| t.conn.close_reason().is_none()).count()
     }
 
     /// Closes every tunnel with `code`.
     pub fn close_tunnels(&self, code: u32, reason: &str) {
         for t in lock(&self.tunnels).drain(..) {
-            t.conn
-                .close(quinn::VarInt::from_u32(code), reason.as_bytes());
+            t.conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
         }
     }
 }
@@ -152,12 +144,7 @@ impl Registry {
 
     /// A node by name.
     pub fn node(&self, name: &str) -> Option<Arc<NodeHandle>> {
-        self.tables
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .nodes
-            .get(name)
-            .cloned()
+        self.tables.read().unwrap_or_else(|p| p.into_inner()).nodes.get(name).cloned()
     }
 
     /// All nodes, by name.
@@ -187,10 +174,7 @@ impl Registry {
                         if *hash != record.token_hash {
                             *hash = record.token_hash;
                             // Tunnels opened with the old token are cut.
-                            existing.close_tunnels(
-                                edge_proto::tunnel::codes::CLOSE_AUTH_FAILED,
-                                "token rotated",
-                            );
+                            existing.close_tunnels(edge_proto::tunnel::codes::CLOSE_AUTH_FAILED, "token rotated");
                         }
                         drop(hash);
                         existing
@@ -214,10 +198,7 @@ impl Registry {
         }
         for node in removed {
             tracing::info!(node = %node.name, "node removed; closing its tunnels");
-            node.close_tunnels(
-                edge_proto::tunnel::codes::CLOSE_NODE_REMOVED,
-                "node removed",
-            );
+            node.close_tunnels(edge_proto::tunnel::codes::CLOSE_NODE_REMOVED, "node removed");
         }
     }
 }
@@ -244,10 +225,7 @@ mod tests {
         assert_eq!(reg.route("n1.z.test").unwrap().name, "n1");
         assert_eq!(reg.route("app.n1.z.test").unwrap().name, "n1");
         assert_eq!(reg.route("app.n2.z.test").unwrap().name, "n2");
-        assert!(
-            reg.route("a.b.n1.z.test").is_none(),
-            "wildcard covers one label"
-        );
+        assert!(reg.route("a.b.n1.z.test").is_none(), "wildcard covers one label");
         assert!(reg.route("z.test").is_none());
         assert!(reg.route("n3.z.test").is_none());
         assert!(reg.route("n1.z.test.evil").is_none());
@@ -260,10 +238,7 @@ mod tests {
         let n1 = reg.node("n1").unwrap();
         assert!(n1.token_matches(&[1; 32]));
         reg.reload(&[record("n1", 9)]);
-        assert!(
-            Arc::ptr_eq(&n1, &reg.node("n1").unwrap()),
-            "handle kept across reloads"
-        );
+        assert!(Arc::ptr_eq(&n1, &reg.node("n1").unwrap()), "handle kept across reloads");
         assert!(n1.token_matches(&[9; 32]) && !n1.token_matches(&[1; 32]));
         assert!(reg.route("n2.z.test").is_none());
         assert_eq!(reg.nodes().len(), 1);

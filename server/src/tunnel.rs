@@ -65,10 +65,7 @@ enum SessionError {
 async fn step<T, E: Into<SessionError>>(
     fut: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, SessionError> {
-    tokio::time::timeout(HANDSHAKE_STEP, fut)
-        .await
-        .map_err(|_| SessionError::Timeout)?
-        .map_err(Into::into)
+    tokio::time::timeout(HANDSHAKE_STEP, fut).await.map_err(|_| SessionError::Timeout)?.map_err(Into::into)
 }
 
 async fn session(
@@ -84,12 +81,7 @@ async fn session(
 
     let first = tokio::time::timeout(HANDSHAKE_STEP, reader.next()).await;
     let (protocol, token, agent_version) = match first {
-        Ok(Some(Ok(AgentMessage::Hello {
-            protocol,
-            token,
-            agent_version,
-            ..
-        }))) => (protocol, token, agent_version),
+        Ok(Some(Ok(AgentMessage::Hello { protocol, token, agent_version, .. }))) => (protocol, token, agent_version),
         Ok(Some(Ok(_))) => {
             return Err(close_with(
                 &conn,
@@ -105,51 +97,20 @@ async fn session(
                 SessionError::Protocol("control stream closed before hello"),
             ))
         }
-        Err(_) => {
-            return Err(close_with(
-                &conn,
-                codes::CLOSE_PROTOCOL_ERROR,
-                SessionError::Timeout,
-            ))
-        }
+        Err(_) => return Err(close_with(&conn, codes::CLOSE_PROTOCOL_ERROR, SessionError::Timeout)),
     };
     if protocol != PROTOCOL_VERSION {
-        let reason = format!(
-            "unsupported protocol version {protocol}; this server speaks {PROTOCOL_VERSION}"
-        );
-        let _ = writer
-            .send(ServerMessage::Rejected {
-                code: codes::CLOSE_VERSION_MISMATCH,
-                reason,
-            })
-            .await;
-        return Err(close_with(
-            &conn,
-            codes::CLOSE_VERSION_MISMATCH,
-            SessionError::Version(protocol),
-        ));
+        let reason = format!("unsupported protocol version {protocol}; this server speaks {PROTOCOL_VERSION}");
+        let _ = writer.send(ServerMessage::Rejected { code: codes::CLOSE_VERSION_MISMATCH, reason }).await;
+        return Err(close_with(&conn, codes::CLOSE_VERSION_MISMATCH, SessionError::Version(protocol)));
     }
     let Some(node) = shared.authenticate(&token).await else {
-        shared
-            .metrics
-            .auth_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let node = edge_proto::join::node_of_token(&token)
-            .unwrap_or("?")
-            .to_string();
+        shared.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let node = edge_proto::join::node_of_token(&token).unwrap_or("?").to_string();
         tracing::warn!(%remote, %node, "agent authentication failed");
         let reason = "invalid node token (unknown node, removed node or wrong token)".to_string();
-        let _ = writer
-            .send(ServerMessage::Rejected {
-                code: codes::CLOSE_AUTH_FAILED,
-                reason,
-            })
-            .await;
-        return Err(close_with(
-            &conn,
-            codes::CLOSE_AUTH_FAILED,
-            SessionError::Auth(node),
-        ));
+        let _ = writer.send(ServerMessage::Rejected { code: codes::CLOSE_AUTH_FAILED, reason }).await;
+        return Err(close_with(&conn, codes::CLOSE_AUTH_FAILED, SessionError::Auth(node)));
     };
     writer
         .send(ServerMessage::Welcome {
@@ -161,10 +122,7 @@ async fn session(
         .await?;
 
     let tunnel_id = shared.registry.next_tunnel_id();
-    node.add_tunnel(Tunnel {
-        id: tunnel_id,
-        conn: conn.clone(),
-    });
+    node.add_tunnel(Tunnel { id: tunnel_id, conn: conn.clone() });
     {
         let mut status = node.status.lock().unwrap_or_else(|p| p.into_inner());
         status.agent_version = Some(agent_version.clone());

@@ -27,21 +27,15 @@ pub fn client_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>> {
 }
 
 /// Connects and completes a TLS handshake for `sni` through `addr`.
-pub async fn connect(
-    addr: SocketAddr,
-    sni: &str,
-    config: Arc<rustls::ClientConfig>,
-) -> Result<TlsStream<TcpStream>> {
+pub async fn connect(addr: SocketAddr, sni: &str, config: Arc<rustls::ClientConfig>) -> Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await.context("tcp connect")?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(sni.to_string())?;
-    let tls = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
-    )
-    .await
-    .context("TLS handshake timed out")?
-    .context("TLS handshake")?;
+    let tls =
+        tokio::time::timeout(Duration::from_secs(10), tokio_rustls::TlsConnector::from(config).connect(name, tcp))
+            .await
+            .context("TLS handshake timed out")?
+            .context("TLS handshake")?;
     Ok(tls)
 }
 
@@ -53,23 +47,12 @@ pub async fn https_get(
     path: &str,
 ) -> Result<(u16, String)> {
     let mut tls = connect(addr, sni, config).await?;
-    tls.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf))
-        .await
-        .context("response timed out")??;
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf)).await.context("response timed out")??;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let Some((_, body)) = text.split_once("\r\n\r\n") else {
-        bail!("no HTTP response: {text:?}")
-    };
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let Some((_, body)) = text.split_once("\r\n\r\n") else { bail!("no HTTP response: {text:?}") };
     Ok((status, body.to_string()))
 }
 
@@ -81,11 +64,9 @@ pub fn client_hello(sni: &str) -> Vec<u8> {
         .expect("versions")
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
-    let mut conn = rustls::ClientConnection::new(
-        Arc::new(config),
-        ServerName::try_from(sni.to_string()).expect("name"),
-    )
-    .expect("client connection");
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(sni.to_string()).expect("name"))
+            .expect("client connection");
     let mut out = Vec::new();
     conn.write_tls(&mut out).expect("write_tls");
     out

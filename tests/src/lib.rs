@@ -26,11 +26,7 @@ pub fn bin(name: &str) -> PathBuf {
         dir.pop();
     }
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not built (run cargo build --workspace first)",
-        path.display()
-    );
+    assert!(path.exists(), "{} not built (run cargo build --workspace first)", path.display());
     path
 }
 
@@ -61,28 +57,19 @@ impl Proc {
     fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
         let file = std::fs::File::create(&log)?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("EDGE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        cmd.env("RUST_LOG", std::env::var("EDGE_TEST_LOG").unwrap_or_else(|_| "info".into()));
         let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         Ok(Self { child, log })
     }
 
     /// Sends a signal (`TERM`, `KILL`, `INT`) with the `kill` command.
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
     }
 
     /// Waits for exit up to `limit`; `None` if still running.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        wait_for("process exit", limit, || {
-            self.child.try_wait().ok().flatten()
-        })
-        .ok()
+        wait_for("process exit", limit, || self.child.try_wait().ok().flatten()).ok()
     }
 
     /// Whether the process is still running.
@@ -142,11 +129,7 @@ impl Server {
         std::fs::create_dir_all(dir)?;
         let (tls, quic, api) = match addrs {
             Some(a) => (a.tls.to_string(), a.quic.to_string(), a.api.to_string()),
-            None => (
-                "127.0.0.1:0".into(),
-                "127.0.0.1:0".into(),
-                "127.0.0.1:0".into(),
-            ),
+            None => ("127.0.0.1:0".into(), "127.0.0.1:0".into(), "127.0.0.1:0".into()),
         };
         let config = dir.join("server.toml");
         let text = format!(
@@ -159,36 +142,23 @@ impl Server {
         cmd.arg("--config").arg(&config).arg("run");
         let n = std::fs::read_dir(dir)?.count();
         let mut proc = Proc::spawn(cmd, dir.join(format!("server-{n}.log")))?;
-        let addrs: ServerAddrs =
-            wait_for("server listening.json", Duration::from_secs(20), || {
-                if !proc.alive() {
-                    return Some(None);
-                }
-                let bytes = std::fs::read(&listening).ok()?;
-                serde_json::from_slice(&bytes).ok().map(Some)
-            })?
-            .with_context(|| format!("edge-server exited at start:\n{}", proc.log_text()))?;
-        Ok(Self {
-            proc,
-            dir: dir.to_path_buf(),
-            config,
-            addrs,
-        })
+        let addrs: ServerAddrs = wait_for("server listening.json", Duration::from_secs(20), || {
+            if !proc.alive() {
+                return Some(None);
+            }
+            let bytes = std::fs::read(&listening).ok()?;
+            serde_json::from_slice(&bytes).ok().map(Some)
+        })?
+        .with_context(|| format!("edge-server exited at start:\n{}", proc.log_text()))?;
+        Ok(Self { proc, dir: dir.to_path_buf(), config, addrs })
     }
 
     /// Runs `edge-server --config <config> <args>`; returns stdout, or the
     /// error with stderr.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(bin("edge-server"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .output()?;
+        let out = Command::new(bin("edge-server")).arg("--config").arg(&self.config).args(args).output()?;
         if !out.status.success() {
-            bail!(
-                "edge-server {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("edge-server {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8(out.stdout)?)
     }
@@ -224,10 +194,7 @@ impl Server {
 
     /// The admin token the server generated.
     pub fn admin_token(&self) -> String {
-        std::fs::read_to_string(self.dir.join("data/admin.token"))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
+        std::fs::read_to_string(self.dir.join("data/admin.token")).unwrap_or_default().trim().to_string()
     }
 }
 
@@ -244,63 +211,42 @@ pub struct Agent {
 
 impl Agent {
     /// Starts an agent and waits until its tunnel is up (`/ready` is 200).
-    pub fn start(
-        dir: &Path,
-        join: &str,
-        upstream: SocketAddr,
-        extra_args: &[&str],
-    ) -> Result<Self> {
+    pub fn start(dir: &Path, join: &str, upstream: SocketAddr, extra_args: &[&str]) -> Result<Self> {
         let agent = Self::spawn(dir, join, upstream, extra_args)?;
         agent.wait_ready(Duration::from_secs(20))?;
         Ok(agent)
     }
 
     /// Starts an agent without waiting for its tunnel.
-    pub fn spawn(
-        dir: &Path,
-        join: &str,
-        upstream: SocketAddr,
-        extra_args: &[&str],
-    ) -> Result<Self> {
+    pub fn spawn(dir: &Path, join: &str, upstream: SocketAddr, extra_args: &[&str]) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let status_file = dir.join("status.addr");
         let _ = std::fs::remove_file(&status_file);
         let mut cmd = Command::new(bin("edge-agent"));
-        cmd.args([
-            "run",
-            "--join",
-            join,
-            "--upstream",
-            &upstream.to_string(),
-            "--status-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .args(extra_args);
+        cmd.args(["run", "--join", join, "--upstream", &upstream.to_string(), "--status-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir)
+            .args(extra_args);
         let n = std::fs::read_dir(dir)?.count();
         let mut proc = Proc::spawn(cmd, dir.join(format!("agent-{n}.log")))?;
         // An agent may exit at once (bad token): then there is no status
         // address, and the caller inspects the exit status and log.
         let status = wait_for("agent status.addr", Duration::from_secs(20), || {
-            let recorded = std::fs::read_to_string(&status_file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok());
+            let recorded = std::fs::read_to_string(&status_file).ok().and_then(|s| s.trim().parse().ok());
             recorded.or_else(|| (!proc.alive()).then(|| SocketAddr::from(([127, 0, 0, 1], 1))))
         })?;
-        Ok(Self {
-            proc,
-            data_dir: dir.to_path_buf(),
-            status,
-        })
+        Ok(Self { proc, data_dir: dir.to_path_buf(), status })
     }
 
     /// Waits until `/ready` answers 200.
     pub fn wait_ready(&self, limit: Duration) -> Result<()> {
-        wait_for("agent /ready", limit, || {
-            (http_get(self.status, "/ready").ok()?.0 == 200).then_some(())
-        })
-        .with_context(|| format!("agent log:\n{}", self.proc.log_text()))
+        wait_for("agent /ready", limit, || (http_get(self.status, "/ready").ok()?.0 == 200).then_some(()))
+            .with_context(|| format!("agent log:\n{}", self.proc.log_text()))
+    }
+
+    /// The direct listener's address, when started with `--direct-listen`.
+    pub fn direct_addr(&self) -> Option<SocketAddr> {
+        std::fs::read_to_string(self.data_dir.join("direct.addr")).ok()?.trim().parse().ok()
     }
 
     /// The local CA clients trust for this node's generated certificate.
@@ -321,34 +267,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     write!(tcp, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut text = String::new();
     tcp.read_to_string(&mut text)?;
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
 }
 
 /// The value of a Prometheus series (exact `name{labels}` match).
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Number of open file descriptors of a process (Linux).
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// Resident set size of a process in KiB, and its peak (Linux).

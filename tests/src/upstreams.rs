@@ -6,9 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 async fn listen() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind upstream")
+    TcpListener::bind("127.0.0.1:0").await.expect("bind upstream")
 }
 
 fn serve<F, Fut>(listener: TcpListener, handler: F) -> SocketAddr
@@ -98,11 +96,69 @@ pub async fn proxy_v2_reporter() -> SocketAddr {
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{client}",
-            client.len()
-        );
+        let response =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{client}", client.len());
         let _ = tcp.write_all(response.as_bytes()).await;
         let _ = tcp.shutdown().await;
     })
+}
+
+/// The benchmark upstream. A connection starting with `BLAST <n>\n` gets
+/// `n` bytes and a close; anything else is served as HTTP/1.1 keep-alive
+/// with a 2-byte body.
+pub async fn bench() -> SocketAddr {
+    serve(listen().await, |mut tcp| async move {
+        let mut first = [0u8; 6];
+        if tcp.read_exact(&mut first).await.is_err() {
+            return;
+        }
+        if &first == b"BLAST " {
+            let mut digits = Vec::new();
+            let mut byte = [0u8; 1];
+            while tcp.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' && digits.len() < 20 {
+                digits.push(byte[0]);
+            }
+            let n: usize = String::from_utf8_lossy(&digits).parse().unwrap_or(0);
+            let chunk = vec![0x5au8; 256 * 1024];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                if tcp.write_all(&chunk[..k]).await.is_err() {
+                    return;
+                }
+                left -= k;
+            }
+            let _ = tcp.shutdown().await;
+            return;
+        }
+        // Not a blast: hand the bytes read so far to the HTTP loop.
+        let (mut r, w) = tcp.into_split();
+        let prefix = first.to_vec();
+        let mut joined = tokio::io::join(std::io::Cursor::new(prefix).chain(&mut r), w);
+        http_loop(&mut joined, "ok").await;
+    })
+}
+
+async fn http_loop<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(tcp: &mut S, body: &str) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = find(&buf, b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            if tcp.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        if buf.len() > 64 * 1024 {
+            return;
+        }
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => {
+                let _ = tcp.shutdown().await;
+                return;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }

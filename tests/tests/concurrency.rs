@@ -64,10 +64,7 @@ async fn thousand_concurrent_megabyte_echoes_return_unchanged() {
             w.map_err(|e| format!("connection {i} write: {e}"))?;
             let (got, total) = r.map_err(|e| format!("connection {i} read: {e}"))?;
             if total != PAYLOAD || got != sent {
-                return Err(format!(
-                    "connection {i}: {total} bytes back, hash mismatch: {}",
-                    got != sent
-                ));
+                return Err(format!("connection {i}: {total} bytes back, hash mismatch: {}", got != sent));
             }
             Ok(())
         });
@@ -82,12 +79,7 @@ async fn thousand_concurrent_megabyte_echoes_return_unchanged() {
     })
     .await;
     assert!(all.is_ok(), "transfers did not finish in 240 s");
-    assert!(
-        failures.is_empty(),
-        "{} of {CONNECTIONS} failed, first: {:?}",
-        failures.len(),
-        failures.first()
-    );
+    assert!(failures.is_empty(), "{} of {CONNECTIONS} failed, first: {:?}", failures.len(), failures.first());
 
     // Afterwards nothing is left open on either side.
     wait_for("open streams back to zero", Duration::from_secs(20), || {
@@ -100,24 +92,12 @@ async fn thousand_concurrent_megabyte_echoes_return_unchanged() {
     })
     .unwrap();
     let s = server.metrics().unwrap();
-    assert_eq!(
-        metric(&s, "edge_node_connections_total{node=\"bulk\"}"),
-        Some(CONNECTIONS as f64)
-    );
+    assert_eq!(metric(&s, "edge_node_connections_total{node=\"bulk\"}"), Some(CONNECTIONS as f64));
     let moved = metric(&s, "edge_node_bytes_to_node_total{node=\"bulk\"}").unwrap();
-    assert!(
-        moved >= (CONNECTIONS * PAYLOAD) as f64,
-        "server counted {moved} bytes to node"
-    );
+    assert!(moved >= (CONNECTIONS * PAYLOAD) as f64, "server counted {moved} bytes to node");
     // File descriptors are back near where they started (no leaked sockets).
     let server_fds = edge_tests::fd_count(server.proc.child.id());
     let agent_fds = edge_tests::fd_count(agent.proc.child.id());
-    assert!(
-        server_fds <= server_fds_before + 5,
-        "server fds {server_fds_before} -> {server_fds}"
-    );
-    assert!(
-        agent_fds <= agent_fds_before + 5,
-        "agent fds {agent_fds_before} -> {agent_fds}"
-    );
+    assert!(server_fds <= server_fds_before + 5, "server fds {server_fds_before} -> {server_fds}");
+    assert!(agent_fds <= agent_fds_before + 5, "agent fds {agent_fds_before} -> {agent_fds}");
 }

@@ -62,7 +62,9 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     /// The schema is newer than this binary understands.
-    #[error("database {path} has schema version {found}, newer than this edge-server ({supported}); upgrade edge-server")]
+    #[error(
+        "database {path} has schema version {found}, newer than this edge-server ({supported}); upgrade edge-server"
+    )]
     SchemaTooNew {
         /// The database file.
         path: String,
@@ -90,12 +92,7 @@ pub enum StoreError {
 /// Persistent state of the server.
 pub trait Store: Send + Sync + 'static {
     /// Creates a node; fails with [`StoreError::NodeExists`] if taken.
-    fn add_node(
-        &self,
-        name: &str,
-        hostnames: &[String],
-        token_hash: &[u8; 32],
-    ) -> Result<NodeRecord, StoreError>;
+    fn add_node(&self, name: &str, hostnames: &[String], token_hash: &[u8; 32]) -> Result<NodeRecord, StoreError>;
     /// Removes a node; `false` if it did not exist.
     fn remove_node(&self, name: &str) -> Result<bool, StoreError>;
     /// Replaces a node's token hash; `false` if it does not exist.

@@ -45,27 +45,17 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let display = path.display().to_string();
-        let db_err = |source| StoreError::Database {
-            path: display.clone(),
-            source,
-        };
+        let db_err = |source| StoreError::Database { path: display.clone(), source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| db_err(io_error(e)))?;
         }
         let mut conn = Connection::open(path).map_err(db_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(db_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(db_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
         migrate(&mut conn, &display)?;
-        Ok(Self {
-            path: display,
-            conn: Mutex::new(conn),
-        })
+        Ok(Self { path: display, conn: Mutex::new(conn) })
     }
 
     /// The database file.
@@ -73,39 +63,17 @@ impl SqliteStore {
         PathBuf::from(&self.path)
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let mut conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut conn).map_err(|source| StoreError::Database {
-            path: self.path.clone(),
-            source,
-        })
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut conn).map_err(|source| StoreError::Database { path: self.path.clone(), source })
     }
 
     fn row_to_node(&self, row: RawNode) -> Result<NodeRecord, StoreError> {
-        let corrupt = |what: &str| StoreError::Corrupt {
-            path: self.path.clone(),
-            what: format!("node {:?}: {what}", row.name),
-        };
-        let hostnames: Vec<String> =
-            serde_json::from_str(&row.hostnames).map_err(|_| corrupt("hostnames"))?;
-        let token_hash: [u8; 32] = row
-            .token_hash
-            .as_slice()
-            .try_into()
-            .map_err(|_| corrupt("token_hash"))?;
-        Ok(NodeRecord {
-            name: row.name,
-            hostnames,
-            token_hash,
-            created_at: row.created_at,
-            status: row.status,
-        })
+        let corrupt =
+            |what: &str| StoreError::Corrupt { path: self.path.clone(), what: format!("node {:?}: {what}", row.name) };
+        let hostnames: Vec<String> = serde_json::from_str(&row.hostnames).map_err(|_| corrupt("hostnames"))?;
+        let token_hash: [u8; 32] = row.token_hash.as_slice().try_into().map_err(|_| corrupt("token_hash"))?;
+        Ok(NodeRecord { name: row.name, hostnames, token_hash, created_at: row.created_at, status: row.status })
     }
 }
 
@@ -114,26 +82,16 @@ fn io_error(e: std::io::Error) -> rusqlite::Error {
 }
 
 fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
-    let db_err = |source| StoreError::Database {
-        path: path.to_string(),
-        source,
-    };
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(db_err)?;
+    let db_err = |source| StoreError::Database { path: path.to_string(), source };
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
     let supported = MIGRATIONS.len() as i64;
     if version > supported {
-        return Err(StoreError::SchemaTooNew {
-            path: path.to_string(),
-            found: version,
-            supported,
-        });
+        return Err(StoreError::SchemaTooNew { path: path.to_string(), found: version, supported });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction().map_err(db_err)?;
         tx.execute_batch(sql).map_err(db_err)?;
-        tx.pragma_update(None, "user_version", i as i64 + 1)
-            .map_err(db_err)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         tracing::info!(path, version = i + 1, "applied database migration");
     }
@@ -169,27 +127,15 @@ fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
 }
 
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 fn bump_revision(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.execute(
-        "UPDATE meta SET value = value + 1 WHERE key = 'revision'",
-        [],
-    )
-    .map(|_| ())
+    tx.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'", []).map(|_| ())
 }
 
 impl Store for SqliteStore {
-    fn add_node(
-        &self,
-        name: &str,
-        hostnames: &[String],
-        token_hash: &[u8; 32],
-    ) -> Result<NodeRecord, StoreError> {
+    fn add_node(&self, name: &str, hostnames: &[String], token_hash: &[u8; 32]) -> Result<NodeRecord, StoreError> {
         let created_at = now();
         let hostnames_json = serde_json::to_string(hostnames).unwrap_or_else(|_| "[]".into());
         let inserted = self.with(|conn| {
@@ -231,10 +177,8 @@ impl Store for SqliteStore {
     fn set_token_hash(&self, name: &str, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
-            let n = tx.execute(
-                "UPDATE nodes SET token_hash = ?2 WHERE name = ?1",
-                params![name, token_hash.as_slice()],
-            )?;
+            let n =
+                tx.execute("UPDATE nodes SET token_hash = ?2 WHERE name = ?1", params![name, token_hash.as_slice()])?;
             if n > 0 {
                 bump_revision(&tx)?;
             }
@@ -245,12 +189,7 @@ impl Store for SqliteStore {
 
     fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
         let raw = self.with(|conn| {
-            conn.query_row(
-                &format!("{SELECT_NODES} WHERE n.name = ?1"),
-                params![name],
-                raw_node,
-            )
-            .optional()
+            conn.query_row(&format!("{SELECT_NODES} WHERE n.name = ?1"), params![name], raw_node).optional()
         })?;
         raw.map(|r| self.row_to_node(r)).transpose()
     }
@@ -258,20 +197,14 @@ impl Store for SqliteStore {
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let raws = self.with(|conn| {
             let mut stmt = conn.prepare(&format!("{SELECT_NODES} ORDER BY n.name"))?;
-            let rows = stmt
-                .query_map([], raw_node)?
-                .collect::<rusqlite::Result<Vec<_>>>();
+            let rows = stmt.query_map([], raw_node)?.collect::<rusqlite::Result<Vec<_>>>();
             rows
         })?;
         raws.into_iter().map(|r| self.row_to_node(r)).collect()
     }
 
     fn revision(&self) -> Result<i64, StoreError> {
-        self.with(|conn| {
-            conn.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
-                r.get(0)
-            })
-        })
+        self.with(|conn| conn.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| r.get(0)))
     }
 
     fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError> {
@@ -300,13 +233,7 @@ impl Store for SqliteStore {
     }
 
     fn reset_status(&self) -> Result<(), StoreError> {
-        self.with(|conn| {
-            conn.execute(
-                "UPDATE node_status SET connected = 0, open_connections = 0",
-                [],
-            )
-            .map(|_| ())
-        })
+        self.with(|conn| conn.execute("UPDATE node_status SET connected = 0, open_connections = 0", []).map(|_| ()))
     }
 }
 
@@ -320,24 +247,12 @@ mod tests {
         let path = dir.path().join("edge.db");
         let store = SqliteStore::open(&path).unwrap();
         let r0 = store.revision().unwrap();
-        store
-            .add_node("n1", &["n1.z.test".into(), "*.n1.z.test".into()], &[1; 32])
-            .unwrap();
-        assert!(matches!(
-            store.add_node("n1", &[], &[2; 32]),
-            Err(StoreError::NodeExists(_))
-        ));
+        store.add_node("n1", &["n1.z.test".into(), "*.n1.z.test".into()], &[1; 32]).unwrap();
+        assert!(matches!(store.add_node("n1", &[], &[2; 32]), Err(StoreError::NodeExists(_))));
         let r1 = store.revision().unwrap();
         assert!(r1 > r0);
         store
-            .record_status(
-                "n1",
-                &NodeStatus {
-                    connected: true,
-                    last_heartbeat: Some(5),
-                    ..Default::default()
-                },
-            )
+            .record_status("n1", &NodeStatus { connected: true, last_heartbeat: Some(5), ..Default::default() })
             .unwrap();
         drop(store);
 
@@ -363,14 +278,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("edge.db");
         drop(SqliteStore::open(&path).unwrap());
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", 99)
-            .unwrap();
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
         let err = SqliteStore::open(&path).unwrap_err();
-        assert!(
-            matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }), "{err}");
     }
 }
