@@ -126,7 +126,7 @@ async fn heartbeat(
     };
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+        Err(e) => return error(e.status(), &e.body_text()),
     };
     if body.status.len() > 64 || body.version.len() > 64 || body.capabilities.len() > 64 || body.counters.len() > 64 {
         return error(StatusCode::BAD_REQUEST, "heartbeat fields too long");

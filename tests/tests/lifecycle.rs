@@ -121,3 +121,34 @@ async fn wrong_token_or_fingerprint_is_a_clear_error_not_a_retry_storm() {
     let m = server.metrics().unwrap();
     assert_eq!(metric(&m, "edge_tunnels_connected"), Some(0.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_connections_and_refuses_new_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&tmp.path().join("server"), "[limits]\ndrain_timeout_secs = 20").unwrap();
+    let join = server.add_node("drain").unwrap();
+    let echo = upstreams::echo().await;
+    let agent = Agent::start(&tmp.path().join("agent"), &join, echo, &[]).unwrap();
+    let config = clients::client_config(&agent.local_ca("drain")).unwrap();
+    let mut tls = clients::connect(server.addrs.tls, &format!("drain.{ZONE}"), config).await.unwrap();
+    tls.write_all(b"first half, ").await.unwrap();
+
+    server.proc.signal("TERM");
+    // New connections are refused once the listener stops accepting.
+    wait_for("listener closed", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(server.addrs.tls).is_err().then_some(())
+    })
+    .unwrap();
+    assert!(server.proc.alive(), "still draining the open connection");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tls.write_all(b"second half").await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut back)).await.unwrap().unwrap();
+    assert_eq!(back, b"first half, second half");
+    let status = server.proc.wait_exit(Duration::from_secs(10)).expect("exits once drained");
+    assert!(status.success());
+    assert!(server.proc.log_text().contains("draining connections"));
+}
