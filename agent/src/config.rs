@@ -58,6 +58,11 @@ pub struct AgentConfig {
     /// same certificate and upstream); off when unset.
     #[serde(default)]
     pub direct_listen: Option<SocketAddr>,
+    /// QUIC connections held to the server. The server spreads client
+    /// connections over them; each is driven on its own core, and losing one
+    /// leaves the others serving.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
     /// Reconnect backoff.
     #[serde(default)]
     pub reconnect: ReconnectConfig,
@@ -71,6 +76,10 @@ pub struct AgentConfig {
 
 fn default_data_dir() -> PathBuf {
     PathBuf::from("edge-agent-data")
+}
+
+fn default_connections() -> usize {
+    2
 }
 
 fn default_alpn() -> Vec<String> {
@@ -110,6 +119,7 @@ impl fmt::Debug for AgentConfig {
             .field("alpn", &self.alpn)
             .field("status_listen", &self.status_listen)
             .field("direct_listen", &self.direct_listen)
+            .field("connections", &self.connections)
             .field("reconnect", &self.reconnect)
             .field("tunnel", &self.tunnel)
             .field("log_format", &self.log_format)
@@ -186,6 +196,9 @@ impl AgentConfig {
             if !addr.ip().is_loopback() {
                 return Err(err(format!("status_listen = {addr:?} must be a loopback address (127.0.0.0/8 or ::1)")));
             }
+        }
+        if !(1..=16).contains(&self.connections) {
+            return Err(err(format!("connections = {} must be between 1 and 16", self.connections)));
         }
         if self.reconnect.initial_ms == 0 || self.reconnect.max_ms < self.reconnect.initial_ms {
             return Err(err(format!(

@@ -67,8 +67,16 @@ pub struct AgentShared {
     pub trust: ServerTrust,
     /// Counters.
     pub metrics: AgentMetrics,
+    /// Random id of this agent process, sent in every hello.
+    pub instance: String,
     resolver: Arc<NodeCertResolver>,
     node: Mutex<Option<Arc<Node>>>,
+    /// Serializes certificate loading between the agent's sessions.
+    node_setup: tokio::sync::Mutex<()>,
+    /// Set once the server has welcomed this agent. Extra connections wait
+    /// for it, so a refused token is one refused attempt, not one per
+    /// connection racing the others.
+    welcomed: tokio::sync::watch::Sender<bool>,
 }
 
 /// The node as the server described it in its welcome.
@@ -101,6 +109,7 @@ impl AgentShared {
     /// The node for a welcome; the certificate is loaded or generated once
     /// and reused across reconnects while the names stay the same.
     async fn node_for(self: &Arc<Self>, name: &str, hostnames: &[String]) -> Result<Arc<Node>, AgentError> {
+        let _setup = self.node_setup.lock().await;
         if let Some(node) = self.node.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             if node.name == name && node.hostnames == hostnames {
                 return Ok(node);
@@ -130,7 +139,7 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
     let socket = edge_net::quic::udp_socket(bind, config.tunnel.udp_buffer_bytes)
         .map_err(|source| AgentError::Bind { what: "QUIC socket", addr: bind, source })?;
-    let endpoint = edge_net::quic::endpoint(socket, None).map_err(|source| AgentError::Bind {
+    let endpoint = edge_net::quic::endpoint(socket, None, &config.tunnel).map_err(|source| AgentError::Bind {
         what: "QUIC endpoint",
         addr: bind,
         source,
@@ -156,8 +165,11 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         ticket,
         trust,
         metrics: AgentMetrics::default(),
+        instance: format!("{:016x}", rand::random::<u64>()),
         resolver: NodeCertResolver::new(),
         node: Mutex::new(None),
+        node_setup: tokio::sync::Mutex::new(()),
+        welcomed: tokio::sync::watch::Sender::new(false),
     });
     tracing::info!(node = shared.ticket.node(), server = %shared.ticket.server, upstream = %shared.config.upstream,
         mode = ?shared.config.mode, "edge-agent starting");
@@ -180,7 +192,38 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         tokio::spawn(direct::serve(listener, shared.clone(), shutdown.clone()));
     }
     let heartbeats = tokio::spawn(signal::run(shared.clone(), shutdown.clone()));
-    let result = session::run(endpoint.clone(), shared, shutdown.clone()).await;
+    // One reconnecting session per connection; a fatal error in any of them
+    // (token refused, node removed) stops the agent.
+    let mut sessions = tokio::task::JoinSet::new();
+    for index in 0..shared.config.connections {
+        let (endpoint, shared, shutdown) = (endpoint.clone(), shared.clone(), shutdown.clone());
+        sessions.spawn(async move {
+            if index > 0 {
+                let mut welcomed = shared.welcomed.subscribe();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = welcomed.wait_for(|w| *w) => if r.is_err() { return Ok(()) },
+                }
+            }
+            session::run(endpoint, shared, shutdown).await
+        });
+    }
+    let mut result = Ok(());
+    while let Some(ended) = sessions.join_next().await {
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+                shutdown.cancel();
+            }
+            Err(e) => {
+                result = Err(AgentError::Fatal(format!("session task failed: {e}")));
+                shutdown.cancel();
+            }
+        }
+    }
     shutdown.cancel();
     let _ = heartbeats.await;
     endpoint.close(quinn::VarInt::from_u32(0), b"agent stopped");

@@ -20,6 +20,10 @@ pub struct AgentMetrics {
     pub total_streams: AtomicU64,
     /// Streams that ended in an error (bad header, TLS, upstream).
     pub stream_errors: AtomicU64,
+    /// Path MTU (largest UDP payload) of the newest tunnel, as discovered.
+    pub path_mtu: AtomicU64,
+    /// Smoothed round-trip time of the newest tunnel, microseconds.
+    pub rtt_us: AtomicU64,
     /// Bytes client → upstream (`tcp_to_quic` is upstream → client here).
     pub bytes: ByteCounters,
 }
@@ -28,7 +32,9 @@ impl AgentMetrics {
     /// Prometheus text format.
     pub fn render(&self) -> String {
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 8] = [
+        let rows: [(&str, &str, &str, u64); 10] = [
+            ("edge_agent_path_mtu_bytes", "gauge", "Discovered path MTU of the tunnel.", g(&self.path_mtu)),
+            ("edge_agent_rtt_microseconds", "gauge", "Smoothed RTT of the tunnel.", g(&self.rtt_us)),
             ("edge_agent_tunnels_up", "gauge", "Tunnels to the server currently up.", g(&self.tunnels_up)),
             ("edge_agent_connects_total", "counter", "Tunnel handshakes completed.", g(&self.connects)),
             ("edge_agent_connect_failures_total", "counter", "Failed connection attempts.", g(&self.connect_failures)),

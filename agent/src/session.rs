@@ -52,8 +52,9 @@ pub async fn run(
                 if started.elapsed() >= STABLE_SESSION {
                     backoff = initial;
                 }
-                // Full jitter: a fleet of agents reconnecting after a server
-                // restart spreads out instead of arriving in one burst.
+                // Jitter (half to all of the backoff): a fleet of agents
+                // reconnecting after a server restart spreads out instead of
+                // arriving in one burst.
                 let delay = backoff.mul_f64(rand::random_range(0.5..=1.0));
                 tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
                 tokio::select! {
@@ -66,16 +67,33 @@ pub async fn run(
     }
 }
 
+/// Features this agent offers, as reported in hello and heartbeats.
+pub fn capabilities(config: &crate::config::AgentConfig) -> Vec<String> {
+    let mut capabilities = vec!["tls_termination".to_string(), "passthrough".to_string()];
+    if config.proxy_protocol {
+        capabilities.push("proxy_v2".into());
+    }
+    capabilities
+}
+
+/// What a close or rejection code from the server means for the agent.
+fn verdict(code: u64, reason: &str) -> End {
+    const AUTH: u64 = codes::CLOSE_AUTH_FAILED as u64;
+    const REMOVED: u64 = codes::CLOSE_NODE_REMOVED as u64;
+    const VERSION: u64 = codes::CLOSE_VERSION_MISMATCH as u64;
+    match code {
+        AUTH => End::Fatal(format!("server refused the node token: {reason}")),
+        REMOVED => End::Fatal(format!("this node was removed from the server: {reason}")),
+        VERSION => End::Fatal(format!("protocol mismatch: {reason}")),
+        _ => End::Retry(format!("server closed the tunnel: {reason}")),
+    }
+}
+
 fn classify_close(error: &quinn::ConnectionError) -> End {
     match error {
         quinn::ConnectionError::ApplicationClosed(close) => {
             let reason = String::from_utf8_lossy(&close.reason).into_owned();
-            match close.error_code.into_inner() as u32 {
-                codes::CLOSE_AUTH_FAILED => End::Fatal(format!("server refused the node token: {reason}")),
-                codes::CLOSE_NODE_REMOVED => End::Fatal(format!("this node was removed from the server: {reason}")),
-                codes::CLOSE_VERSION_MISMATCH => End::Fatal(format!("protocol mismatch: {reason}")),
-                _ => End::Retry(format!("server closed the tunnel: {reason}")),
-            }
+            verdict(close.error_code.into_inner(), &reason)
         }
         quinn::ConnectionError::LocallyClosed => End::Shutdown,
         other => End::Retry(other.to_string()),
@@ -143,15 +161,13 @@ async fn handshake(
     let (send, recv) = conn.open_bi().await.map_err(closed)?;
     let mut reader = FramedRead::new(recv, ControlCodec::<ServerMessage, AgentMessage>::default());
     let mut writer = FramedWrite::new(send, ControlCodec::<ServerMessage, AgentMessage>::default());
-    let mut capabilities = vec!["tls_termination".to_string(), "passthrough".to_string()];
-    if shared.config.proxy_protocol {
-        capabilities.push("proxy_v2".into());
-    }
+    let capabilities = capabilities(&shared.config);
     let hello = AgentMessage::Hello {
         protocol: PROTOCOL_VERSION,
         token: shared.ticket.token.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         capabilities,
+        instance: shared.instance.clone(),
     };
     if let Err(e) = writer.send(hello).await {
         return Err(conn
@@ -162,11 +178,7 @@ async fn handshake(
         Ok(Some(Ok(ServerMessage::Welcome { node, hostnames, heartbeat_secs, .. }))) => {
             Ok((reader, writer, node, hostnames, heartbeat_secs.clamp(1, 300)))
         }
-        Ok(Some(Ok(ServerMessage::Rejected { code, reason }))) => Err(match code {
-            codes::CLOSE_AUTH_FAILED => End::Fatal(format!("server refused the node token: {reason}")),
-            codes::CLOSE_VERSION_MISMATCH => End::Fatal(format!("protocol mismatch: {reason}")),
-            _ => End::Retry(format!("server rejected the agent: {reason}")),
-        }),
+        Ok(Some(Ok(ServerMessage::Rejected { code, reason }))) => Err(verdict(u64::from(code), &reason)),
         Ok(Some(Ok(other))) => Err(End::Retry(format!("unexpected first message from server: {other:?}"))),
         Ok(Some(Err(e))) => Err(ended(conn, format!("control stream: {e}"))),
         Ok(None) => {
@@ -194,6 +206,7 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
         Ok(node) => node,
         Err(e) => return End::Fatal(e.to_string()),
     };
+    shared.welcomed.send_replace(true);
     shared.metrics.connects.fetch_add(1, Ordering::Relaxed);
     shared.metrics.tunnels_up.fetch_add(1, Ordering::Relaxed);
     tracing::info!(node = %node_name, hostnames = ?hostnames, server = %conn.remote_address(), "tunnel up");
@@ -214,6 +227,9 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
                 Err(e) => break classify_close(&e),
             },
             _ = heartbeat.tick() => {
+                let stats = conn.stats();
+                shared.metrics.path_mtu.store(u64::from(stats.path.current_mtu), Ordering::Relaxed);
+                shared.metrics.rtt_us.store(stats.path.rtt.as_micros() as u64, Ordering::Relaxed);
                 if last_ack.elapsed() > interval * 3 {
                     conn.close(VarInt::from_u32(codes::CLOSE_NORMAL), b"heartbeat timeout");
                     break End::Retry("server stopped answering heartbeats".into());
@@ -227,7 +243,7 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
             message = reader.next() => match message {
                 Some(Ok(ServerMessage::HeartbeatAck { .. })) => last_ack = Instant::now(),
                 Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),
-                Some(Ok(ServerMessage::Rejected { reason, .. })) => break End::Fatal(format!("server rejected the agent: {reason}")),
+                Some(Ok(ServerMessage::Rejected { code, reason })) => break verdict(u64::from(code), &reason),
                 Some(Ok(ServerMessage::Welcome { .. })) => break End::Retry("unexpected second welcome".into()),
                 Some(Err(e)) => break ended(conn, format!("control stream: {e}")),
                 None => {

@@ -48,7 +48,7 @@ pub async fn send(shared: &AgentShared) -> Result<(), String> {
     let body = serde_json::json!({
         "status": "ready",
         "version": env!("CARGO_PKG_VERSION"),
-        "capabilities": ["tls_termination", "passthrough", "proxy_v2"],
+        "capabilities": crate::session::capabilities(&shared.config),
         "counters": {
             "open_streams": m.open_streams.load(Ordering::Relaxed),
             "total_streams": m.total_streams.load(Ordering::Relaxed),

@@ -119,7 +119,15 @@ pub fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std:
     Ok(socket.into())
 }
 
-/// A quinn endpoint on `socket`, serving when `server` is given.
-pub fn endpoint(socket: std::net::UdpSocket, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, Arc::new(quinn::TokioRuntime))
+/// A quinn endpoint on `socket`, serving when `server` is given. The
+/// endpoint advertises `tuning.max_udp_payload` as the largest datagram it
+/// accepts (quinn's default, 1472, would cap MTU discovery on both sides).
+pub fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    tuning: &TunnelTuning,
+) -> std::io::Result<quinn::Endpoint> {
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(tuning.max_udp_payload).map_err(|e| std::io::Error::other(e.to_string()))?;
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
 }

@@ -143,7 +143,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Parses a SHA-256 fingerprint: 64 hex digits, `:` separators allowed.
 pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
     let digits: Vec<u8> = s.bytes().filter(|&b| b != b':').collect();
-    if digits.len() != 64 {
+    if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -184,6 +184,8 @@ mod tests {
         assert_eq!(JoinTicket::parse("edge://bad@h:1"), Err(JoinError::Token));
         assert!(matches!(JoinTicket::parse(&format!("edge://{token}@h")), Err(JoinError::Server(_))));
         assert!(matches!(JoinTicket::parse(&format!("edge://{token}@h:1?fp=zz")), Err(JoinError::Fingerprint(_))));
+        let plus = format!("+a{}", "0".repeat(62));
+        assert!(matches!(JoinTicket::parse(&format!("edge://{token}@h:1?fp={plus}")), Err(JoinError::Fingerprint(_))));
         assert!(matches!(JoinTicket::parse(&format!("edge://{token}@h:1?x=1")), Err(JoinError::UnknownParameter(_))));
     }
 }

@@ -70,6 +70,11 @@ pub enum AgentMessage {
         /// Optional features the agent supports (e.g. `proxy_v2`).
         #[serde(default)]
         capabilities: Vec<String>,
+        /// Random id of the agent process. Tunnels of the newest instance
+        /// of a node carry new streams; an older instance's tunnels (say, of
+        /// an agent that was killed) are used only if no newer one is up.
+        #[serde(default)]
+        instance: String,
     },
     /// Liveness and load report.
     Heartbeat {
@@ -271,6 +276,7 @@ mod tests {
             token: "n1.secret".into(),
             agent_version: "0.1.0".into(),
             capabilities: vec!["proxy_v2".into()],
+            instance: "5f1e".into(),
         };
         let mut buf = BytesMut::new();
         up.encode(hello.clone(), &mut buf).unwrap();

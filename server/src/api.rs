@@ -112,11 +112,9 @@ pub struct HeartbeatRequest {
     pub counters: BTreeMap<String, u64>,
 }
 
-async fn heartbeat(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Result<Json<HeartbeatRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
+async fn heartbeat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    // Authenticate before reading a byte of the body, refuse an announced
+    // length over the limit at once, and read the rest under a deadline.
     let Some(token) = bearer(&headers) else {
         return error(StatusCode::UNAUTHORIZED, "missing bearer token");
     };
@@ -124,9 +122,18 @@ async fn heartbeat(
         shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         return error(StatusCode::UNAUTHORIZED, "invalid node token");
     };
-    let Json(body) = match body {
+    let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY) {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than 64 KiB");
+    }
+    let bytes = match tokio::time::timeout(CLIENT_DEADLINE, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than 64 KiB"),
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
+    };
+    let body: HeartbeatRequest = match serde_json::from_slice(&bytes) {
         Ok(b) => b,
-        Err(e) => return error(e.status(), &e.body_text()),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid heartbeat: {e}")),
     };
     if body.status.len() > 64 || body.version.len() > 64 || body.capabilities.len() > 64 || body.counters.len() > 64 {
         return error(StatusCode::BAD_REQUEST, "heartbeat fields too long");

@@ -99,6 +99,16 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         send_alert(&mut tcp, AlertDescription::InternalError).await;
         return;
     };
+    // Cap client connections per node at max_streams per live tunnel (the
+    // agent grants the same number of streams per connection), so a flood
+    // to one name fails fast instead of queueing on stream credit.
+    let cap = u64::from(shared.config.tunnel.max_streams) * node.tunnel_count().max(1) as u64;
+    if node.metrics.active.load(Ordering::Relaxed) >= cap {
+        shared.metrics.reject("node_busy");
+        tracing::debug!(%peer, %sni, node = %node.name, cap, "node at its connection cap");
+        send_alert(&mut tcp, AlertDescription::InternalError).await;
+        return;
+    }
     let open = tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), tunnel.conn.open_bi()).await;
     let (mut send, recv) = match open {
         Ok(Ok(streams)) => streams,

@@ -229,11 +229,8 @@ impl Server {
         let socket = edge_net::quic::udp_socket(config.listen.quic, config.tunnel.udp_buffer_bytes)
             .map_err(|source| ServerError::Bind { what: "quic", addr: config.listen.quic, source })?;
         let server_config = identity::quic_server_config(&identity, &config.tunnel)?;
-        let endpoint = edge_net::quic::endpoint(socket, Some(server_config)).map_err(|source| ServerError::Bind {
-            what: "quic",
-            addr: config.listen.quic,
-            source,
-        })?;
+        let endpoint = edge_net::quic::endpoint(socket, Some(server_config), &config.tunnel)
+            .map_err(|source| ServerError::Bind { what: "quic", addr: config.listen.quic, source })?;
         let api_tls = identity::api_acceptor(&identity)?;
         let local = |l: &TcpListener, a| l.local_addr().unwrap_or(a);
         let addrs = BoundAddrs {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::registry::Registry;
 
 /// Reasons a client connection is refused, as metric labels.
-pub const REJECTION_REASONS: [&str; 9] = [
+pub const REJECTION_REASONS: [&str; 10] = [
     "not_tls",
     "not_client_hello",
     "no_sni",
@@ -19,6 +19,7 @@ pub const REJECTION_REASONS: [&str; 9] = [
     "unknown_sni",
     "node_offline",
     "tunnel_failed",
+    "node_busy",
 ];
 
 /// Process-wide counters.

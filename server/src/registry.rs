@@ -32,6 +32,8 @@ pub struct Tunnel {
     pub id: u64,
     /// The QUIC connection.
     pub conn: quinn::Connection,
+    /// The agent process it comes from (see `AgentMessage::Hello`).
+    pub instance: String,
 }
 
 /// What the server knows at run time about a node's agent.
@@ -56,6 +58,7 @@ pub struct NodeHandle {
     pub hostnames: Vec<String>,
     token_hash: Mutex<[u8; 32]>,
     tunnels: Mutex<Vec<Tunnel>>,
+    next_pick: AtomicU64,
     /// Traffic counters.
     pub metrics: NodeMetrics,
     /// Agent-reported status.
@@ -69,6 +72,7 @@ impl NodeHandle {
             hostnames: record.hostnames.clone(),
             token_hash: Mutex::new(record.token_hash),
             tunnels: Mutex::new(Vec::new()),
+            next_pick: AtomicU64::new(0),
             metrics: NodeMetrics::default(),
             status: Mutex::new(RuntimeStatus::default()),
         }
@@ -80,12 +84,18 @@ impl NodeHandle {
         bool::from(stored.ct_eq(token_hash))
     }
 
-    /// The tunnel new streams should use: the newest one still open. A
-    /// restarted agent's new connection wins at once, before the old one's
-    /// idle timeout has noticed that it is dead.
+    /// The tunnel a new stream should use. Streams go round-robin over the
+    /// open tunnels of the newest agent instance (an agent may hold several
+    /// connections, each driven on its own core). A restarted agent's
+    /// tunnels win at once, before the idle timeout has noticed that the
+    /// killed instance's tunnels are dead; those remain a fallback.
     pub fn pick_tunnel(&self) -> Option<Tunnel> {
         let tunnels = lock(&self.tunnels);
-        tunnels.iter().rev().find(|t| t.conn.close_reason().is_none()).cloned()
+        let newest = tunnels.iter().rev().find(|t| t.conn.close_reason().is_none())?;
+        let candidates: Vec<&Tunnel> =
+            tunnels.iter().filter(|t| t.instance == newest.instance && t.conn.close_reason().is_none()).collect();
+        let i = self.next_pick.fetch_add(1, Ordering::Relaxed) as usize % candidates.len().max(1);
+        candidates.get(i).map(|t| (*t).clone())
     }
 
     /// Adds a tunnel.

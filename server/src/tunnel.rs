@@ -80,8 +80,10 @@ async fn session(
     let mut writer = FramedWrite::new(send, ControlCodec::<AgentMessage, ServerMessage>::default());
 
     let first = tokio::time::timeout(HANDSHAKE_STEP, reader.next()).await;
-    let (protocol, token, agent_version) = match first {
-        Ok(Some(Ok(AgentMessage::Hello { protocol, token, agent_version, .. }))) => (protocol, token, agent_version),
+    let (protocol, token, agent_version, instance) = match first {
+        Ok(Some(Ok(AgentMessage::Hello { protocol, token, agent_version, instance, .. }))) => {
+            (protocol, token, agent_version, instance)
+        }
         Ok(Some(Ok(_))) => {
             return Err(close_with(
                 &conn,
@@ -99,9 +101,16 @@ async fn session(
         }
         Err(_) => return Err(close_with(&conn, codes::CLOSE_PROTOCOL_ERROR, SessionError::Timeout)),
     };
+    if instance.len() > 64 {
+        return Err(close_with(
+            &conn,
+            codes::CLOSE_PROTOCOL_ERROR,
+            SessionError::Protocol("instance id longer than 64 bytes"),
+        ));
+    }
     if protocol != PROTOCOL_VERSION {
         let reason = format!("unsupported protocol version {protocol}; this server speaks {PROTOCOL_VERSION}");
-        let _ = writer.send(ServerMessage::Rejected { code: codes::CLOSE_VERSION_MISMATCH, reason }).await;
+        reject(&conn, &mut writer, codes::CLOSE_VERSION_MISMATCH, reason).await;
         return Err(close_with(&conn, codes::CLOSE_VERSION_MISMATCH, SessionError::Version(protocol)));
     }
     let Some(node) = shared.authenticate(&token).await else {
@@ -109,7 +118,7 @@ async fn session(
         let node = edge_proto::join::node_of_token(&token).unwrap_or("?").to_string();
         tracing::warn!(%remote, %node, "agent authentication failed");
         let reason = "invalid node token (unknown node, removed node or wrong token)".to_string();
-        let _ = writer.send(ServerMessage::Rejected { code: codes::CLOSE_AUTH_FAILED, reason }).await;
+        reject(&conn, &mut writer, codes::CLOSE_AUTH_FAILED, reason).await;
         return Err(close_with(&conn, codes::CLOSE_AUTH_FAILED, SessionError::Auth(node)));
     };
     writer
@@ -122,7 +131,7 @@ async fn session(
         .await?;
 
     let tunnel_id = shared.registry.next_tunnel_id();
-    node.add_tunnel(Tunnel { id: tunnel_id, conn: conn.clone() });
+    node.add_tunnel(Tunnel { id: tunnel_id, conn: conn.clone(), instance });
     {
         let mut status = node.status.lock().unwrap_or_else(|p| p.into_inner());
         status.agent_version = Some(agent_version.clone());
@@ -180,6 +189,16 @@ async fn control_loop(
                 }
             }
         }
+    }
+}
+
+/// Sends `Rejected` and gives the agent a moment to read it and hang up
+/// first, so it acts on the verdict instead of racing our close (which on a
+/// fast path can reach it as a stateless reset and look retryable).
+async fn reject(conn: &quinn::Connection, writer: &mut Writer, code: u32, reason: String) {
+    let sent = tokio::time::timeout(HANDSHAKE_STEP, writer.send(ServerMessage::Rejected { code, reason })).await;
+    if matches!(sent, Ok(Ok(()))) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
     }
 }
 
