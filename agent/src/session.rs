@@ -1,5 +1,5 @@
 //! One tunnel session: dial, authenticate, serve streams, heartbeat; and the
-//! reconnect loop around it (exponential backoff with full jitter).
+//! reconnect loop around it (exponential backoff, each delay drawn from half to all of it).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
