@@ -24,6 +24,12 @@ pub struct AgentMetrics {
     pub path_mtu: AtomicU64,
     /// Smoothed round-trip time of the newest tunnel, microseconds.
     pub rtt_us: AtomicU64,
+    /// Congestion window of the newest tunnel, bytes.
+    pub cwnd: AtomicU64,
+    /// Congestion events (loss or ECN) on the newest tunnel.
+    pub congestion_events: AtomicU64,
+    /// Packets the newest tunnel has declared lost.
+    pub lost_packets: AtomicU64,
     /// Bytes client → upstream (`tcp_to_quic` is upstream → client here).
     pub bytes: ByteCounters,
 }
@@ -32,7 +38,10 @@ impl AgentMetrics {
     /// Prometheus text format.
     pub fn render(&self) -> String {
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 10] = [
+        let rows: [(&str, &str, &str, u64); 13] = [
+            ("edge_agent_cwnd_bytes", "gauge", "Congestion window of the tunnel.", g(&self.cwnd)),
+            ("edge_agent_congestion_events", "gauge", "Congestion events on the tunnel.", g(&self.congestion_events)),
+            ("edge_agent_lost_packets", "gauge", "Packets the tunnel declared lost.", g(&self.lost_packets)),
             ("edge_agent_path_mtu_bytes", "gauge", "Discovered path MTU of the tunnel.", g(&self.path_mtu)),
             ("edge_agent_rtt_microseconds", "gauge", "Smoothed RTT of the tunnel.", g(&self.rtt_us)),
             ("edge_agent_tunnels_up", "gauge", "Tunnels to the server currently up.", g(&self.tunnels_up)),

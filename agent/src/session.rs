@@ -215,6 +215,7 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
     let interval = Duration::from_secs(heartbeat_secs);
     let mut heartbeat = tokio::time::interval(interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut path_stats = tokio::time::interval(Duration::from_secs(1));
     let mut seq: u64 = 0;
     let mut last_ack = Instant::now();
     let end = loop {
@@ -226,10 +227,16 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
                 }
                 Err(e) => break classify_close(&e),
             },
-            _ = heartbeat.tick() => {
+            _ = path_stats.tick() => {
                 let stats = conn.stats();
-                shared.metrics.path_mtu.store(u64::from(stats.path.current_mtu), Ordering::Relaxed);
-                shared.metrics.rtt_us.store(stats.path.rtt.as_micros() as u64, Ordering::Relaxed);
+                let m = &shared.metrics;
+                m.path_mtu.store(u64::from(stats.path.current_mtu), Ordering::Relaxed);
+                m.rtt_us.store(stats.path.rtt.as_micros() as u64, Ordering::Relaxed);
+                m.cwnd.store(stats.path.cwnd, Ordering::Relaxed);
+                m.congestion_events.store(stats.path.congestion_events, Ordering::Relaxed);
+                m.lost_packets.store(stats.path.lost_packets, Ordering::Relaxed);
+            }
+            _ = heartbeat.tick() => {
                 if last_ack.elapsed() > interval * 3 {
                     conn.close(VarInt::from_u32(codes::CLOSE_NORMAL), b"heartbeat timeout");
                     break End::Retry("server stopped answering heartbeats".into());

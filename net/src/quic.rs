@@ -30,11 +30,11 @@ pub struct TunnelTuning {
     pub idle_timeout_secs: u64,
     /// UDP socket send and receive buffer size requested from the kernel.
     pub udp_buffer_bytes: usize,
-    /// Largest UDP payload path MTU discovery may probe for. Packets start
-    /// at 1200 bytes and grow only as far as probes get through, so on a
-    /// 1500-byte path this settles at 1452 after a few lost probes, while
-    /// jumbo-frame links (and loopback) get 8952: per-packet cost dominates
-    /// the tunnel's CPU use.
+    /// Largest UDP payload path MTU discovery may probe for (and the largest
+    /// the endpoint accepts). 1452 fits any Ethernet path. Larger values cut
+    /// per-packet cost on jumbo-frame links, but with 8952 on loopback a
+    /// tunnel under 1,000 concurrent bulk streams was seen to stall for a
+    /// minute (quinn 0.11; see docs/benchmarks.md), so raise it with care.
     pub max_udp_payload: u16,
 }
 
@@ -47,7 +47,7 @@ impl Default for TunnelTuning {
             keep_alive_secs: 10,
             idle_timeout_secs: 30,
             udp_buffer_bytes: 8 * 1024 * 1024,
-            max_udp_payload: 8952,
+            max_udp_payload: 1452,
         }
     }
 }

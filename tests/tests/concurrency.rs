@@ -78,6 +78,10 @@ async fn thousand_concurrent_megabyte_echoes_return_unchanged() {
         }
     })
     .await;
+    if all.is_err() || !failures.is_empty() {
+        // Keep the logs of both processes for the report.
+        eprintln!("logs kept in {}", tmp.keep().display());
+    }
     assert!(all.is_ok(), "transfers did not finish in 240 s");
     assert!(failures.is_empty(), "{} of {CONNECTIONS} failed, first: {:?}", failures.len(), failures.first());
 

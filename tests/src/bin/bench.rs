@@ -101,6 +101,17 @@ async fn bench(args: Args) -> Result<()> {
         (row.idle_kib_server, row.idle_kib_agent) = if name == "direct" { (0.0, a) } else { (s, a) };
         rows.push((name, row));
     }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let agent_metrics = agent.metrics().unwrap_or_default();
+    let path = |name: &str| edge_tests::metric(&agent_metrics, name).unwrap_or(0.0);
+    let path_line = format!(
+        "tunnel path after the run: MTU {} bytes, RTT {} µs, cwnd {:.0} KiB, {} congestion events, {} packets lost",
+        path("edge_agent_path_mtu_bytes"),
+        path("edge_agent_rtt_microseconds"),
+        path("edge_agent_cwnd_bytes") / 1024.0,
+        path("edge_agent_congestion_events"),
+        path("edge_agent_lost_packets")
+    );
     let server_peak = rss_kib(server_pid).1;
     let agent_peak = rss_kib(agent_pid).1;
 
@@ -156,6 +167,7 @@ async fn bench(args: Args) -> Result<()> {
     println!("| edge-server | {:.1} |", server_peak as f64 / 1024.0);
     println!("| edge-agent | {:.1} |", agent_peak as f64 / 1024.0);
     println!();
+    println!("{path_line}");
     println!(
         "agent SIGKILL, then restarted: tunnel up after {} ms, first request through it served after {} ms",
         tunnel_up.as_millis(),
