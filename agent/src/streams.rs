@@ -18,6 +18,9 @@ use crate::Node;
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Deadline for connecting to the upstream.
 const UPSTREAM_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+/// Backstop for idle passthrough streams; the server's own idle timeout
+/// (`limits.idle_timeout_secs`) normally ends them first.
+const PASSTHROUGH_IDLE: Duration = Duration::from_secs(3600);
 /// Copy buffer per direction when terminating TLS.
 const COPY_BUF: usize = 64 * 1024;
 
@@ -56,8 +59,15 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>)
         }
         Ok((header, upstream)) => match node.shared.config.mode {
             Mode::Passthrough => {
-                let end =
-                    edge_net::splice::splice(upstream, send, recv, codes::STREAM_UPSTREAM_FAILED, &metrics.bytes).await;
+                let end = edge_net::splice::splice(
+                    upstream,
+                    send,
+                    recv,
+                    codes::STREAM_UPSTREAM_FAILED,
+                    &metrics.bytes,
+                    PASSTHROUGH_IDLE,
+                )
+                .await;
                 tracing::trace!(?end, sni = %header.sni, "passthrough stream done");
                 Ok(())
             }

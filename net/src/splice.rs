@@ -35,13 +35,15 @@ pub enum SpliceEnd {
     Clean,
     /// The TCP side failed or reset; the QUIC stream was reset.
     TcpAborted,
-    /// The QUIC side reset, stopped or lost its connection; TCP got an RST.
+    /// The QUIC side reset, stopped or lost its connection, or nothing moved
+    /// for the idle timeout; TCP got an RST and the QUIC stream a reset.
     QuicAborted,
 }
 
 enum Abort {
     Tcp,
     Quic,
+    Idle,
 }
 
 /// Copies both ways until both sides have finished or one aborts.
@@ -52,8 +54,12 @@ pub async fn splice(
     mut recv: RecvStream,
     abort_code: u32,
     counters: &ByteCounters,
+    idle_timeout: Duration,
 ) -> SpliceEnd {
     let (mut tcp_read, mut tcp_write) = tcp.split();
+    // Counts transfers in either direction; the watchdog below ends a
+    // connection on which nothing moved for a whole `idle_timeout`.
+    let moved = AtomicU64::new(0);
     // TCP → QUIC without a copy: the read buffer is handed to quinn as is.
     let upstream = async {
         let mut buf = BytesMut::new();
@@ -66,6 +72,7 @@ pub async fn splice(
             }
             send.write_chunk(buf.split().freeze()).await.map_err(|_| Abort::Quic)?;
             counters.tcp_to_quic.fetch_add(n as u64, Ordering::Relaxed);
+            moved.fetch_add(1, Ordering::Relaxed);
         }
     };
     // QUIC → TCP without a copy either: quinn yields one chunk per frame,
@@ -78,6 +85,7 @@ pub async fn splice(
                 Ok(Some(n)) => {
                     let bytes = write_all_vectored(&mut tcp_write, &mut chunks[..n]).await.map_err(|_| Abort::Tcp)?;
                     counters.quic_to_tcp.fetch_add(bytes as u64, Ordering::Relaxed);
+                    moved.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(None) => {
                     let _ = tcp_write.shutdown().await;
@@ -87,7 +95,21 @@ pub async fn splice(
             }
         }
     };
-    let outcome = tokio::try_join!(upstream, downstream);
+    let watchdog = async {
+        let mut seen = moved.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(idle_timeout).await;
+            let now = moved.load(Ordering::Relaxed);
+            if now == seen {
+                return Abort::Idle;
+            }
+            seen = now;
+        }
+    };
+    let outcome = tokio::select! {
+        both = async { tokio::try_join!(upstream, downstream) } => both.map(|_| ()),
+        idle = watchdog => Err(idle),
+    };
     match outcome {
         // A finished SendStream keeps delivering its buffer after the drop.
         Ok(_) => SpliceEnd::Clean,
@@ -96,7 +118,7 @@ pub async fn splice(
             let _ = recv.stop(VarInt::from_u32(abort_code));
             SpliceEnd::TcpAborted
         }
-        Err(Abort::Quic) => {
+        Err(Abort::Quic | Abort::Idle) => {
             let _ = send.reset(VarInt::from_u32(abort_code));
             let _ = recv.stop(VarInt::from_u32(abort_code));
             reset_tcp(&tcp);

@@ -95,6 +95,10 @@ pub struct LimitsConfig {
     pub drain_timeout_secs: u64,
     /// Deadline for opening a stream to an agent.
     pub open_stream_timeout_ms: u64,
+    /// A spliced connection on which no byte moves either way for this long
+    /// is closed (TCP reset, QUIC stream reset); checked once per period, so
+    /// the close comes between one and two periods after the last byte.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -104,6 +108,7 @@ impl Default for LimitsConfig {
             client_hello_max_bytes: edge_proto::client_hello::DEFAULT_MAX_HELLO_BYTES,
             drain_timeout_secs: 30,
             open_stream_timeout_ms: 5_000,
+            idle_timeout_secs: 600,
         }
     }
 }
@@ -240,6 +245,9 @@ impl ServerConfig {
                 "limits.open_stream_timeout_ms = {} must be between 100 and 60000",
                 l.open_stream_timeout_ms
             ));
+        }
+        if !(1..=86_400).contains(&l.idle_timeout_secs) {
+            return Err(format!("limits.idle_timeout_secs = {} must be between 1 and 86400", l.idle_timeout_secs));
         }
         self.tunnel.validate("tunnel")
     }

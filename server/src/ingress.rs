@@ -132,7 +132,8 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     node.metrics.bytes.tcp_to_quic.fetch_add(hello.len() as u64, Ordering::Relaxed);
     drop(hello);
     drop(first);
-    let end = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes).await;
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    let end = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes, idle).await;
     tracing::trace!(%peer, node = %node.name, ?end, "connection finished");
 }
 

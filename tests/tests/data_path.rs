@@ -191,3 +191,32 @@ async fn passthrough_and_proxy_protocol() {
     assert_eq!(how, Closed::Eof, "half-close propagated both ways");
     assert_eq!(bytes, [hello.as_slice(), b"after the hello"].concat(), "bytes replayed unchanged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_spliced_connections_are_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncReadExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("server"), "[limits]\nidle_timeout_secs = 1").unwrap();
+    let join = server.add_node("idle").unwrap();
+    let echo = upstreams::echo().await;
+    let agent = Agent::start(&tmp.path().join("agent"), &join, echo, &[]).unwrap();
+    let config = clients::client_config(&agent.local_ca("idle")).unwrap();
+    let mut tls = clients::connect(server.addrs.tls, &format!("idle.{ZONE}"), config).await.unwrap();
+    // Traffic keeps it open past the timeout...
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        tls.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tls.read_exact(&mut back).await.unwrap();
+    }
+    // ...silence does not.
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await.expect("closed, not hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(start.elapsed() < Duration::from_secs(3), "closed after {:?}", start.elapsed());
+    edge_tests::wait_for("agent stream closed", Duration::from_secs(5), || {
+        (edge_tests::metric(&agent.metrics().ok()?, "edge_agent_open_streams")? == 0.0).then_some(())
+    })
+    .unwrap();
+}
