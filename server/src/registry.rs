@@ -90,12 +90,13 @@ impl NodeHandle {
     /// tunnels win at once, before the idle timeout has noticed that the
     /// killed instance's tunnels are dead; those remain a fallback.
     pub fn pick_tunnel(&self) -> Option<Tunnel> {
+        // No allocation: this runs once per client connection.
         let tunnels = lock(&self.tunnels);
         let newest = tunnels.iter().rev().find(|t| t.conn.close_reason().is_none())?;
-        let candidates: Vec<&Tunnel> =
-            tunnels.iter().filter(|t| t.instance == newest.instance && t.conn.close_reason().is_none()).collect();
-        let i = self.next_pick.fetch_add(1, Ordering::Relaxed) as usize % candidates.len().max(1);
-        candidates.get(i).map(|t| (*t).clone())
+        let usable = |t: &&Tunnel| t.instance == newest.instance && t.conn.close_reason().is_none();
+        let count = tunnels.iter().filter(usable).count();
+        let i = self.next_pick.fetch_add(1, Ordering::Relaxed) as usize % count.max(1);
+        tunnels.iter().filter(usable).nth(i).cloned()
     }
 
     /// Adds a tunnel.
