@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use edge_proto::join::JoinTicket;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
@@ -132,6 +133,22 @@ impl AgentShared {
     }
 }
 
+/// Binds a TCP listener when an address is configured.
+async fn bind_optional(addr: Option<SocketAddr>, what: &'static str) -> Result<Option<TcpListener>, AgentError> {
+    let Some(addr) = addr else { return Ok(None) };
+    TcpListener::bind(addr).await.map(Some).map_err(|source| AgentError::Bind { what, addr, source })
+}
+
+/// Logs a listener's bound address and records it in `path`, so supervisors
+/// and tests can find an ephemeral port (e.g. `status_listen = "127.0.0.1:0"`).
+fn announce(listener: &TcpListener, path: &std::path::Path, message: &str) {
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(%addr, "{message}");
+    if let Err(e) = edge_certs::store::write_atomic(path, addr.as_bytes(), edge_certs::store::Sensitivity::Public) {
+        tracing::warn!(error = %e, "could not record the listening address");
+    }
+}
+
 /// Runs the agent until `shutdown` is cancelled or a fatal error occurs.
 pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken) -> Result<(), AgentError> {
     let ticket = config.validate(origin).map_err(|e| AgentError::Config(e.to_string()))?;
@@ -144,22 +161,8 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         addr: bind,
         source,
     })?;
-    let status_listener = match config.status_listen {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind {
-            what: "status endpoint",
-            addr,
-            source,
-        })?),
-        None => None,
-    };
-    let direct_listener = match config.direct_listen {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind {
-            what: "direct listener",
-            addr,
-            source,
-        })?),
-        None => None,
-    };
+    let status_listener = bind_optional(config.status_listen, "status endpoint").await?;
+    let direct_listener = bind_optional(config.direct_listen, "direct listener").await?;
     let shared = Arc::new(AgentShared {
         config,
         ticket,
@@ -174,21 +177,11 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
     tracing::info!(node = shared.ticket.node(), server = %shared.ticket.server, upstream = %shared.config.upstream,
         mode = ?shared.config.mode, "edge-agent starting");
     if let Some(listener) = status_listener {
-        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(%addr, "status endpoint listening");
-        // Lets supervisors and tests find an ephemeral port (status_listen = "127.0.0.1:0").
-        let path = shared.config.data_dir.join("status.addr");
-        if let Err(e) = edge_certs::store::write_atomic(&path, addr.as_bytes(), edge_certs::store::Sensitivity::Public)
-        {
-            tracing::warn!(error = %e, "could not record the status address");
-        }
+        announce(&listener, &shared.config.data_dir.join("status.addr"), "status endpoint listening");
         tokio::spawn(status::serve(listener, shared.clone(), shutdown.clone()));
     }
     if let Some(listener) = direct_listener {
-        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(%addr, "direct listener accepting");
-        let path = shared.config.data_dir.join("direct.addr");
-        let _ = edge_certs::store::write_atomic(&path, addr.as_bytes(), edge_certs::store::Sensitivity::Public);
+        announce(&listener, &shared.config.data_dir.join("direct.addr"), "direct listener accepting");
         tokio::spawn(direct::serve(listener, shared.clone(), shutdown.clone()));
     }
     let heartbeats = tokio::spawn(signal::run(shared.clone(), shutdown.clone()));

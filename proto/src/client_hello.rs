@@ -68,11 +68,6 @@ impl Rejection {
             Rejection::TooLarge => "too_large",
         }
     }
-
-    /// Whether the peer spoke TLS far enough that a TLS alert makes sense.
-    pub fn is_tls(&self) -> bool {
-        !matches!(self, Rejection::NotTls)
-    }
 }
 
 impl fmt::Display for Rejection {
