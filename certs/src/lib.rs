@@ -7,12 +7,28 @@
 //! - [`store`]: atomic writes (temp file + rename) with private key files
 //!   created mode 0600, so a crash never leaves a half-written key.
 //!
-//! ACME issuance will live here too, shared by server and agent.
+//! - [`acme`]: ACME issuance with DNS-01 (instant-acme), several directories
+//!   tried in order, accounts persisted; used by server and agent.
+//! - [`dns_check`]: asks our DNS whether a TXT value is served yet.
+//! - [`info`]: names, issuer and validity of a certificate or CSR.
+//! - [`renewal`]: when to renew and how to back off (pure functions).
 #![forbid(unsafe_code)]
 
+pub mod acme;
+pub mod dns_check;
 pub mod generate;
+pub mod info;
 pub mod pem;
+pub mod renewal;
 pub mod store;
+
+/// Unix seconds as RFC 3339 (UTC), for logs and status output.
+pub fn format_unix(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}
 
 use sha2::{Digest, Sha256};
 

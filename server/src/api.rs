@@ -1,6 +1,8 @@
 //! The signal API (HTTPS, JSON) for agents and operators.
 //!
 //! - `POST /api/signal/heartbeat`: node token as bearer; status report.
+//! - `PUT`/`DELETE /api/signal/acme-challenge`, `POST /api/signal/certificate`:
+//!   node token as bearer; see [`crate::certificates`].
 //! - `GET /api/nodes`: admin token as bearer; nodes and their live state.
 //! - `GET /healthz`: liveness.
 //! - `GET /metrics`: Prometheus text format.
@@ -13,7 +15,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -35,6 +37,8 @@ const CLIENT_DEADLINE: Duration = Duration::from_secs(10);
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/api/signal/heartbeat", post(heartbeat))
+        .route("/api/signal/acme-challenge", put(put_challenge).delete(delete_challenge))
+        .route("/api/signal/certificate", post(certificate))
         .route("/api/nodes", get(nodes))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -110,30 +114,81 @@ pub struct HeartbeatRequest {
     /// Agent counters (open streams, bytes, ...).
     #[serde(default)]
     pub counters: BTreeMap<String, u64>,
+    /// Expiry (Unix seconds) of the certificate the agent serves.
+    #[serde(default)]
+    pub cert_not_after: Option<i64>,
 }
 
-async fn heartbeat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
-    // Authenticate before reading a byte of the body, refuse an announced
-    // length over the limit at once, and read the rest under a deadline.
-    let Some(token) = bearer(&headers) else {
-        return error(StatusCode::UNAUTHORIZED, "missing bearer token");
+/// Authenticates a node request, then reads its JSON body: the token is
+/// checked before a byte of the body is read, an announced length over the
+/// limit is refused at once, and the rest is read under a deadline.
+async fn node_request<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<(Arc<crate::registry::NodeHandle>, T), Response> {
+    let Some(token) = bearer(headers) else {
+        return Err(error(StatusCode::UNAUTHORIZED, "missing bearer token"));
     };
     let Some(node) = shared.authenticate(token).await else {
         shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-        return error(StatusCode::UNAUTHORIZED, "invalid node token");
+        return Err(error(StatusCode::UNAUTHORIZED, "invalid node token"));
     };
     let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if announced.is_some_and(|n| n > MAX_BODY) {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than 64 KiB");
+        return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than 64 KiB"));
     }
     let bytes = match tokio::time::timeout(CLIENT_DEADLINE, axum::body::to_bytes(body, MAX_BODY)).await {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than 64 KiB"),
-        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
+        Ok(Err(_)) => return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than 64 KiB")),
+        Err(_) => return Err(error(StatusCode::REQUEST_TIMEOUT, "body not received in time")),
     };
-    let body: HeartbeatRequest = match serde_json::from_slice(&bytes) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid heartbeat: {e}")),
+    match serde_json::from_slice(&bytes) {
+        Ok(b) => Ok((node, b)),
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, &format!("invalid request body: {e}"))),
+    }
+}
+
+async fn put_challenge(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    let (node, req) = match node_request::<crate::certificates::ChallengeRequest>(&shared, &headers, body).await {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    let Some(value) = req.value.as_deref() else {
+        return error(StatusCode::BAD_REQUEST, "value is required");
+    };
+    match crate::certificates::publish(&shared, &node, &req.name, value).await {
+        Ok(()) => Json(serde_json::json!({ "published": req.name })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn delete_challenge(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    let (node, req) = match node_request::<crate::certificates::ChallengeRequest>(&shared, &headers, body).await {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    match crate::certificates::remove(&shared, &node, &req.name, req.value.as_deref()).await {
+        Ok(removed) => Json(serde_json::json!({ "removed": removed })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn certificate(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    let (node, req) = match node_request::<crate::certificates::CertificateRequest>(&shared, &headers, body).await {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    match crate::certificates::issue_for_csr(&shared, &node, &req).await {
+        Ok(issued) => Json(issued).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn heartbeat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    let (node, body) = match node_request::<HeartbeatRequest>(&shared, &headers, body).await {
+        Ok(r) => r,
+        Err(response) => return response,
     };
     if body.status.len() > 64 || body.version.len() > 64 || body.capabilities.len() > 64 || body.counters.len() > 64 {
         return error(StatusCode::BAD_REQUEST, "heartbeat fields too long");
@@ -144,6 +199,9 @@ async fn heartbeat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: 
         status.agent_version = Some(body.version.clone());
         if let Some(open) = body.counters.get("open_streams") {
             status.agent_open_streams = *open;
+        }
+        if body.cert_not_after.is_some() {
+            status.cert_not_after = body.cert_not_after;
         }
     }
     shared.persist_status(&node).await;
@@ -181,6 +239,8 @@ pub struct NodeView {
     pub agent_version: Option<String>,
     /// Agent address.
     pub remote_addr: Option<String>,
+    /// Expiry (Unix seconds) of the certificate the agent serves.
+    pub cert_not_after: Option<i64>,
 }
 
 async fn nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {

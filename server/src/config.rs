@@ -39,6 +39,179 @@ pub struct ServerConfig {
     /// Log format, `text` or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Authoritative DNS for the zone; off when the section is absent.
+    #[serde(default)]
+    pub dns: Option<DnsConfig>,
+    /// ACME for nodes' certificates (CSR flow); needs `[dns]`.
+    #[serde(default)]
+    pub acme: Option<AcmeConfig>,
+}
+
+/// Authoritative DNS for the zone (UDP and TCP on one address).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Address for UDP and TCP, e.g. `0.0.0.0:53`.
+    pub listen: SocketAddr,
+    /// Cluster ingress addresses answered for node names (A and AAAA).
+    /// Defaults to the `listen.tls` address when that is not a wildcard.
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
+    /// NS names at the apex; default `ns.<zone>` (answered with `addresses`).
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// SOA responsible mailbox as a name; default `hostmaster.<zone>`.
+    #[serde(default)]
+    pub hostmaster: Option<String>,
+    /// TTL of node A/AAAA records.
+    #[serde(default = "default_address_ttl")]
+    pub address_ttl_secs: u32,
+    /// TTL of DNS-01 TXT records.
+    #[serde(default = "default_txt_ttl")]
+    pub txt_ttl_secs: u32,
+    /// TTL of SOA and NS records.
+    #[serde(default = "default_zone_ttl")]
+    pub zone_ttl_secs: u32,
+    /// SOA minimum: how long resolvers may cache "no such name". Short, so a
+    /// new node's name resolves within seconds.
+    #[serde(default = "default_negative_ttl")]
+    pub negative_ttl_secs: u32,
+    /// Extra records, e.g. the server's own name.
+    #[serde(default)]
+    pub records: Vec<StaticRecord>,
+}
+
+fn default_address_ttl() -> u32 {
+    30
+}
+fn default_txt_ttl() -> u32 {
+    5
+}
+fn default_zone_ttl() -> u32 {
+    3600
+}
+fn default_negative_ttl() -> u32 {
+    5
+}
+
+/// A static record in the zone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticRecord {
+    /// Owner name, absolute (`www.edge.example.com` or with a trailing dot)
+    /// or relative to the zone (`www`, `@` for the apex).
+    pub name: String,
+    /// `A`, `AAAA` or `TXT`.
+    #[serde(rename = "type")]
+    pub kind: StaticKind,
+    /// Address or text.
+    pub value: String,
+    /// TTL; default 300.
+    #[serde(default = "default_static_ttl")]
+    pub ttl_secs: u32,
+}
+
+fn default_static_ttl() -> u32 {
+    300
+}
+
+/// Types allowed in static records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum StaticKind {
+    /// IPv4 address.
+    A,
+    /// IPv6 address.
+    AAAA,
+    /// Text.
+    TXT,
+}
+
+/// ACME on the server: it holds the account and completes orders for the
+/// CSRs agents send (`POST /api/signal/certificate`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// Directories, contact, custom root CA.
+    #[serde(flatten)]
+    pub settings: edge_certs::acme::AcmeSettings,
+    /// How long one order may take, directory by directory.
+    #[serde(default = "default_order_timeout")]
+    pub order_timeout_secs: u64,
+}
+
+fn default_order_timeout() -> u64 {
+    180
+}
+
+impl DnsConfig {
+    /// The addresses node names answer: configured, or the TLS listener's.
+    pub fn ingress_addresses(&self, tls: SocketAddr) -> Vec<std::net::IpAddr> {
+        if self.addresses.is_empty() && !tls.ip().is_unspecified() {
+            vec![tls.ip()]
+        } else {
+            self.addresses.clone()
+        }
+    }
+
+    /// Absolute lowercase name for a record name relative to `zone`.
+    /// A name ending in `.` is absolute; others are relative unless they
+    /// already end in the zone.
+    pub fn absolute(name: &str, zone: &str) -> String {
+        let absolute = name.ends_with('.');
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if name == "@" || name == zone {
+            zone.to_string()
+        } else if absolute || name.ends_with(&format!(".{zone}")) {
+            name
+        } else {
+            format!("{name}.{zone}")
+        }
+    }
+
+    fn validate(&self, zone: &str, tls: SocketAddr) -> Result<(), String> {
+        if self.ingress_addresses(tls).is_empty() {
+            return Err(format!(
+                "dns.addresses: required when listen.tls ({tls}) is a wildcard address; list the public \
+                 addresses clients reach the cluster on"
+            ));
+        }
+        for (i, ns) in self.nameservers.iter().enumerate() {
+            if edge_proto::names::normalize_hostname(ns.trim_end_matches('.')).is_none() {
+                return Err(format!("dns.nameservers[{i}] = {ns:?} is not a DNS name"));
+            }
+        }
+        if let Some(h) = &self.hostmaster {
+            if edge_proto::names::normalize_hostname(h.trim_end_matches('.')).is_none() {
+                return Err(format!("dns.hostmaster = {h:?} is not a DNS name (write the mailbox as a name)"));
+            }
+        }
+        for (field, v, max) in [
+            ("address_ttl_secs", self.address_ttl_secs, 86_400),
+            ("txt_ttl_secs", self.txt_ttl_secs, 3600),
+            ("zone_ttl_secs", self.zone_ttl_secs, 604_800),
+            ("negative_ttl_secs", self.negative_ttl_secs, 86_400),
+        ] {
+            if v > max {
+                return Err(format!("dns.{field} = {v} must be at most {max}"));
+            }
+        }
+        for (i, r) in self.records.iter().enumerate() {
+            let abs = Self::absolute(&r.name, zone);
+            let label_ok = edge_proto::names::normalize_hostname(&abs).is_some() || abs.starts_with("_");
+            if !label_ok || !(abs == zone || abs.ends_with(&format!(".{zone}"))) {
+                return Err(format!("dns.records[{i}].name = {:?} is not a name in the zone {zone}", r.name));
+            }
+            let ok = match r.kind {
+                StaticKind::A => r.value.parse::<std::net::Ipv4Addr>().is_ok(),
+                StaticKind::AAAA => r.value.parse::<std::net::Ipv6Addr>().is_ok(),
+                StaticKind::TXT => r.value.len() <= 255,
+            };
+            if !ok {
+                return Err(format!("dns.records[{i}].value = {:?} is not a valid {:?} value", r.value, r.kind));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Listen addresses.
@@ -136,6 +309,8 @@ impl fmt::Debug for ServerConfig {
             .field("limits", &self.limits)
             .field("tunnel", &self.tunnel)
             .field("log_format", &self.log_format)
+            .field("dns", &self.dns)
+            .field("acme", &self.acme)
             .finish()
     }
 }
@@ -249,6 +424,21 @@ impl ServerConfig {
         if !(1..=86_400).contains(&l.idle_timeout_secs) {
             return Err(format!("limits.idle_timeout_secs = {} must be between 1 and 86400", l.idle_timeout_secs));
         }
+        if let Some(dns) = &self.dns {
+            dns.validate(self.zone(), self.listen.tls)?;
+        }
+        if let Some(acme) = &self.acme {
+            if self.dns.is_none() {
+                return Err("acme: needs a [dns] section (the server publishes DNS-01 records in its own zone)".into());
+            }
+            acme.settings.validate("acme")?;
+            if !(10..=3600).contains(&acme.order_timeout_secs) {
+                return Err(format!(
+                    "acme.order_timeout_secs = {} must be between 10 and 3600",
+                    acme.order_timeout_secs
+                ));
+            }
+        }
         self.tunnel.validate("tunnel")
     }
 
@@ -287,6 +477,20 @@ mod tests {
             (&format!("{MINIMAL}[listen]\ntls = \"nope\""), "tls"),
             (&format!("{MINIMAL}[public]\nquic = \"host\""), "public.quic"),
             (&format!("{MINIMAL}admin_token = \"short\""), "admin_token"),
+            (&format!("{MINIMAL}[dns]\nlisten = \"127.0.0.1:53\""), "dns.addresses"),
+            (
+                &format!("{MINIMAL}[dns]\nlisten = \"127.0.0.1:53\"\naddresses = [\"192.0.2.1\"]\n[[dns.records]]\nname = \"www.other.com.\"\ntype = \"A\"\nvalue = \"192.0.2.2\""),
+                "dns.records[0].name",
+            ),
+            (
+                &format!("{MINIMAL}[dns]\nlisten = \"127.0.0.1:53\"\naddresses = [\"192.0.2.1\"]\n[[dns.records]]\nname = \"www\"\ntype = \"A\"\nvalue = \"::1\""),
+                "dns.records[0].value",
+            ),
+            (&format!("{MINIMAL}[acme]\ndirectories = [\"https://ca/dir\"]"), "acme: needs a [dns]"),
+            (
+                &format!("{MINIMAL}[dns]\nlisten = \"127.0.0.1:53\"\naddresses = [\"192.0.2.1\"]\n[acme]\ndirectories = []"),
+                "acme.directories",
+            ),
         ];
         for (text, field) in cases {
             let err = ServerConfig::parse(text, "server.toml").unwrap_err().to_string();

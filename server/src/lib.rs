@@ -13,10 +13,14 @@
 //! - [`api`]: the signal API, health and metrics over HTTPS.
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`identity`]: the server certificate agents pin.
+//! - [`dns`]: authoritative DNS for the zone (hickory-server).
+//! - [`certificates`]: DNS-01 challenges and the CSR flow for nodes.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod certificates;
 pub mod config;
+pub mod dns;
 pub mod identity;
 pub mod ingress;
 pub mod metrics;
@@ -63,6 +67,9 @@ pub enum ServerError {
     /// TLS configuration failed.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The DNS zone could not be built from the config.
+    #[error("dns: {0}")]
+    Dns(String),
     /// A file the server writes could not be written.
     #[error("{path}: {source}")]
     Io {
@@ -96,6 +103,14 @@ pub struct Shared {
     pub metrics: Metrics,
     /// SHA-256 of the admin token.
     pub admin_token_hash: [u8; 32],
+    /// The zone served by DNS, when `[dns]` is configured.
+    pub zone: Option<Arc<dns::ZoneCell>>,
+    /// Where our DNS listens (to check a TXT value is served).
+    pub dns_addr: Option<SocketAddr>,
+    /// ACME client for the CSR flow, when `[acme]` is configured.
+    pub acme: Option<edge_certs::acme::AcmeClient>,
+    /// One certificate order per node at a time.
+    pub order_locks: certificates::OrderLocks,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -135,13 +150,24 @@ impl Shared {
         self.registry.node(name).filter(|n| n.token_matches(&hash))
     }
 
-    /// Reloads the registry from the store.
+    /// Reloads the registry and the zone from the store.
     pub async fn reload(&self) -> Result<(), StoreError> {
         let store = self.store.clone();
-        let records = tokio::task::spawn_blocking(move || store.list_nodes())
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let (records, challenges, revision) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((store.list_nodes()?, store.list_challenges()?, store.revision()?))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
         self.registry.reload(&records);
+        if let Some(zone) = &self.zone {
+            let names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
+            let mut values: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+            for c in challenges {
+                values.entry(c.node).or_default().push(c.value);
+            }
+            // The serial must move with every change; the revision does.
+            zone.update(revision as u32, &names, values);
+        }
         Ok(())
     }
 
@@ -154,6 +180,7 @@ impl Shared {
             open_connections: view.open_connections,
             agent_version: view.agent_version,
             remote_addr: view.remote_addr,
+            cert_not_after: view.cert_not_after,
         };
         let store = self.store.clone();
         let name = node.name.clone();
@@ -180,6 +207,7 @@ impl Shared {
             bytes_from_node: node.metrics.bytes.quic_to_tcp.load(Relaxed),
             agent_version: status.agent_version,
             remote_addr: status.remote_addr,
+            cert_not_after: status.cert_not_after,
         }
     }
 }
@@ -193,6 +221,9 @@ pub struct BoundAddrs {
     pub quic: SocketAddr,
     /// Signal API.
     pub api: SocketAddr,
+    /// DNS (UDP and TCP), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<SocketAddr>,
 }
 
 /// File in the data directory where a running server records its bound
@@ -208,6 +239,7 @@ pub struct BoundServer {
     api: TcpListener,
     endpoint: quinn::Endpoint,
     api_tls: tokio_rustls::TlsAcceptor,
+    dns: Option<dns::DnsSockets>,
     /// The bound addresses.
     pub addrs: BoundAddrs,
 }
@@ -233,20 +265,43 @@ impl Server {
             .map_err(|source| ServerError::Bind { what: "quic", addr: config.listen.quic, source })?;
         let api_tls = identity::api_acceptor(&identity)?;
         let local = |l: &TcpListener, a| l.local_addr().unwrap_or(a);
+        let tls_addr = local(&tls, config.listen.tls);
+        let (dns_sockets, zone) = match &config.dns {
+            Some(d) => {
+                let sockets = dns::DnsSockets::bind(d.listen).await.map_err(|source| ServerError::Bind {
+                    what: "dns",
+                    addr: d.listen,
+                    source,
+                })?;
+                let zone = dns::ZoneCell::from_config(d, config.zone(), tls_addr).map_err(ServerError::Dns)?;
+                (Some(sockets), Some(Arc::new(zone)))
+            }
+            None => (None, None),
+        };
         let addrs = BoundAddrs {
-            tls: local(&tls, config.listen.tls),
+            tls: tls_addr,
             quic: endpoint.local_addr().unwrap_or(config.listen.quic),
             api: local(&api, config.listen.api),
+            dns: dns_sockets.as_ref().and_then(|s| s.local_addr().ok()),
         };
+        let acme = config.acme.as_ref().map(|a| {
+            let mut client = edge_certs::acme::AcmeClient::new(a.settings.clone(), &config.data_dir.join("acme"));
+            client.order_timeout = Duration::from_secs(a.order_timeout_secs);
+            client
+        });
         let shared = Arc::new(Shared {
             config,
             store,
             registry: Registry::default(),
             metrics: Metrics::default(),
             admin_token_hash,
+            zone,
+            dns_addr: addrs.dns,
+            acme,
+            order_locks: Default::default(),
         });
         shared.reload().await?;
-        Ok(BoundServer { shared, tls, api, endpoint, api_tls, addrs })
+        Ok(BoundServer { shared, tls, api, endpoint, api_tls, dns: dns_sockets, addrs })
     }
 }
 
@@ -270,12 +325,13 @@ impl BoundServer {
     /// lets client connections finish up to the drain timeout, then closes
     /// the tunnels.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let BoundServer { shared, tls, api, endpoint, api_tls, addrs } = self;
+        let BoundServer { shared, tls, api, endpoint, api_tls, dns, addrs } = self;
         let path = listening_file(&shared.config.data_dir);
         let json = serde_json::to_vec_pretty(&addrs).unwrap_or_default();
         edge_certs::store::write_atomic(&path, &json, edge_certs::store::Sensitivity::Public)
             .map_err(|e| ServerError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
-        tracing::info!(tls = %addrs.tls, quic = %addrs.quic, api = %addrs.api, zone = shared.config.zone(), "edge-server listening");
+        tracing::info!(tls = %addrs.tls, quic = %addrs.quic, api = %addrs.api, dns = ?addrs.dns,
+            zone = shared.config.zone(), "edge-server listening");
 
         let clients = TaskTracker::new();
         let agents = TaskTracker::new();
@@ -292,6 +348,9 @@ impl BoundServer {
             agents.clone(),
         ));
         background.spawn(watch_store(shared.clone(), shutdown.clone()));
+        if let (Some(sockets), Some(zone)) = (dns, shared.zone.clone()) {
+            background.spawn(dns::serve(sockets, zone, shared.clone(), shutdown.clone()));
+        }
         background.close();
 
         shutdown.cancelled().await;
@@ -341,6 +400,16 @@ async fn watch_store(shared: Arc<Shared>, shutdown: CancellationToken) {
         if ticks.is_multiple_of(5) {
             for node in shared.registry.nodes() {
                 shared.persist_status(&node).await;
+            }
+        }
+        if ticks.is_multiple_of(60) {
+            // Values an agent published and never removed (it crashed).
+            let store = shared.store.clone();
+            let before = unix_now() - certificates::CHALLENGE_LIFETIME_SECS;
+            match tokio::task::spawn_blocking(move || store.expire_challenges(before)).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(expired = n, "removed stale DNS-01 TXT values"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "expiring DNS-01 TXT values failed"),
+                _ => {}
             }
         }
     }

@@ -32,7 +32,18 @@ pub struct Metrics {
     rejections: [AtomicU64; REJECTION_REASONS.len()],
     /// Agent authentications refused.
     pub auth_failures: AtomicU64,
+    dns_responses: [AtomicU64; DNS_RCODES.len()],
+    /// Certificates issued through the CSR flow.
+    pub certificates_issued: AtomicU64,
+    /// CSR-flow orders that failed at every directory.
+    pub certificate_failures: AtomicU64,
+    /// Challenge or certificate requests refused because they named another
+    /// node's names.
+    pub foreign_name_refusals: AtomicU64,
 }
+
+/// DNS response codes counted by name; anything else is `other`.
+pub const DNS_RCODES: [&str; 7] = ["NOERROR", "NXDOMAIN", "REFUSED", "NOTIMP", "FORMERR", "SERVFAIL", "other"];
 
 impl Metrics {
     /// Counts a refused client connection.
@@ -40,6 +51,21 @@ impl Metrics {
         if let Some(i) = REJECTION_REASONS.iter().position(|r| *r == reason) {
             self.rejections[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one DNS response.
+    pub fn dns_query(&self, rcode: hickory_proto::op::ResponseCode) {
+        use hickory_proto::op::ResponseCode as R;
+        let i = match rcode {
+            R::NoError => 0,
+            R::NXDomain => 1,
+            R::Refused => 2,
+            R::NotImp => 3,
+            R::FormErr => 4,
+            R::ServFail => 5,
+            _ => 6,
+        };
+        self.dns_responses[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Renders all metrics.
@@ -60,6 +86,33 @@ impl Metrics {
         let _ = writeln!(out, "# HELP edge_agent_auth_failures_total Agent authentications refused.");
         let _ = writeln!(out, "# TYPE edge_agent_auth_failures_total counter");
         let _ = writeln!(out, "edge_agent_auth_failures_total {}", g(&self.auth_failures));
+
+        let _ = writeln!(out, "# HELP edge_dns_responses_total DNS responses sent, by response code.");
+        let _ = writeln!(out, "# TYPE edge_dns_responses_total counter");
+        for (rcode, count) in DNS_RCODES.iter().zip(&self.dns_responses) {
+            let _ = writeln!(out, "edge_dns_responses_total{{rcode=\"{rcode}\"}} {}", g(count));
+        }
+        for (name, help, v) in [
+            (
+                "edge_certificates_issued_total",
+                "Node certificates issued through the CSR flow.",
+                &self.certificates_issued,
+            ),
+            (
+                "edge_certificate_failures_total",
+                "CSR-flow orders that failed at every ACME directory.",
+                &self.certificate_failures,
+            ),
+            (
+                "edge_foreign_name_refusals_total",
+                "Challenge or certificate requests refused for naming another node's names.",
+                &self.foreign_name_refusals,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", g(v));
+        }
 
         let nodes = registry.nodes();
         let connected = nodes.iter().map(|n| n.tunnel_count()).sum::<usize>();
@@ -92,6 +145,16 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE edge_node_tunnels gauge");
         for node in &nodes {
             let _ = writeln!(out, "edge_node_tunnels{{node=\"{}\"}} {}", node.name, node.tunnel_count());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP edge_node_certificate_expiry_timestamp_seconds Expiry of the certificate the node's agent serves."
+        );
+        let _ = writeln!(out, "# TYPE edge_node_certificate_expiry_timestamp_seconds gauge");
+        for node in &nodes {
+            if let Some(t) = node.status.lock().unwrap_or_else(|p| p.into_inner()).cert_not_after {
+                let _ = writeln!(out, "edge_node_certificate_expiry_timestamp_seconds{{node=\"{}\"}} {t}", node.name);
+            }
         }
         out
     }

@@ -47,6 +47,8 @@ pub struct RuntimeStatus {
     pub remote_addr: Option<String>,
     /// Streams the agent reported open in its last heartbeat.
     pub agent_open_streams: u64,
+    /// Expiry (Unix seconds) of the certificate the agent reported serving.
+    pub cert_not_after: Option<i64>,
 }
 
 /// A node and its live tunnels.

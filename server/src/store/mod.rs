@@ -48,6 +48,21 @@ pub struct NodeStatus {
     pub agent_version: Option<String>,
     /// Address the agent connected from.
     pub remote_addr: Option<String>,
+    /// Expiry (Unix seconds) of the certificate the agent serves.
+    pub cert_not_after: Option<i64>,
+}
+
+/// A DNS-01 TXT value published in the zone for a node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChallengeRecord {
+    /// The node it was published for.
+    pub node: String,
+    /// `_acme-challenge.<name>` (lowercase, no trailing dot).
+    pub name: String,
+    /// The TXT value.
+    pub value: String,
+    /// Unix seconds.
+    pub created_at: i64,
 }
 
 /// Errors from a store.
@@ -107,4 +122,14 @@ pub trait Store: Send + Sync + 'static {
     fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError>;
     /// Marks every node disconnected (at server start).
     fn reset_status(&self) -> Result<(), StoreError>;
+    /// Publishes a TXT value for `node`; `false` (nothing stored) when the
+    /// node already has `max_per_node` values.
+    fn put_challenge(&self, node: &str, name: &str, value: &str, max_per_node: usize) -> Result<bool, StoreError>;
+    /// Removes one value (or all at `name` when `value` is `None`) of `node`;
+    /// returns how many were removed.
+    fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError>;
+    /// Every published TXT value.
+    fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError>;
+    /// Removes values published before `created_before` (Unix seconds).
+    fn expire_challenges(&self, created_before: i64) -> Result<usize, StoreError>;
 }

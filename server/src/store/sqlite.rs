@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{NodeRecord, NodeStatus, Store, StoreError};
+use super::{ChallengeRecord, NodeRecord, NodeStatus, Store, StoreError};
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -32,6 +32,16 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO meta (key, value) VALUES ('revision', 0);",
+    // 2: DNS-01 challenge values published in the zone, and the expiry of
+    // the certificate each node's agent reports.
+    "CREATE TABLE acme_challenges (
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (name, value)
+    );
+    ALTER TABLE node_status ADD COLUMN cert_not_after INTEGER;",
 ];
 
 /// The embedded store.
@@ -107,7 +117,7 @@ struct RawNode {
 }
 
 const SELECT_NODES: &str = "SELECT n.name, n.hostnames, n.token_hash, n.created_at,
-        COALESCE(s.connected, 0), s.last_heartbeat, COALESCE(s.open_connections, 0), s.agent_version, s.remote_addr
+        COALESCE(s.connected, 0), s.last_heartbeat, COALESCE(s.open_connections, 0), s.agent_version, s.remote_addr, s.cert_not_after
     FROM nodes n LEFT JOIN node_status s ON s.name = n.name";
 
 fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
@@ -122,6 +132,7 @@ fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
             open_connections: row.get::<_, i64>(6)?.max(0) as u64,
             agent_version: row.get(7)?,
             remote_addr: row.get(8)?,
+            cert_not_after: row.get(9)?,
         },
     })
 }
@@ -210,14 +221,15 @@ impl Store for SqliteStore {
     fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError> {
         self.with(|conn| {
             conn.execute(
-                "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, updated_at)
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)
+                "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, updated_at, cert_not_after)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)
                  ON CONFLICT(name) DO UPDATE SET connected = excluded.connected,
                     last_heartbeat = COALESCE(excluded.last_heartbeat, node_status.last_heartbeat),
                     open_connections = excluded.open_connections,
                     agent_version = COALESCE(excluded.agent_version, node_status.agent_version),
                     remote_addr = COALESCE(excluded.remote_addr, node_status.remote_addr),
-                    updated_at = excluded.updated_at",
+                    updated_at = excluded.updated_at,
+                    cert_not_after = COALESCE(excluded.cert_not_after, node_status.cert_not_after)",
                 params![
                     name,
                     status.connected as i64,
@@ -225,7 +237,8 @@ impl Store for SqliteStore {
                     status.open_connections as i64,
                     status.agent_version,
                     status.remote_addr,
-                    now()
+                    now(),
+                    status.cert_not_after
                 ],
             )
             .map(|_| ())
@@ -234,6 +247,75 @@ impl Store for SqliteStore {
 
     fn reset_status(&self) -> Result<(), StoreError> {
         self.with(|conn| conn.execute("UPDATE node_status SET connected = 0, open_connections = 0", []).map(|_| ()))
+    }
+
+    fn put_challenge(&self, node: &str, name: &str, value: &str, max_per_node: usize) -> Result<bool, StoreError> {
+        let result = self.with(|conn| {
+            let tx = conn.transaction()?;
+            let count: i64 =
+                tx.query_row("SELECT COUNT(*) FROM acme_challenges WHERE node = ?1", params![node], |r| r.get(0))?;
+            let exists: bool = tx
+                .query_row("SELECT 1 FROM acme_challenges WHERE name = ?1 AND value = ?2", params![name, value], |_| {
+                    Ok(())
+                })
+                .optional()?
+                .is_some();
+            if !exists && count as usize >= max_per_node {
+                return Ok(None);
+            }
+            tx.execute(
+                "INSERT INTO acme_challenges (node, name, value, created_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name, value) DO UPDATE SET created_at = excluded.created_at",
+                params![node, name, value, now()],
+            )?;
+            bump_revision(&tx)?;
+            tx.commit()?;
+            Ok(Some(()))
+        })?;
+        Ok(result.is_some())
+    }
+
+    fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let n = match value {
+                Some(v) => tx.execute(
+                    "DELETE FROM acme_challenges WHERE node = ?1 AND name = ?2 AND value = ?3",
+                    params![node, name, v],
+                )?,
+                None => tx.execute("DELETE FROM acme_challenges WHERE node = ?1 AND name = ?2", params![node, name])?,
+            };
+            if n > 0 {
+                bump_revision(&tx)?;
+            }
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError> {
+        self.with(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT node, name, value, created_at FROM acme_challenges ORDER BY name, value")?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(ChallengeRecord { node: r.get(0)?, name: r.get(1)?, value: r.get(2)?, created_at: r.get(3)? })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>();
+            rows
+        })
+    }
+
+    fn expire_challenges(&self, created_before: i64) -> Result<usize, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute("DELETE FROM acme_challenges WHERE created_at < ?1", params![created_before])?;
+            if n > 0 {
+                bump_revision(&tx)?;
+            }
+            tx.commit()?;
+            Ok(n)
+        })
     }
 }
 

@@ -1,0 +1,258 @@
+//! Certificates for nodes, through the server's zone.
+//!
+//! - `PUT`/`DELETE /api/signal/acme-challenge`: an agent that runs ACME
+//!   itself (node-side flow) has the server publish and remove its DNS-01
+//!   TXT values. `PUT` answers once our own DNS serves the value.
+//! - `POST /api/signal/certificate`: the CSR flow. The agent keeps its key
+//!   and sends a CSR; the server, holding the ACME account, publishes the
+//!   challenges in its zone, completes the order and returns the chain.
+//!
+//! Both refuse (403, nothing published) anything that is not the calling
+//! node's own names: `_acme-challenge.<node>.<zone>` for TXT values, and
+//! `<node>.<zone>` / `*.<node>.<zone>` in a CSR.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::registry::NodeHandle;
+use crate::Shared;
+
+/// Most TXT values one node may have published at once.
+pub const MAX_VALUES_PER_NODE: usize = 8;
+/// Values older than this are removed even if the agent never asks.
+pub const CHALLENGE_LIFETIME_SECS: i64 = 3600;
+/// How long `PUT` waits for our DNS to serve a new value.
+const SERVED_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why a challenge or certificate request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CertRequestError {
+    /// The request names something that is not the node's own.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The node has too many values published.
+    #[error("too many TXT values published for this node (at most {MAX_VALUES_PER_NODE}); remove some first")]
+    TooMany,
+    /// This server has no `[dns]` or no `[acme]` section.
+    #[error("{0}")]
+    NotConfigured(&'static str),
+    /// An order for this node is already running.
+    #[error("a certificate order for this node is already running; retry later")]
+    Busy,
+    /// The store, our DNS or the CA failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CertRequestError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Invalid(_) => StatusCode::BAD_REQUEST,
+            Self::TooMany => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::Busy => StatusCode::CONFLICT,
+            Self::Failed(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+impl IntoResponse for CertRequestError {
+    fn into_response(self) -> Response {
+        (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+/// Body of `PUT`/`DELETE /api/signal/acme-challenge`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeRequest {
+    /// `_acme-challenge.<node>.<zone>`.
+    pub name: String,
+    /// The DNS-01 value (base64url of a SHA-256 digest). Optional for
+    /// `DELETE`, which then removes every value at the name.
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// Body of `POST /api/signal/certificate`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRequest {
+    /// PKCS#10 CSR, DER, base64 (standard or URL-safe alphabet).
+    pub csr: String,
+}
+
+/// Answer of `POST /api/signal/certificate`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct CertificateResponse {
+    /// Leaf first, PEM.
+    pub chain_pem: String,
+    /// The ACME directory that issued it.
+    pub directory: String,
+    /// The CA's suggested renewal window (Unix seconds), if it offers one.
+    pub renewal_window: Option<(i64, i64)>,
+}
+
+/// The one TXT name a node may publish at, checked case-insensitively.
+fn own_challenge_name(shared: &Shared, node: &NodeHandle, name: &str) -> Result<String, CertRequestError> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let own = format!("{}.{}.{}", crate::dns::zone::ACME_LABEL, node.name, shared.config.zone());
+    if name != own {
+        shared.metrics.foreign_name_refusals.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %node.name, %name, "refused a TXT record outside the node's own names");
+        return Err(CertRequestError::Forbidden(format!("node {} may only publish TXT values at {own}", node.name)));
+    }
+    Ok(name)
+}
+
+fn check_value(value: &str) -> Result<(), CertRequestError> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(CertRequestError::Invalid("value must be 1 to 128 base64url characters".into()))
+    }
+}
+
+/// Where to ask our own DNS (a wildcard listen address is asked on loopback).
+fn dns_target(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => (std::net::Ipv4Addr::LOCALHOST, a.port()).into(),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => (std::net::Ipv6Addr::LOCALHOST, a.port()).into(),
+        other => other,
+    }
+}
+
+/// Publishes a value for `node` and returns once our DNS serves it.
+pub async fn publish(shared: &Shared, node: &NodeHandle, name: &str, value: &str) -> Result<(), CertRequestError> {
+    let dns =
+        shared.dns_addr.ok_or(CertRequestError::NotConfigured("this server runs no DNS ([dns] is not configured)"))?;
+    let name = own_challenge_name(shared, node, name)?;
+    check_value(value)?;
+    let store = shared.store.clone();
+    let (n, nm, v) = (node.name.clone(), name.clone(), value.to_string());
+    let stored = tokio::task::spawn_blocking(move || store.put_challenge(&n, &nm, &v, MAX_VALUES_PER_NODE))
+        .await
+        .map_err(|e| CertRequestError::Failed(e.to_string()))?
+        .map_err(|e| CertRequestError::Failed(e.to_string()))?;
+    if !stored {
+        return Err(CertRequestError::TooMany);
+    }
+    shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?;
+    edge_certs::dns_check::wait_for_txt(dns_target(dns), &name, value, SERVED_DEADLINE)
+        .await
+        .map_err(CertRequestError::Failed)?;
+    tracing::info!(node = %node.name, %name, "DNS-01 TXT value published");
+    Ok(())
+}
+
+/// Removes one value (or all at `name`) of `node`.
+pub async fn remove(
+    shared: &Shared,
+    node: &NodeHandle,
+    name: &str,
+    value: Option<&str>,
+) -> Result<usize, CertRequestError> {
+    let name = own_challenge_name(shared, node, name)?;
+    if let Some(v) = value {
+        check_value(v)?;
+    }
+    let store = shared.store.clone();
+    let (n, nm, v) = (node.name.clone(), name.clone(), value.map(str::to_string));
+    let removed = tokio::task::spawn_blocking(move || store.remove_challenge(&n, &nm, v.as_deref()))
+        .await
+        .map_err(|e| CertRequestError::Failed(e.to_string()))?
+        .map_err(|e| CertRequestError::Failed(e.to_string()))?;
+    shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?;
+    tracing::info!(node = %node.name, %name, removed, "DNS-01 TXT value removed");
+    Ok(removed)
+}
+
+/// The server's zone as a [`edge_certs::acme::ChallengeSink`] for one node.
+struct ZoneSink<'a> {
+    shared: &'a Shared,
+    node: &'a NodeHandle,
+}
+
+impl edge_certs::acme::ChallengeSink for ZoneSink<'_> {
+    fn publish<'a>(&'a self, name: &'a str, value: &'a str) -> edge_certs::acme::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { publish(self.shared, self.node, name, value).await.map_err(|e| e.to_string()) })
+    }
+
+    fn remove<'a>(&'a self, name: &'a str, value: &'a str) -> edge_certs::acme::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            remove(self.shared, self.node, name, Some(value)).await.map(|_| ()).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Per-node guards so one node runs one order at a time.
+#[derive(Debug, Default)]
+pub struct OrderLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl OrderLocks {
+    fn for_node(&self, node: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(node.to_string()).or_default().clone()
+    }
+}
+
+/// The CSR flow: checks the CSR's names, then runs the order.
+pub async fn issue_for_csr(
+    shared: &Shared,
+    node: &NodeHandle,
+    request: &CertificateRequest,
+) -> Result<CertificateResponse, CertRequestError> {
+    let acme = shared.acme.as_ref().ok_or(CertRequestError::NotConfigured("this server has no [acme] section"))?;
+    let text = request.csr.trim();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text.trim_end_matches('=')))
+        .map_err(|_| CertRequestError::Invalid("csr must be base64 of a DER PKCS#10 request".into()))?;
+    let names = edge_certs::info::csr_names(&der).map_err(|e| CertRequestError::Invalid(format!("csr: {e}")))?;
+    if let Some(foreign) = names.iter().find(|n| !node.hostnames.contains(n)) {
+        shared.metrics.foreign_name_refusals.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %node.name, name = %foreign, "refused a CSR naming another node's or an unknown name");
+        return Err(CertRequestError::Forbidden(format!(
+            "node {} may only request certificates for {:?}; the CSR names {foreign}",
+            node.name, node.hostnames
+        )));
+    }
+    let lock = shared.order_locks.for_node(&node.name);
+    let Ok(_guard) = lock.try_lock() else {
+        return Err(CertRequestError::Busy);
+    };
+    tracing::info!(node = %node.name, names = ?names, "certificate requested (CSR flow)");
+    let sink = ZoneSink { shared, node };
+    match acme.issue(&names, &der, &sink).await {
+        Ok(issued) => {
+            shared.metrics.certificates_issued.fetch_add(1, Ordering::Relaxed);
+            Ok(CertificateResponse {
+                chain_pem: issued.chain_pem,
+                directory: issued.directory,
+                renewal_window: issued.renewal_window,
+            })
+        }
+        Err(e) => {
+            shared.metrics.certificate_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(node = %node.name, error = %e, "certificate order failed");
+            Err(CertRequestError::Failed(e.to_string()))
+        }
+    }
+}

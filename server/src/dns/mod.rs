@@ -1,0 +1,185 @@
+//! Authoritative DNS for the cluster zone, on hickory-server (UDP and TCP).
+//!
+//! [`zone`] holds the data and the answering rules (sans-IO); this module
+//! builds the zone from the config and the server's state, swaps in a new
+//! snapshot on every change, and answers queries from the current one.
+
+pub mod zone;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, TXT};
+use hickory_proto::rr::{Name, RData, Record};
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DnsConfig, StaticKind};
+use zone::{Zone, ZoneSettings};
+
+/// The current zone snapshot, swapped as a whole on every change.
+#[derive(Debug)]
+pub struct ZoneCell {
+    current: RwLock<Arc<Zone>>,
+}
+
+impl ZoneCell {
+    /// The zone from the config, with no nodes yet.
+    pub fn from_config(dns: &DnsConfig, zone: &str, tls: SocketAddr) -> Result<Self, String> {
+        let origin = fqdn(zone)?;
+        let nameservers = if dns.nameservers.is_empty() {
+            vec![fqdn(&format!("ns.{zone}"))?]
+        } else {
+            dns.nameservers.iter().map(|n| fqdn(n)).collect::<Result<_, _>>()?
+        };
+        let hostmaster = fqdn(dns.hostmaster.as_deref().unwrap_or(&format!("hostmaster.{zone}")))?;
+        let settings = ZoneSettings {
+            nameservers,
+            hostmaster,
+            address_ttl: dns.address_ttl_secs,
+            txt_ttl: dns.txt_ttl_secs,
+            zone_ttl: dns.zone_ttl_secs,
+            negative_ttl: dns.negative_ttl_secs,
+        };
+        let mut statics = Vec::new();
+        for (i, r) in dns.records.iter().enumerate() {
+            let name = fqdn(&DnsConfig::absolute(&r.name, zone))?;
+            let bad = || format!("dns.records[{i}].value = {:?}", r.value);
+            let data = match r.kind {
+                StaticKind::A => RData::A(A(r.value.parse().map_err(|_| bad())?)),
+                StaticKind::AAAA => RData::AAAA(AAAA(r.value.parse().map_err(|_| bad())?)),
+                StaticKind::TXT => RData::TXT(TXT::new(vec![r.value.clone()])),
+            };
+            statics.push(Record::from_rdata(name, r.ttl_secs, data));
+        }
+        let zone = Zone::new(origin, settings, dns.ingress_addresses(tls), statics);
+        Ok(Self { current: RwLock::new(Arc::new(zone)) })
+    }
+
+    /// The snapshot answering queries now.
+    pub fn current(&self) -> Arc<Zone> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the dynamic content: node names (all answering the cluster
+    /// addresses until direct mode exists), challenge values per node, and
+    /// the serial (the store's revision, so it moves with every change).
+    pub fn update(&self, serial: u32, nodes: &[String], challenges: HashMap<String, Vec<String>>) {
+        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let cluster = guard.cluster_addresses().to_vec();
+        let nodes: HashMap<String, Vec<IpAddr>> = nodes.iter().map(|n| (n.clone(), cluster.clone())).collect();
+        *guard = Arc::new(guard.with_state(serial, nodes, challenges));
+    }
+}
+
+fn fqdn(name: &str) -> Result<Name, String> {
+    Name::from_str(&format!("{}.", name.trim_end_matches('.').to_ascii_lowercase()))
+        .map_err(|e| format!("{name:?} is not a DNS name: {e}"))
+}
+
+/// Answers queries from the current zone snapshot.
+#[derive(Debug, Clone)]
+pub struct Handler {
+    zone: Arc<ZoneCell>,
+    shared: Arc<crate::Shared>,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        let mut edns_out = None;
+        if let Some(req_edns) = request.edns.as_ref() {
+            let mut e = Edns::new();
+            e.set_max_payload(req_edns.max_payload().clamp(512, 1232));
+            e.set_version(0);
+            edns_out = Some(e);
+        }
+        let answer = if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query
+        {
+            None
+        } else {
+            request.request_info().ok().map(|info| {
+                let name: Name = info.query.name().into();
+                self.zone.current().answer(&name, info.query.query_type(), info.query.query_class())
+            })
+        };
+        let result = match answer {
+            Some(answer) => {
+                metadata.authoritative = answer.authoritative;
+                metadata.response_code = answer.rcode;
+                self.shared.metrics.dns_query(answer.rcode);
+                let mut builder = builder;
+                if let Some(e) = edns_out.as_ref() {
+                    builder.edns(e);
+                }
+                let response_message = builder.build(
+                    metadata,
+                    answer.answers.iter(),
+                    answer.authority.iter(),
+                    std::iter::empty(),
+                    std::iter::empty(),
+                );
+                response.send_response(response_message).await
+            }
+            None => {
+                let code = if request.metadata.op_code != OpCode::Query {
+                    ResponseCode::NotImp
+                } else {
+                    ResponseCode::FormErr
+                };
+                self.shared.metrics.dns_query(code);
+                response.send_response(builder.error_msg(&request.metadata, code)).await
+            }
+        };
+        result.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "sending a DNS response failed");
+            let mut metadata = Metadata::response_from_request(&request.metadata);
+            metadata.response_code = ResponseCode::ServFail;
+            hickory_proto::op::Header { metadata, counts: Default::default() }.into()
+        })
+    }
+}
+
+/// Sockets of the DNS server, bound before the server runs.
+#[derive(Debug)]
+pub struct DnsSockets {
+    udp: UdpSocket,
+    tcp: TcpListener,
+}
+
+impl DnsSockets {
+    /// Binds UDP and TCP on `addr`; with port 0, TCP takes the UDP port.
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        let udp = UdpSocket::bind(addr).await?;
+        let tcp = TcpListener::bind(udp.local_addr()?).await?;
+        Ok(Self { udp, tcp })
+    }
+
+    /// The bound address (same port for UDP and TCP).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+}
+
+/// How long a TCP client may stay silent before its connection is closed.
+const TCP_IDLE: Duration = Duration::from_secs(5);
+
+/// Serves DNS until `shutdown`.
+pub async fn serve(sockets: DnsSockets, zone: Arc<ZoneCell>, shared: Arc<crate::Shared>, shutdown: CancellationToken) {
+    let mut server = hickory_server::Server::new(Handler { zone, shared });
+    server.register_socket(sockets.udp);
+    server.register_listener(sockets.tcp, TCP_IDLE, 64);
+    shutdown.cancelled().await;
+    if let Err(e) = server.shutdown_gracefully().await {
+        tracing::warn!(error = %e, "DNS server stopped with an error");
+    }
+}

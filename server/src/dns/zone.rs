@@ -1,0 +1,342 @@
+//! The cluster zone as data, and the answer to one question about it.
+//!
+//! Sans-IO: [`Zone::answer`] maps (name, type, class) to a response code
+//! and record sections, so every rule is tested without sockets. A new
+//! [`Zone`] is built whenever state changes (a node added or removed, a
+//! challenge value published); it is never edited in place, so an address
+//! change replaces the whole record set and the SOA serial (the store's
+//! revision) always moves with the content.
+//!
+//! What exists in the zone `z`:
+//! - `z`: SOA, NS, plus static records;
+//! - in-zone nameserver names (`ns.z` by default): A/AAAA of the cluster,
+//!   unless static records say otherwise;
+//! - `<node>.z` and any `<label>.<node>.z`: A/AAAA of the node (the cluster
+//!   ingress for now; direct mode will make this per node);
+//! - `_acme-challenge.<node>.z`: TXT with the published DNS-01 values;
+//! - names given as static records.
+//!
+//! Everything else in `z` is NXDOMAIN with the SOA; names outside `z` are
+//! REFUSED, so the server is never an open resolver.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+
+/// TTLs and SOA fields.
+#[derive(Debug, Clone)]
+pub struct ZoneSettings {
+    /// Nameserver names (NS at the apex; the first is the SOA MNAME).
+    pub nameservers: Vec<Name>,
+    /// SOA RNAME.
+    pub hostmaster: Name,
+    /// TTL of node A/AAAA records (short: modes and addresses change).
+    pub address_ttl: u32,
+    /// TTL of DNS-01 TXT records.
+    pub txt_ttl: u32,
+    /// TTL of SOA and NS.
+    pub zone_ttl: u32,
+    /// SOA minimum: how long resolvers cache "no such name".
+    pub negative_ttl: u32,
+}
+
+/// One answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// Response code.
+    pub rcode: ResponseCode,
+    /// Whether we are authoritative for the name (AA bit).
+    pub authoritative: bool,
+    /// Answer section.
+    pub answers: Vec<Record>,
+    /// Authority section (the SOA on negative answers).
+    pub authority: Vec<Record>,
+}
+
+/// A snapshot of the zone.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    origin: Name,
+    settings: ZoneSettings,
+    serial: u32,
+    cluster: Vec<IpAddr>,
+    /// Node label → the addresses its names answer.
+    nodes: HashMap<String, Vec<IpAddr>>,
+    /// Node label → TXT values at `_acme-challenge.<node>`.
+    challenges: HashMap<String, Vec<String>>,
+    /// Static records by lowercase owner name.
+    statics: BTreeMap<Name, Vec<Record>>,
+}
+
+/// The label under a node name that carries DNS-01 values.
+pub const ACME_LABEL: &str = "_acme-challenge";
+
+impl Zone {
+    /// A zone with no nodes. `origin` must be a lowercase FQDN.
+    pub fn new(origin: Name, settings: ZoneSettings, cluster: Vec<IpAddr>, statics: Vec<Record>) -> Self {
+        let mut by_name: BTreeMap<Name, Vec<Record>> = BTreeMap::new();
+        for r in statics {
+            by_name.entry(r.name.to_lowercase()).or_default().push(r);
+        }
+        Self {
+            origin,
+            settings,
+            serial: 1,
+            cluster,
+            nodes: HashMap::new(),
+            challenges: HashMap::new(),
+            statics: by_name,
+        }
+    }
+
+    /// The same zone with new dynamic content.
+    pub fn with_state(
+        &self,
+        serial: u32,
+        nodes: HashMap<String, Vec<IpAddr>>,
+        challenges: HashMap<String, Vec<String>>,
+    ) -> Self {
+        Self { serial, nodes, challenges, ..self.clone() }
+    }
+
+    /// The zone apex.
+    pub fn origin(&self) -> &Name {
+        &self.origin
+    }
+
+    /// The cluster's ingress addresses.
+    pub fn cluster_addresses(&self) -> &[IpAddr] {
+        &self.cluster
+    }
+
+    /// The SOA serial.
+    pub fn serial(&self) -> u32 {
+        self.serial
+    }
+
+    fn soa(&self) -> Record {
+        let mname = self.settings.nameservers.first().cloned().unwrap_or_else(|| self.origin.clone());
+        let soa = SOA::new(
+            mname,
+            self.settings.hostmaster.clone(),
+            self.serial,
+            3600,
+            600,
+            604_800,
+            self.settings.negative_ttl,
+        );
+        // RFC 2308: the SOA in a negative answer carries min(TTL, MINIMUM).
+        Record::from_rdata(self.origin.clone(), self.settings.zone_ttl, RData::SOA(soa))
+    }
+
+    fn address_records(&self, name: &Name, addrs: &[IpAddr], qtype: RecordType, ttl: u32) -> Vec<Record> {
+        addrs
+            .iter()
+            .filter_map(|ip| match (ip, qtype) {
+                (IpAddr::V4(v4), RecordType::A) => Some(RData::A(A(*v4))),
+                (IpAddr::V6(v6), RecordType::AAAA) => Some(RData::AAAA(AAAA(*v6))),
+                _ => None,
+            })
+            .map(|data| Record::from_rdata(name.clone(), ttl, data))
+            .collect()
+    }
+
+    fn negative(&self, rcode: ResponseCode) -> Answer {
+        let mut soa = self.soa();
+        soa.ttl = soa.ttl.min(self.settings.negative_ttl);
+        Answer { rcode, authoritative: true, answers: Vec::new(), authority: vec![soa] }
+    }
+
+    fn positive(&self, answers: Vec<Record>) -> Answer {
+        if answers.is_empty() {
+            // NODATA: the name exists, the type does not.
+            return self.negative(ResponseCode::NoError);
+        }
+        Answer { rcode: ResponseCode::NoError, authoritative: true, answers, authority: Vec::new() }
+    }
+
+    /// Answers one question.
+    pub fn answer(&self, qname: &Name, qtype: RecordType, qclass: DNSClass) -> Answer {
+        let refused = Answer { rcode: ResponseCode::Refused, authoritative: false, answers: vec![], authority: vec![] };
+        let qname = qname.to_lowercase();
+        if qclass != DNSClass::IN || !self.origin.zone_of(&qname) {
+            return refused;
+        }
+        if matches!(qtype, RecordType::ANY | RecordType::AXFR | RecordType::IXFR) {
+            // No zone transfers and no ANY (RFC 8482): nothing to amplify.
+            return Answer { rcode: ResponseCode::NotImp, authoritative: true, answers: vec![], authority: vec![] };
+        }
+        let depth = qname.num_labels().saturating_sub(self.origin.num_labels());
+        let labels: Vec<String> =
+            qname.iter().take(depth as usize).map(|l| String::from_utf8_lossy(l).into_owned()).collect();
+
+        // Static records define their names entirely.
+        if let Some(records) = self.statics.get(&qname) {
+            let mut answers: Vec<Record> = records.iter().filter(|r| r.record_type() == qtype).cloned().collect();
+            if depth == 0 {
+                answers.extend(self.apex_records(&qname, qtype));
+            }
+            return self.positive(answers);
+        }
+        match labels.as_slice() {
+            [] => self.positive(self.apex_records(&qname, qtype)),
+            [label] if self.nodes.contains_key(label) => {
+                self.positive(self.address_records(&qname, &self.nodes[label], qtype, self.settings.address_ttl))
+            }
+            [_] if self.settings.nameservers.contains(&qname) => {
+                self.positive(self.address_records(&qname, &self.cluster, qtype, self.settings.zone_ttl))
+            }
+            [first, node] if first == ACME_LABEL && self.nodes.contains_key(node) => {
+                let answers = match qtype {
+                    RecordType::TXT => self
+                        .challenges
+                        .get(node)
+                        .into_iter()
+                        .flatten()
+                        .map(|v| {
+                            Record::from_rdata(
+                                qname.clone(),
+                                self.settings.txt_ttl,
+                                RData::TXT(TXT::new(vec![v.clone()])),
+                            )
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                self.positive(answers)
+            }
+            [_, node] if self.nodes.contains_key(node) => {
+                self.positive(self.address_records(&qname, &self.nodes[node], qtype, self.settings.address_ttl))
+            }
+            _ => self.negative(ResponseCode::NXDomain),
+        }
+    }
+
+    fn apex_records(&self, apex: &Name, qtype: RecordType) -> Vec<Record> {
+        match qtype {
+            RecordType::SOA => vec![self.soa()],
+            RecordType::NS => self
+                .settings
+                .nameservers
+                .iter()
+                .map(|ns| Record::from_rdata(apex.clone(), self.settings.zone_ttl, RData::NS(NS(ns.clone()))))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn name(s: &str) -> Name {
+        Name::from_str(s).unwrap()
+    }
+
+    fn zone() -> Zone {
+        let settings = ZoneSettings {
+            nameservers: vec![name("ns.edge.test."), name("ns.other.example.")],
+            hostmaster: name("hostmaster.edge.test."),
+            address_ttl: 30,
+            txt_ttl: 5,
+            zone_ttl: 3600,
+            negative_ttl: 5,
+        };
+        let statics = vec![Record::from_rdata(name("www.edge.test."), 300, RData::A(A([192, 0, 2, 80].into())))];
+        let base = Zone::new(
+            name("edge.test."),
+            settings,
+            vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+            statics,
+        );
+        let nodes = HashMap::from([("n1".to_string(), base.cluster_addresses().to_vec())]);
+        let challenges = HashMap::from([("n1".to_string(), vec!["v1".to_string(), "v2".to_string()])]);
+        base.with_state(42, nodes, challenges)
+    }
+
+    fn ask(z: &Zone, q: &str, t: RecordType) -> Answer {
+        z.answer(&name(q), t, DNSClass::IN)
+    }
+
+    fn data(a: &Answer) -> Vec<String> {
+        a.answers.iter().map(|r| r.data.to_string()).collect()
+    }
+
+    #[test]
+    fn apex_has_soa_and_ns() {
+        let z = zone();
+        let soa = ask(&z, "edge.test.", RecordType::SOA);
+        assert_eq!((soa.rcode, soa.authoritative, soa.answers.len()), (ResponseCode::NoError, true, 1));
+        let RData::SOA(s) = &soa.answers[0].data else { panic!() };
+        assert_eq!((s.serial, s.minimum), (42, 5));
+        assert_eq!(data(&ask(&z, "edge.test.", RecordType::NS)), vec!["ns.edge.test.", "ns.other.example."]);
+    }
+
+    #[test]
+    fn node_names_and_one_label_wildcard_answer_addresses() {
+        let z = zone();
+        for q in ["n1.edge.test.", "N1.Edge.Test.", "api.n1.edge.test.", "_acme-challenge.n1.edge.test."] {
+            let a = ask(&z, q, RecordType::A);
+            if q.starts_with("_acme") {
+                assert!(a.answers.is_empty(), "the challenge name has only TXT");
+                continue;
+            }
+            assert_eq!(data(&a), vec!["192.0.2.1"], "{q}");
+            assert_eq!(a.answers[0].ttl, 30);
+        }
+        assert_eq!(data(&ask(&z, "n1.edge.test.", RecordType::AAAA)), vec!["2001:db8::1"]);
+        assert_eq!(data(&ask(&z, "ns.edge.test.", RecordType::A)), vec!["192.0.2.1"]);
+    }
+
+    #[test]
+    fn challenge_txt_values() {
+        let z = zone();
+        let a = ask(&z, "_acme-challenge.n1.edge.test.", RecordType::TXT);
+        assert_eq!(data(&a), vec!["v1", "v2"]);
+        assert_eq!(a.answers[0].ttl, 5);
+        let none = z.with_state(43, z.nodes.clone(), HashMap::new());
+        let a = ask(&none, "_acme-challenge.n1.edge.test.", RecordType::TXT);
+        assert_eq!((a.rcode, a.answers.len(), a.authority.len()), (ResponseCode::NoError, 0, 1));
+    }
+
+    #[test]
+    fn negative_answers_carry_a_short_soa() {
+        let z = zone();
+        for q in ["nobody.edge.test.", "a.b.n1.edge.test.", "_acme-challenge.nobody.edge.test."] {
+            let a = ask(&z, q, RecordType::A);
+            assert_eq!(a.rcode, ResponseCode::NXDomain, "{q}");
+            assert_eq!(a.authority.len(), 1);
+            assert_eq!(a.authority[0].record_type(), RecordType::SOA);
+            assert_eq!(a.authority[0].ttl, 5, "negative caching stays short");
+        }
+        let nodata = ask(&z, "n1.edge.test.", RecordType::MX);
+        assert_eq!((nodata.rcode, nodata.answers.len(), nodata.authority.len()), (ResponseCode::NoError, 0, 1));
+    }
+
+    #[test]
+    fn outside_the_zone_is_refused() {
+        let z = zone();
+        for q in ["example.com.", "test.", "xedge.test.", "n1.edge.test.evil."] {
+            let a = ask(&z, q, RecordType::A);
+            assert_eq!((a.rcode, a.authoritative, a.answers.len()), (ResponseCode::Refused, false, 0), "{q}");
+        }
+        let chaos = z.answer(&name("n1.edge.test."), RecordType::A, DNSClass::CH);
+        assert_eq!(chaos.rcode, ResponseCode::Refused);
+        assert_eq!(ask(&z, "edge.test.", RecordType::ANY).rcode, ResponseCode::NotImp);
+        assert_eq!(ask(&z, "edge.test.", RecordType::AXFR).rcode, ResponseCode::NotImp);
+    }
+
+    #[test]
+    fn static_records_and_removed_nodes() {
+        let z = zone();
+        assert_eq!(data(&ask(&z, "www.edge.test.", RecordType::A)), vec!["192.0.2.80"]);
+        let gone = z.with_state(44, HashMap::new(), HashMap::new());
+        assert_eq!(ask(&gone, "n1.edge.test.", RecordType::A).rcode, ResponseCode::NXDomain);
+        assert_eq!(ask(&gone, "x.n1.edge.test.", RecordType::A).rcode, ResponseCode::NXDomain);
+    }
+}
