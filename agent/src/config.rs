@@ -72,6 +72,57 @@ pub struct AgentConfig {
     /// Log format, `text` or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Publicly trusted certificate through ACME (unless `cert_file` is set).
+    #[serde(default)]
+    pub acme: AgentAcmeConfig,
+}
+
+/// Who runs ACME for the node's certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcmeFlow {
+    /// The agent sends a CSR; the server holds the ACME account (default).
+    /// The key never leaves the node. If the server offers no ACME, the
+    /// local certificate stays in use.
+    #[default]
+    Server,
+    /// The agent runs ACME itself; the server only publishes its DNS-01 TXT
+    /// values.
+    Node,
+    /// No ACME: a locally generated certificate.
+    Off,
+}
+
+/// ACME settings of the agent.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAcmeConfig {
+    /// `server` (default), `node` or `off`.
+    #[serde(default)]
+    pub flow: AcmeFlow,
+    /// ACME directories, tried in order (node flow).
+    #[serde(default)]
+    pub directories: Vec<String>,
+    /// Account contact addresses (node flow).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// CA (PEM) trusted for the directories' HTTPS (node flow; e.g. Pebble).
+    #[serde(default)]
+    pub root_ca_file: Option<PathBuf>,
+    /// When to renew and how to retry.
+    #[serde(default)]
+    pub renewal: edge_certs::renewal::RenewalPolicy,
+}
+
+impl AgentAcmeConfig {
+    /// The settings for the node-side flow.
+    pub fn settings(&self) -> edge_certs::acme::AcmeSettings {
+        edge_certs::acme::AcmeSettings {
+            directories: self.directories.clone(),
+            contact: self.contact.clone(),
+            root_ca_file: self.root_ca_file.clone(),
+        }
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -123,6 +174,7 @@ impl fmt::Debug for AgentConfig {
             .field("reconnect", &self.reconnect)
             .field("tunnel", &self.tunnel)
             .field("log_format", &self.log_format)
+            .field("acme", &self.acme)
             .finish()
     }
 }
@@ -150,6 +202,7 @@ impl AgentConfig {
                 config.cert_file.as_mut(),
                 config.key_file.as_mut(),
                 config.server_ca_file.as_mut(),
+                config.acme.root_ca_file.as_mut(),
             ]
             .into_iter()
             .flatten()
@@ -207,6 +260,12 @@ impl AgentConfig {
             )));
         }
         self.tunnel.validate("tunnel").map_err(err)?;
+        if self.acme.flow == AcmeFlow::Node {
+            self.acme.settings().validate("acme").map_err(err)?;
+        } else if !self.acme.directories.is_empty() {
+            return Err(err("acme.directories: only used with acme.flow = \"node\"".into()));
+        }
+        self.acme.renewal.validate("acme.renewal").map_err(err)?;
         Ok(ticket)
     }
 }
@@ -236,6 +295,8 @@ mod tests {
         let ticket = c.validate("examples/agent.toml").unwrap();
         assert_eq!(ticket.node(), "web1");
         assert_eq!(c.status_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.acme.flow, AcmeFlow::Server);
+        assert!((c.acme.renewal.fraction - 0.6667).abs() < 1e-9);
     }
 
     #[test]
@@ -248,6 +309,8 @@ mod tests {
             (format!("join = {j:?}\nupstream = \"h:1\"\nmode = \"bogus\""), "mode"),
             (format!("join = {j:?}\nupstream = \"h:1\"\n[reconnect]\ninitial_ms = 0"), "reconnect.initial_ms"),
             (format!("join = {j:?}\nupstream = \"h:1\"\ncert_file = \"c.pem\""), "key_file"),
+            (format!("join = {j:?}\nupstream = \"h:1\"\n[acme]\nflow = \"node\""), "acme.directories"),
+            (format!("join = {j:?}\nupstream = \"h:1\"\n[acme.renewal]\nfraction = 2.0"), "acme.renewal.fraction"),
         ];
         for (text, field) in cases {
             let err = AgentConfig::parse(&text, "agent.toml").and_then(|c| c.validate("agent.toml").map(|_| ()));

@@ -11,8 +11,10 @@
 //! - [`signal`]: heartbeats to the signal API.
 //! - [`status`]: local `/ready` and `/metrics`.
 //! - [`metrics`]: the agent's counters.
+//! - [`acme`]: the node's ACME certificate: obtain, store, renew, swap.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod config;
 pub mod direct;
 pub mod metrics;
@@ -78,6 +80,17 @@ pub struct AgentShared {
     /// for it, so a refused token is one refused attempt, not one per
     /// connection racing the others.
     welcomed: tokio::sync::watch::Sender<bool>,
+    /// Facts of the certificate being served.
+    certificate: Mutex<Option<edge_certs::info::CertInfo>>,
+    /// Set once the ACME manager runs.
+    acme_started: std::sync::atomic::AtomicBool,
+    /// Stops the agent's tasks.
+    shutdown: CancellationToken,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// The node as the server described it in its welcome.
@@ -107,8 +120,26 @@ impl AgentShared {
         self.node.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Facts of the certificate being served, once one is installed.
+    pub fn certificate(&self) -> Option<edge_certs::info::CertInfo> {
+        self.certificate.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Swaps a certificate into the TLS terminator: handshakes from now on
+    /// use it, connections already open keep theirs.
+    pub fn install_certificate(&self, key: Arc<rustls::sign::CertifiedKey>) {
+        let info = key.cert.first().and_then(|leaf| edge_certs::info::cert_info(leaf).ok());
+        if let Some(i) = &info {
+            self.metrics.cert_not_after.store(i.not_after.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        *self.certificate.lock().unwrap_or_else(|p| p.into_inner()) = info;
+        self.resolver.set(key);
+    }
+
     /// The node for a welcome; the certificate is loaded or generated once
-    /// and reused across reconnects while the names stay the same.
+    /// and reused across reconnects while the names stay the same. Without
+    /// a configured certificate, a stored ACME one is used when it covers
+    /// the names, else a local one until ACME delivers.
     async fn node_for(self: &Arc<Self>, name: &str, hostnames: &[String]) -> Result<Arc<Node>, AgentError> {
         let _setup = self.node_setup.lock().await;
         if let Some(node) = self.node.lock().unwrap_or_else(|p| p.into_inner()).clone() {
@@ -118,10 +149,30 @@ impl AgentShared {
         }
         let shared = self.clone();
         let (n, h) = (name.to_string(), hostnames.to_vec());
-        let key = tokio::task::spawn_blocking(move || tls::load_node_cert(&shared.config, &n, &h))
-            .await
-            .map_err(|e| AgentError::Fatal(format!("certificate task failed: {e}")))??;
-        self.resolver.set(key);
+        let use_acme = self.config.cert_file.is_none() && self.config.acme.flow != config::AcmeFlow::Off;
+        let (key, stored) = tokio::task::spawn_blocking(move || {
+            let stored = if use_acme {
+                match acme::load_stored(&acme::store_dir(&shared.config.data_dir)) {
+                    Ok(s) => s.filter(|s| acme::usable(&s.info, &h, unix_now())),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the stored ACME certificate is unusable; obtaining a new one");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            match &stored {
+                Some(s) => Ok((s.key.clone(), stored)),
+                None => tls::load_node_cert(&shared.config, &n, &h).map(|k| (k, None)),
+            }
+        })
+        .await
+        .map_err(|e| AgentError::Fatal(format!("certificate task failed: {e}")))??;
+        self.install_certificate(key);
+        if use_acme && !self.acme_started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tokio::spawn(acme::run(self.clone(), hostnames.to_vec(), stored, self.shutdown.clone()));
+        }
         let node = Arc::new(Node {
             shared: self.clone(),
             name: name.to_string(),
@@ -173,6 +224,9 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         node: Mutex::new(None),
         node_setup: tokio::sync::Mutex::new(()),
         welcomed: tokio::sync::watch::Sender::new(false),
+        certificate: Mutex::new(None),
+        acme_started: std::sync::atomic::AtomicBool::new(false),
+        shutdown: shutdown.clone(),
     });
     tracing::info!(node = shared.ticket.node(), server = %shared.ticket.server, upstream = %shared.config.upstream,
         mode = ?shared.config.mode, "edge-agent starting");

@@ -29,6 +29,26 @@ enum Command {
     Run(RunArgs),
     /// Check a config (file and flags) and print it with secrets masked.
     CheckConfig(RunArgs),
+    /// The node's certificate.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Show the certificate the agent serves: names, issuer, serial,
+    /// validity, and when it will be renewed.
+    Status {
+        /// Config file (TOML), for data_dir and the renewal policy.
+        #[arg(short, long, env = "EDGE_AGENT_CONFIG")]
+        config: Option<PathBuf>,
+        /// Data directory (instead of, or overriding, the config's).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,8 +137,77 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn cert_status(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> Result<()> {
+    let (data_dir, policy, cert_file) = match &config {
+        Some(path) => {
+            let c = AgentConfig::read(path)?;
+            (data_dir.unwrap_or(c.data_dir), c.acme.renewal, c.cert_file)
+        }
+        None => (
+            data_dir.unwrap_or_else(|| PathBuf::from("edge-agent-data")),
+            edge_certs::renewal::RenewalPolicy::default(),
+            None,
+        ),
+    };
+    if let Some(file) = cert_file {
+        let chain = edge_certs::pem::load_certs(&file)?;
+        let info = edge_certs::info::cert_info(chain.first().map(|c| c.as_ref()).unwrap_or_default())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        return print_status(
+            &info,
+            "configured file (not renewed by the agent)",
+            &file.display().to_string(),
+            None,
+            json,
+        );
+    }
+    let dir = edge_agent::acme::store_dir(&data_dir);
+    let stored = edge_agent::acme::load_stored(&dir).map_err(|e| anyhow::anyhow!(e))?;
+    let Some(stored) = stored else {
+        anyhow::bail!(
+            "no ACME certificate in {} yet (the agent serves a local certificate until one is issued)",
+            dir.display()
+        );
+    };
+    let i = &stored.info;
+    let renew = policy.renew_at(i.not_before, i.not_after, stored.meta.obtained_at, stored.meta.renewal_window, 0.5);
+    print_status(i, &stored.meta.directory, &dir.join("node.pem").display().to_string(), Some(renew), json)
+}
+
+fn print_status(
+    info: &edge_certs::info::CertInfo,
+    source: &str,
+    file: &str,
+    renew_at: Option<i64>,
+    json: bool,
+) -> Result<()> {
+    let fmt = edge_certs::format_unix;
+    if json {
+        let v = serde_json::json!({
+            "names": info.names, "issuer": info.issuer, "serial": info.serial,
+            "not_before": info.not_before, "not_after": info.not_after,
+            "next_renewal": renew_at, "source": source, "file": file,
+        });
+        println!("{v:#}");
+        return Ok(());
+    }
+    println!("names:        {}", info.names.join(", "));
+    println!("issuer:       {}", info.issuer);
+    println!("serial:       {}", info.serial);
+    println!("not before:   {}", fmt(info.not_before));
+    println!("not after:    {}", fmt(info.not_after));
+    match renew_at {
+        Some(t) => println!("next renewal: {} (estimate; ACME Renewal Info can bring it forward)", fmt(t)),
+        None => println!("next renewal: none (replace the file yourself)"),
+    }
+    println!("source:       {source}");
+    println!("file:         {file}");
+    Ok(())
+}
+
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Cert(CertCommand::Status { config, data_dir, json }) => cert_status(config, data_dir, json),
         Command::CheckConfig(args) => {
             let (config, _) = args.into_config()?;
             println!("{config:#?}");

@@ -32,13 +32,19 @@ pub struct AgentMetrics {
     pub lost_packets: AtomicU64,
     /// Bytes client → upstream (`tcp_to_quic` is upstream → client here).
     pub bytes: ByteCounters,
+    /// Expiry (Unix seconds) of the certificate being served.
+    pub cert_not_after: AtomicU64,
+    /// Certificates obtained through ACME and installed.
+    pub cert_renewals: AtomicU64,
+    /// ACME attempts that failed (each is retried with backoff).
+    pub cert_failures: AtomicU64,
 }
 
 impl AgentMetrics {
     /// Prometheus text format.
     pub fn render(&self) -> String {
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 13] = [
+        let rows: [(&str, &str, &str, u64); 16] = [
             ("edge_agent_cwnd_bytes", "gauge", "Congestion window of the tunnel.", g(&self.cwnd)),
             ("edge_agent_congestion_events", "gauge", "Congestion events on the tunnel.", g(&self.congestion_events)),
             ("edge_agent_lost_packets", "gauge", "Packets the tunnel declared lost.", g(&self.lost_packets)),
@@ -50,6 +56,24 @@ impl AgentMetrics {
             ("edge_agent_open_streams", "gauge", "Client streams open now.", g(&self.open_streams)),
             ("edge_agent_streams_total", "counter", "Client streams accepted.", g(&self.total_streams)),
             ("edge_agent_stream_errors_total", "counter", "Client streams that failed.", g(&self.stream_errors)),
+            (
+                "edge_agent_certificate_expiry_timestamp_seconds",
+                "gauge",
+                "Expiry of the certificate being served.",
+                g(&self.cert_not_after),
+            ),
+            (
+                "edge_agent_certificate_renewals_total",
+                "counter",
+                "Certificates obtained and installed.",
+                g(&self.cert_renewals),
+            ),
+            (
+                "edge_agent_certificate_failures_total",
+                "counter",
+                "Failed certificate attempts.",
+                g(&self.cert_failures),
+            ),
             (
                 "edge_agent_bytes_to_upstream_total",
                 "counter",

@@ -44,6 +44,7 @@ pub async fn run(shared: Arc<AgentShared>, shutdown: CancellationToken) {
 
 /// One heartbeat request.
 pub async fn send(shared: &AgentShared) -> Result<(), String> {
+    let cert_not_after = shared.certificate().map(|c| c.not_after);
     let m = &shared.metrics;
     let body = serde_json::json!({
         "status": "ready",
@@ -56,8 +57,27 @@ pub async fn send(shared: &AgentShared) -> Result<(), String> {
             "tunnels_up": m.tunnels_up.load(Ordering::Relaxed),
             "bytes_to_upstream": m.bytes.quic_to_tcp.load(Ordering::Relaxed),
             "bytes_from_upstream": m.bytes.tcp_to_quic.load(Ordering::Relaxed),
-        }
+        },
+        "cert_not_after": cert_not_after,
     });
+    let (status, body) = request(shared, hyper::Method::POST, "/api/signal/heartbeat", &body, MAX_RESPONSE).await?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("{status}: {}", String::from_utf8_lossy(&body).trim()))
+    }
+}
+
+/// One JSON request to the signal API with the node token, over HTTPS with
+/// the tunnel's server trust. Returns the status and up to `max_response`
+/// bytes of body; the caller sets the deadline.
+pub async fn request(
+    shared: &AgentShared,
+    method: hyper::Method,
+    path: &str,
+    body: &serde_json::Value,
+    max_response: usize,
+) -> Result<(hyper::StatusCode, Bytes), String> {
     let api = &shared.ticket.api;
     let tcp = tokio::net::TcpStream::connect(api).await.map_err(|e| format!("connect: {e}"))?;
     let connector = tokio_rustls::TlsConnector::from(shared.trust.client_config(b"http/1.1"));
@@ -66,7 +86,9 @@ pub async fn send(shared: &AgentShared) -> Result<(), String> {
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
     let driver = tokio::spawn(conn);
-    let request = hyper::Request::post("/api/signal/heartbeat")
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, api.as_str())
         .header(hyper::header::AUTHORIZATION, format!("Bearer {}", shared.ticket.token))
         .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -76,16 +98,12 @@ pub async fn send(shared: &AgentShared) -> Result<(), String> {
     let result = match response {
         Ok(response) => {
             let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_RESPONSE)
+            let body = Limited::new(response.into_body(), max_response)
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!("{status}: {}", String::from_utf8_lossy(&body).trim()))
-            }
+                .map_err(|e| format!("reading response: {e}"));
+            body.map(|b| (status, b))
         }
         Err(e) => Err(e),
     };

@@ -31,6 +31,23 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<rustls::sign::CertifiedKey, CertError> {
     let chain = load_certs(cert)?;
     let key_der = load_key(key)?;
+    certified_key(chain, key_der, key, cert)
+}
+
+/// Builds a rustls signing key from one PEM file holding the private key
+/// and the chain (leaf first), as the ACME store keeps them.
+pub fn load_bundle(path: &Path) -> Result<rustls::sign::CertifiedKey, CertError> {
+    let chain = load_certs(path)?;
+    let key_der = load_key(path)?;
+    certified_key(chain, key_der, path, path)
+}
+
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key_der: PrivateKeyDer<'static>,
+    key: &Path,
+    cert: &Path,
+) -> Result<rustls::sign::CertifiedKey, CertError> {
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let signing = provider
         .key_provider

@@ -219,7 +219,6 @@ pub async fn issue_for_csr(
     node: &NodeHandle,
     request: &CertificateRequest,
 ) -> Result<CertificateResponse, CertRequestError> {
-    let acme = shared.acme.as_ref().ok_or(CertRequestError::NotConfigured("this server has no [acme] section"))?;
     let text = request.csr.trim();
     let der = base64::engine::general_purpose::STANDARD
         .decode(text)
@@ -234,6 +233,9 @@ pub async fn issue_for_csr(
             node.name, node.hostnames
         )));
     }
+    // Names are checked first: a foreign name is refused (403) whether or
+    // not this server runs ACME.
+    let acme = shared.acme.as_ref().ok_or(CertRequestError::NotConfigured("this server has no [acme] section"))?;
     let lock = shared.order_locks.for_node(&node.name);
     let Ok(_guard) = lock.try_lock() else {
         return Err(CertRequestError::Busy);

@@ -504,6 +504,10 @@ mod tests {
         let c = ServerConfig::parse(text, "examples/server.toml").unwrap();
         assert_eq!(c.zone(), "edge.example.com");
         assert_eq!(c.public.quic.as_deref(), Some("edge.example.com:4433"));
+        let dns = c.dns.as_ref().unwrap();
+        assert_eq!(dns.records.len(), 1);
+        crate::dns::ZoneCell::from_config(dns, c.zone(), c.listen.tls).unwrap();
+        assert_eq!(c.acme.unwrap().settings.directories.len(), 2);
     }
 
     #[test]

@@ -157,23 +157,29 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
                             "connected": n.status.connected, "last_heartbeat": n.status.last_heartbeat,
                             "open_connections": n.status.open_connections,
                             "agent_version": n.status.agent_version, "remote_addr": n.status.remote_addr,
+                            "cert_not_after": n.status.cert_not_after,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<20} {:<10} {:<22} {:>6}  HOSTNAMES", "NAME", "CONNECTED", "LAST HEARTBEAT", "CONNS");
+                println!(
+                    "{:<20} {:<10} {:<22} {:>6}  {:<20}  HOSTNAMES",
+                    "NAME", "CONNECTED", "LAST HEARTBEAT", "CONNS", "CERT EXPIRES"
+                );
                 let now = edge_server::unix_now();
                 for n in &nodes {
                     let hb =
                         n.status.last_heartbeat.map_or("never".to_string(), |t| format!("{}s ago", (now - t).max(0)));
                     let connected = if n.status.connected { "yes" } else { "no" };
+                    let expiry = n.status.cert_not_after.map_or("unknown".to_string(), edge_certs::format_unix);
                     println!(
-                        "{:<20} {:<10} {:<22} {:>6}  {}",
+                        "{:<20} {:<10} {:<22} {:>6}  {:<20}  {}",
                         n.name,
                         connected,
                         hb,
                         n.status.open_connections,
+                        expiry,
                         n.hostnames.join(" ")
                     );
                 }

@@ -8,6 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod clients;
+pub mod dns;
+pub mod pebble;
 pub mod upstreams;
 
 use std::io::{Read, Write};
@@ -99,6 +101,9 @@ pub struct ServerAddrs {
     pub quic: SocketAddr,
     /// Signal API.
     pub api: SocketAddr,
+    /// DNS, when the config has `[dns]`.
+    #[serde(default)]
+    pub dns: Option<SocketAddr>,
 }
 
 /// A running `edge-server`.
@@ -171,11 +176,25 @@ impl Server {
     /// GET an API path with curl (`-k`: the identity is self-signed; agents
     /// pin it, tests only read).
     pub fn api_get(&self, path: &str, bearer: Option<&str>) -> Result<(u16, String)> {
+        self.api_call("GET", path, bearer, None)
+    }
+
+    /// Any API request with curl; `body` is sent as JSON.
+    pub fn api_call(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<(u16, String)> {
         let url = format!("https://{}{path}", self.addrs.api);
         let mut cmd = Command::new("curl");
-        cmd.args(["-sk", "--max-time", "10", "-w", "\n%{http_code}", &url]);
+        cmd.args(["-sk", "--max-time", "60", "-X", method, "-w", "\n%{http_code}", &url]);
         if let Some(token) = bearer {
             cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
+        }
+        if let Some(body) = body {
+            cmd.args(["-H", "Content-Type: application/json", "--data-binary", body]);
         }
         let out = cmd.output().context("running curl")?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -236,6 +255,16 @@ impl Agent {
             recorded.or_else(|| (!proc.alive()).then(|| SocketAddr::from(([127, 0, 0, 1], 1))))
         })?;
         Ok(Self { proc, data_dir: dir.to_path_buf(), status })
+    }
+
+    /// Starts an agent with a config file: `join`, `upstream`, then `extra`
+    /// (TOML tables such as `[acme]`); flags set the status and data paths.
+    pub fn spawn_with_config(dir: &Path, join: &str, upstream: SocketAddr, extra: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, format!("join = {join:?}\nupstream = \"{upstream}\"\n{extra}\n"))?;
+        let path = config.to_string_lossy().into_owned();
+        Self::spawn(dir, join, upstream, &["--config", &path])
     }
 
     /// Waits until `/ready` answers 200.

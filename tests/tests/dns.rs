@@ -1,0 +1,95 @@
+//! The server's authoritative DNS, asked with real `dig` queries over UDP
+//! and TCP: apex records, node names and wildcards, challenge TXT values,
+//! negative answers, refusal outside the zone, and changes without restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use edge_tests::dns::dig;
+use edge_tests::{wait_for, Server};
+
+const DNS: &str = "[dns]\nlisten = \"127.0.0.1:0\"\naddress_ttl_secs = 30\n\
+    [[dns.records]]\nname = \"www\"\ntype = \"A\"\nvalue = \"192.0.2.80\"\n";
+
+fn token_of(join: &str) -> String {
+    edge_proto::join::JoinTicket::parse(join).unwrap().token
+}
+
+#[test]
+fn dns_answers_over_udp_and_tcp_and_follows_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), DNS).unwrap();
+    let dns = server.addrs.dns.expect("dns address in listening.json");
+
+    for tcp in [false, true] {
+        let soa = dig(dns, "edge.test", "SOA", tcp).unwrap();
+        assert_eq!(soa.status, "NOERROR");
+        assert!(soa.authoritative, "AA flag on answers from the zone");
+        let data = soa.data("SOA");
+        assert_eq!(data.len(), 1);
+        assert!(data[0].starts_with("ns.edge.test. hostmaster.edge.test."), "{data:?}");
+        assert!(data[0].ends_with(" 5"), "negative-caching TTL (SOA minimum) stays short: {data:?}");
+        assert_eq!(dig(dns, "edge.test", "NS", tcp).unwrap().data("NS"), vec!["ns.edge.test."]);
+        assert_eq!(dig(dns, "ns.edge.test", "A", tcp).unwrap().data("A"), vec!["127.0.0.1"]);
+        assert_eq!(dig(dns, "www.edge.test", "A", tcp).unwrap().data("A"), vec!["192.0.2.80"]);
+
+        let unknown = dig(dns, "nobody.edge.test", "A", tcp).unwrap();
+        assert_eq!(unknown.status, "NXDOMAIN");
+        assert!(unknown.answers.is_empty());
+        assert_eq!(unknown.authority.len(), 1);
+        assert_eq!(unknown.authority[0].2, "SOA");
+        assert!(unknown.authority[0].1 <= 5, "negative answer TTL is min(SOA TTL, minimum)");
+
+        for outside in ["example.com", "edge.test.evil.example", "test"] {
+            let refused = dig(dns, outside, "A", tcp).unwrap();
+            assert_eq!(refused.status, "REFUSED", "{outside} is outside the zone: never an open resolver");
+            assert!(refused.answers.is_empty() && !refused.authoritative);
+        }
+        assert_eq!(dig(dns, "edge.test", "ANY", tcp).unwrap().status, "NOTIMP");
+    }
+    let serial_before: u64 =
+        dig(dns, "edge.test", "SOA", false).unwrap().data("SOA")[0].split_whitespace().nth(2).unwrap().parse().unwrap();
+
+    // A node added by the CLI resolves within seconds, no restart.
+    let join = server.add_node("n1").unwrap();
+    for tcp in [false, true] {
+        wait_for("A record of the new node", Duration::from_secs(5), || {
+            (dig(dns, "n1.edge.test", "A", tcp).ok()?.data("A") == vec!["127.0.0.1"]).then_some(())
+        })
+        .unwrap();
+        let wildcard = dig(dns, "api.N1.edge.test", "A", tcp).unwrap();
+        assert_eq!(wildcard.data("A"), vec!["127.0.0.1"], "one-label wildcard, case-insensitive");
+        assert_eq!(wildcard.answers[0].1, 30, "address TTL from the config");
+        assert_eq!(dig(dns, "a.b.n1.edge.test", "A", tcp).unwrap().status, "NXDOMAIN", "routing is one label deep");
+        let nodata = dig(dns, "n1.edge.test", "MX", tcp).unwrap();
+        assert_eq!((nodata.status.as_str(), nodata.answers.len(), nodata.authority.len()), ("NOERROR", 0, 1));
+    }
+    let serial_after: u64 =
+        dig(dns, "edge.test", "SOA", false).unwrap().data("SOA")[0].split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(serial_after > serial_before, "SOA serial moves with the zone: {serial_before} -> {serial_after}");
+
+    // A challenge value published through the signal API is served over
+    // both transports, and gone once deleted.
+    let token = token_of(&join);
+    let body = r#"{"name":"_acme-challenge.n1.edge.test","value":"abc-DEF_123"}"#;
+    let (code, text) = server.api_call("PUT", "/api/signal/acme-challenge", Some(&token), Some(body)).unwrap();
+    assert_eq!(code, 200, "{text}");
+    for tcp in [false, true] {
+        let txt = dig(dns, "_acme-challenge.n1.edge.test", "TXT", tcp).unwrap();
+        assert_eq!(txt.data("TXT"), vec!["abc-DEF_123"]);
+        assert!(txt.answers[0].1 <= 5, "challenge TXT TTL is short");
+    }
+    let (code, _) = server.api_call("DELETE", "/api/signal/acme-challenge", Some(&token), Some(body)).unwrap();
+    assert_eq!(code, 200);
+    let txt = dig(dns, "_acme-challenge.n1.edge.test", "TXT", false).unwrap();
+    assert_eq!((txt.status.as_str(), txt.answers.len()), ("NOERROR", 0));
+
+    // Removing the node removes its names.
+    server.cli(&["node", "remove", "n1"]).unwrap();
+    wait_for("NXDOMAIN after node remove", Duration::from_secs(5), || {
+        (dig(dns, "n1.edge.test", "A", false).ok()?.status == "NXDOMAIN").then_some(())
+    })
+    .unwrap();
+    let metrics = server.metrics().unwrap();
+    assert!(edge_tests::metric(&metrics, "edge_dns_responses_total{rcode=\"REFUSED\"}").unwrap() >= 6.0);
+}
