@@ -40,6 +40,9 @@ pub struct Meta {
     pub directory: String,
     /// The CA's suggested renewal window, if it offered one.
     pub renewal_window: Option<(i64, i64)>,
+    /// Serial of the certificate these facts belong to.
+    #[serde(default)]
+    pub serial: String,
 }
 
 /// A certificate from the store.
@@ -68,6 +71,8 @@ fn meta_path(dir: &Path) -> PathBuf {
 
 /// Loads the stored certificate, if there is a usable one.
 pub fn load_stored(dir: &Path) -> Result<Option<Stored>, String> {
+    // A crash between writing and checking a new pair leaves this behind.
+    let _ = std::fs::remove_file(dir.join(".incoming.pem"));
     let path = bundle_path(dir);
     if !path.exists() {
         return Ok(None);
@@ -78,7 +83,14 @@ pub fn load_stored(dir: &Path) -> Result<Option<Stored>, String> {
     let meta = std::fs::read(meta_path(dir))
         .ok()
         .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())
-        .unwrap_or(Meta { obtained_at: info.not_before, directory: String::new(), renewal_window: None });
+        // Facts of another certificate (a crash between the two writes) do not count.
+        .filter(|m| m.serial == info.serial)
+        .unwrap_or(Meta {
+            obtained_at: info.not_before,
+            directory: String::new(),
+            renewal_window: None,
+            serial: info.serial.clone(),
+        });
     Ok(Some(Stored { key: Arc::new(key), info, meta }))
 }
 
@@ -123,6 +135,9 @@ pub async fn run(
     let client = (flow == AcmeFlow::Node)
         .then(|| AcmeClient::new(shared.config.acme.settings(), &shared.config.data_dir.join("acme")));
     let mut attempt: u32 = 0;
+    // After a success, the next order waits at least the first retry delay:
+    // a past ARI window or a zero renew_after_secs never becomes a loop.
+    let mut not_before_next = i64::MIN;
     loop {
         let now = crate::unix_now();
         let due = match &current {
@@ -134,7 +149,8 @@ pub async fn run(
                 rand::random(),
             ),
             _ => now,
-        };
+        }
+        .max(not_before_next);
         if due > now {
             tracing::info!(next_renewal = %edge_certs::format_unix(due), "certificate is current");
             // Sleep in slices so a long wait never overflows a timer.
@@ -157,6 +173,7 @@ pub async fn run(
                     obtained_at: crate::unix_now(),
                     directory: obtained.directory,
                     renewal_window: obtained.renewal_window,
+                    serial: edge_certs::acme::leaf_info(&obtained.chain_pem).map(|i| i.serial).unwrap_or_default(),
                 };
                 match install(&shared, &dir, &obtained.key_pem, &obtained.chain_pem, meta) {
                     Ok(stored) => {
@@ -165,6 +182,7 @@ pub async fn run(
                             not_after = %edge_certs::format_unix(stored.info.not_after),
                             "certificate installed; new connections use it");
                         current = Some(stored);
+                        not_before_next = crate::unix_now() + policy.retry_initial_secs.ceil() as i64;
                         // Tell the server the new expiry now, not at the next beat.
                         let _ = tokio::time::timeout(Duration::from_secs(10), crate::signal::send(&shared)).await;
                     }

@@ -200,7 +200,16 @@ impl AcmeClient {
     pub async fn issue(&self, names: &[String], csr_der: &[u8], sink: &dyn ChallengeSink) -> Result<Issued, AcmeError> {
         let mut failures = Vec::new();
         for directory in &self.settings.directories {
-            match self.issue_at(directory, names, csr_der, sink).await {
+            // Polling is bounded by instant-acme; plain requests are not, so
+            // a CA that stalls a connection gets the same deadline overall.
+            let attempt = tokio::time::timeout(self.order_timeout * 2, self.issue_at(directory, names, csr_der, sink));
+            let result = attempt.await.unwrap_or_else(|_| {
+                Err(AcmeError::Ca {
+                    directory: directory.clone(),
+                    message: format!("no result within {:?}", self.order_timeout * 2),
+                })
+            });
+            match result {
                 Ok(issued) => return Ok(issued),
                 Err(e) => {
                     tracing::warn!(%directory, error = %e, "ACME order failed at this directory");
@@ -243,8 +252,9 @@ impl AcmeClient {
                 };
                 let name = format!("_acme-challenge.{host}");
                 let value = challenge.key_authorization().dns_value();
+                // Recorded first: a publish that fails half-way is removed too.
+                published.push((name.clone(), value.clone()));
                 sink.publish(&name, &value).await.map_err(|e| ca(format!("publishing TXT {name}: {e}")))?;
-                published.push((name.clone(), value));
                 tracing::info!(%name, "ACME: TXT published and served by our DNS");
                 challenge.set_ready().await.map_err(|e| ca(format!("challenge ready: {e}")))?;
             }

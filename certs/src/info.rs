@@ -54,14 +54,29 @@ pub fn csr_names(der: &[u8]) -> Result<Vec<String>, String> {
         let cn = cn.as_str().map_err(|_| "subject CN is not a string".to_string())?;
         names.push(cn.to_ascii_lowercase());
     }
+    let requests = csr
+        .certification_request_info
+        .iter_attributes()
+        .filter(|a| {
+            matches!(a.parsed_attribute(), x509_parser::cri_attributes::ParsedCriAttribute::ExtensionRequest(_))
+        })
+        .count();
+    if requests > 1 {
+        return Err("CSR has more than one extension request".into());
+    }
     for ext in csr.requested_extensions().into_iter().flatten() {
-        if let ParsedExtension::SubjectAlternativeName(san) = ext {
-            for name in &san.general_names {
-                match name {
-                    GeneralName::DNSName(dns) => names.push(dns.to_ascii_lowercase()),
-                    other => return Err(format!("CSR asks for a non-DNS name: {other}")),
+        match ext {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    match name {
+                        GeneralName::DNSName(dns) => names.push(dns.to_ascii_lowercase()),
+                        other => return Err(format!("CSR asks for a non-DNS name: {other}")),
+                    }
                 }
             }
+            // An extension we cannot read could hide names: refuse.
+            ParsedExtension::ParseError { error } => return Err(format!("CSR extension does not parse: {error}")),
+            _ => {}
         }
     }
     names.sort();

@@ -179,9 +179,13 @@ async fn certificate(State(shared): State<Arc<Shared>>, headers: HeaderMap, body
         Ok(r) => r,
         Err(response) => return response,
     };
-    match crate::certificates::issue_for_csr(&shared, &node, &req).await {
-        Ok(issued) => Json(issued).into_response(),
-        Err(e) => e.into_response(),
+    // The order runs in its own task: a client that hangs up mid-order does
+    // not cancel it halfway, so published TXT values are always removed.
+    let order = tokio::spawn(async move { crate::certificates::issue_for_csr(&shared, &node, &req).await });
+    match order.await {
+        Ok(Ok(issued)) => Json(issued).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("certificate task failed: {e}")),
     }
 }
 

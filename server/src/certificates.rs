@@ -153,10 +153,15 @@ pub async fn publish(shared: &Shared, node: &NodeHandle, name: &str, value: &str
     if !stored {
         return Err(CertRequestError::TooMany);
     }
-    shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?;
-    edge_certs::dns_check::wait_for_txt(dns_target(dns), &name, value, SERVED_DEADLINE)
-        .await
-        .map_err(CertRequestError::Failed)?;
+    let served = match shared.reload().await {
+        Ok(()) => edge_certs::dns_check::wait_for_txt(dns_target(dns), &name, value, SERVED_DEADLINE).await,
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = served {
+        // Not served: take it back, so failed attempts never pile up.
+        let _ = remove(shared, node, &name, Some(value)).await;
+        return Err(CertRequestError::Failed(e));
+    }
     tracing::info!(node = %node.name, %name, "DNS-01 TXT value published");
     Ok(())
 }

@@ -168,6 +168,25 @@ impl DnsConfig {
         }
     }
 
+    /// First labels under the zone used by static records and in-zone
+    /// nameservers: no node may take them (its certificate would cover an
+    /// operator's name).
+    pub fn reserved_labels(&self, zone: &str) -> Vec<String> {
+        let suffix = format!(".{zone}");
+        let names = self
+            .records
+            .iter()
+            .map(|r| Self::absolute(&r.name, zone))
+            .chain(self.nameservers.iter().map(|n| n.trim_end_matches('.').to_ascii_lowercase()))
+            .chain(self.nameservers.is_empty().then(|| format!("ns.{zone}")));
+        let mut labels: Vec<String> = names
+            .filter_map(|n| n.strip_suffix(&suffix).map(|rest| rest.rsplit('.').next().unwrap_or(rest).to_string()))
+            .collect();
+        labels.sort();
+        labels.dedup();
+        labels
+    }
+
     fn validate(&self, zone: &str, tls: SocketAddr) -> Result<(), String> {
         if self.ingress_addresses(tls).is_empty() {
             return Err(format!(
@@ -508,6 +527,18 @@ mod tests {
         assert_eq!(dns.records.len(), 1);
         crate::dns::ZoneCell::from_config(dns, c.zone(), c.listen.tls).unwrap();
         assert_eq!(c.acme.unwrap().settings.directories.len(), 2);
+    }
+
+    #[test]
+    fn operator_names_are_reserved() {
+        let text = format!(
+            "{MINIMAL}[dns]\nlisten = \"127.0.0.1:53\"\naddresses = [\"192.0.2.1\"]\n\
+             nameservers = [\"ns1.dns.edge.test\", \"ns.other.example\"]\n\
+             [[dns.records]]\nname = \"www\"\ntype = \"A\"\nvalue = \"192.0.2.2\"\n\
+             [[dns.records]]\nname = \"@\"\ntype = \"TXT\"\nvalue = \"v=spf1 -all\"\n"
+        );
+        let c = ServerConfig::parse(&text, "t").unwrap();
+        assert_eq!(c.dns.unwrap().reserved_labels("edge.test"), vec!["dns", "www"]);
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub struct Shared {
     pub acme: Option<edge_certs::acme::AcmeClient>,
     /// One certificate order per node at a time.
     pub order_locks: certificates::OrderLocks,
+    /// Reloads run one at a time, so an older snapshot never lands last.
+    pub reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -152,6 +154,7 @@ impl Shared {
 
     /// Reloads the registry and the zone from the store.
     pub async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
         let store = self.store.clone();
         let (records, challenges, revision) = tokio::task::spawn_blocking(move || {
             Ok::<_, StoreError>((store.list_nodes()?, store.list_challenges()?, store.revision()?))
@@ -299,6 +302,7 @@ impl Server {
             dns_addr: addrs.dns,
             acme,
             order_locks: Default::default(),
+            reload_lock: tokio::sync::Mutex::new(()),
         });
         shared.reload().await?;
         Ok(BoundServer { shared, tls, api, endpoint, api_tls, dns: dns_sockets, addrs })

@@ -123,6 +123,13 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
     match cmd {
         NodeCommand::Add { name } => {
             edge_proto::names::validate_node_name(&name).map_err(anyhow::Error::msg)?;
+            if let Some(dns) = &config.dns {
+                if let Some(taken) = dns.reserved_labels(config.zone()).into_iter().find(|l| *l == name) {
+                    bail!(
+                        "node name {taken:?} is taken by a DNS name of the operator (dns.records or dns.nameservers)"
+                    );
+                }
+            }
             let hostnames = edge_proto::names::node_hostnames(&name, config.zone());
             let token = edge_proto::join::make_token(&name, &rand::random());
             let ticket = join_ticket(&config, config_path, token.clone())?;

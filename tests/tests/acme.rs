@@ -115,8 +115,13 @@ fn csr_flow_issues_through_server_and_renews_without_dropping_connections() {
     let join = server.add_node("n1").unwrap();
     let upstream = rt.block_on(upstreams::http("hello from n1"));
     let agent_dir = dir.path().join("agent");
-    let agent =
-        Agent::spawn_with_config(&agent_dir, &join, upstream, "[acme.renewal]\nrenew_after_secs = 10\n").unwrap();
+    let agent = Agent::spawn_with_config(
+        &agent_dir,
+        &join,
+        upstream,
+        "[acme.renewal]\nrenew_after_secs = 10\nretry_initial_secs = 2\n",
+    )
+    .unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
     wait_renewals(&agent, 1.0, Duration::from_secs(90));
 

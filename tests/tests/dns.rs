@@ -50,6 +50,13 @@ fn dns_answers_over_udp_and_tcp_and_follows_state() {
     let serial_before: u64 =
         dig(dns, "edge.test", "SOA", false).unwrap().data("SOA")[0].split_whitespace().nth(2).unwrap().parse().unwrap();
 
+    // Operator names cannot become nodes: their certificates would cover
+    // the operator's records.
+    for taken in ["www", "ns"] {
+        let err = server.cli(&["node", "add", taken]).unwrap_err().to_string();
+        assert!(err.contains("taken by a DNS name of the operator"), "{err}");
+    }
+
     // A node added by the CLI resolves within seconds, no restart.
     let join = server.add_node("n1").unwrap();
     for tcp in [false, true] {
