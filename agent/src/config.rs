@@ -58,6 +58,12 @@ pub struct AgentConfig {
     /// same certificate and upstream); off when unset.
     #[serde(default)]
     pub direct_listen: Option<SocketAddr>,
+    /// Public endpoint for direct mode, `ip:port`, or `:port` for "the
+    /// address the server sees me at, this port" (a forwarded port). The
+    /// server probes it and points DNS here while it answers as this node.
+    /// Needs `direct_listen` and `mode = "terminate"`. Unset: proxy only.
+    #[serde(default)]
+    pub public_endpoint: Option<String>,
     /// QUIC connections held to the server. The server spreads client
     /// connections over them; each is driven on its own core, and losing one
     /// leaves the others serving.
@@ -170,6 +176,7 @@ impl fmt::Debug for AgentConfig {
             .field("alpn", &self.alpn)
             .field("status_listen", &self.status_listen)
             .field("direct_listen", &self.direct_listen)
+            .field("public_endpoint", &self.public_endpoint)
             .field("connections", &self.connections)
             .field("reconnect", &self.reconnect)
             .field("tunnel", &self.tunnel)
@@ -248,6 +255,21 @@ impl AgentConfig {
         if let Some(addr) = self.status_listen {
             if !addr.ip().is_loopback() {
                 return Err(err(format!("status_listen = {addr:?} must be a loopback address (127.0.0.0/8 or ::1)")));
+            }
+        }
+        if let Some(ep) = &self.public_endpoint {
+            let ok = match ep.strip_prefix(':') {
+                Some(port) => port.parse::<u16>().is_ok_and(|p| p != 0),
+                None => ep.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0 && !a.ip().is_unspecified()),
+            };
+            if !ok {
+                return Err(err(format!("public_endpoint = {ep:?} must be ip:port or :port")));
+            }
+            if self.direct_listen.is_none() {
+                return Err(err("public_endpoint needs direct_listen (the agent serves the endpoint itself)".into()));
+            }
+            if self.mode != Mode::Terminate {
+                return Err(err("public_endpoint needs mode = \"terminate\" (the agent answers probes in TLS)".into()));
             }
         }
         if !(1..=16).contains(&self.connections) {

@@ -104,6 +104,8 @@ pub struct Node {
     pub hostnames: Vec<String>,
     /// TLS config for terminating client connections.
     pub tls: Arc<rustls::ServerConfig>,
+    /// The same, plus the probe ALPN, for the direct listener.
+    pub direct_tls: Arc<rustls::ServerConfig>,
 }
 
 impl Node {
@@ -178,6 +180,11 @@ impl AgentShared {
             name: name.to_string(),
             hostnames: hostnames.to_vec(),
             tls: tls::termination_config(self.resolver.clone(), &self.config.alpn),
+            direct_tls: tls::termination_config(self.resolver.clone(), &{
+                let mut alpn = self.config.alpn.clone();
+                alpn.push(String::from_utf8_lossy(edge_proto::probe::ALPN).into_owned());
+                alpn
+            }),
         });
         *self.node.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
         Ok(node)

@@ -83,6 +83,10 @@ struct RunArgs {
     /// Also accept clients directly on this address (no tunnel).
     #[arg(long)]
     direct_listen: Option<SocketAddr>,
+    /// Public endpoint the server may probe and point DNS at (direct mode):
+    /// ip:port, or :port for the address the server sees.
+    #[arg(long, requires = "direct_listen")]
+    public_endpoint: Option<String>,
 }
 
 impl RunArgs {
@@ -121,6 +125,9 @@ impl RunArgs {
         }
         if self.direct_listen.is_some() {
             config.direct_listen = self.direct_listen;
+        }
+        if self.public_endpoint.is_some() {
+            config.public_endpoint = self.public_endpoint;
         }
         config.validate(&origin)?;
         Ok((config, origin))

@@ -168,6 +168,7 @@ async fn handshake(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         capabilities,
         instance: shared.instance.clone(),
+        endpoint: shared.config.public_endpoint.clone(),
     };
     if let Err(e) = writer.send(hello).await {
         return Err(conn

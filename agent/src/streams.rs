@@ -57,22 +57,21 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>)
             let _ = recv.stop(VarInt::from_u32(code));
             Err(e)
         }
-        Ok((header, upstream)) => match node.shared.config.mode {
-            Mode::Passthrough => {
-                let end = edge_net::splice::splice(
-                    upstream,
-                    send,
-                    recv,
-                    codes::STREAM_UPSTREAM_FAILED,
-                    &metrics.bytes,
-                    PASSTHROUGH_IDLE,
-                )
-                .await;
-                tracing::trace!(?end, sni = %header.sni, "passthrough stream done");
-                Ok(())
-            }
-            Mode::Terminate => terminate(tokio::io::join(recv, send), upstream, &node, &header.sni).await,
-        },
+        // Passthrough, and plain HTTP from the server's :80: bytes as they are.
+        Ok((header, upstream)) if header.plain || node.shared.config.mode == Mode::Passthrough => {
+            let end = edge_net::splice::splice(
+                upstream,
+                send,
+                recv,
+                codes::STREAM_UPSTREAM_FAILED,
+                &metrics.bytes,
+                PASSTHROUGH_IDLE,
+            )
+            .await;
+            tracing::trace!(?end, name = %header.sni, plain = header.plain, "raw stream done");
+            Ok(())
+        }
+        Ok((header, upstream)) => terminate(tokio::io::join(recv, send), upstream, &node, &header.sni).await,
     };
     metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
     if let Err(e) = result {
@@ -155,16 +154,39 @@ impl Abort for TcpStream {
     }
 }
 
+/// Copies plaintext between an established client TLS session and the
+/// upstream until both sides finish; an error aborts both.
+pub async fn pump<IO>(mut tls: tokio_rustls::server::TlsStream<IO>, mut upstream: TcpStream, node: &Node, sni: &str)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
+{
+    let copied = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut upstream, COPY_BUF, COPY_BUF).await;
+    let bytes = &node.shared.metrics.bytes;
+    match copied {
+        Ok((to_upstream, from_upstream)) => {
+            bytes.quic_to_tcp.fetch_add(to_upstream, Ordering::Relaxed);
+            bytes.tcp_to_quic.fetch_add(from_upstream, Ordering::Relaxed);
+            tracing::trace!(sni, to_upstream, from_upstream, "stream done");
+        }
+        Err(e) => {
+            // Abort both ways: reset the client side, RST the upstream.
+            let (io, _) = tls.into_inner();
+            io.abort(codes::STREAM_UPSTREAM_FAILED);
+            edge_net::splice::reset_tcp(&upstream);
+            tracing::debug!(sni, error = %e, "stream aborted");
+        }
+    }
+}
+
 /// Terminates the client's TLS on `io` with the node certificate and copies
-/// plaintext to and from `upstream` until both sides finish. Used for
-/// tunnel streams and for direct connections alike.
-pub async fn terminate<IO>(io: IO, mut upstream: TcpStream, node: &Node, sni: &str) -> Result<(), StreamError>
+/// plaintext to and from `upstream` until both sides finish.
+pub async fn terminate<IO>(io: IO, upstream: TcpStream, node: &Node, sni: &str) -> Result<(), StreamError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(node.tls.clone());
     let accept = acceptor.accept(io).into_fallible();
-    let mut tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, accept).await {
+    let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err((e, io))) => {
             io.abort(codes::STREAM_TLS_FAILED);
@@ -176,22 +198,6 @@ where
             return Err(StreamError::Tls("timed out".into()));
         }
     };
-    let copied = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut upstream, COPY_BUF, COPY_BUF).await;
-    let bytes = &node.shared.metrics.bytes;
-    match copied {
-        Ok((to_upstream, from_upstream)) => {
-            bytes.quic_to_tcp.fetch_add(to_upstream, Ordering::Relaxed);
-            bytes.tcp_to_quic.fetch_add(from_upstream, Ordering::Relaxed);
-            tracing::trace!(sni, to_upstream, from_upstream, "stream done");
-            Ok(())
-        }
-        Err(e) => {
-            // Abort both ways: reset the client side, RST the upstream.
-            let (io, _) = tls.into_inner();
-            io.abort(codes::STREAM_UPSTREAM_FAILED);
-            edge_net::splice::reset_tcp(&upstream);
-            tracing::debug!(sni, error = %e, "stream aborted");
-            Ok(())
-        }
-    }
+    pump(tls, upstream, node, sni).await;
+    Ok(())
 }

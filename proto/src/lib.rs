@@ -10,10 +10,12 @@
 //! - [`proxy_v2`]: PROXY protocol v2 headers sent from the agent to upstreams.
 //! - [`join`]: the one-line join string an operator hands to an agent.
 //! - [`names`]: DNS name rules shared by routing and the node registry.
+//! - [`probe`]: the nonce/answer proof that a probed endpoint is the node.
 #![forbid(unsafe_code)]
 
 pub mod client_hello;
 pub mod join;
 pub mod names;
+pub mod probe;
 pub mod proxy_v2;
 pub mod tunnel;

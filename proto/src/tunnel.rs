@@ -75,6 +75,10 @@ pub enum AgentMessage {
         /// an agent that was killed) are used only if no newer one is up.
         #[serde(default)]
         instance: String,
+        /// Public endpoint for direct mode, `host:port`, or `:port` for
+        /// "the address the server sees, this port". Absent: proxy only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
     },
     /// Liveness and load report.
     Heartbeat {
@@ -129,8 +133,12 @@ pub struct StreamHeader {
     pub client: SocketAddr,
     /// The server address the client connected to.
     pub local: SocketAddr,
-    /// The server name from the ClientHello.
+    /// The server name from the ClientHello (or the HTTP Host).
     pub sni: String,
+    /// Plain HTTP from the server's :80 listener: the agent forwards the
+    /// bytes to its upstream as they are (no TLS to terminate).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain: bool,
 }
 
 /// Errors decoding tunnel frames.
@@ -247,7 +255,9 @@ mod tests {
             client: "203.0.113.9:51000".parse().unwrap(),
             local: "[2001:db8::1]:443".parse().unwrap(),
             sni: "app.n1.example".into(),
+            plain: false,
         };
+        assert!(!String::from_utf8_lossy(&header.encode()).contains("plain"), "old agents still read it");
         let mut wire = header.encode();
         wire.extend_from_slice(b"\x16\x03\x01rest");
         for end in 0..wire.len() - 9 {
@@ -277,6 +287,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             capabilities: vec!["proxy_v2".into()],
             instance: "5f1e".into(),
+            endpoint: Some(":443".into()),
         };
         let mut buf = BytesMut::new();
         up.encode(hello.clone(), &mut buf).unwrap();

@@ -245,6 +245,16 @@ pub struct NodeView {
     pub remote_addr: Option<String>,
     /// Expiry (Unix seconds) of the certificate the agent serves.
     pub cert_not_after: Option<i64>,
+    /// `direct`, `proxy` or `offline`.
+    pub mode: &'static str,
+    /// The endpoint the agent declared, as probed.
+    pub endpoint: Option<String>,
+    /// Plain HTTP behaviour in proxy mode: `redirect` or `proxy`.
+    pub http_mode: String,
+    /// Newest probe samples first.
+    pub samples: Vec<crate::store::ProbeSample>,
+    /// The newest mode transition.
+    pub last_transition: Option<crate::store::ModeChange>,
 }
 
 async fn nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -253,7 +263,18 @@ async fn nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respons
     if !ok {
         return error(StatusCode::UNAUTHORIZED, "admin token required");
     }
-    let views: Vec<NodeView> = shared.registry.nodes().iter().map(|n| shared.node_view(n)).collect();
+    let mut views: Vec<NodeView> = shared.registry.nodes().iter().map(|n| shared.node_view(n)).collect();
+    let store = shared.store.clone();
+    let names: Vec<String> = views.iter().map(|v| v.name.clone()).collect();
+    let histories = tokio::task::spawn_blocking(move || {
+        names.iter().map(|n| store.mode_history(n, 5).unwrap_or_default()).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (view, history) in views.iter_mut().zip(histories) {
+        view.samples = history.samples;
+        view.last_transition = history.transitions.into_iter().next();
+    }
     Json(views).into_response()
 }
 

@@ -45,6 +45,29 @@ pub struct ServerConfig {
     /// ACME for nodes' certificates (CSR flow); needs `[dns]`.
     #[serde(default)]
     pub acme: Option<AcmeConfig>,
+    /// Direct/proxy mode detection.
+    #[serde(default)]
+    pub modes: ModesConfig,
+}
+
+/// How the detector decides direct or proxy mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModesConfig {
+    /// Time between probes of each node's endpoint.
+    pub probe_interval_ms: u64,
+    /// Deadline for one probe (connect, TLS, answer).
+    pub probe_timeout_ms: u64,
+    /// Consecutive failed probes that end direct mode.
+    pub failures_to_proxy: u32,
+    /// Probe samples kept per node.
+    pub samples_kept: usize,
+}
+
+impl Default for ModesConfig {
+    fn default() -> Self {
+        Self { probe_interval_ms: 10_000, probe_timeout_ms: 3_000, failures_to_proxy: 3, samples_kept: 20 }
+    }
 }
 
 /// Authoritative DNS for the zone (UDP and TCP on one address).
@@ -243,6 +266,8 @@ pub struct ListenConfig {
     pub quic: SocketAddr,
     /// Signal API (HTTPS over TCP).
     pub api: SocketAddr,
+    /// Plain HTTP (redirects and Host-routed proxying); off when unset.
+    pub http: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -251,6 +276,7 @@ impl Default for ListenConfig {
             tls: "0.0.0.0:443".parse().unwrap_or(([0, 0, 0, 0], 443).into()),
             quic: ([0, 0, 0, 0], 4433).into(),
             api: ([0, 0, 0, 0], 4433).into(),
+            http: None,
         }
     }
 }
@@ -330,6 +356,7 @@ impl fmt::Debug for ServerConfig {
             .field("log_format", &self.log_format)
             .field("dns", &self.dns)
             .field("acme", &self.acme)
+            .field("modes", &self.modes)
             .finish()
     }
 }
@@ -445,6 +472,19 @@ impl ServerConfig {
         }
         if let Some(dns) = &self.dns {
             dns.validate(self.zone(), self.listen.tls)?;
+        }
+        let m = &self.modes;
+        if !(100..=3_600_000).contains(&m.probe_interval_ms) {
+            return Err(format!("modes.probe_interval_ms = {} must be between 100 and 3600000", m.probe_interval_ms));
+        }
+        if !(100..=60_000).contains(&m.probe_timeout_ms) {
+            return Err(format!("modes.probe_timeout_ms = {} must be between 100 and 60000", m.probe_timeout_ms));
+        }
+        if !(1..=100).contains(&m.failures_to_proxy) {
+            return Err(format!("modes.failures_to_proxy = {} must be between 1 and 100", m.failures_to_proxy));
+        }
+        if !(1..=1000).contains(&m.samples_kept) {
+            return Err(format!("modes.samples_kept = {} must be between 1 and 1000", m.samples_kept));
         }
         if let Some(acme) = &self.acme {
             if self.dns.is_none() {

@@ -94,6 +94,11 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         return;
     };
     let Some(tunnel) = node.pick_tunnel() else {
+        // A direct-mode node reached through a stale DNS answer: hand the
+        // bytes to its own endpoint (plain L4) rather than drop the client.
+        if let (crate::modes::Mode::Direct, Some(endpoint)) = (node.current_mode(), node.current_endpoint()) {
+            return splice_to_endpoint(tcp, &hello, endpoint, &shared, &node).await;
+        }
         shared.metrics.reject("node_offline");
         tracing::debug!(%peer, %sni, node = %node.name, "node has no tunnel");
         send_alert(&mut tcp, AlertDescription::InternalError).await;
@@ -122,7 +127,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _active = GaugeGuard::new(&node.metrics.active);
     node.metrics.total.fetch_add(1, Ordering::Relaxed);
 
-    let mut first = StreamHeader { client: peer, local, sni }.encode();
+    let mut first = StreamHeader { client: peer, local, sni, plain: false }.encode();
     first.extend_from_slice(&hello);
     if send.write_all(&first).await.is_err() {
         shared.metrics.reject("tunnel_failed");
@@ -135,6 +140,40 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let end = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes, idle).await;
     tracing::trace!(%peer, node = %node.name, ?end, "connection finished");
+}
+
+/// Splices a client to a direct-mode node's endpoint, replaying the hello.
+async fn splice_to_endpoint(
+    mut tcp: TcpStream,
+    hello: &[u8],
+    endpoint: SocketAddr,
+    shared: &Shared,
+    node: &crate::registry::NodeHandle,
+) {
+    let limits = &shared.config.limits;
+    let connect =
+        tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), TcpStream::connect(endpoint));
+    let mut upstream = match connect.await {
+        Ok(Ok(u)) => u,
+        _ => {
+            shared.metrics.reject("node_offline");
+            tracing::debug!(node = %node.name, %endpoint, "direct endpoint unreachable and no tunnel");
+            send_alert(&mut tcp, AlertDescription::InternalError).await;
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let _active = GaugeGuard::new(&node.metrics.active);
+    node.metrics.total.fetch_add(1, Ordering::Relaxed);
+    if upstream.write_all(hello).await.is_err() {
+        return;
+    }
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    let copied = tokio::time::timeout(idle * 6, tokio::io::copy_bidirectional(&mut tcp, &mut upstream)).await;
+    if let Ok(Ok((to_node, from_node))) = copied {
+        node.metrics.bytes.tcp_to_quic.fetch_add(to_node + hello.len() as u64, Ordering::Relaxed);
+        node.metrics.bytes.quic_to_tcp.fetch_add(from_node, Ordering::Relaxed);
+    }
 }
 
 /// Best effort: one fatal alert, bounded in time, then the caller drops.

@@ -15,15 +15,20 @@
 //! - [`identity`]: the server certificate agents pin.
 //! - [`dns`]: authoritative DNS for the zone (hickory-server).
 //! - [`certificates`]: DNS-01 challenges and the CSR flow for nodes.
+//! - [`modes`], [`detector`]: direct/proxy mode from verified probes.
+//! - [`http`]: plain HTTP on :80 (redirects, Host-routed proxying).
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod certificates;
 pub mod config;
+pub mod detector;
 pub mod dns;
+pub mod http;
 pub mod identity;
 pub mod ingress;
 pub mod metrics;
+pub mod modes;
 pub mod registry;
 pub mod sni;
 pub mod store;
@@ -163,7 +168,16 @@ impl Shared {
         .map_err(|e| StoreError::Task(e.to_string()))??;
         self.registry.reload(&records);
         if let Some(zone) = &self.zone {
-            let names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
+            // Direct-mode nodes answer their own endpoint; the others the cluster.
+            let names: Vec<(String, Option<std::net::IpAddr>)> = self
+                .registry
+                .nodes()
+                .iter()
+                .map(|n| {
+                    let own = (n.current_mode() == modes::Mode::Direct).then(|| n.current_endpoint()).flatten();
+                    (n.name.clone(), own.map(|e| e.ip()))
+                })
+                .collect();
             let mut values: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
             for c in challenges {
                 values.entry(c.node).or_default().push(c.value);
@@ -211,6 +225,11 @@ impl Shared {
             agent_version: status.agent_version,
             remote_addr: status.remote_addr,
             cert_not_after: status.cert_not_after,
+            mode: node.current_mode().as_str(),
+            endpoint: node.current_endpoint().map(|e| e.to_string()),
+            http_mode: node.http_mode.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            samples: Vec::new(),
+            last_transition: None,
         }
     }
 }
@@ -227,6 +246,9 @@ pub struct BoundAddrs {
     /// DNS (UDP and TCP), when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<SocketAddr>,
+    /// Plain HTTP, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
 }
 
 /// File in the data directory where a running server records its bound
@@ -243,6 +265,7 @@ pub struct BoundServer {
     endpoint: quinn::Endpoint,
     api_tls: tokio_rustls::TlsAcceptor,
     dns: Option<dns::DnsSockets>,
+    http: Option<TcpListener>,
     /// The bound addresses.
     pub addrs: BoundAddrs,
 }
@@ -281,7 +304,12 @@ impl Server {
             }
             None => (None, None),
         };
+        let http = match config.listen.http {
+            Some(addr) => Some(bind_tcp("http", addr).await?),
+            None => None,
+        };
         let addrs = BoundAddrs {
+            http: http.as_ref().and_then(|l| l.local_addr().ok()),
             tls: tls_addr,
             quic: endpoint.local_addr().unwrap_or(config.listen.quic),
             api: local(&api, config.listen.api),
@@ -305,7 +333,7 @@ impl Server {
             reload_lock: tokio::sync::Mutex::new(()),
         });
         shared.reload().await?;
-        Ok(BoundServer { shared, tls, api, endpoint, api_tls, dns: dns_sockets, addrs })
+        Ok(BoundServer { shared, tls, api, endpoint, api_tls, dns: dns_sockets, http, addrs })
     }
 }
 
@@ -329,7 +357,7 @@ impl BoundServer {
     /// lets client connections finish up to the drain timeout, then closes
     /// the tunnels.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let BoundServer { shared, tls, api, endpoint, api_tls, dns, addrs } = self;
+        let BoundServer { shared, tls, api, endpoint, api_tls, dns, http, addrs } = self;
         let path = listening_file(&shared.config.data_dir);
         let json = serde_json::to_vec_pretty(&addrs).unwrap_or_default();
         edge_certs::store::write_atomic(&path, &json, edge_certs::store::Sensitivity::Public)
@@ -352,6 +380,10 @@ impl BoundServer {
             agents.clone(),
         ));
         background.spawn(watch_store(shared.clone(), shutdown.clone()));
+        background.spawn(detector::run(shared.clone(), shutdown.clone()));
+        if let Some(listener) = http {
+            background.spawn(http::serve(listener, shared.clone(), shutdown.clone(), clients.clone()));
+        }
         if let (Some(sockets), Some(zone)) = (dns, shared.zone.clone()) {
             background.spawn(dns::serve(sockets, zone, shared.clone(), shutdown.clone()));
         }

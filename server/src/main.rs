@@ -67,6 +67,20 @@ enum NodeCommand {
         /// Node name.
         name: String,
     },
+    /// Choose what plain HTTP (:80) does for a node in proxy mode:
+    /// `redirect` to https (default) or `proxy` to the agent's upstream.
+    Http {
+        /// Node name.
+        name: String,
+        /// `redirect` or `proxy`.
+        #[arg(value_parser = ["redirect", "proxy"])]
+        mode: String,
+    },
+    /// Show a node's mode, endpoint, recent probes and mode transitions.
+    Show {
+        /// Node name.
+        name: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -153,6 +167,32 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
             }
             eprintln!("removed node {name}");
         }
+        NodeCommand::Http { name, mode } => {
+            if !store.set_http_mode(&name, &mode)? {
+                bail!("no node named {name:?}");
+            }
+            eprintln!("plain HTTP for node {name}: {mode}");
+        }
+        NodeCommand::Show { name } => {
+            let Some(node) = store.get_node(&name)? else {
+                bail!("no node named {name:?}");
+            };
+            let h = store.mode_history(&name, 10)?;
+            let t = edge_certs::format_unix;
+            println!("node:      {}", node.name);
+            println!("hostnames: {}", node.hostnames.join(", "));
+            println!("mode:      {} (since {})", node.mode, h.since.map_or("-".into(), t));
+            println!("endpoint:  {}", node.endpoint.as_deref().unwrap_or("none declared"));
+            println!("http:      {}", node.http_mode);
+            println!("recent probes (newest first):");
+            for s in &h.samples {
+                println!("  {}  {:<22} {:<4} {}", t(s.at), s.endpoint, if s.ok { "ok" } else { "FAIL" }, s.detail);
+            }
+            println!("mode transitions (newest first):");
+            for c in &h.transitions {
+                println!("  {}  {} -> {}: {}", t(c.at), c.from, c.to, c.reason);
+            }
+        }
         NodeCommand::List { json } => {
             let nodes = store.list_nodes()?;
             if json {
@@ -165,14 +205,17 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
                             "open_connections": n.status.open_connections,
                             "agent_version": n.status.agent_version, "remote_addr": n.status.remote_addr,
                             "cert_not_after": n.status.cert_not_after,
+                            "mode": n.mode, "endpoint": n.endpoint, "http_mode": n.http_mode,
+                            "last_transition": store.mode_history(&n.name, 5).ok().and_then(|h| h.transitions.first().cloned()),
+                            "samples": store.mode_history(&n.name, 5).map(|h| h.samples).unwrap_or_default(),
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<20} {:<10} {:<22} {:>6}  {:<20}  HOSTNAMES",
-                    "NAME", "CONNECTED", "LAST HEARTBEAT", "CONNS", "CERT EXPIRES"
+                    "{:<20} {:<8} {:<22} {:<10} {:<22} {:>6}  {:<20}  HOSTNAMES",
+                    "NAME", "MODE", "ENDPOINT", "CONNECTED", "LAST HEARTBEAT", "CONNS", "CERT EXPIRES"
                 );
                 let now = edge_server::unix_now();
                 for n in &nodes {
@@ -181,8 +224,10 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
                     let connected = if n.status.connected { "yes" } else { "no" };
                     let expiry = n.status.cert_not_after.map_or("unknown".to_string(), edge_certs::format_unix);
                     println!(
-                        "{:<20} {:<10} {:<22} {:>6}  {:<20}  {}",
+                        "{:<20} {:<8} {:<22} {:<10} {:<22} {:>6}  {:<20}  {}",
                         n.name,
+                        n.mode,
+                        n.endpoint.as_deref().unwrap_or("-"),
                         connected,
                         hb,
                         n.status.open_connections,

@@ -40,7 +40,17 @@ pub struct Metrics {
     /// Challenge or certificate requests refused because they named another
     /// node's names.
     pub foreign_name_refusals: AtomicU64,
+    /// Reachability probes that verified the node.
+    pub probes_ok: AtomicU64,
+    /// Reachability probes that failed.
+    pub probes_failed: AtomicU64,
+    transitions: [AtomicU64; 3],
+    /// Plain HTTP requests on :80, by answer.
+    http_answers: [AtomicU64; HTTP_ANSWERS.len()],
 }
+
+/// Answers of the :80 listener, as metric labels.
+pub const HTTP_ANSWERS: [&str; 6] = ["redirect", "proxied", "not_found", "offline", "bad_gateway", "bad_request"];
 
 /// DNS response codes counted by name; anything else is `other`.
 pub const DNS_RCODES: [&str; 7] = ["NOERROR", "NXDOMAIN", "REFUSED", "NOTIMP", "FORMERR", "SERVFAIL", "other"];
@@ -50,6 +60,23 @@ impl Metrics {
     pub fn reject(&self, reason: &str) {
         if let Some(i) = REJECTION_REASONS.iter().position(|r| *r == reason) {
             self.rejections[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a mode transition by its target mode.
+    pub fn mode_transition(&self, to: crate::modes::Mode) {
+        let i = match to {
+            crate::modes::Mode::Direct => 0,
+            crate::modes::Mode::Proxy => 1,
+            crate::modes::Mode::Offline => 2,
+        };
+        self.transitions[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one answer of the :80 listener.
+    pub fn http_answer(&self, label: &str) {
+        if let Some(i) = HTTP_ANSWERS.iter().position(|l| *l == label) {
+            self.http_answers[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -114,6 +141,21 @@ impl Metrics {
             let _ = writeln!(out, "{name} {}", g(v));
         }
 
+        let _ = writeln!(out, "# HELP edge_probes_total Reachability probes of node endpoints, by result.");
+        let _ = writeln!(out, "# TYPE edge_probes_total counter");
+        let _ = writeln!(out, "edge_probes_total{{result=\"ok\"}} {}", g(&self.probes_ok));
+        let _ = writeln!(out, "edge_probes_total{{result=\"failed\"}} {}", g(&self.probes_failed));
+        let _ = writeln!(out, "# HELP edge_mode_transitions_total Node mode transitions, by new mode.");
+        let _ = writeln!(out, "# TYPE edge_mode_transitions_total counter");
+        for (mode, count) in ["direct", "proxy", "offline"].iter().zip(&self.transitions) {
+            let _ = writeln!(out, "edge_mode_transitions_total{{to=\"{mode}\"}} {}", g(count));
+        }
+        let _ = writeln!(out, "# HELP edge_http_requests_total Plain HTTP requests on the :80 listener, by answer.");
+        let _ = writeln!(out, "# TYPE edge_http_requests_total counter");
+        for (answer, count) in HTTP_ANSWERS.iter().zip(&self.http_answers) {
+            let _ = writeln!(out, "edge_http_requests_total{{answer=\"{answer}\"}} {}", g(count));
+        }
+
         let nodes = registry.nodes();
         let connected = nodes.iter().map(|n| n.tunnel_count()).sum::<usize>();
         let _ = writeln!(out, "# HELP edge_tunnels_connected Agent QUIC tunnels currently up.");
@@ -145,6 +187,15 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE edge_node_tunnels gauge");
         for node in &nodes {
             let _ = writeln!(out, "edge_node_tunnels{{node=\"{}\"}} {}", node.name, node.tunnel_count());
+        }
+        let _ = writeln!(out, "# HELP edge_node_mode Current mode of each node (1 for the mode it is in).");
+        let _ = writeln!(out, "# TYPE edge_node_mode gauge");
+        for node in &nodes {
+            let current = node.current_mode();
+            for mode in [crate::modes::Mode::Direct, crate::modes::Mode::Proxy, crate::modes::Mode::Offline] {
+                let v = u8::from(mode == current);
+                let _ = writeln!(out, "edge_node_mode{{node=\"{}\",mode=\"{}\"}} {v}", node.name, mode.as_str());
+            }
         }
         let _ = writeln!(
             out,

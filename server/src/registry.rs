@@ -6,6 +6,7 @@
 //! and removing a node closes its tunnels.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -65,6 +66,13 @@ pub struct NodeHandle {
     pub metrics: NodeMetrics,
     /// Agent-reported status.
     pub status: Mutex<RuntimeStatus>,
+    /// Direct/proxy mode and its counters.
+    pub mode: Mutex<crate::modes::ModeTracker>,
+    /// The public endpoint the agent declared (resolved against the address
+    /// it connects from when it gave only a port).
+    pub endpoint: Mutex<Option<SocketAddr>>,
+    /// Plain HTTP behaviour: `redirect` or `proxy`.
+    pub http_mode: Mutex<String>,
 }
 
 impl NodeHandle {
@@ -77,7 +85,27 @@ impl NodeHandle {
             next_pick: AtomicU64::new(0),
             metrics: NodeMetrics::default(),
             status: Mutex::new(RuntimeStatus::default()),
+            mode: Mutex::new(crate::modes::ModeTracker::new(
+                crate::modes::Mode::parse(&record.mode).unwrap_or(crate::modes::Mode::Offline),
+            )),
+            endpoint: Mutex::new(record.endpoint.as_deref().and_then(|e| e.parse().ok())),
+            http_mode: Mutex::new(record.http_mode.clone()),
         }
+    }
+
+    /// The current mode.
+    pub fn current_mode(&self) -> crate::modes::Mode {
+        lock(&self.mode).mode()
+    }
+
+    /// The declared endpoint, if any.
+    pub fn current_endpoint(&self) -> Option<SocketAddr> {
+        *lock(&self.endpoint)
+    }
+
+    /// The key of reachability probes: SHA-256 of the node token.
+    pub fn probe_key(&self) -> [u8; 32] {
+        *lock(&self.token_hash)
     }
 
     /// Compares a token's hash with the node's in constant time.
@@ -190,6 +218,7 @@ impl Registry {
                             existing.close_tunnels(edge_proto::tunnel::codes::CLOSE_AUTH_FAILED, "token rotated");
                         }
                         drop(hash);
+                        *lock(&existing.http_mode) = record.http_mode.clone();
                         existing
                     }
                     Some(existing) => {
@@ -228,6 +257,9 @@ mod tests {
             token_hash: [hash; 32],
             created_at: 0,
             status: NodeStatus::default(),
+            http_mode: "redirect".into(),
+            mode: "offline".into(),
+            endpoint: None,
         }
     }
 

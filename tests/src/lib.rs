@@ -104,6 +104,9 @@ pub struct ServerAddrs {
     /// DNS, when the config has `[dns]`.
     #[serde(default)]
     pub dns: Option<SocketAddr>,
+    /// Plain HTTP listener.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
 }
 
 /// A running `edge-server`.
@@ -136,9 +139,10 @@ impl Server {
             Some(a) => (a.tls.to_string(), a.quic.to_string(), a.api.to_string()),
             None => ("127.0.0.1:0".into(), "127.0.0.1:0".into(), "127.0.0.1:0".into()),
         };
+        let http = addrs.and_then(|a| a.http).map_or("127.0.0.1:0".to_string(), |h| h.to_string());
         let config = dir.join("server.toml");
         let text = format!(
-            "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\n"
+            "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\n"
         );
         std::fs::write(&config, text)?;
         let listening = dir.join("data/listening.json");

@@ -162,3 +162,41 @@ async fn http_loop<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(tcp:
         }
     }
 }
+
+/// A TCP forwarder that can be closed and opened like a firewall: while
+/// closed, connections are accepted and dropped at once.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    /// Forwards `bind` (port 0 picks one) to `target`, open.
+    pub async fn start(bind: SocketAddr, target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(bind).await.expect("bind gate");
+        let addr = listener.local_addr().expect("gate address");
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = open.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { addr, open }
+    }
+
+    /// Opens or closes the gate for new connections.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+}

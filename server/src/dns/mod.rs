@@ -68,13 +68,15 @@ impl ZoneCell {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replaces the dynamic content: node names (all answering the cluster
-    /// addresses until direct mode exists), challenge values per node, and
-    /// the serial (the store's revision, so it moves with every change).
-    pub fn update(&self, serial: u32, nodes: &[String], challenges: HashMap<String, Vec<String>>) {
+    /// Replaces the dynamic content: node names with their own address
+    /// (direct mode) or `None` (the cluster's addresses), challenge values
+    /// per node, and the serial (the store's revision, so it moves with
+    /// every change, mode transitions included).
+    pub fn update(&self, serial: u32, nodes: &[(String, Option<IpAddr>)], challenges: HashMap<String, Vec<String>>) {
         let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
         let cluster = guard.cluster_addresses().to_vec();
-        let nodes: HashMap<String, Vec<IpAddr>> = nodes.iter().map(|n| (n.clone(), cluster.clone())).collect();
+        let nodes: HashMap<String, Vec<IpAddr>> =
+            nodes.iter().map(|(n, own)| (n.clone(), own.map_or_else(|| cluster.clone(), |ip| vec![ip]))).collect();
         *guard = Arc::new(guard.with_state(serial, nodes, challenges));
     }
 }

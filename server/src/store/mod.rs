@@ -21,6 +21,12 @@ pub struct NodeRecord {
     pub created_at: i64,
     /// Last status the server recorded.
     pub status: NodeStatus,
+    /// Plain HTTP on :80 for this node: `redirect` (to https) or `proxy`.
+    pub http_mode: String,
+    /// Last recorded mode (`direct`, `proxy`, `offline`).
+    pub mode: String,
+    /// Endpoint at the last mode transition.
+    pub endpoint: Option<String>,
 }
 
 impl std::fmt::Debug for NodeRecord {
@@ -31,6 +37,9 @@ impl std::fmt::Debug for NodeRecord {
             .field("token_hash", &"<redacted>")
             .field("created_at", &self.created_at)
             .field("status", &self.status)
+            .field("http_mode", &self.http_mode)
+            .field("mode", &self.mode)
+            .field("endpoint", &self.endpoint)
             .finish()
     }
 }
@@ -50,6 +59,47 @@ pub struct NodeStatus {
     pub remote_addr: Option<String>,
     /// Expiry (Unix seconds) of the certificate the agent serves.
     pub cert_not_after: Option<i64>,
+}
+
+/// One reachability probe of a node's endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProbeSample {
+    /// Unix seconds.
+    pub at: i64,
+    /// The address probed.
+    pub endpoint: String,
+    /// Whether the node proved itself.
+    pub ok: bool,
+    /// What happened (`verified`, `connect: refused`, `wrong answer`, ...).
+    pub detail: String,
+}
+
+/// A mode change as stored (modes as their lowercase names).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModeChange {
+    /// Unix seconds.
+    pub at: i64,
+    /// Old mode.
+    pub from: String,
+    /// New mode.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A node's mode, newest samples and transitions first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ModeHistory {
+    /// Last recorded mode.
+    pub mode: Option<String>,
+    /// Endpoint at the last transition.
+    pub endpoint: Option<String>,
+    /// Unix seconds of the last transition.
+    pub since: Option<i64>,
+    /// Newest first.
+    pub samples: Vec<ProbeSample>,
+    /// Newest first.
+    pub transitions: Vec<ModeChange>,
 }
 
 /// A DNS-01 TXT value published in the zone for a node.
@@ -132,4 +182,12 @@ pub trait Store: Send + Sync + 'static {
     fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError>;
     /// Removes values published before `created_before` (Unix seconds).
     fn expire_challenges(&self, created_before: i64) -> Result<usize, StoreError>;
+    /// Sets `redirect` or `proxy` for plain HTTP; `false` if no such node.
+    fn set_http_mode(&self, name: &str, http_mode: &str) -> Result<bool, StoreError>;
+    /// Appends a probe sample, keeping the newest `keep` per node.
+    fn record_probe(&self, name: &str, sample: &ProbeSample, keep: usize) -> Result<(), StoreError>;
+    /// Records a transition and the node's new current mode.
+    fn record_transition(&self, name: &str, change: &ModeChange, endpoint: Option<&str>) -> Result<(), StoreError>;
+    /// Current mode and the newest `limit` samples and transitions.
+    fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError>;
 }

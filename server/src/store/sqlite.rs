@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{ChallengeRecord, NodeRecord, NodeStatus, Store, StoreError};
+use super::{ChallengeRecord, ModeChange, ModeHistory, NodeRecord, NodeStatus, ProbeSample, Store, StoreError};
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -42,6 +42,33 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (name, value)
     );
     ALTER TABLE node_status ADD COLUMN cert_not_after INTEGER;",
+    // 3: direct/proxy mode: current mode and endpoint, probe samples,
+    // transitions, and the per-node behaviour of plain HTTP.
+    "ALTER TABLE nodes ADD COLUMN http_mode TEXT NOT NULL DEFAULT 'redirect';
+    CREATE TABLE node_modes (
+        name TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        mode TEXT NOT NULL,
+        endpoint TEXT,
+        since INTEGER NOT NULL
+    );
+    CREATE TABLE probe_samples (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        at INTEGER NOT NULL,
+        endpoint TEXT NOT NULL,
+        ok INTEGER NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX probe_samples_by_node ON probe_samples(name, id);
+    CREATE TABLE mode_transitions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        at INTEGER NOT NULL,
+        from_mode TEXT NOT NULL,
+        to_mode TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX mode_transitions_by_node ON mode_transitions(name, id);",
 ];
 
 /// The embedded store.
@@ -83,7 +110,16 @@ impl SqliteStore {
             |what: &str| StoreError::Corrupt { path: self.path.clone(), what: format!("node {:?}: {what}", row.name) };
         let hostnames: Vec<String> = serde_json::from_str(&row.hostnames).map_err(|_| corrupt("hostnames"))?;
         let token_hash: [u8; 32] = row.token_hash.as_slice().try_into().map_err(|_| corrupt("token_hash"))?;
-        Ok(NodeRecord { name: row.name, hostnames, token_hash, created_at: row.created_at, status: row.status })
+        Ok(NodeRecord {
+            name: row.name,
+            hostnames,
+            token_hash,
+            created_at: row.created_at,
+            status: row.status,
+            http_mode: row.http_mode,
+            mode: row.mode,
+            endpoint: row.endpoint,
+        })
     }
 }
 
@@ -114,11 +150,15 @@ struct RawNode {
     token_hash: Vec<u8>,
     created_at: i64,
     status: NodeStatus,
+    http_mode: String,
+    mode: String,
+    endpoint: Option<String>,
 }
 
 const SELECT_NODES: &str = "SELECT n.name, n.hostnames, n.token_hash, n.created_at,
-        COALESCE(s.connected, 0), s.last_heartbeat, COALESCE(s.open_connections, 0), s.agent_version, s.remote_addr, s.cert_not_after
-    FROM nodes n LEFT JOIN node_status s ON s.name = n.name";
+        COALESCE(s.connected, 0), s.last_heartbeat, COALESCE(s.open_connections, 0), s.agent_version, s.remote_addr, s.cert_not_after, n.http_mode,
+        COALESCE(m.mode, 'offline'), m.endpoint
+    FROM nodes n LEFT JOIN node_status s ON s.name = n.name LEFT JOIN node_modes m ON m.name = n.name";
 
 fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
     Ok(RawNode {
@@ -134,6 +174,9 @@ fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
             remote_addr: row.get(8)?,
             cert_not_after: row.get(9)?,
         },
+        http_mode: row.get(10)?,
+        mode: row.get(11)?,
+        endpoint: row.get(12)?,
     })
 }
 
@@ -170,6 +213,9 @@ impl Store for SqliteStore {
             token_hash: *token_hash,
             created_at,
             status: NodeStatus::default(),
+            http_mode: "redirect".into(),
+            mode: "offline".into(),
+            endpoint: None,
         })
     }
 
@@ -303,6 +349,95 @@ impl Store for SqliteStore {
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>();
             rows
+        })
+    }
+
+    fn set_http_mode(&self, name: &str, http_mode: &str) -> Result<bool, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute("UPDATE nodes SET http_mode = ?2 WHERE name = ?1", params![name, http_mode])?;
+            if n > 0 {
+                bump_revision(&tx)?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+    }
+
+    fn record_probe(&self, name: &str, sample: &ProbeSample, keep: usize) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO probe_samples (name, at, endpoint, ok, detail)
+                 SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)",
+                params![name, sample.at, sample.endpoint, sample.ok as i64, sample.detail],
+            )?;
+            tx.execute(
+                "DELETE FROM probe_samples WHERE name = ?1 AND id NOT IN
+                   (SELECT id FROM probe_samples WHERE name = ?1 ORDER BY id DESC LIMIT ?2)",
+                params![name, keep as i64],
+            )?;
+            tx.commit()
+        })
+    }
+
+    fn record_transition(&self, name: &str, t: &ModeChange, endpoint: Option<&str>) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let exists: bool =
+                tx.query_row("SELECT 1 FROM nodes WHERE name = ?1", params![name], |_| Ok(())).optional()?.is_some();
+            if exists {
+                tx.execute(
+                    "INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![name, t.at, t.from, t.to, t.reason],
+                )?;
+                tx.execute(
+                    "INSERT INTO node_modes (name, mode, endpoint, since) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(name) DO UPDATE SET mode = excluded.mode, endpoint = excluded.endpoint,
+                        since = excluded.since",
+                    params![name, t.to, endpoint, t.at],
+                )?;
+                bump_revision(&tx)?;
+            }
+            tx.commit()
+        })
+    }
+
+    fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError> {
+        self.with(|conn| {
+            let current = conn
+                .query_row("SELECT mode, endpoint, since FROM node_modes WHERE name = ?1", params![name], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, i64>(2)?))
+                })
+                .optional()?;
+            let mut stmt = conn.prepare(
+                "SELECT at, endpoint, ok, detail FROM probe_samples WHERE name = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let samples = stmt
+                .query_map(params![name, limit as i64], |r| {
+                    Ok(ProbeSample {
+                        at: r.get(0)?,
+                        endpoint: r.get(1)?,
+                        ok: r.get::<_, i64>(2)? != 0,
+                        detail: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt = conn.prepare(
+                "SELECT at, from_mode, to_mode, reason FROM mode_transitions WHERE name = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let transitions = stmt
+                .query_map(params![name, limit as i64], |r| {
+                    Ok(ModeChange { at: r.get(0)?, from: r.get(1)?, to: r.get(2)?, reason: r.get(3)? })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(ModeHistory {
+                mode: current.as_ref().map(|c| c.0.clone()),
+                endpoint: current.as_ref().and_then(|c| c.1.clone()),
+                since: current.map(|c| c.2),
+                samples,
+                transitions,
+            })
         })
     }
 

@@ -1,0 +1,204 @@
+//! The mode detector: probes each node's declared endpoint, feeds the
+//! results and tunnel changes to its [`crate::modes::ModeTracker`], and
+//! applies transitions (store, DNS, log, metrics).
+//!
+//! A probe proves it reached *this* node (see [`edge_proto::probe`]): TCP
+//! to the endpoint, TLS with ALPN `edge-probe/1` and the node's name as
+//! SNI, a random nonce, and the agent's HMAC answer under the node's key.
+//! The certificate is not what is checked (a node may still serve a local
+//! one); the answer is.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_proto::probe;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::modes::Transition;
+use crate::registry::NodeHandle;
+use crate::store::{ModeChange, ProbeSample};
+use crate::Shared;
+
+/// Runs until `shutdown`: tunnel changes are looked at every second, probes
+/// run every `modes.probe_interval_ms`.
+pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let cfg = shared.config.modes.clone();
+    let tls = probe_client_config();
+    let mut tunnels = tokio::time::interval(Duration::from_secs(1));
+    let mut probes = tokio::time::interval(Duration::from_millis(cfg.probe_interval_ms));
+    tunnels.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let probe_now = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tunnels.tick() => false,
+            _ = probes.tick() => true,
+        };
+        let nodes = shared.registry.nodes();
+        for node in &nodes {
+            let up = node.tunnel_count() > 0;
+            let change = lock(&node.mode).tunnel(crate::unix_now(), up);
+            if let Some(t) = change {
+                apply(&shared, node, t).await;
+            }
+        }
+        if !probe_now {
+            continue;
+        }
+        let mut round = tokio::task::JoinSet::new();
+        for node in nodes {
+            let Some(endpoint) = node.current_endpoint() else {
+                let change = lock(&node.mode).no_endpoint(crate::unix_now());
+                if let Some(t) = change {
+                    apply(&shared, &node, t).await;
+                }
+                continue;
+            };
+            let (tls, sni, timeout) =
+                (tls.clone(), format!("{}.{}", node.name, shared.config.zone()), cfg.probe_timeout_ms);
+            round.spawn(async move {
+                let result = tokio::time::timeout(Duration::from_millis(timeout), probe(endpoint, &node, &sni, tls))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {timeout} ms")));
+                (node, endpoint, result)
+            });
+        }
+        while let Some(done) = round.join_next().await {
+            let Ok((node, endpoint, result)) = done else { continue };
+            let now = crate::unix_now();
+            let ep = endpoint.to_string();
+            let sample = ProbeSample {
+                at: now,
+                endpoint: ep.clone(),
+                ok: result.is_ok(),
+                detail: result.as_ref().err().cloned().unwrap_or_else(|| "verified".into()),
+            };
+            let counter = if sample.ok { &shared.metrics.probes_ok } else { &shared.metrics.probes_failed };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let change = {
+                let mut tracker = lock(&node.mode);
+                match &result {
+                    Ok(()) => tracker.probe_ok(now, &ep),
+                    Err(why) => tracker.probe_failed(now, &ep, why, cfg.failures_to_proxy),
+                }
+            };
+            let store = shared.store.clone();
+            let (name, keep) = (node.name.clone(), cfg.samples_kept);
+            let stored = tokio::task::spawn_blocking(move || store.record_probe(&name, &sample, keep)).await;
+            if let Ok(Err(e)) = stored {
+                tracing::warn!(node = %node.name, error = %e, "recording a probe sample failed");
+            }
+            if let Some(t) = change {
+                apply(&shared, &node, t).await;
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Persists a transition, logs it once, counts it, and rebuilds the zone.
+async fn apply(shared: &Arc<Shared>, node: &Arc<NodeHandle>, t: Transition) {
+    tracing::info!(node = %node.name, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "node mode changed");
+    shared.metrics.mode_transition(t.to);
+    let change = ModeChange { at: t.at, from: t.from.as_str().into(), to: t.to.as_str().into(), reason: t.reason };
+    let endpoint = node.current_endpoint().map(|e| e.to_string());
+    let store = shared.store.clone();
+    let name = node.name.clone();
+    let stored =
+        tokio::task::spawn_blocking(move || store.record_transition(&name, &change, endpoint.as_deref())).await;
+    if let Ok(Err(e)) = stored {
+        tracing::error!(node = %node.name, error = %e, "recording a mode transition failed");
+    }
+    if let Err(e) = shared.reload().await {
+        tracing::error!(error = %e, "rebuilding the zone after a mode change failed");
+    }
+}
+
+/// One probe: TLS with the probe ALPN, nonce out, answer checked.
+async fn probe(
+    endpoint: SocketAddr,
+    node: &NodeHandle,
+    sni: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
+    let tcp = tokio::net::TcpStream::connect(endpoint).await.map_err(|e| format!("connect: {e}"))?;
+    let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+    let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    if stream.get_ref().1.alpn_protocol() != Some(probe::ALPN) {
+        return Err("the endpoint does not speak the probe protocol".into());
+    }
+    let nonce: [u8; probe::NONCE_LEN] = rand::random();
+    stream.write_all(&nonce).await.map_err(|e| format!("write: {e}"))?;
+    stream.flush().await.map_err(|e| format!("write: {e}"))?;
+    let mut answer = [0u8; probe::ANSWER_LEN];
+    stream.read_exact(&mut answer).await.map_err(|e| format!("read: {e}"))?;
+    let _ = stream.shutdown().await;
+    if probe::verify(&node.probe_key(), &node.name, &nonce, &answer) {
+        Ok(())
+    } else {
+        Err("wrong answer: not this node".into())
+    }
+}
+
+fn probe_client_config() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = Arc::new(AnswerIsTheProof(provider.clone()));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| rustls::ClientConfig::builder_with_protocol_versions(rustls::DEFAULT_VERSIONS))
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![probe::ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
+}
+
+/// Accepts any certificate (handshake signatures are still checked): the
+/// node proves itself with the HMAC answer, not with its certificate, which
+/// may be a local one before ACME has run.
+#[derive(Debug)]
+struct AnswerIsTheProof(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnswerIsTheProof {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

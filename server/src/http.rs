@@ -1,0 +1,207 @@
+//! Plain HTTP (:80): redirects to HTTPS, or Host-routed proxying through
+//! the tunnel, per node.
+//!
+//! - unknown Host: 404; malformed request: 400;
+//! - direct-mode node: 307 to the same URL over https;
+//! - node with no tunnel (and not direct): 503;
+//! - proxy-mode node, `http_mode = redirect` (default): 307 to https;
+//! - proxy-mode node, `http_mode = proxy`: the request and everything after
+//!   it go to the agent, which hands the bytes to its upstream unchanged;
+//!   if the upstream cannot be reached, the client gets 502.
+//!
+//! Every answer of our own closes the connection. The request head is read
+//! under the ClientHello deadline and size cap.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_proto::tunnel::{codes, StreamHeader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::modes::Mode;
+use crate::Shared;
+
+/// How long the agent may take to send the first byte of a response.
+const FIRST_BYTE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Accepts plain HTTP connections until `shutdown`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let shared = shared.clone();
+                tracker.spawn(async move { handle(tcp, peer, shared).await });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on HTTP listener");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The parts of a request head we route on.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Request target (`/path?query`).
+    pub target: String,
+    /// Host without port, lowercase.
+    pub host: String,
+}
+
+/// Parses a request head (up to and excluding the blank line). `None` if
+/// it is not HTTP/1.x with one usable Host header.
+pub fn parse_head(head: &[u8]) -> Option<RequestHead> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let (_method, target, version) = (first.next()?, first.next()?, first.next()?);
+    if first.next().is_some() || !version.starts_with("HTTP/1.") || !target.starts_with('/') {
+        return None;
+    }
+    let mut host = None;
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        if name.eq_ignore_ascii_case("host") {
+            if host.is_some() {
+                return None;
+            }
+            host = Some(value.trim());
+        }
+    }
+    let host = host?;
+    let name = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
+        _ => host,
+    };
+    let name = edge_proto::names::normalize_hostname(name.trim_end_matches('.'))?;
+    Some(RequestHead { target: target.to_string(), host: name })
+}
+
+async fn respond(tcp: &mut TcpStream, status: &str, extra: &str, body: &str) {
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        tcp.write_all(response.as_bytes()).await?;
+        tcp.shutdown().await
+    })
+    .await;
+}
+
+async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let limits = &shared.config.limits;
+    let local = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut buf = Vec::with_capacity(2048);
+    let read = tokio::time::timeout(Duration::from_millis(limits.client_hello_timeout_ms), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Some(end);
+            }
+            if buf.len() >= limits.client_hello_max_bytes {
+                return None;
+            }
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let Ok(Some(end)) = read else {
+        shared.metrics.http_answer("bad_request");
+        return respond(&mut tcp, "400 Bad Request", "", "incomplete or oversized request head\n").await;
+    };
+    let Some(head) = parse_head(&buf[..end]) else {
+        shared.metrics.http_answer("bad_request");
+        return respond(&mut tcp, "400 Bad Request", "", "malformed request or missing Host\n").await;
+    };
+    let Some(node) = shared.registry.route(&head.host) else {
+        shared.metrics.http_answer("not_found");
+        return respond(&mut tcp, "404 Not Found", "", &format!("no node serves {}\n", head.host)).await;
+    };
+    let location = format!("Location: https://{}{}\r\n", head.host, head.target);
+    if node.current_mode() == Mode::Direct {
+        shared.metrics.http_answer("redirect");
+        return respond(&mut tcp, "307 Temporary Redirect", &location, "served over https\n").await;
+    }
+    let Some(tunnel) = node.pick_tunnel() else {
+        shared.metrics.http_answer("offline");
+        return respond(&mut tcp, "503 Service Unavailable", "", &format!("{} is offline\n", head.host)).await;
+    };
+    if node.http_mode.lock().unwrap_or_else(|p| p.into_inner()).as_str() != "proxy" {
+        shared.metrics.http_answer("redirect");
+        return respond(&mut tcp, "307 Temporary Redirect", &location, "served over https\n").await;
+    }
+    let open = tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), tunnel.conn.open_bi()).await;
+    let Ok(Ok((mut send, mut recv))) = open else {
+        shared.metrics.http_answer("bad_gateway");
+        return respond(&mut tcp, "502 Bad Gateway", "", "could not reach the node\n").await;
+    };
+    let mut first = StreamHeader { client: peer, local, sni: head.host.clone(), plain: true }.encode();
+    first.extend_from_slice(&buf);
+    if send.write_all(&first).await.is_err() {
+        shared.metrics.http_answer("bad_gateway");
+        return respond(&mut tcp, "502 Bad Gateway", "", "could not reach the node\n").await;
+    }
+    // The first bytes decide between a proxied answer and our 502: an agent
+    // that cannot reach its upstream resets the stream before sending any.
+    let mut chunk = vec![0u8; 16 * 1024];
+    let n = match tokio::time::timeout(FIRST_BYTE_DEADLINE, recv.read(&mut chunk)).await {
+        Ok(Ok(Some(n))) if n > 0 => n,
+        _ => {
+            let _ = send.reset(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+            shared.metrics.http_answer("bad_gateway");
+            return respond(&mut tcp, "502 Bad Gateway", "", "the node's upstream did not answer\n").await;
+        }
+    };
+    if tcp.write_all(&chunk[..n]).await.is_err() {
+        let _ = send.reset(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+        return;
+    }
+    shared.metrics.http_answer("proxied");
+    node.metrics.active.fetch_add(1, Ordering::Relaxed);
+    node.metrics.total.fetch_add(1, Ordering::Relaxed);
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    let _ = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes, idle).await;
+    node.metrics.active.fetch_sub(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_parse_host_and_target() {
+        let h = parse_head(b"GET /a?b=1 HTTP/1.1\r\nHost: App.N1.Edge.Test:8080\r\nAccept: */*").unwrap();
+        assert_eq!(h, RequestHead { target: "/a?b=1".into(), host: "app.n1.edge.test".into() });
+        assert_eq!(parse_head(b"GET / HTTP/1.0\r\nhost: n1.edge.test.").unwrap().host, "n1.edge.test");
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        for bad in [
+            &b"GET / HTTP/1.1"[..],
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test",
+            b"GET http://x/ HTTP/1.1\r\nHost: a.test",
+            b"GET / SPDY/3\r\nHost: a.test",
+            b"GET / HTTP/1.1\r\nHost: bad host",
+            b"GET / HTTP/1.1\r\nnot a header",
+            b"\xff\xfe",
+            b"",
+        ] {
+            assert!(parse_head(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Direct/proxy mode of each node, decided from verified probes.
+//!
+//! Sans-IO: [`ModeTracker`] takes events (a probe result, the tunnel going
+//! up or down) with the time, and returns the transition, if any. The
+//! probing and persisting live in [`crate::detector`].
+//!
+//! Rules:
+//! - a successful probe of the node's endpoint makes it **direct**;
+//! - `failures_to_proxy` consecutive failed probes (or no endpoint) make it
+//!   **proxy** when a tunnel is up, else **offline**;
+//! - without a successful probe, the tunnel decides between proxy and
+//!   offline as it comes and goes.
+//!
+//! DNS answers the node's endpoint address in direct mode and the cluster
+//! ingress in proxy and offline mode (offline: the cluster answers :443
+//! with an alert and :80 with 503, which tells users more than a timeout).
+
+use serde::{Deserialize, Serialize};
+
+/// How clients reach a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// DNS points at the node's own public endpoint.
+    Direct,
+    /// DNS points at the cluster; traffic goes through the tunnel.
+    Proxy,
+    /// Neither reachable nor tunneled.
+    Offline,
+}
+
+impl Mode {
+    /// Lowercase name, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Proxy => "proxy",
+            Mode::Offline => "offline",
+        }
+    }
+
+    /// Parses [`Mode::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "direct" => Some(Mode::Direct),
+            "proxy" => Some(Mode::Proxy),
+            "offline" => Some(Mode::Offline),
+            _ => None,
+        }
+    }
+}
+
+/// A change of mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Transition {
+    /// Unix seconds.
+    pub at: i64,
+    /// Old mode.
+    pub from: Mode,
+    /// New mode.
+    pub to: Mode,
+    /// Why, for operators.
+    pub reason: String,
+}
+
+/// One node's mode and the counters the rules need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModeTracker {
+    mode: Mode,
+    failures: u32,
+    tunnel_up: bool,
+}
+
+impl ModeTracker {
+    /// A tracker starting in `mode` (restored from the store, or offline).
+    pub fn new(mode: Mode) -> Self {
+        Self { mode, failures: 0, tunnel_up: false }
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Consecutive failed probes so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    fn go(&mut self, to: Mode, at: i64, reason: String) -> Option<Transition> {
+        if to == self.mode {
+            return None;
+        }
+        let from = std::mem::replace(&mut self.mode, to);
+        Some(Transition { at, from, to, reason })
+    }
+
+    fn fallback(&self) -> Mode {
+        if self.tunnel_up {
+            Mode::Proxy
+        } else {
+            Mode::Offline
+        }
+    }
+
+    /// A probe succeeded.
+    pub fn probe_ok(&mut self, at: i64, endpoint: &str) -> Option<Transition> {
+        self.failures = 0;
+        self.go(Mode::Direct, at, format!("probe of {endpoint} verified the node"))
+    }
+
+    /// A probe failed (`why` says how); `threshold` consecutive failures
+    /// end direct mode.
+    pub fn probe_failed(&mut self, at: i64, endpoint: &str, why: &str, threshold: u32) -> Option<Transition> {
+        self.failures = self.failures.saturating_add(1);
+        if self.mode == Mode::Direct && self.failures < threshold.max(1) {
+            return None;
+        }
+        let to = self.fallback();
+        let n = self.failures;
+        self.go(to, at, format!("{n} consecutive failed probes of {endpoint} (last: {why})"))
+    }
+
+    /// The node has no endpoint (never declared, or withdrawn).
+    pub fn no_endpoint(&mut self, at: i64) -> Option<Transition> {
+        self.failures = 0;
+        let to = self.fallback();
+        self.go(to, at, "the node declares no public endpoint".into())
+    }
+
+    /// The node's tunnel count changed to `up` (some) or not.
+    pub fn tunnel(&mut self, at: i64, up: bool) -> Option<Transition> {
+        self.tunnel_up = up;
+        if self.mode == Mode::Direct {
+            // Direct stands on its own probes, not on the tunnel.
+            return None;
+        }
+        let (to, reason) =
+            if up { (Mode::Proxy, "tunnel up") } else { (Mode::Offline, "no tunnel and not reachable directly") };
+        self.go(to, at, reason.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_decide_direct_and_failures_fall_back() {
+        let mut t = ModeTracker::new(Mode::Offline);
+        assert_eq!(t.tunnel(1, true).unwrap().to, Mode::Proxy);
+        let tr = t.probe_ok(2, "192.0.2.5:443").unwrap();
+        assert_eq!((tr.from, tr.to), (Mode::Proxy, Mode::Direct));
+        assert!(t.probe_failed(3, "e", "refused", 3).is_none());
+        assert!(t.probe_failed(4, "e", "refused", 3).is_none());
+        let tr = t.probe_failed(5, "e", "refused", 3).unwrap();
+        assert_eq!((tr.from, tr.to, tr.at), (Mode::Direct, Mode::Proxy, 5));
+        assert!(tr.reason.contains("3 consecutive"));
+        // One success resets the count and goes back to direct.
+        assert_eq!(t.probe_ok(6, "e").unwrap().to, Mode::Direct);
+        assert_eq!(t.failures(), 0);
+    }
+
+    #[test]
+    fn a_success_between_failures_resets_the_count() {
+        let mut t = ModeTracker::new(Mode::Direct);
+        t.tunnel(0, true);
+        assert!(t.probe_failed(1, "e", "x", 3).is_none());
+        assert!(t.probe_failed(2, "e", "x", 3).is_none());
+        assert!(t.probe_ok(3, "e").is_none());
+        assert!(t.probe_failed(4, "e", "x", 3).is_none());
+        assert!(t.probe_failed(5, "e", "x", 3).is_none());
+        assert_eq!(t.probe_failed(6, "e", "x", 3).unwrap().to, Mode::Proxy);
+    }
+
+    #[test]
+    fn without_tunnel_failures_mean_offline_and_tunnel_restores_proxy() {
+        let mut t = ModeTracker::new(Mode::Direct);
+        t.probe_failed(1, "e", "x", 2);
+        assert_eq!(t.probe_failed(2, "e", "x", 2).unwrap().to, Mode::Offline);
+        assert_eq!(t.tunnel(3, true).unwrap().to, Mode::Proxy);
+        assert_eq!(t.tunnel(4, false).unwrap().to, Mode::Offline);
+        // Direct does not care about the tunnel.
+        t.probe_ok(5, "e");
+        assert!(t.tunnel(6, true).is_none());
+        assert!(t.tunnel(7, false).is_none());
+        assert_eq!(t.mode(), Mode::Direct);
+        assert_eq!(t.no_endpoint(8).unwrap().to, Mode::Offline);
+    }
+
+    #[test]
+    fn failed_probes_of_a_proxy_node_change_nothing() {
+        let mut t = ModeTracker::new(Mode::Offline);
+        t.tunnel(0, true);
+        for i in 1..10 {
+            assert!(t.probe_failed(i, "e", "x", 3).is_none());
+        }
+        assert_eq!(t.mode(), Mode::Proxy);
+        assert_eq!(Mode::parse(Mode::Proxy.as_str()), Some(Mode::Proxy));
+    }
+}
