@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::AgentShared;
@@ -79,34 +77,7 @@ pub async fn request(
     max_response: usize,
 ) -> Result<(hyper::StatusCode, Bytes), String> {
     let api = &shared.ticket.api;
-    let tcp = tokio::net::TcpStream::connect(api).await.map_err(|e| format!("connect: {e}"))?;
-    let connector = tokio_rustls::TlsConnector::from(shared.trust.client_config(b"http/1.1"));
-    let name = rustls::pki_types::ServerName::try_from(crate::tls::server_name(api)).map_err(|e| e.to_string())?;
-    let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-    let driver = tokio::spawn(conn);
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, api.as_str())
-        .header(hyper::header::AUTHORIZATION, format!("Bearer {}", shared.ticket.token))
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| e.to_string());
-    let result = match response {
-        Ok(response) => {
-            let status = response.status();
-            let body = Limited::new(response.into_body(), max_response)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .map_err(|e| format!("reading response: {e}"));
-            body.map(|b| (status, b))
-        }
-        Err(e) => Err(e),
-    };
-    driver.abort();
-    result
+    let tls = shared.trust.client_config(b"http/1.1");
+    let name = crate::tls::server_name(api);
+    edge_net::https::json_request(api, &name, tls, method, path, &shared.ticket.token, body, max_response).await
 }

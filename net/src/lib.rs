@@ -8,9 +8,11 @@
 //! - [`splice`]: TCP ⇄ QUIC stream copy with half-close and reset propagation.
 //! - [`pinned`]: a rustls verifier that accepts exactly one certificate,
 //!   identified by its SHA-256 fingerprint.
+//! - [`https`]: one JSON request over HTTPS with a bearer token.
 //! - [`logging`]: tracing subscriber setup (text or JSON).
 #![forbid(unsafe_code)]
 
+pub mod https;
 pub mod logging;
 pub mod pinned;
 pub mod quic;

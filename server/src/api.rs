@@ -40,6 +40,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/signal/acme-challenge", put(put_challenge).delete(delete_challenge))
         .route("/api/signal/certificate", post(certificate))
         .route("/api/nodes", get(nodes))
+        .route("/api/probe", post(probe_for_peer))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -276,6 +277,44 @@ async fn nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respons
         view.last_transition = history.transitions.into_iter().next();
     }
     Json(views).into_response()
+}
+
+/// Body of `POST /api/probe`: another edge-server asks this one to probe.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeRequest {
+    endpoint: std::net::SocketAddr,
+    sni: String,
+    nonce: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+async fn probe_for_peer(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    let presented = bearer(&headers).map(crate::token_hash);
+    if !presented.is_some_and(|hash| bool::from(hash.ct_eq(&shared.admin_token_hash))) {
+        return error(StatusCode::UNAUTHORIZED, "admin token required");
+    }
+    let bytes = match tokio::time::timeout(CLIENT_DEADLINE, axum::body::to_bytes(body, 4096)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than 4 KiB"),
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
+    };
+    let req: ProbeRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid request body: {e}")),
+    };
+    let nonce = edge_proto::join::parse_fingerprint(&req.nonce);
+    let (Some(nonce), Some(sni)) = (nonce, edge_proto::names::normalize_hostname(&req.sni)) else {
+        return error(StatusCode::BAD_REQUEST, "nonce must be 64 hex digits and sni a DNS name");
+    };
+    let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(3000).clamp(100, 10_000));
+    let tls = crate::detector::probe_client_config();
+    match tokio::time::timeout(timeout, crate::detector::raw_probe(req.endpoint, &sni, &nonce, tls)).await {
+        Ok(Ok(answer)) => Json(serde_json::json!({ "answer": edge_proto::join::hex(&answer) })).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, &e),
+        Err(_) => error(StatusCode::BAD_GATEWAY, "no answer in time"),
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

@@ -62,12 +62,33 @@ pub struct ModesConfig {
     pub failures_to_proxy: u32,
     /// Probe samples kept per node.
     pub samples_kept: usize,
+    /// Other edge servers that probe too; a probe round succeeds only when
+    /// this server and every location verified the node.
+    pub probe_locations: Vec<ProbeLocation>,
 }
 
 impl Default for ModesConfig {
     fn default() -> Self {
-        Self { probe_interval_ms: 10_000, probe_timeout_ms: 3_000, failures_to_proxy: 3, samples_kept: 20 }
+        Self {
+            probe_interval_ms: 10_000,
+            probe_timeout_ms: 3_000,
+            failures_to_proxy: 3,
+            samples_kept: 20,
+            probe_locations: Vec::new(),
+        }
     }
+}
+
+/// Another edge-server asked to probe (`POST /api/probe` on its API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeLocation {
+    /// Its signal API, `host:port`.
+    pub api: String,
+    /// Its admin token.
+    pub admin_token: Secret,
+    /// SHA-256 of its identity certificate (hex), as in join strings.
+    pub fingerprint: String,
 }
 
 /// Authoritative DNS for the zone (UDP and TCP on one address).
@@ -485,6 +506,14 @@ impl ServerConfig {
         }
         if !(1..=1000).contains(&m.samples_kept) {
             return Err(format!("modes.samples_kept = {} must be between 1 and 1000", m.samples_kept));
+        }
+        for (i, l) in m.probe_locations.iter().enumerate() {
+            if !l.api.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0)) {
+                return Err(format!("modes.probe_locations[{i}].api = {:?} must be host:port", l.api));
+            }
+            if edge_proto::join::parse_fingerprint(&l.fingerprint).is_none() {
+                return Err(format!("modes.probe_locations[{i}].fingerprint must be 64 hex digits"));
+            }
         }
         if let Some(acme) = &self.acme {
             if self.dns.is_none() {

@@ -29,6 +29,9 @@ use crate::Shared;
 pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let cfg = shared.config.modes.clone();
     let tls = probe_client_config();
+    // Right after a start no agent has reconnected yet: a tunnel that is not
+    // up in this window is not news (no proxy -> offline -> proxy churn).
+    let grace = tokio::time::Instant::now() + Duration::from_millis(cfg.probe_interval_ms.max(10_000));
     let mut tunnels = tokio::time::interval(Duration::from_secs(1));
     let mut probes = tokio::time::interval(Duration::from_millis(cfg.probe_interval_ms));
     tunnels.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -42,6 +45,9 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         let nodes = shared.registry.nodes();
         for node in &nodes {
             let up = node.tunnel_count() > 0;
+            if !up && tokio::time::Instant::now() < grace {
+                continue;
+            }
             let change = lock(&node.mode).tunnel(crate::unix_now(), up);
             if let Some(t) = change {
                 apply(&shared, node, t).await;
@@ -61,8 +67,11 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             };
             let (tls, sni, timeout) =
                 (tls.clone(), format!("{}.{}", node.name, shared.config.zone()), cfg.probe_timeout_ms);
+            let locations = cfg.probe_locations.clone();
             round.spawn(async move {
-                let result = tokio::time::timeout(Duration::from_millis(timeout), probe(endpoint, &node, &sni, tls))
+                // Each location gets `timeout` too.
+                let total = Duration::from_millis(timeout * (1 + locations.len() as u64));
+                let result = tokio::time::timeout(total, probe(endpoint, &node, &sni, tls, &locations, timeout))
                     .await
                     .unwrap_or_else(|_| Err(format!("no answer within {timeout} ms")));
                 (node, endpoint, result)
@@ -83,7 +92,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             let change = {
                 let mut tracker = lock(&node.mode);
                 match &result {
-                    Ok(()) => tracker.probe_ok(now, &ep),
+                    Ok(()) => tracker.probe_ok(now, endpoint),
                     Err(why) => tracker.probe_failed(now, &ep, why, cfg.failures_to_proxy),
                 }
             };
@@ -109,7 +118,7 @@ async fn apply(shared: &Arc<Shared>, node: &Arc<NodeHandle>, t: Transition) {
     tracing::info!(node = %node.name, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "node mode changed");
     shared.metrics.mode_transition(t.to);
     let change = ModeChange { at: t.at, from: t.from.as_str().into(), to: t.to.as_str().into(), reason: t.reason };
-    let endpoint = node.current_endpoint().map(|e| e.to_string());
+    let endpoint = node.direct_address().map(|e| e.to_string());
     let store = shared.store.clone();
     let name = node.name.clone();
     let stored =
@@ -122,33 +131,99 @@ async fn apply(shared: &Arc<Shared>, node: &Arc<NodeHandle>, t: Transition) {
     }
 }
 
-/// One probe: TLS with the probe ALPN, nonce out, answer checked.
+/// One probe round for a node: from here and from every configured
+/// location, each with its own nonce; every answer must verify.
 async fn probe(
     endpoint: SocketAddr,
     node: &NodeHandle,
     sni: &str,
     tls: Arc<rustls::ClientConfig>,
+    locations: &[crate::config::ProbeLocation],
+    timeout_ms: u64,
 ) -> Result<(), String> {
+    let check =
+        |nonce: &[u8; probe::NONCE_LEN], answer: &[u8]| probe::verify(&node.probe_key(), &node.name, nonce, answer);
+    let nonce: [u8; probe::NONCE_LEN] = rand::random();
+    let answer = raw_probe(endpoint, sni, &nonce, tls).await?;
+    if !check(&nonce, &answer) {
+        return Err("wrong answer: not this node".into());
+    }
+    for location in locations {
+        let nonce: [u8; probe::NONCE_LEN] = rand::random();
+        let answer = remote_probe(location, endpoint, sni, &nonce, timeout_ms)
+            .await
+            .map_err(|e| format!("from {}: {e}", location.api))?;
+        if !check(&nonce, &answer) {
+            return Err(format!("from {}: wrong answer: not this node", location.api));
+        }
+    }
+    Ok(())
+}
+
+/// Asks another edge-server to probe `endpoint` with `nonce`; returns the
+/// answer it got (verified here: the other server does not hold the key).
+async fn remote_probe(
+    location: &crate::config::ProbeLocation,
+    endpoint: SocketAddr,
+    sni: &str,
+    nonce: &[u8; probe::NONCE_LEN],
+    timeout_ms: u64,
+) -> Result<Vec<u8>, String> {
+    let fingerprint = edge_proto::join::parse_fingerprint(&location.fingerprint).ok_or("bad fingerprint")?;
+    let tls = edge_net::https::pinned_client_config(fingerprint, b"http/1.1");
+    let body = serde_json::json!({
+        "endpoint": endpoint, "sni": sni, "nonce": edge_proto::join::hex(nonce), "timeout_ms": timeout_ms,
+    });
+    let (status, bytes) = edge_net::https::json_request(
+        &location.api,
+        "edge-server",
+        tls,
+        hyper::Method::POST,
+        "/api/probe",
+        &location.admin_token.0,
+        &body,
+        4096,
+    )
+    .await?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| format!("{status}: not JSON"))?;
+    if !status.is_success() {
+        return Err(v["error"].as_str().unwrap_or("failed").to_string());
+    }
+    let hex = v["answer"].as_str().ok_or("no answer")?;
+    if hex.len() != 2 * probe::ANSWER_LEN {
+        return Err("bad answer".into());
+    }
+    (0..probe::ANSWER_LEN)
+        .map(|i| {
+            u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16).map_err(|_| "bad answer".to_string())
+        })
+        .collect()
+}
+
+/// TLS with the probe ALPN to `endpoint`, `nonce` out, the answer back
+/// (unchecked). Also serves `POST /api/probe` for other servers.
+pub async fn raw_probe(
+    endpoint: SocketAddr,
+    sni: &str,
+    nonce: &[u8; probe::NONCE_LEN],
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<[u8; probe::ANSWER_LEN], String> {
     let tcp = tokio::net::TcpStream::connect(endpoint).await.map_err(|e| format!("connect: {e}"))?;
     let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
     let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
     if stream.get_ref().1.alpn_protocol() != Some(probe::ALPN) {
         return Err("the endpoint does not speak the probe protocol".into());
     }
-    let nonce: [u8; probe::NONCE_LEN] = rand::random();
-    stream.write_all(&nonce).await.map_err(|e| format!("write: {e}"))?;
+    stream.write_all(nonce).await.map_err(|e| format!("write: {e}"))?;
     stream.flush().await.map_err(|e| format!("write: {e}"))?;
     let mut answer = [0u8; probe::ANSWER_LEN];
     stream.read_exact(&mut answer).await.map_err(|e| format!("read: {e}"))?;
     let _ = stream.shutdown().await;
-    if probe::verify(&node.probe_key(), &node.name, &nonce, &answer) {
-        Ok(())
-    } else {
-        Err("wrong answer: not this node".into())
-    }
+    Ok(answer)
 }
 
-fn probe_client_config() -> Arc<rustls::ClientConfig> {
+/// The client config of probes.
+pub fn probe_client_config() -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = Arc::new(AnswerIsTheProof(provider.clone()));
     let mut config = rustls::ClientConfig::builder_with_provider(provider)

@@ -65,7 +65,10 @@ pub fn parse_head(head: &[u8]) -> Option<RequestHead> {
     let mut lines = text.split("\r\n");
     let mut first = lines.next()?.split(' ');
     let (_method, target, version) = (first.next()?, first.next()?, first.next()?);
-    if first.next().is_some() || !version.starts_with("HTTP/1.") || !target.starts_with('/') {
+    // Visible ASCII only: the target is echoed in Location, where a CR or
+    // LF would split the response.
+    let printable = |s: &str| s.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    if first.next().is_some() || !version.starts_with("HTTP/1.") || !target.starts_with('/') || !printable(target) {
         return None;
     }
     let mut host = None;
@@ -144,13 +147,23 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared.metrics.http_answer("redirect");
         return respond(&mut tcp, "307 Temporary Redirect", &location, "served over https\n").await;
     }
+    let cap = u64::from(shared.config.tunnel.max_streams) * node.tunnel_count().max(1) as u64;
+    if node.metrics.active.load(Ordering::Relaxed) >= cap {
+        shared.metrics.http_answer("offline");
+        return respond(&mut tcp, "503 Service Unavailable", "", "the node is at its connection limit\n").await;
+    }
+    let _active = crate::ingress::GaugeGuard::new(&node.metrics.active);
     let open = tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), tunnel.conn.open_bi()).await;
     let Ok(Ok((mut send, mut recv))) = open else {
         shared.metrics.http_answer("bad_gateway");
         return respond(&mut tcp, "502 Bad Gateway", "", "could not reach the node\n").await;
     };
     let mut first = StreamHeader { client: peer, local, sni: head.host.clone(), plain: true }.encode();
-    first.extend_from_slice(&buf);
+    // One request per connection: the head goes out with `Connection: close`,
+    // so a later request for another host on the same connection can never
+    // reach this node (the upstream stops reading after this one).
+    first.extend_from_slice(&close_after(&buf[..end]));
+    first.extend_from_slice(&buf[end + 4..]);
     if send.write_all(&first).await.is_err() {
         shared.metrics.http_answer("bad_gateway");
         return respond(&mut tcp, "502 Bad Gateway", "", "could not reach the node\n").await;
@@ -171,11 +184,26 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         return;
     }
     shared.metrics.http_answer("proxied");
-    node.metrics.active.fetch_add(1, Ordering::Relaxed);
     node.metrics.total.fetch_add(1, Ordering::Relaxed);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let _ = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes, idle).await;
-    node.metrics.active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The request head with its connection headers replaced by
+/// `Connection: close`, plus the blank line.
+pub fn close_after(head: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut out = String::with_capacity(head.len() + 24);
+    for (i, line) in text.split("\r\n").enumerate() {
+        let name = line.split(':').next().unwrap_or("").trim();
+        if i > 0 && ["connection", "keep-alive", "proxy-connection"].iter().any(|h| name.eq_ignore_ascii_case(h)) {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    out.into_bytes()
 }
 
 #[cfg(test)]
@@ -190,6 +218,13 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_heads_close_after_one_request() {
+        let head = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX: y";
+        let out = String::from_utf8(close_after(head)).unwrap();
+        assert_eq!(out, "GET / HTTP/1.1\r\nHost: a.test\r\nX: y\r\nConnection: close\r\n\r\n");
+    }
+
+    #[test]
     fn bad_heads_are_refused() {
         for bad in [
             &b"GET / HTTP/1.1"[..],
@@ -198,6 +233,8 @@ mod tests {
             b"GET / SPDY/3\r\nHost: a.test",
             b"GET / HTTP/1.1\r\nHost: bad host",
             b"GET / HTTP/1.1\r\nnot a header",
+            b"GET /a\nSet-Cookie:x HTTP/1.1\r\nHost: a.test",
+            b"GET /a\rb HTTP/1.1\r\nHost: a.test",
             b"\xff\xfe",
             b"",
         ] {

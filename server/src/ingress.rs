@@ -17,10 +17,10 @@ use crate::sni::{read_client_hello, HelloError};
 use crate::Shared;
 
 /// Decrements a gauge when dropped, whatever path the task takes.
-struct GaugeGuard<'a>(&'a AtomicU64);
+pub(crate) struct GaugeGuard<'a>(&'a AtomicU64);
 
 impl<'a> GaugeGuard<'a> {
-    fn new(gauge: &'a AtomicU64) -> Self {
+    pub(crate) fn new(gauge: &'a AtomicU64) -> Self {
         gauge.fetch_add(1, Ordering::Relaxed);
         Self(gauge)
     }
@@ -96,7 +96,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let Some(tunnel) = node.pick_tunnel() else {
         // A direct-mode node reached through a stale DNS answer: hand the
         // bytes to its own endpoint (plain L4) rather than drop the client.
-        if let (crate::modes::Mode::Direct, Some(endpoint)) = (node.current_mode(), node.current_endpoint()) {
+        if let Some(endpoint) = node.direct_address().filter(|e| !shared.is_own_address(*e)) {
             return splice_to_endpoint(tcp, &hello, endpoint, &shared, &node).await;
         }
         shared.metrics.reject("node_offline");

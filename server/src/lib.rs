@@ -118,6 +118,8 @@ pub struct Shared {
     pub order_locks: certificates::OrderLocks,
     /// Reloads run one at a time, so an older snapshot never lands last.
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// Bound addresses of the client listeners (TLS, HTTP).
+    pub client_listeners: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -169,15 +171,8 @@ impl Shared {
         self.registry.reload(&records);
         if let Some(zone) = &self.zone {
             // Direct-mode nodes answer their own endpoint; the others the cluster.
-            let names: Vec<(String, Option<std::net::IpAddr>)> = self
-                .registry
-                .nodes()
-                .iter()
-                .map(|n| {
-                    let own = (n.current_mode() == modes::Mode::Direct).then(|| n.current_endpoint()).flatten();
-                    (n.name.clone(), own.map(|e| e.ip()))
-                })
-                .collect();
+            let names: Vec<(String, Option<std::net::IpAddr>)> =
+                self.registry.nodes().iter().map(|n| (n.name.clone(), n.direct_address().map(|e| e.ip()))).collect();
             let mut values: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
             for c in challenges {
                 values.entry(c.node).or_default().push(c.value);
@@ -205,6 +200,18 @@ impl Shared {
         if let Ok(Err(e)) = result {
             tracing::warn!(node = %node.name, error = %e, "recording node status failed");
         }
+    }
+
+    /// Whether `addr` is one of this server's own client listeners (TLS or
+    /// HTTP, on a listed or loopback address): an endpoint there would make
+    /// the server splice to itself.
+    pub fn is_own_address(&self, addr: SocketAddr) -> bool {
+        let cluster = self.config.dns.as_ref().map(|d| d.ingress_addresses(self.config.listen.tls)).unwrap_or_default();
+        self.client_listeners.iter().any(|l| {
+            l.port() == addr.port()
+                && (l.ip() == addr.ip()
+                    || (l.ip().is_unspecified() && (addr.ip().is_loopback() || cluster.contains(&addr.ip()))))
+        })
     }
 
     /// The live view of a node, for the API and the store.
@@ -331,6 +338,7 @@ impl Server {
             acme,
             order_locks: Default::default(),
             reload_lock: tokio::sync::Mutex::new(()),
+            client_listeners: [Some(addrs.tls), addrs.http].into_iter().flatten().collect(),
         });
         shared.reload().await?;
         Ok(BoundServer { shared, tls, api, endpoint, api_tls, dns: dns_sockets, http, addrs })

@@ -69,12 +69,30 @@ pub struct ModeTracker {
     mode: Mode,
     failures: u32,
     tunnel_up: bool,
+    verified: Option<std::net::SocketAddr>,
 }
 
 impl ModeTracker {
     /// A tracker starting in `mode` (restored from the store, or offline).
     pub fn new(mode: Mode) -> Self {
-        Self { mode, failures: 0, tunnel_up: false }
+        Self { mode, failures: 0, tunnel_up: false, verified: None }
+    }
+
+    /// A tracker restored from the store: a direct node keeps the endpoint
+    /// it was verified at until the next probe says otherwise.
+    pub fn restored(mode: Mode, verified: Option<std::net::SocketAddr>) -> Self {
+        Self { mode, failures: 0, tunnel_up: false, verified: verified.filter(|_| mode == Mode::Direct) }
+    }
+
+    /// The endpoint the last successful probe verified.
+    pub fn verified(&self) -> Option<std::net::SocketAddr> {
+        self.verified
+    }
+
+    /// Drops the verified endpoint (token rotated): DNS and the fallback
+    /// splice stop using it at once; the next round records the change.
+    pub fn forget_verified(&mut self) {
+        self.verified = None;
     }
 
     /// The current mode.
@@ -103,10 +121,18 @@ impl ModeTracker {
         }
     }
 
-    /// A probe succeeded.
-    pub fn probe_ok(&mut self, at: i64, endpoint: &str) -> Option<Transition> {
+    /// A probe of `endpoint` succeeded. A direct node that moved to a new
+    /// verified endpoint reports a transition too (direct → direct), so the
+    /// change reaches the store and DNS.
+    pub fn probe_ok(&mut self, at: i64, endpoint: std::net::SocketAddr) -> Option<Transition> {
         self.failures = 0;
-        self.go(Mode::Direct, at, format!("probe of {endpoint} verified the node"))
+        let moved = self.mode == Mode::Direct && self.verified != Some(endpoint);
+        self.verified = Some(endpoint);
+        let reason = format!("probe of {endpoint} verified the node");
+        if moved {
+            return Some(Transition { at, from: Mode::Direct, to: Mode::Direct, reason });
+        }
+        self.go(Mode::Direct, at, reason)
     }
 
     /// A probe failed (`why` says how); `threshold` consecutive failures
@@ -118,12 +144,14 @@ impl ModeTracker {
         }
         let to = self.fallback();
         let n = self.failures;
+        self.verified = None;
         self.go(to, at, format!("{n} consecutive failed probes of {endpoint} (last: {why})"))
     }
 
     /// The node has no endpoint (never declared, or withdrawn).
     pub fn no_endpoint(&mut self, at: i64) -> Option<Transition> {
         self.failures = 0;
+        self.verified = None;
         let to = self.fallback();
         self.go(to, at, "the node declares no public endpoint".into())
     }
@@ -145,11 +173,29 @@ impl ModeTracker {
 mod tests {
     use super::*;
 
+    fn ep() -> std::net::SocketAddr {
+        "192.0.2.5:443".parse().unwrap()
+    }
+
+    #[test]
+    fn a_new_verified_endpoint_is_a_transition_and_failures_forget_it() {
+        let mut t = ModeTracker::new(Mode::Offline);
+        t.probe_ok(1, ep());
+        assert_eq!(t.verified(), Some(ep()));
+        let other: std::net::SocketAddr = "192.0.2.6:443".parse().unwrap();
+        let moved = t.probe_ok(2, other).unwrap();
+        assert_eq!((moved.from, moved.to), (Mode::Direct, Mode::Direct));
+        assert!(t.probe_ok(3, other).is_none());
+        t.forget_verified();
+        assert_eq!(t.verified(), None);
+        assert_eq!(ModeTracker::restored(Mode::Proxy, Some(ep())).verified(), None);
+    }
+
     #[test]
     fn probes_decide_direct_and_failures_fall_back() {
         let mut t = ModeTracker::new(Mode::Offline);
         assert_eq!(t.tunnel(1, true).unwrap().to, Mode::Proxy);
-        let tr = t.probe_ok(2, "192.0.2.5:443").unwrap();
+        let tr = t.probe_ok(2, ep()).unwrap();
         assert_eq!((tr.from, tr.to), (Mode::Proxy, Mode::Direct));
         assert!(t.probe_failed(3, "e", "refused", 3).is_none());
         assert!(t.probe_failed(4, "e", "refused", 3).is_none());
@@ -157,17 +203,17 @@ mod tests {
         assert_eq!((tr.from, tr.to, tr.at), (Mode::Direct, Mode::Proxy, 5));
         assert!(tr.reason.contains("3 consecutive"));
         // One success resets the count and goes back to direct.
-        assert_eq!(t.probe_ok(6, "e").unwrap().to, Mode::Direct);
+        assert_eq!(t.probe_ok(6, ep()).unwrap().to, Mode::Direct);
         assert_eq!(t.failures(), 0);
     }
 
     #[test]
     fn a_success_between_failures_resets_the_count() {
-        let mut t = ModeTracker::new(Mode::Direct);
+        let mut t = ModeTracker::restored(Mode::Direct, Some(ep()));
         t.tunnel(0, true);
         assert!(t.probe_failed(1, "e", "x", 3).is_none());
         assert!(t.probe_failed(2, "e", "x", 3).is_none());
-        assert!(t.probe_ok(3, "e").is_none());
+        assert!(t.probe_ok(3, ep()).is_none());
         assert!(t.probe_failed(4, "e", "x", 3).is_none());
         assert!(t.probe_failed(5, "e", "x", 3).is_none());
         assert_eq!(t.probe_failed(6, "e", "x", 3).unwrap().to, Mode::Proxy);
@@ -181,7 +227,7 @@ mod tests {
         assert_eq!(t.tunnel(3, true).unwrap().to, Mode::Proxy);
         assert_eq!(t.tunnel(4, false).unwrap().to, Mode::Offline);
         // Direct does not care about the tunnel.
-        t.probe_ok(5, "e");
+        t.probe_ok(5, ep());
         assert!(t.tunnel(6, true).is_none());
         assert!(t.tunnel(7, false).is_none());
         assert_eq!(t.mode(), Mode::Direct);

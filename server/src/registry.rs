@@ -85,8 +85,9 @@ impl NodeHandle {
             next_pick: AtomicU64::new(0),
             metrics: NodeMetrics::default(),
             status: Mutex::new(RuntimeStatus::default()),
-            mode: Mutex::new(crate::modes::ModeTracker::new(
+            mode: Mutex::new(crate::modes::ModeTracker::restored(
                 crate::modes::Mode::parse(&record.mode).unwrap_or(crate::modes::Mode::Offline),
+                record.endpoint.as_deref().and_then(|e| e.parse().ok()),
             )),
             endpoint: Mutex::new(record.endpoint.as_deref().and_then(|e| e.parse().ok())),
             http_mode: Mutex::new(record.http_mode.clone()),
@@ -101,6 +102,14 @@ impl NodeHandle {
     /// The declared endpoint, if any.
     pub fn current_endpoint(&self) -> Option<SocketAddr> {
         *lock(&self.endpoint)
+    }
+
+    /// Where clients reach the node directly: the endpoint the last probe
+    /// verified, while the node is direct. Never an address the agent
+    /// merely declared.
+    pub fn direct_address(&self) -> Option<SocketAddr> {
+        let tracker = lock(&self.mode);
+        (tracker.mode() == crate::modes::Mode::Direct).then(|| tracker.verified()).flatten()
     }
 
     /// The key of reachability probes: SHA-256 of the node token.
@@ -214,6 +223,10 @@ impl Registry {
                         let mut hash = lock(&existing.token_hash);
                         if *hash != record.token_hash {
                             *hash = record.token_hash;
+                            // A new token (say, after a compromise) voids the
+                            // endpoint the old one vouched for.
+                            *lock(&existing.endpoint) = None;
+                            lock(&existing.mode).forget_verified();
                             // Tunnels opened with the old token are cut.
                             existing.close_tunnels(edge_proto::tunnel::codes::CLOSE_AUTH_FAILED, "token rotated");
                         }

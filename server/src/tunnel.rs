@@ -131,7 +131,16 @@ async fn session(
         })
         .await?;
 
-    match endpoint.as_deref().map(|e| resolve_endpoint(e, remote)) {
+    let endpoint = endpoint.as_deref().map(|e| {
+        resolve_endpoint(e, remote).and_then(|addr| {
+            if shared.is_own_address(addr) {
+                Err(format!("{addr} is this server's own listener"))
+            } else {
+                Ok(addr)
+            }
+        })
+    });
+    match endpoint {
         Some(Ok(addr)) => *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr),
         Some(Err(e)) => tracing::warn!(node = %node.name, error = %e, "ignoring the agent's endpoint"),
         None => *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = None,

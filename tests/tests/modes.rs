@@ -190,3 +190,36 @@ fn probes_flip_dns_without_losing_requests_and_http_answers() {
     assert!(after.contains("verified"), "samples kept:\n{after}");
     assert!(before.contains("direct -> proxy") && after.contains("direct -> proxy"));
 }
+
+#[test]
+fn probe_locations_must_all_verify_the_node() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Server B only lends its vantage point.
+    let b = Server::start(&dir.path().join("b"), "").unwrap();
+    let b_join = b.add_node("unused").unwrap();
+    let fingerprint =
+        edge_proto::join::hex(&edge_proto::join::JoinTicket::parse(&b_join).unwrap().fingerprint.unwrap());
+    let config = format!(
+        "{CONFIG}[[modes.probe_locations]]\napi = \"{}\"\nadmin_token = \"{}\"\nfingerprint = \"{fingerprint}\"\n",
+        b.addrs.api,
+        b.admin_token()
+    );
+    let a = Server::start(&dir.path().join("a"), &config).unwrap();
+    let upstream = rt.block_on(upstreams::http("hello"));
+    let direct: SocketAddr = ([127, 0, 0, 1], free_port().unwrap()).into();
+    let _agent = Agent::start(
+        &dir.path().join("agent"),
+        &a.add_node("n2").unwrap(),
+        upstream,
+        &["--direct-listen", &direct.to_string(), "--public-endpoint", &direct.to_string()],
+    )
+    .unwrap();
+    wait_mode(&a, "n2", "direct", Duration::from_secs(15));
+    // The location goes away: rounds fail there, and the node is no longer
+    // considered reachable.
+    drop(b);
+    wait_mode(&a, "n2", "proxy", Duration::from_secs(15));
+    let samples = node_json(&a, "n2")["samples"].as_array().cloned().unwrap();
+    assert!(samples[0]["detail"].as_str().unwrap().starts_with("from 127.0.0.1:"), "{samples:?}");
+}

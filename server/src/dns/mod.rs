@@ -159,11 +159,19 @@ pub struct DnsSockets {
 }
 
 impl DnsSockets {
-    /// Binds UDP and TCP on `addr`; with port 0, TCP takes the UDP port.
+    /// Binds UDP and TCP on `addr`. With port 0 the kernel picks the UDP
+    /// port, and TCP takes the same one; when that TCP port happens to be
+    /// busy, another pick is tried (a few times).
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
-        let udp = UdpSocket::bind(addr).await?;
-        let tcp = TcpListener::bind(udp.local_addr()?).await?;
-        Ok(Self { udp, tcp })
+        let mut tries = if addr.port() == 0 { 16 } else { 1 };
+        loop {
+            let udp = UdpSocket::bind(addr).await?;
+            match TcpListener::bind(udp.local_addr()?).await {
+                Ok(tcp) => return Ok(Self { udp, tcp }),
+                Err(e) if tries > 1 && e.kind() == std::io::ErrorKind::AddrInUse => tries -= 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The bound address (same port for UDP and TCP).
