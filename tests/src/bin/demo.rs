@@ -30,7 +30,8 @@ fn main() -> Result<()> {
 async fn demo(args: Args) -> Result<()> {
     let dir = tempfile::Builder::new().prefix("edge-demo-").tempdir()?;
     println!("edge demo: working directory {}", dir.path().display());
-    let server = Server::start(&dir.path().join("server"), "").context("starting edge-server")?;
+    let server = Server::start(&dir.path().join("server"), "[dns]\nlisten = \"127.0.0.1:0\"\n")
+        .context("starting edge-server")?;
     println!(
         "edge-server: TLS on {}, QUIC for agents on {}, signal API on https://{}",
         server.addrs.tls, server.addrs.quic, server.addrs.api
@@ -59,6 +60,12 @@ async fn demo(args: Args) -> Result<()> {
         "Any name under the node works too, e.g. https://app.{host}:{port}/ with --resolve app.{host}:{port}:127.0.0.1"
     );
     println!("Node list:  {} --config {} node list", edge_tests::bin("edge-server").display(), server.config.display());
+    if let Some(dns) = server.addrs.dns {
+        println!("DNS (the server is authoritative for {ZONE}):  dig @{} -p {} {host} A", dns.ip(), dns.port());
+    }
+    if let Some(http) = server.addrs.http {
+        println!("Plain HTTP redirects to https:  curl -i -H 'Host: {host}' http://{http}/");
+    }
     println!();
 
     if args.check {
