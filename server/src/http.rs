@@ -31,22 +31,10 @@ const FIRST_BYTE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Accepts plain HTTP connections until `shutdown`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let shared = shared.clone();
-                tracker.spawn(async move { handle(tcp, peer, shared).await });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed on HTTP listener");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::ingress::accept_loop(listener, "HTTP", shutdown, tracker, move |tcp, peer| {
+        handle(tcp, peer, shared.clone())
+    })
+    .await;
 }
 
 /// The parts of a request head we route on.

@@ -34,6 +34,26 @@ impl Drop for GaugeGuard<'_> {
 
 /// Accepts client connections until `shutdown`; each runs on `tracker`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
+    accept_loop(listener, "TLS", shutdown, tracker, move |tcp, peer| {
+        shared.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        handle(tcp, peer, shared.clone())
+    })
+    .await;
+}
+
+/// Accepts connections until `shutdown`, running `on_connection`'s future
+/// for each on `tracker`. Accept errors (usually EMFILE) back off briefly
+/// instead of spinning.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    mut on_connection: F,
+) where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -41,18 +61,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
         };
         match accepted {
             Ok((tcp, peer)) => {
-                shared.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
-                let shared = shared.clone();
-                tracker.spawn(async move { handle(tcp, peer, shared).await });
+                tracker.spawn(on_connection(tcp, peer));
             }
             Err(e) => {
-                // Usually EMFILE: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed on TLS listener");
+                tracing::warn!(error = %e, listener = what, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
-    tracing::info!("TLS listener stopped accepting");
+    tracing::info!(listener = what, "listener stopped accepting");
 }
 
 async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
