@@ -181,13 +181,14 @@ impl Zone {
             }
             return self.positive(answers);
         }
+        // In-zone nameservers, at any depth, answer the cluster's addresses.
+        if depth > 0 && self.settings.nameservers.contains(&qname) {
+            return self.positive(self.address_records(&qname, &self.cluster, qtype, self.settings.zone_ttl));
+        }
         match labels.as_slice() {
             [] => self.positive(self.apex_records(&qname, qtype)),
             [label] if self.nodes.contains_key(label) => {
                 self.positive(self.address_records(&qname, &self.nodes[label], qtype, self.settings.address_ttl))
-            }
-            [_] if self.settings.nameservers.contains(&qname) => {
-                self.positive(self.address_records(&qname, &self.cluster, qtype, self.settings.zone_ttl))
             }
             [first, node] if first == ACME_LABEL && self.nodes.contains_key(node) => {
                 let answers = match qtype {
@@ -211,8 +212,17 @@ impl Zone {
             [_, node] if self.nodes.contains_key(node) => {
                 self.positive(self.address_records(&qname, &self.nodes[node], qtype, self.settings.address_ttl))
             }
+            // A name with static or nameserver names below it exists (an
+            // empty non-terminal): NODATA, not NXDOMAIN, or resolvers that
+            // follow RFC 8020 would treat the whole subtree as gone.
+            _ if self.has_names_below(&qname) => self.negative(ResponseCode::NoError),
             _ => self.negative(ResponseCode::NXDomain),
         }
+    }
+
+    fn has_names_below(&self, name: &Name) -> bool {
+        let below = |n: &Name| n.num_labels() > name.num_labels() && name.zone_of(n);
+        self.statics.keys().any(below) || self.settings.nameservers.iter().any(|n| below(&n.to_lowercase()))
     }
 
     fn apex_records(&self, apex: &Name, qtype: RecordType) -> Vec<Record> {
@@ -329,6 +339,23 @@ mod tests {
         assert_eq!(chaos.rcode, ResponseCode::Refused);
         assert_eq!(ask(&z, "edge.test.", RecordType::ANY).rcode, ResponseCode::NotImp);
         assert_eq!(ask(&z, "edge.test.", RecordType::AXFR).rcode, ResponseCode::NotImp);
+    }
+
+    #[test]
+    fn empty_non_terminals_exist() {
+        let mut z = zone();
+        z.statics.insert(
+            name("a.b.edge.test."),
+            vec![Record::from_rdata(name("a.b.edge.test."), 60, RData::A(A([192, 0, 2, 9].into())))],
+        );
+        z.settings.nameservers.push(name("ns1.dns.edge.test."));
+        for q in ["b.edge.test.", "dns.edge.test."] {
+            let a = ask(&z, q, RecordType::A);
+            assert_eq!((a.rcode, a.answers.len(), a.authority.len()), (ResponseCode::NoError, 0, 1), "{q}");
+        }
+        assert_eq!(data(&ask(&z, "a.b.edge.test.", RecordType::A)), vec!["192.0.2.9"]);
+        assert_eq!(data(&ask(&z, "ns1.dns.edge.test.", RecordType::A)), vec!["192.0.2.1"], "deep nameserver");
+        assert_eq!(ask(&z, "c.b.edge.test.", RecordType::A).rcode, ResponseCode::NXDomain);
     }
 
     #[test]
