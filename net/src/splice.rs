@@ -127,6 +127,65 @@ pub async fn splice(
     }
 }
 
+/// Copies both ways between two TCP connections (`client` → `node` counts
+/// as `tcp_to_quic`), with half-close, until both finish, one fails (both
+/// get an RST), or nothing moved for a whole `idle_timeout`.
+pub async fn splice_tcp(
+    mut client: TcpStream,
+    mut node: TcpStream,
+    counters: &ByteCounters,
+    idle_timeout: Duration,
+) -> SpliceEnd {
+    let (mut client_read, mut client_write) = client.split();
+    let (mut node_read, mut node_write) = node.split();
+    let moved = AtomicU64::new(0);
+    async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64, moved: &AtomicU64) -> Result<(), Abort>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; BUF_LEN];
+        loop {
+            let n = r.read(&mut buf).await.map_err(|_| Abort::Tcp)?;
+            if n == 0 {
+                let _ = w.shutdown().await;
+                return Ok(());
+            }
+            w.write_all(&buf[..n]).await.map_err(|_| Abort::Tcp)?;
+            count.fetch_add(n as u64, Ordering::Relaxed);
+            moved.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let watchdog = async {
+        let mut seen = moved.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(idle_timeout).await;
+            let now = moved.load(Ordering::Relaxed);
+            if now == seen {
+                return Abort::Idle;
+            }
+            seen = now;
+        }
+    };
+    let outcome = tokio::select! {
+        both = async {
+            tokio::try_join!(
+                pump(&mut client_read, &mut node_write, &counters.tcp_to_quic, &moved),
+                pump(&mut node_read, &mut client_write, &counters.quic_to_tcp, &moved),
+            )
+        } => both.map(|_| ()),
+        idle = watchdog => Err(idle),
+    };
+    match outcome {
+        Ok(()) => SpliceEnd::Clean,
+        Err(_) => {
+            reset_tcp(&client);
+            reset_tcp(&node);
+            SpliceEnd::TcpAborted
+        }
+    }
+}
+
 /// Writes every chunk, using vectored writes; returns the byte count.
 async fn write_all_vectored<W: AsyncWriteExt + Unpin>(w: &mut W, chunks: &mut [Bytes]) -> std::io::Result<usize> {
     let total: usize = chunks.iter().map(Bytes::len).sum();
@@ -151,4 +210,55 @@ async fn write_all_vectored<W: AsyncWriteExt + Unpin>(w: &mut W, chunks: &mut [B
 /// Makes the next close of `tcp` send an RST instead of a FIN.
 pub fn reset_tcp(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A connected pair of TCP streams on loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn tcp_splice_copies_both_ways_with_half_close() {
+        let (mut client, client_side) = pair().await;
+        let (node_side, mut node) = pair().await;
+        let counters = ByteCounters::default();
+        let splice = splice_tcp(client_side, node_side, &counters, Duration::from_secs(5));
+        let peers = async {
+            client.write_all(b"hello node").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            node.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hello node");
+            node.write_all(b"hi client!!").await.unwrap();
+            node.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"hi client!!");
+        };
+        let (end, ()) = tokio::join!(splice, peers);
+        assert_eq!(end, SpliceEnd::Clean);
+        assert_eq!(counters.tcp_to_quic.load(Ordering::Relaxed), 10);
+        assert_eq!(counters.quic_to_tcp.load(Ordering::Relaxed), 11);
+    }
+
+    #[tokio::test]
+    async fn tcp_splice_ends_idle_connections() {
+        let (_client, client_side) = pair().await;
+        let (node_side, _node) = pair().await;
+        let counters = ByteCounters::default();
+        let start = tokio::time::Instant::now();
+        let end = splice_tcp(client_side, node_side, &counters, Duration::from_millis(100)).await;
+        assert_eq!(end, SpliceEnd::TcpAborted);
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
 }

@@ -185,12 +185,10 @@ async fn splice_to_endpoint(
     if upstream.write_all(hello).await.is_err() {
         return;
     }
+    node.metrics.bytes.tcp_to_quic.fetch_add(hello.len() as u64, Ordering::Relaxed);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
-    let copied = tokio::time::timeout(idle * 6, tokio::io::copy_bidirectional(&mut tcp, &mut upstream)).await;
-    if let Ok(Ok((to_node, from_node))) = copied {
-        node.metrics.bytes.tcp_to_quic.fetch_add(to_node + hello.len() as u64, Ordering::Relaxed);
-        node.metrics.bytes.quic_to_tcp.fetch_add(from_node, Ordering::Relaxed);
-    }
+    let end = edge_net::splice::splice_tcp(tcp, upstream, &node.metrics.bytes, idle).await;
+    tracing::trace!(node = %node.name, ?end, "direct fallback connection finished");
 }
 
 /// Best effort: one fatal alert, bounded in time, then the caller drops.
