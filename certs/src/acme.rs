@@ -136,11 +136,6 @@ impl AcmeClient {
         }
     }
 
-    /// The settings in use.
-    pub fn settings(&self) -> &AcmeSettings {
-        &self.settings
-    }
-
     fn account_file(&self, directory: &str) -> PathBuf {
         let digest = crate::fingerprint(directory.as_bytes());
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();

@@ -38,11 +38,6 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Whether the `pebble` binary is installed.
-pub fn available() -> bool {
-    Command::new("pebble").arg("-h").output().is_ok()
-}
-
 /// Writes a CA and a leaf for 127.0.0.1/localhost into `dir`.
 fn listener_certs(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let ca_key = rcgen::KeyPair::generate()?;
