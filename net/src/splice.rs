@@ -95,17 +95,7 @@ pub async fn splice(
             }
         }
     };
-    let watchdog = async {
-        let mut seen = moved.load(Ordering::Relaxed);
-        loop {
-            tokio::time::sleep(idle_timeout).await;
-            let now = moved.load(Ordering::Relaxed);
-            if now == seen {
-                return Abort::Idle;
-            }
-            seen = now;
-        }
-    };
+    let watchdog = idle_watchdog(&moved, idle_timeout);
     let outcome = tokio::select! {
         both = async { tokio::try_join!(upstream, downstream) } => both.map(|_| ()),
         idle = watchdog => Err(idle),
@@ -156,17 +146,7 @@ pub async fn splice_tcp(
             moved.fetch_add(1, Ordering::Relaxed);
         }
     }
-    let watchdog = async {
-        let mut seen = moved.load(Ordering::Relaxed);
-        loop {
-            tokio::time::sleep(idle_timeout).await;
-            let now = moved.load(Ordering::Relaxed);
-            if now == seen {
-                return Abort::Idle;
-            }
-            seen = now;
-        }
-    };
+    let watchdog = idle_watchdog(&moved, idle_timeout);
     let outcome = tokio::select! {
         both = async {
             tokio::try_join!(
@@ -183,6 +163,19 @@ pub async fn splice_tcp(
             reset_tcp(&node);
             SpliceEnd::TcpAborted
         }
+    }
+}
+
+/// Resolves once `moved` stayed the same for a whole `idle_timeout`.
+async fn idle_watchdog(moved: &AtomicU64, idle_timeout: Duration) -> Abort {
+    let mut seen = moved.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(idle_timeout).await;
+        let now = moved.load(Ordering::Relaxed);
+        if now == seen {
+            return Abort::Idle;
+        }
+        seen = now;
     }
 }
 

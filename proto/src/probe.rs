@@ -25,29 +25,23 @@ pub fn key_from_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// The answer to `nonce` for `node` under `key`.
-pub fn answer(key: &[u8; 32], node: &str, nonce: &[u8; NONCE_LEN]) -> [u8; ANSWER_LEN] {
-    // HMAC accepts keys of any length; this cannot fail.
-    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
-        return [0; ANSWER_LEN];
-    };
+fn keyed(key: &[u8; 32], node: &str, nonce: &[u8; NONCE_LEN]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(LABEL);
     mac.update(&(node.len() as u32).to_be_bytes());
     mac.update(node.as_bytes());
     mac.update(nonce);
-    mac.finalize().into_bytes().into()
+    mac
+}
+
+/// The answer to `nonce` for `node` under `key`.
+pub fn answer(key: &[u8; 32], node: &str, nonce: &[u8; NONCE_LEN]) -> [u8; ANSWER_LEN] {
+    keyed(key, node, nonce).finalize().into_bytes().into()
 }
 
 /// Whether `got` is the right answer (constant time).
 pub fn verify(key: &[u8; 32], node: &str, nonce: &[u8; NONCE_LEN], got: &[u8]) -> bool {
-    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
-        return false;
-    };
-    mac.update(LABEL);
-    mac.update(&(node.len() as u32).to_be_bytes());
-    mac.update(node.as_bytes());
-    mac.update(nonce);
-    mac.verify_slice(got).is_ok()
+    keyed(key, node, nonce).verify_slice(got).is_ok()
 }
 
 #[cfg(test)]
