@@ -69,6 +69,16 @@ pub struct AgentConfig {
     /// leaves the others serving.
     #[serde(default = "default_connections")]
     pub connections: usize,
+    /// Identity of this installation among replicas of the node (several
+    /// agents serving one node share its traffic). Default: a random id
+    /// kept in `<data_dir>/replica.id`, so a restart replaces the old
+    /// process's tunnels instead of counting as another replica.
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// After SIGTERM: how long open client connections may finish. The
+    /// server is told at once to send new ones to other tunnels.
+    #[serde(default = "default_drain_timeout_secs")]
+    pub drain_timeout_secs: u64,
     /// Reconnect backoff.
     #[serde(default)]
     pub reconnect: ReconnectConfig,
@@ -139,6 +149,10 @@ fn default_connections() -> usize {
     2
 }
 
+fn default_drain_timeout_secs() -> u64 {
+    30
+}
+
 fn default_alpn() -> Vec<String> {
     vec!["http/1.1".into()]
 }
@@ -178,6 +192,8 @@ impl fmt::Debug for AgentConfig {
             .field("direct_listen", &self.direct_listen)
             .field("public_endpoint", &self.public_endpoint)
             .field("connections", &self.connections)
+            .field("replica", &self.replica)
+            .field("drain_timeout_secs", &self.drain_timeout_secs)
             .field("reconnect", &self.reconnect)
             .field("tunnel", &self.tunnel)
             .field("log_format", &self.log_format)
@@ -274,6 +290,14 @@ impl AgentConfig {
         }
         if !(1..=16).contains(&self.connections) {
             return Err(err(format!("connections = {} must be between 1 and 16", self.connections)));
+        }
+        if let Some(r) = &self.replica {
+            if r.is_empty() || r.len() > 64 || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(err(format!("replica = {r:?} must be 1 to 64 letters, digits, '-' or '_'")));
+            }
+        }
+        if self.drain_timeout_secs > 3600 {
+            return Err(err(format!("drain_timeout_secs = {} must be at most 3600", self.drain_timeout_secs)));
         }
         if self.reconnect.initial_ms == 0 || self.reconnect.max_ms < self.reconnect.initial_ms {
             return Err(err(format!(

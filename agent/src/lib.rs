@@ -72,6 +72,8 @@ pub struct AgentShared {
     pub metrics: AgentMetrics,
     /// Random id of this agent process, sent in every hello.
     pub instance: String,
+    /// Id of this installation among the node's replicas.
+    pub replica: String,
     resolver: Arc<NodeCertResolver>,
     node: Mutex<Option<Arc<Node>>>,
     /// Serializes certificate loading between the agent's sessions.
@@ -207,6 +209,28 @@ fn announce(listener: &TcpListener, path: &std::path::Path, message: &str) {
     }
 }
 
+/// The replica id kept in `<data_dir>/replica.id`, created on first use. If
+/// it cannot be stored, a random id serves this run (a restart then counts
+/// as a new replica until the old tunnels time out).
+fn replica_id(data_dir: &std::path::Path) -> String {
+    let path = data_dir.join("replica.id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return id.to_string();
+        }
+    }
+    let id = format!("{:016x}", rand::random::<u64>());
+    let stored = std::fs::create_dir_all(data_dir).map_err(|e| e.to_string()).and_then(|()| {
+        edge_certs::store::write_atomic(&path, id.as_bytes(), edge_certs::store::Sensitivity::Public)
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = stored {
+        tracing::warn!(path = %path.display(), error = %e, "could not store the replica id; using a random one");
+    }
+    id
+}
+
 /// Runs the agent until `shutdown` is cancelled or a fatal error occurs.
 pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken) -> Result<(), AgentError> {
     let ticket = config.validate(origin).map_err(|e| AgentError::Config(e.to_string()))?;
@@ -219,6 +243,10 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         addr: bind,
         source,
     })?;
+    let replica = match &config.replica {
+        Some(r) => r.clone(),
+        None => replica_id(&config.data_dir),
+    };
     let status_listener = bind_optional(config.status_listen, "status endpoint").await?;
     let direct_listener = bind_optional(config.direct_listen, "direct listener").await?;
     let shared = Arc::new(AgentShared {
@@ -227,6 +255,7 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         trust,
         metrics: AgentMetrics::default(),
         instance: format!("{:016x}", rand::random::<u64>()),
+        replica,
         resolver: NodeCertResolver::new(),
         node: Mutex::new(None),
         node_setup: tokio::sync::Mutex::new(()),

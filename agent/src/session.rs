@@ -20,8 +20,9 @@ const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 const WELCOME_DEADLINE: Duration = Duration::from_secs(10);
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
-/// How long open streams may finish after SIGTERM.
-const DRAIN: Duration = Duration::from_secs(10);
+/// After the server acknowledged `leaving`, streams it opened just before
+/// may still arrive for this long.
+const LEAVE_LINGER: Duration = Duration::from_millis(500);
 
 /// How a session ended.
 #[derive(Debug)]
@@ -168,6 +169,7 @@ async fn handshake(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         capabilities,
         instance: shared.instance.clone(),
+        replica: shared.replica.clone(),
         endpoint: shared.config.public_endpoint.clone(),
     };
     if let Err(e) = writer.send(hello).await {
@@ -219,9 +221,29 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
     let mut path_stats = tokio::time::interval(Duration::from_secs(1));
     let mut seq: u64 = 0;
     let mut last_ack = Instant::now();
+    let drain = Duration::from_secs(shared.config.drain_timeout_secs);
+    // Draining after SIGTERM: when we said `leaving`, and when the server
+    // acknowledged it (no new streams after that, save stragglers).
+    let mut leaving: Option<Instant> = None;
+    let mut leave_acked: Option<Instant> = None;
+    let mut drain_check = tokio::time::interval(Duration::from_millis(50));
     let end = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break End::Shutdown,
+            _ = shutdown.cancelled(), if leaving.is_none() => {
+                leaving = Some(Instant::now());
+                tracing::info!(open_streams = streams.len(), drain_secs = drain.as_secs(),
+                    "shutting down: asking the server for no new streams, draining open ones");
+                let said = tokio::time::timeout(Duration::from_secs(1), writer.send(AgentMessage::Leaving)).await;
+                if !matches!(said, Ok(Ok(()))) {
+                    break End::Shutdown;
+                }
+            }
+            _ = drain_check.tick(), if leaving.is_some() => {
+                let settled = leave_acked.is_some_and(|at| at.elapsed() >= LEAVE_LINGER) && streams.is_empty();
+                if settled || leaving.is_some_and(|at| at.elapsed() >= drain) {
+                    break End::Shutdown;
+                }
+            }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     streams.spawn(crate::streams::handle(send, recv, node.clone()));
@@ -250,6 +272,10 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
             }
             message = reader.next() => match message {
                 Some(Ok(ServerMessage::HeartbeatAck { .. })) => last_ack = Instant::now(),
+                Some(Ok(ServerMessage::LeaveAck)) => leave_acked = Some(Instant::now()),
+                Some(Ok(ServerMessage::Draining { drain_secs })) => {
+                    tracing::info!(drain_secs, "server is shutting down; its open streams finish, then this tunnel reconnects");
+                }
                 Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),
                 Some(Ok(ServerMessage::Rejected { code, reason })) => break verdict(u64::from(code), &reason),
                 Some(Ok(ServerMessage::Welcome { .. })) => break End::Retry("unexpected second welcome".into()),
@@ -264,8 +290,10 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
     shared.metrics.tunnels_up.fetch_sub(1, Ordering::Relaxed);
     streams.close();
     if let End::Shutdown = end {
-        tracing::info!(open_streams = streams.len(), "draining streams before closing the tunnel");
-        let _ = tokio::time::timeout(DRAIN, streams.wait()).await;
+        let left = drain.saturating_sub(leaving.map_or(Duration::ZERO, |at| at.elapsed()));
+        if tokio::time::timeout(left, streams.wait()).await.is_err() {
+            tracing::warn!(open_streams = streams.len(), "drain timeout passed; closing open streams");
+        }
     }
     end
 }

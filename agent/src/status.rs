@@ -28,7 +28,9 @@ async fn ready(State(shared): State<Arc<AgentShared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(shared): State<Arc<AgentShared>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render())
+    let mut body = shared.metrics.render();
+    edge_net::render_process_metrics(&mut body);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 /// Serves until shutdown.

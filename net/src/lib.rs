@@ -27,3 +27,30 @@ pub fn raise_fd_limit() {
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
 }
+
+/// Appends process gauges in Prometheus text format: open file descriptors
+/// and live tokio tasks, so leaks show on a dashboard (and in tests).
+pub fn render_process_metrics(out: &mut String) {
+    use std::fmt::Write;
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(out, "# HELP edge_process_open_fds File descriptors open in this process.");
+        let _ = writeln!(out, "# TYPE edge_process_open_fds gauge");
+        let _ = writeln!(out, "edge_process_open_fds {}", fds.count());
+    }
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let _ = writeln!(out, "# HELP edge_tasks_alive Tokio tasks alive in this process.");
+        let _ = writeln!(out, "# TYPE edge_tasks_alive gauge");
+        let _ = writeln!(out, "edge_tasks_alive {}", handle.metrics().num_alive_tasks());
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(kb) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            let _ = writeln!(out, "# HELP edge_process_resident_memory_bytes Resident set size.");
+            let _ = writeln!(out, "# TYPE edge_process_resident_memory_bytes gauge");
+            let _ = writeln!(out, "edge_process_resident_memory_bytes {}", kb * 1024);
+        }
+    }
+}

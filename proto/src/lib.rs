@@ -11,11 +11,16 @@
 //! - [`join`]: the one-line join string an operator hands to an agent.
 //! - [`names`]: DNS name rules shared by routing and the node registry.
 //! - [`probe`]: the nonce/answer proof that a probed endpoint is the node.
+//! - [`dns_zone`]: the cluster DNS zone as data, and the answer to one
+//!   question about it.
+//! - [`signal`]: the signal API's JSON request bodies.
 #![forbid(unsafe_code)]
 
 pub mod client_hello;
+pub mod dns_zone;
 pub mod join;
 pub mod names;
 pub mod probe;
 pub mod proxy_v2;
+pub mod signal;
 pub mod tunnel;

@@ -42,6 +42,9 @@ pub mod codes {
     pub const CLOSE_SHUTDOWN: u32 = 0x13;
     /// The agent's protocol version is not supported.
     pub const CLOSE_VERSION_MISMATCH: u32 = 0x14;
+    /// Too many failed authentications from the agent's address; the
+    /// agent retries after its backoff.
+    pub const CLOSE_RATE_LIMITED: u32 = 0x15;
 
     /// Data stream reset: the client side aborted (TCP reset or error).
     pub const STREAM_CLIENT_ABORTED: u32 = 0x1;
@@ -75,6 +78,11 @@ pub enum AgentMessage {
         /// an agent that was killed) are used only if no newer one is up.
         #[serde(default)]
         instance: String,
+        /// Stable id of the agent's installation (kept in its data
+        /// directory). Several replicas of one node share new streams; among
+        /// tunnels of one replica only the newest instance carries them.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        replica: String,
         /// Public endpoint for direct mode, `host:port`, or `:port` for
         /// "the address the server sees, this port". Absent: proxy only.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,6 +95,11 @@ pub enum AgentMessage {
         /// Data streams currently open on the agent.
         open_streams: u64,
     },
+    /// The agent is shutting down: the server opens no new streams on this
+    /// connection (it prefers other tunnels of the node) and answers
+    /// [`ServerMessage::LeaveAck`]; open streams finish, then the agent
+    /// closes the connection.
+    Leaving,
 }
 
 /// Messages the server sends on the control stream.
@@ -122,6 +135,16 @@ pub enum ServerMessage {
         level: String,
         /// The text.
         message: String,
+    },
+    /// Answer to [`AgentMessage::Leaving`]: no new streams after this one
+    /// (streams the server opened just before may still arrive).
+    LeaveAck,
+    /// The server is shutting down: its open streams finish within
+    /// `drain_secs`, then it closes the connection. The agent should have
+    /// its new streams served elsewhere (reconnect without backoff).
+    Draining {
+        /// The server's drain timeout, in seconds.
+        drain_secs: u64,
     },
 }
 
@@ -287,6 +310,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             capabilities: vec!["proxy_v2".into()],
             instance: "5f1e".into(),
+            replica: "r1".into(),
             endpoint: Some(":443".into()),
         };
         let mut buf = BytesMut::new();

@@ -7,25 +7,27 @@
 //! - `GET /healthz`: liveness.
 //! - `GET /metrics`: Prometheus text format.
 
-use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use edge_proto::signal::ProbeRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::limits::{Listener, Refusal};
 use crate::Shared;
 
 /// Largest request body accepted.
@@ -47,11 +49,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Serves `router` over HTTPS on `listener` until `shutdown`.
+/// The client's address, added to every request of its connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub IpAddr);
+
+/// Serves `router` over HTTPS on `listener` until `shutdown`; sources over
+/// `per_source_rate` are refused at accept.
 pub async fn serve(
     listener: TcpListener,
     tls: TlsAcceptor,
     router: Router,
+    shared: Arc<Shared>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -68,8 +76,13 @@ pub async fn serve(
                 continue;
             }
         };
+        if let Err(reason) = shared.admission.api.admit(peer.ip()) {
+            shared.refusals.refuse(Listener::Api, reason, peer.ip());
+            edge_net::splice::reset_tcp(&tcp);
+            continue;
+        }
         let tls = tls.clone();
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer.ip()))));
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let stream = match tokio::time::timeout(CLIENT_DEADLINE, tls.accept(tcp)).await {
@@ -93,6 +106,30 @@ pub async fn serve(
     }
 }
 
+/// Refuses a source that used up its failed-authentication budget, before
+/// its token is looked at.
+fn auth_refusal(shared: &Shared, peer: Peer) -> Option<Response> {
+    if shared.auth_failures.allowed(peer.0) {
+        return None;
+    }
+    shared.refusals.refuse(Listener::Api, Refusal::AuthFailures, peer.0);
+    Some(error(StatusCode::TOO_MANY_REQUESTS, "too many failed authentications from this address; retry later"))
+}
+
+/// Checks the admin bearer token, counting failures against the source.
+/// `Some(refusal)` unless the request carries the admin token.
+fn admin_refusal(shared: &Shared, peer: Peer, headers: &HeaderMap) -> Option<Response> {
+    if let Some(refused) = auth_refusal(shared, peer) {
+        return Some(refused);
+    }
+    let presented = bearer(headers).map(crate::token_hash);
+    if presented.is_some_and(|hash| bool::from(hash.ct_eq(&shared.admin_token_hash))) {
+        return None;
+    }
+    shared.auth_failures.failed(peer.0);
+    Some(error(StatusCode::UNAUTHORIZED, "admin token required"))
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
@@ -101,23 +138,22 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-/// Body of `POST /api/signal/heartbeat`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HeartbeatRequest {
-    /// Agent state, e.g. `ready`.
-    pub status: String,
-    /// Agent version.
-    pub version: String,
-    /// Features the agent supports.
-    #[serde(default)]
-    pub capabilities: Vec<String>,
-    /// Agent counters (open streams, bytes, ...).
-    #[serde(default)]
-    pub counters: BTreeMap<String, u64>,
-    /// Expiry (Unix seconds) of the certificate the agent serves.
-    #[serde(default)]
-    pub cert_not_after: Option<i64>,
+pub use edge_proto::signal::HeartbeatRequest;
+
+/// A node's authenticated request with its JSON body, as an extractor (see
+/// [`node_request`]).
+#[derive(Debug)]
+pub struct NodeRequest<T>(Arc<crate::registry::NodeHandle>, T);
+
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<Shared>> for NodeRequest<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: axum::extract::Request, shared: &Arc<Shared>) -> Result<Self, Response> {
+        let (parts, body) = request.into_parts();
+        let peer = parts.extensions.get::<Peer>().copied().unwrap_or(Peer(IpAddr::from([0, 0, 0, 0])));
+        let (node, body) = node_request(shared, peer, &parts.headers, body).await?;
+        Ok(NodeRequest(node, body))
+    }
 }
 
 /// Authenticates a node request, then reads its JSON body: the token is
@@ -125,13 +161,18 @@ pub struct HeartbeatRequest {
 /// limit is refused at once, and the rest is read under a deadline.
 async fn node_request<T: serde::de::DeserializeOwned>(
     shared: &Shared,
+    peer: Peer,
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<(Arc<crate::registry::NodeHandle>, T), Response> {
     let Some(token) = bearer(headers) else {
         return Err(error(StatusCode::UNAUTHORIZED, "missing bearer token"));
     };
+    if let Some(refused) = auth_refusal(shared, peer) {
+        return Err(refused);
+    }
     let Some(node) = shared.authenticate(token).await else {
+        shared.auth_failures.failed(peer.0);
         shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         return Err(error(StatusCode::UNAUTHORIZED, "invalid node token"));
     };
@@ -150,11 +191,11 @@ async fn node_request<T: serde::de::DeserializeOwned>(
     }
 }
 
-async fn put_challenge(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
-    let (node, req) = match node_request::<crate::certificates::ChallengeRequest>(&shared, &headers, body).await {
-        Ok(r) => r,
-        Err(response) => return response,
-    };
+async fn put_challenge(
+    State(shared): State<Arc<Shared>>,
+    request: NodeRequest<crate::certificates::ChallengeRequest>,
+) -> Response {
+    let NodeRequest(node, req) = request;
     let Some(value) = req.value.as_deref() else {
         return error(StatusCode::BAD_REQUEST, "value is required");
     };
@@ -164,22 +205,22 @@ async fn put_challenge(State(shared): State<Arc<Shared>>, headers: HeaderMap, bo
     }
 }
 
-async fn delete_challenge(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
-    let (node, req) = match node_request::<crate::certificates::ChallengeRequest>(&shared, &headers, body).await {
-        Ok(r) => r,
-        Err(response) => return response,
-    };
+async fn delete_challenge(
+    State(shared): State<Arc<Shared>>,
+    request: NodeRequest<crate::certificates::ChallengeRequest>,
+) -> Response {
+    let NodeRequest(node, req) = request;
     match crate::certificates::remove(&shared, &node, &req.name, req.value.as_deref()).await {
         Ok(removed) => Json(serde_json::json!({ "removed": removed })).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn certificate(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
-    let (node, req) = match node_request::<crate::certificates::CertificateRequest>(&shared, &headers, body).await {
-        Ok(r) => r,
-        Err(response) => return response,
-    };
+async fn certificate(
+    State(shared): State<Arc<Shared>>,
+    request: NodeRequest<crate::certificates::CertificateRequest>,
+) -> Response {
+    let NodeRequest(node, req) = request;
     // The order runs in its own task: a client that hangs up mid-order does
     // not cancel it halfway, so published TXT values are always removed.
     let order = tokio::spawn(async move { crate::certificates::issue_for_csr(&shared, &node, &req).await });
@@ -190,11 +231,8 @@ async fn certificate(State(shared): State<Arc<Shared>>, headers: HeaderMap, body
     }
 }
 
-async fn heartbeat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
-    let (node, body) = match node_request::<HeartbeatRequest>(&shared, &headers, body).await {
-        Ok(r) => r,
-        Err(response) => return response,
-    };
+async fn heartbeat(State(shared): State<Arc<Shared>>, request: NodeRequest<HeartbeatRequest>) -> Response {
+    let NodeRequest(node, body) = request;
     if body.status.len() > 64 || body.version.len() > 64 || body.capabilities.len() > 64 || body.counters.len() > 64 {
         return error(StatusCode::BAD_REQUEST, "heartbeat fields too long");
     }
@@ -258,11 +296,9 @@ pub struct NodeView {
     pub last_transition: Option<crate::store::ModeChange>,
 }
 
-async fn nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    let presented = bearer(&headers).map(crate::token_hash);
-    let ok = presented.is_some_and(|hash| bool::from(hash.ct_eq(&shared.admin_token_hash)));
-    if !ok {
-        return error(StatusCode::UNAUTHORIZED, "admin token required");
+async fn nodes(State(shared): State<Arc<Shared>>, Extension(peer): Extension<Peer>, headers: HeaderMap) -> Response {
+    if let Some(refused) = admin_refusal(&shared, peer, &headers) {
+        return refused;
     }
     let mut views: Vec<NodeView> = shared.registry.nodes().iter().map(|n| shared.node_view(n)).collect();
     let store = shared.store.clone();
@@ -279,21 +315,14 @@ async fn nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respons
     Json(views).into_response()
 }
 
-/// Body of `POST /api/probe`: another edge-server asks this one to probe.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProbeRequest {
-    endpoint: std::net::SocketAddr,
-    sni: String,
-    nonce: String,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
-async fn probe_for_peer(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Body) -> Response {
-    let presented = bearer(&headers).map(crate::token_hash);
-    if !presented.is_some_and(|hash| bool::from(hash.ct_eq(&shared.admin_token_hash))) {
-        return error(StatusCode::UNAUTHORIZED, "admin token required");
+async fn probe_for_peer(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    if let Some(refused) = admin_refusal(&shared, peer, &headers) {
+        return refused;
     }
     let bytes = match tokio::time::timeout(CLIENT_DEADLINE, axum::body::to_bytes(body, 4096)).await {
         Ok(Ok(bytes)) => bytes,
@@ -318,6 +347,8 @@ async fn probe_for_peer(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let body = shared.metrics.render(&shared.registry);
+    let mut body = shared.metrics.render(&shared.registry);
+    shared.refusals.render(&mut body);
+    edge_net::render_process_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -75,25 +75,7 @@ impl IntoResponse for CertRequestError {
     }
 }
 
-/// Body of `PUT`/`DELETE /api/signal/acme-challenge`.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChallengeRequest {
-    /// `_acme-challenge.<node>.<zone>`.
-    pub name: String,
-    /// The DNS-01 value (base64url of a SHA-256 digest). Optional for
-    /// `DELETE`, which then removes every value at the name.
-    #[serde(default)]
-    pub value: Option<String>,
-}
-
-/// Body of `POST /api/signal/certificate`.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertificateRequest {
-    /// PKCS#10 CSR, DER, base64 (standard or URL-safe alphabet).
-    pub csr: String,
-}
+pub use edge_proto::signal::{CertificateRequest, ChallengeRequest};
 
 /// Answer of `POST /api/signal/certificate`.
 #[derive(Debug, Deserialize, Serialize)]
@@ -109,7 +91,7 @@ pub struct CertificateResponse {
 /// The one TXT name a node may publish at, checked case-insensitively.
 fn own_challenge_name(shared: &Shared, node: &NodeHandle, name: &str) -> Result<String, CertRequestError> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    let own = format!("{}.{}.{}", crate::dns::zone::ACME_LABEL, node.name, shared.config.zone());
+    let own = format!("{}.{}.{}", edge_proto::dns_zone::ACME_LABEL, node.name, shared.config.zone());
     if name != own {
         shared.metrics.foreign_name_refusals.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(node = %node.name, %name, "refused a TXT record outside the node's own names");
@@ -119,10 +101,7 @@ fn own_challenge_name(shared: &Shared, node: &NodeHandle, name: &str) -> Result<
 }
 
 fn check_value(value: &str) -> Result<(), CertRequestError> {
-    let ok = !value.is_empty()
-        && value.len() <= 128
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
+    if edge_proto::signal::is_valid_challenge_value(value) {
         Ok(())
     } else {
         Err(CertRequestError::Invalid("value must be 1 to 128 base64url characters".into()))

@@ -338,6 +338,32 @@ pub struct LimitsConfig {
     /// is closed (TCP reset, QUIC stream reset); checked once per period, so
     /// the close comes between one and two periods after the last byte.
     pub idle_timeout_secs: u64,
+    /// Client connections open at once on the TLS and HTTP listeners
+    /// together; beyond it new ones are closed at accept.
+    pub max_connections: u32,
+    /// Client connections open at once to one node.
+    pub max_connections_per_node: u64,
+    /// New connections per second from one source address (IPv6: its /64)
+    /// on the TLS, HTTP, API and QUIC listeners, each counted on its own;
+    /// 0 turns the check off.
+    pub per_source_rate: u32,
+    /// Connections a source may open at once before `per_source_rate`
+    /// applies.
+    pub per_source_burst: u32,
+    /// DNS queries per second from one source; 0 turns the check off.
+    /// Over it, UDP queries are dropped (no reflection) and TCP ones refused.
+    pub dns_per_source_rate: u32,
+    /// DNS queries a source may send at once.
+    pub dns_per_source_burst: u32,
+    /// Failed authentications (node tokens on QUIC, bearer tokens on the
+    /// API) allowed per source and minute; beyond it the source's attempts
+    /// are refused unchecked until the budget refills. 0: no limit.
+    pub auth_failures_per_minute: u32,
+    /// Sources tracked per limit (bounds memory under a spoofed flood).
+    pub source_table_size: usize,
+    /// How long a new client connection waits for the agent's first bytes
+    /// before it is replayed on another tunnel of the node, if one is up.
+    pub agent_answer_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -348,6 +374,15 @@ impl Default for LimitsConfig {
             drain_timeout_secs: 30,
             open_stream_timeout_ms: 5_000,
             idle_timeout_secs: 600,
+            max_connections: 20_000,
+            max_connections_per_node: 10_000,
+            per_source_rate: 50,
+            per_source_burst: 200,
+            dns_per_source_rate: 200,
+            dns_per_source_burst: 1000,
+            auth_failures_per_minute: 10,
+            source_table_size: 100_000,
+            agent_answer_timeout_ms: 3_000,
         }
     }
 }
@@ -490,6 +525,29 @@ impl ServerConfig {
         }
         if !(1..=86_400).contains(&l.idle_timeout_secs) {
             return Err(format!("limits.idle_timeout_secs = {} must be between 1 and 86400", l.idle_timeout_secs));
+        }
+        if !(1..=10_000_000).contains(&l.max_connections) {
+            return Err(format!("limits.max_connections = {} must be between 1 and 10000000", l.max_connections));
+        }
+        if l.max_connections_per_node == 0 {
+            return Err("limits.max_connections_per_node must be at least 1".into());
+        }
+        for (field, rate, burst) in [
+            ("per_source", l.per_source_rate, l.per_source_burst),
+            ("dns_per_source", l.dns_per_source_rate, l.dns_per_source_burst),
+        ] {
+            if rate > 0 && burst == 0 {
+                return Err(format!("limits.{field}_burst must be at least 1 when limits.{field}_rate is set"));
+            }
+        }
+        if !(1..=10_000_000).contains(&l.source_table_size) {
+            return Err(format!("limits.source_table_size = {} must be between 1 and 10000000", l.source_table_size));
+        }
+        if !(100..=600_000).contains(&l.agent_answer_timeout_ms) {
+            return Err(format!(
+                "limits.agent_answer_timeout_ms = {} must be between 100 and 600000",
+                l.agent_answer_timeout_ms
+            ));
         }
         if let Some(dns) = &self.dns {
             dns.validate(self.zone(), self.listen.tls)?;

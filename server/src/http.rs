@@ -31,9 +31,15 @@ const FIRST_BYTE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Accepts plain HTTP connections until `shutdown`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
-    crate::ingress::accept_loop(listener, "HTTP", shutdown, tracker, move |tcp, peer| {
-        handle(tcp, peer, shared.clone())
-    })
+    let admitted = shared.clone();
+    crate::ingress::accept_loop(
+        listener,
+        &admitted,
+        |s| &s.admission.http,
+        shutdown,
+        tracker,
+        move |tcp, peer| handle(tcp, peer, shared.clone()),
+    )
     .await;
 }
 
@@ -127,7 +133,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared.metrics.http_answer("redirect");
         return respond(&mut tcp, "307 Temporary Redirect", &location, "served over https\n").await;
     }
-    let Some(tunnel) = node.pick_tunnel() else {
+    let Some(tunnel) = node.pick_tunnel(&[]) else {
         shared.metrics.http_answer("offline");
         return respond(&mut tcp, "503 Service Unavailable", "", &format!("{} is offline\n", head.host)).await;
     };
@@ -135,8 +141,10 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared.metrics.http_answer("redirect");
         return respond(&mut tcp, "307 Temporary Redirect", &location, "served over https\n").await;
     }
-    let cap = u64::from(shared.config.tunnel.max_streams) * node.tunnel_count().max(1) as u64;
+    let per_tunnel = u64::from(shared.config.tunnel.max_streams) * node.tunnel_count().max(1) as u64;
+    let cap = per_tunnel.min(limits.max_connections_per_node);
     if node.metrics.active.load(Ordering::Relaxed) >= cap {
+        shared.refusals.refuse(crate::limits::Listener::Http, crate::limits::Refusal::NodeBusy, peer.ip());
         shared.metrics.http_answer("offline");
         return respond(&mut tcp, "503 Service Unavailable", "", "the node is at its connection limit\n").await;
     }

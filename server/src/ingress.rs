@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::limits::{Admission, Listener, Refusal};
+use crate::registry::{clock_ms, NodeHandle};
 use crate::sni::{read_client_hello, HelloError};
 use crate::Shared;
 
@@ -34,19 +36,29 @@ impl Drop for GaugeGuard<'_> {
 
 /// Accepts client connections until `shutdown`; each runs on `tracker`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
-    accept_loop(listener, "TLS", shutdown, tracker, move |tcp, peer| {
-        shared.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
-        handle(tcp, peer, shared.clone())
-    })
+    let admitted = shared.clone();
+    accept_loop(
+        listener,
+        &admitted,
+        |s| &s.admission.tls,
+        shutdown,
+        tracker,
+        move |tcp, peer| {
+            shared.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            handle(tcp, peer, shared.clone())
+        },
+    )
     .await;
 }
 
 /// Accepts connections until `shutdown`, running `on_connection`'s future
-/// for each on `tracker`. Accept errors (usually EMFILE) back off briefly
-/// instead of spinning.
+/// for each on `tracker` once `admission` lets it in (refused ones are
+/// reset at once and counted). Accept errors (usually EMFILE) back off
+/// briefly instead of spinning.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    what: &'static str,
+    shared: &Shared,
+    admission: fn(&Shared) -> &Admission,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     mut on_connection: F,
@@ -54,15 +66,27 @@ pub(crate) async fn accept_loop<F, Fut>(
     F: FnMut(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let admission = admission(shared);
+    let what = admission.listener().label();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((tcp, peer)) => {
-                tracker.spawn(on_connection(tcp, peer));
-            }
+            Ok((tcp, peer)) => match admission.admit(peer.ip()) {
+                Ok(permit) => {
+                    let connection = on_connection(tcp, peer);
+                    tracker.spawn(async move {
+                        let _permit = permit;
+                        connection.await
+                    });
+                }
+                Err(reason) => {
+                    shared.refusals.refuse(admission.listener(), reason, peer.ip());
+                    edge_net::splice::reset_tcp(&tcp);
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, listener = what, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -110,7 +134,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         send_alert(&mut tcp, AlertDescription::UnrecognizedName).await;
         return;
     };
-    let Some(tunnel) = node.pick_tunnel() else {
+    if node.tunnel_count() == 0 {
         // A direct-mode node reached through a stale DNS answer: hand the
         // bytes to its own endpoint (plain L4) rather than drop the client.
         if let Some(endpoint) = node.direct_address().filter(|e| !shared.is_own_address(*e)) {
@@ -120,43 +144,138 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         tracing::debug!(%peer, %sni, node = %node.name, "node has no tunnel");
         send_alert(&mut tcp, AlertDescription::InternalError).await;
         return;
-    };
-    // Cap client connections per node at max_streams per live tunnel (the
-    // agent grants the same number of streams per connection), so a flood
-    // to one name fails fast instead of queueing on stream credit.
-    let cap = u64::from(shared.config.tunnel.max_streams) * node.tunnel_count().max(1) as u64;
+    }
+    // Cap client connections per node: the configured cap, and at most
+    // max_streams per live tunnel (the agent grants that many streams per
+    // connection), so a flood to one name fails fast instead of queueing
+    // on stream credit.
+    let per_tunnel = u64::from(shared.config.tunnel.max_streams) * node.tunnel_count().max(1) as u64;
+    let cap = per_tunnel.min(limits.max_connections_per_node);
     if node.metrics.active.load(Ordering::Relaxed) >= cap {
         shared.metrics.reject("node_busy");
-        tracing::debug!(%peer, %sni, node = %node.name, cap, "node at its connection cap");
+        shared.refusals.refuse(Listener::Tls, Refusal::NodeBusy, peer.ip());
         send_alert(&mut tcp, AlertDescription::InternalError).await;
         return;
     }
-    let open = tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), tunnel.conn.open_bi()).await;
-    let (mut send, recv) = match open {
-        Ok(Ok(streams)) => streams,
-        other => {
+    let _active = GaugeGuard::new(&node.metrics.active);
+    let mut first = StreamHeader { client: peer, local, sni: sni.clone(), plain: false }.encode();
+    first.extend_from_slice(&hello);
+    let answered = match place(&node, &first, &shared).await {
+        Ok(answered) => answered,
+        Err(e) => {
             shared.metrics.reject("tunnel_failed");
-            tracing::warn!(%peer, %sni, node = %node.name, timed_out = other.is_err(), "could not open tunnel stream");
-            send_alert(&mut tcp, AlertDescription::InternalError).await;
+            tracing::warn!(%peer, %sni, node = %node.name, error = %e, "no tunnel of the node answered");
+            if e.agent_answered() {
+                edge_net::splice::reset_tcp(&tcp);
+            } else {
+                send_alert(&mut tcp, AlertDescription::InternalError).await;
+            }
             return;
         }
     };
-    let _active = GaugeGuard::new(&node.metrics.active);
     node.metrics.total.fetch_add(1, Ordering::Relaxed);
-
-    let mut first = StreamHeader { client: peer, local, sni, plain: false }.encode();
-    first.extend_from_slice(&hello);
-    if send.write_all(&first).await.is_err() {
-        shared.metrics.reject("tunnel_failed");
-        edge_net::splice::reset_tcp(&tcp);
-        return;
-    }
     node.metrics.bytes.tcp_to_quic.fetch_add(hello.len() as u64, Ordering::Relaxed);
     drop(hello);
     drop(first);
+    let Answered { send, recv, first_bytes } = answered;
     let idle = Duration::from_secs(limits.idle_timeout_secs);
+    if !first_bytes.is_empty() {
+        let written = tokio::time::timeout(idle, tcp.write_all(&first_bytes)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            drop((send, recv));
+            edge_net::splice::reset_tcp(&tcp);
+            return;
+        }
+        node.metrics.bytes.quic_to_tcp.fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
+    }
+    drop(first_bytes);
     let end = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes, idle).await;
     tracing::trace!(%peer, node = %node.name, ?end, "connection finished");
+}
+
+/// A data stream the agent has answered on, with its first bytes.
+struct Answered {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    first_bytes: bytes::Bytes,
+}
+
+/// Why no tunnel took a client connection.
+#[derive(Debug, thiserror::Error)]
+enum PlaceError {
+    /// Every tunnel tried failed at the connection level, or none is left.
+    #[error("no usable tunnel after {tried} attempt(s)")]
+    NoTunnel { tried: usize },
+    /// The agent reset the stream before answering (TLS or upstream
+    /// failure on its side): a verdict, not a reason to try elsewhere.
+    #[error("agent reset the stream with code {0}")]
+    AgentReset(u64),
+    /// Nothing came back within the idle timeout.
+    #[error("agent did not answer within the idle timeout")]
+    Silent,
+}
+
+impl PlaceError {
+    fn agent_answered(&self) -> bool {
+        matches!(self, PlaceError::AgentReset(_))
+    }
+}
+
+/// Tries at most this many tunnels for one client connection.
+const MAX_PLACEMENTS: usize = 4;
+/// How long a tunnel that left a stream unanswered is avoided.
+const AVOID_MS: u64 = 10_000;
+
+/// Opens a data stream on one of the node's tunnels, sends `first` (header
+/// and replayed ClientHello) and waits for the agent's first bytes.
+///
+/// Nothing has reached the client yet, so if the connection under the
+/// stream is lost, or nothing comes back within `agent_answer_timeout_ms`
+/// while another tunnel is up (a killed agent whose connection has not
+/// timed out yet), the same bytes go to the next tunnel: losing one tunnel
+/// or one replica loses no new client connection. Replaying a ClientHello
+/// is harmless; agents accept no 0-RTT data.
+async fn place(node: &NodeHandle, first: &[u8], shared: &Shared) -> Result<Answered, PlaceError> {
+    let limits = &shared.config.limits;
+    let mut excluded: Vec<u64> = Vec::new();
+    while excluded.len() < MAX_PLACEMENTS {
+        let Some(tunnel) = node.pick_tunnel(&excluded) else { break };
+        excluded.push(tunnel.id);
+        let open = tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), tunnel.conn.open_bi());
+        let Ok(Ok((mut send, mut recv))) = open.await else { continue };
+        if send.write_all(first).await.is_err() {
+            continue;
+        }
+        let answer = tokio::time::sleep(Duration::from_millis(limits.agent_answer_timeout_ms));
+        let silent = tokio::time::sleep(Duration::from_secs(limits.idle_timeout_secs));
+        tokio::pin!(answer, silent);
+        let mut waited = false;
+        let moved_on = loop {
+            tokio::select! {
+                read = recv.read_chunk(64 * 1024, true) => match read {
+                    Ok(Some(chunk)) => return Ok(Answered { send, recv, first_bytes: chunk.bytes }),
+                    Ok(None) => return Ok(Answered { send, recv, first_bytes: bytes::Bytes::new() }),
+                    Err(quinn::ReadError::Reset(code)) => return Err(PlaceError::AgentReset(code.into_inner())),
+                    Err(_) => break true,
+                },
+                _ = &mut answer, if !waited => {
+                    waited = true;
+                    if node.pick_tunnel(&excluded).is_some() {
+                        tunnel.state.avoid_until_ms.store(clock_ms() + AVOID_MS, Ordering::Relaxed);
+                        tracing::warn!(node = %node.name, tunnel = tunnel.id, remote = %tunnel.conn.remote_address(),
+                            "agent did not answer a stream in time; trying another tunnel");
+                        break true;
+                    }
+                }
+                _ = &mut silent => return Err(PlaceError::Silent),
+            }
+        };
+        if moved_on {
+            let _ = send.reset(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+            let _ = recv.stop(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+        }
+    }
+    Err(PlaceError::NoTunnel { tried: excluded.len() })
 }
 
 /// Splices a client to a direct-mode node's endpoint, replaying the hello.

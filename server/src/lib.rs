@@ -17,6 +17,7 @@
 //! - [`certificates`]: DNS-01 challenges and the CSR flow for nodes.
 //! - [`modes`], [`detector`]: direct/proxy mode from verified probes.
 //! - [`http`]: plain HTTP on :80 (redirects, Host-routed proxying).
+//! - [`limits`]: per-source rates, connection caps, refusal counting.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -27,6 +28,7 @@ pub mod dns;
 pub mod http;
 pub mod identity;
 pub mod ingress;
+pub mod limits;
 pub mod metrics;
 pub mod modes;
 pub mod registry;
@@ -120,6 +122,46 @@ pub struct Shared {
     pub reload_lock: tokio::sync::Mutex<()>,
     /// Bound addresses of the client listeners (TLS, HTTP).
     pub client_listeners: Vec<SocketAddr>,
+    /// Admission checks of each listener.
+    pub admission: Admissions,
+    /// Failed-authentication budgets per source.
+    pub auth_failures: limits::AuthFailures,
+    /// Refusal counters and their throttled log.
+    pub refusals: limits::Refusals,
+}
+
+/// The admission check of each listener; TLS and HTTP share one cap.
+#[derive(Debug)]
+pub struct Admissions {
+    /// Public TLS.
+    pub tls: limits::Admission,
+    /// Plain HTTP.
+    pub http: limits::Admission,
+    /// Signal API.
+    pub api: limits::Admission,
+    /// QUIC handshakes of agents.
+    pub quic: limits::Admission,
+    /// DNS queries.
+    pub dns: limits::Admission,
+}
+
+impl Admissions {
+    fn new(l: &config::LimitsConfig) -> Self {
+        use limits::{Admission, Listener, SourceRates};
+        let slots = Some(Arc::new(tokio::sync::Semaphore::new(l.max_connections as usize)));
+        let rates = || SourceRates::new(l.per_source_rate, l.per_source_burst, l.source_table_size);
+        Self {
+            tls: Admission::new(Listener::Tls, rates(), slots.clone()),
+            http: Admission::new(Listener::Http, rates(), slots),
+            api: Admission::new(Listener::Api, rates(), None),
+            quic: Admission::new(Listener::Quic, rates(), None),
+            dns: Admission::new(
+                Listener::Dns,
+                SourceRates::new(l.dns_per_source_rate, l.dns_per_source_burst, l.source_table_size),
+                None,
+            ),
+        }
+    }
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -327,7 +369,13 @@ impl Server {
             client.order_timeout = Duration::from_secs(a.order_timeout_secs);
             client
         });
+        let admission = Admissions::new(&config.limits);
+        let auth_failures =
+            limits::AuthFailures::new(config.limits.auth_failures_per_minute, config.limits.source_table_size);
         let shared = Arc::new(Shared {
+            admission,
+            auth_failures,
+            refusals: limits::Refusals::default(),
             config,
             store,
             registry: Registry::default(),
@@ -379,7 +427,14 @@ impl BoundServer {
         let close_tunnels = CancellationToken::new();
 
         background.spawn(ingress::serve(tls, shared.clone(), shutdown.clone(), clients.clone()));
-        background.spawn(api::serve(api, api_tls, api::router(shared.clone()), shutdown.clone(), clients.clone()));
+        background.spawn(api::serve(
+            api,
+            api_tls,
+            api::router(shared.clone()),
+            shared.clone(),
+            shutdown.clone(),
+            clients.clone(),
+        ));
         background.spawn(tunnel::serve(
             endpoint.clone(),
             shared.clone(),

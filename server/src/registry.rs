@@ -35,6 +35,36 @@ pub struct Tunnel {
     pub conn: quinn::Connection,
     /// The agent process it comes from (see `AgentMessage::Hello`).
     pub instance: String,
+    /// The agent installation it comes from (empty for agents that do not
+    /// send one: they count as one replica).
+    pub replica: String,
+    /// Placement state shared by every clone.
+    pub state: Arc<TunnelState>,
+}
+
+impl Tunnel {
+    /// A new tunnel in the normal state.
+    pub fn new(id: u64, conn: quinn::Connection, instance: String, replica: String) -> Self {
+        Self { id, conn, instance, replica, state: Arc::default() }
+    }
+}
+
+/// How the server should treat a tunnel when placing new streams.
+#[derive(Debug, Default)]
+pub struct TunnelState {
+    /// The agent said it is leaving: used only if nothing else is up.
+    pub leaving: std::sync::atomic::AtomicBool,
+    /// Milliseconds (since [`clock_ms`]'s origin) until which the tunnel is
+    /// avoided: a stream on it went unanswered, so the agent may be dead
+    /// without the connection having timed out yet.
+    pub avoid_until_ms: AtomicU64,
+}
+
+/// Milliseconds since the first call: a cheap monotonic clock for
+/// [`TunnelState::avoid_until_ms`].
+pub fn clock_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 /// What the server knows at run time about a node's agent.
@@ -123,19 +153,43 @@ impl NodeHandle {
         bool::from(stored.ct_eq(token_hash))
     }
 
-    /// The tunnel a new stream should use. Streams go round-robin over the
-    /// open tunnels of the newest agent instance (an agent may hold several
-    /// connections, each driven on its own core). A restarted agent's
-    /// tunnels win at once, before the idle timeout has noticed that the
-    /// killed instance's tunnels are dead; those remain a fallback.
-    pub fn pick_tunnel(&self) -> Option<Tunnel> {
+    /// The tunnel a new stream should use, other than those in `exclude`.
+    ///
+    /// Streams go round-robin over the best-ranked open tunnels:
+    /// 0. normal tunnels of each replica's newest instance (an agent may
+    ///    hold several connections, and a node may run several replicas);
+    /// 1. tunnels avoided for a while because a stream went unanswered;
+    /// 2. tunnels whose agent said it is leaving;
+    /// 3. tunnels of a replica's older instance (a restarted agent's
+    ///    tunnels win at once, before the idle timeout has noticed that the
+    ///    killed instance's tunnels are dead).
+    pub fn pick_tunnel(&self, exclude: &[u64]) -> Option<Tunnel> {
         // No allocation: this runs once per client connection.
         let tunnels = lock(&self.tunnels);
-        let newest = tunnels.iter().rev().find(|t| t.conn.close_reason().is_none())?;
-        let usable = |t: &&Tunnel| t.instance == newest.instance && t.conn.close_reason().is_none();
-        let count = tunnels.iter().filter(usable).count();
-        let i = self.next_pick.fetch_add(1, Ordering::Relaxed) as usize % count.max(1);
-        tunnels.iter().filter(usable).nth(i).cloned()
+        let now = clock_ms();
+        let rank = |i: usize| -> Option<u8> {
+            let t = &tunnels[i];
+            if exclude.contains(&t.id) || t.conn.close_reason().is_some() {
+                return None;
+            }
+            let superseded = tunnels[i + 1..].iter().any(|later| {
+                later.replica == t.replica && later.instance != t.instance && later.conn.close_reason().is_none()
+            });
+            Some(if superseded {
+                3
+            } else if t.state.leaving.load(Ordering::Relaxed) {
+                2
+            } else if t.state.avoid_until_ms.load(Ordering::Relaxed) > now {
+                1
+            } else {
+                0
+            })
+        };
+        let best = (0..tunnels.len()).filter_map(rank).min()?;
+        let count = (0..tunnels.len()).filter(|&i| rank(i) == Some(best)).count();
+        let nth = self.next_pick.fetch_add(1, Ordering::Relaxed) as usize % count.max(1);
+        let i = (0..tunnels.len()).filter(|&i| rank(i) == Some(best)).nth(nth)?;
+        Some(tunnels[i].clone())
     }
 
     /// Adds a tunnel.

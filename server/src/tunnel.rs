@@ -12,7 +12,8 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::registry::{NodeHandle, Tunnel};
+use crate::limits::{Listener, Refusal};
+use crate::registry::{NodeHandle, Tunnel, TunnelState};
 use crate::Shared;
 
 /// Deadline for each step of an agent's handshake.
@@ -35,11 +36,17 @@ pub async fn serve(
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
+        let source = incoming.remote_address().ip();
+        if let Err(reason) = shared.admission.quic.admit(source) {
+            shared.refusals.refuse(Listener::Quic, reason, source);
+            incoming.refuse();
+            continue;
+        }
         let shared = shared.clone();
-        let close_tunnels = close_tunnels.clone();
+        let (draining, close_tunnels) = (shutdown.clone(), close_tunnels.clone());
         tracker.spawn(async move {
             let remote = incoming.remote_address();
-            if let Err(e) = session(incoming, shared, close_tunnels).await {
+            if let Err(e) = session(incoming, shared, draining, close_tunnels).await {
                 tracing::info!(%remote, error = %e, "agent session ended");
             }
         });
@@ -72,6 +79,7 @@ async fn step<T, E: Into<SessionError>>(
 async fn session(
     incoming: quinn::Incoming,
     shared: Arc<Shared>,
+    draining: CancellationToken,
     close_tunnels: CancellationToken,
 ) -> Result<(), SessionError> {
     let conn = step(async { incoming.await }).await?;
@@ -81,10 +89,16 @@ async fn session(
     let mut writer = FramedWrite::new(send, ControlCodec::<AgentMessage, ServerMessage>::default());
 
     let first = tokio::time::timeout(HANDSHAKE_STEP, reader.next()).await;
-    let (protocol, token, agent_version, instance, endpoint) = match first {
-        Ok(Some(Ok(AgentMessage::Hello { protocol, token, agent_version, instance, endpoint, .. }))) => {
-            (protocol, token, agent_version, instance, endpoint)
-        }
+    let (protocol, token, agent_version, instance, replica, endpoint, capabilities) = match first {
+        Ok(Some(Ok(AgentMessage::Hello {
+            protocol,
+            token,
+            agent_version,
+            instance,
+            replica,
+            endpoint,
+            capabilities,
+        }))) => (protocol, token, agent_version, instance, replica, endpoint, capabilities),
         Ok(Some(Ok(_))) => {
             return Err(close_with(
                 &conn,
@@ -102,11 +116,17 @@ async fn session(
         }
         Err(_) => return Err(close_with(&conn, codes::CLOSE_PROTOCOL_ERROR, SessionError::Timeout)),
     };
-    if instance.len() > 64 {
+    let oversized = instance.len() > 64
+        || replica.len() > 64
+        || agent_version.len() > 64
+        || endpoint.as_ref().is_some_and(|e| e.len() > 256)
+        || capabilities.len() > 32
+        || capabilities.iter().any(|c| c.len() > 64);
+    if oversized {
         return Err(close_with(
             &conn,
             codes::CLOSE_PROTOCOL_ERROR,
-            SessionError::Protocol("instance id longer than 64 bytes"),
+            SessionError::Protocol("hello field too long (ids and version at most 64 bytes, 32 capabilities)"),
         ));
     }
     if protocol != PROTOCOL_VERSION {
@@ -114,7 +134,14 @@ async fn session(
         reject(&conn, &mut writer, codes::CLOSE_VERSION_MISMATCH, reason).await;
         return Err(close_with(&conn, codes::CLOSE_VERSION_MISMATCH, SessionError::Version(protocol)));
     }
+    if !shared.auth_failures.allowed(remote.ip()) {
+        shared.refusals.refuse(Listener::Quic, Refusal::AuthFailures, remote.ip());
+        let reason = "too many failed authentications from this address; retry later".to_string();
+        reject(&conn, &mut writer, codes::CLOSE_RATE_LIMITED, reason).await;
+        return Err(close_with(&conn, codes::CLOSE_RATE_LIMITED, SessionError::Protocol("auth failure budget used")));
+    }
     let Some(node) = shared.authenticate(&token).await else {
+        shared.auth_failures.failed(remote.ip());
         shared.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let node = edge_proto::join::node_of_token(&token).unwrap_or("?").to_string();
         tracing::warn!(%remote, %node, "agent authentication failed");
@@ -122,14 +149,13 @@ async fn session(
         reject(&conn, &mut writer, codes::CLOSE_AUTH_FAILED, reason).await;
         return Err(close_with(&conn, codes::CLOSE_AUTH_FAILED, SessionError::Auth(node)));
     };
-    writer
-        .send(ServerMessage::Welcome {
-            node: node.name.clone(),
-            hostnames: node.hostnames.clone(),
-            heartbeat_secs: HEARTBEAT_SECS,
-            server_version: env!("CARGO_PKG_VERSION").to_string(),
-        })
-        .await?;
+    step(writer.send(ServerMessage::Welcome {
+        node: node.name.clone(),
+        hostnames: node.hostnames.clone(),
+        heartbeat_secs: HEARTBEAT_SECS,
+        server_version: env!("CARGO_PKG_VERSION").to_string(),
+    }))
+    .await?;
 
     let endpoint = endpoint.as_deref().map(|e| {
         resolve_endpoint(e, remote).and_then(|addr| {
@@ -146,7 +172,9 @@ async fn session(
         None => *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = None,
     }
     let tunnel_id = shared.registry.next_tunnel_id();
-    node.add_tunnel(Tunnel { id: tunnel_id, conn: conn.clone(), instance });
+    let tunnel = Tunnel::new(tunnel_id, conn.clone(), instance, replica.clone());
+    let state = tunnel.state.clone();
+    node.add_tunnel(tunnel);
     {
         let mut status = node.status.lock().unwrap_or_else(|p| p.into_inner());
         status.agent_version = Some(agent_version.clone());
@@ -154,9 +182,11 @@ async fn session(
         status.last_heartbeat = Some(crate::unix_now());
     }
     shared.persist_status(&node).await;
-    tracing::info!(node = %node.name, %remote, agent_version, tunnel = tunnel_id, "agent connected");
+    tracing::info!(node = %node.name, %remote, agent_version, %replica, tunnel = tunnel_id, "agent connected");
 
-    let result = control_loop(&conn, &node, &mut reader, &mut writer, &close_tunnels).await;
+    let control =
+        Control { conn: &conn, node: &node, state: &state, draining: &draining, close_tunnels: &close_tunnels };
+    let result = control_loop(control, &mut reader, &mut writer, shared.config.limits.drain_timeout_secs).await;
     let remaining = node.remove_tunnel(tunnel_id);
     shared.persist_status(&node).await;
     tracing::info!(node = %node.name, %remote, tunnel = tunnel_id, remaining, "agent disconnected");
@@ -166,15 +196,34 @@ async fn session(
 type Reader = FramedRead<quinn::RecvStream, ControlCodec<AgentMessage, ServerMessage>>;
 type Writer = FramedWrite<quinn::SendStream, ControlCodec<AgentMessage, ServerMessage>>;
 
+/// What the control loop of one tunnel watches.
+struct Control<'a> {
+    conn: &'a quinn::Connection,
+    node: &'a Arc<NodeHandle>,
+    state: &'a TunnelState,
+    /// Cancelled when the server starts draining: agents are told once.
+    draining: &'a CancellationToken,
+    /// Cancelled when the drain is over: tunnels close.
+    close_tunnels: &'a CancellationToken,
+}
+
 async fn control_loop(
-    conn: &quinn::Connection,
-    node: &Arc<NodeHandle>,
+    control: Control<'_>,
     reader: &mut Reader,
     writer: &mut Writer,
-    close_tunnels: &CancellationToken,
+    drain_secs: u64,
 ) -> Result<(), SessionError> {
+    let Control { conn, node, state, draining, close_tunnels } = control;
+    let mut told_draining = false;
     loop {
         tokio::select! {
+            _ = draining.cancelled(), if !told_draining => {
+                told_draining = true;
+                // Best effort: the agent learns that this server is going and
+                // that open streams get `drain_secs` to finish.
+                let notice = writer.send(ServerMessage::Draining { drain_secs });
+                let _ = tokio::time::timeout(Duration::from_secs(1), notice).await;
+            }
             _ = close_tunnels.cancelled() => {
                 conn.close(VarInt::from_u32(codes::CLOSE_SHUTDOWN), b"server shutting down");
                 return Ok(());
@@ -192,7 +241,15 @@ async fn control_loop(
                         status.last_heartbeat = Some(crate::unix_now());
                         status.agent_open_streams = open_streams;
                     }
-                    writer.send(ServerMessage::HeartbeatAck { seq }).await?;
+                    // A peer that stops reading must not park this loop.
+                    step(writer.send(ServerMessage::HeartbeatAck { seq })).await?;
+                }
+                Some(Ok(AgentMessage::Leaving)) => {
+                    if !state.leaving.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!(node = %node.name, remote = %conn.remote_address(),
+                            "agent leaving: no new streams on its tunnel");
+                    }
+                    step(writer.send(ServerMessage::LeaveAck)).await?;
                 }
                 Some(Ok(AgentMessage::Hello { .. })) => {
                     return Err(close_with(conn, codes::CLOSE_PROTOCOL_ERROR, SessionError::Protocol("second hello")));

@@ -141,6 +141,15 @@ impl Server {
         };
         let http = addrs.and_then(|a| a.http).map_or("127.0.0.1:0".to_string(), |h| h.to_string());
         let config = dir.join("server.toml");
+        // Tests load the server from one address: the per-source rate is
+        // off unless a test sets it.
+        let extra = if extra.contains("per_source_rate") {
+            extra.to_string()
+        } else if extra.contains("[limits]\n") {
+            extra.replacen("[limits]\n", "[limits]\nper_source_rate = 0\n", 1)
+        } else {
+            format!("{extra}\n[limits]\nper_source_rate = 0\n")
+        };
         let text = format!(
             "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\n"
         );

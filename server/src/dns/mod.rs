@@ -4,8 +4,6 @@
 //! builds the zone from the config and the server's state, swaps in a new
 //! snapshot on every change, and answers queries from the current one.
 
-pub mod zone;
-
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -22,7 +20,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DnsConfig, StaticKind};
-use zone::{Zone, ZoneSettings};
+use edge_proto::dns_zone::{Zone, ZoneSettings};
 
 /// The current zone snapshot, swapped as a whole on every change.
 #[derive(Debug)]
@@ -98,6 +96,23 @@ impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
         let builder = MessageResponseBuilder::from_message_request(request);
         let mut metadata = Metadata::response_from_request(&request.metadata);
+        let source = request.src().ip();
+        if let Err(reason) = self.shared.admission.dns.admit(source) {
+            self.shared.refusals.refuse(crate::limits::Listener::Dns, reason, source);
+            // Over its rate, a UDP source gets nothing: an answer would make
+            // us the reflector of a spoofed flood. TCP sources (no spoofing)
+            // are told REFUSED.
+            if request.protocol() == hickory_server::net::xfer::Protocol::Udp {
+                metadata.response_code = ResponseCode::Refused;
+                return hickory_proto::op::Header { metadata, counts: Default::default() }.into();
+            }
+            self.shared.metrics.dns_query(ResponseCode::Refused);
+            let refused = builder.error_msg(&request.metadata, ResponseCode::Refused);
+            return response
+                .send_response(refused)
+                .await
+                .unwrap_or_else(|_| hickory_proto::op::Header { metadata, counts: Default::default() }.into());
+        }
         let mut edns_out = None;
         if let Some(req_edns) = request.edns.as_ref() {
             let mut e = Edns::new();

@@ -87,6 +87,12 @@ impl SqliteStore {
             std::fs::create_dir_all(dir).map_err(|e| db_err(io_error(e)))?;
         }
         let mut conn = Connection::open(path).map_err(db_err)?;
+        // Token hashes live here (they also key reachability probes): owner
+        // only, whatever the umask.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db_err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db_err)?;

@@ -1,0 +1,104 @@
+//! Request bodies of the signal API, as the server reads them from untrusted
+//! JSON.
+//!
+//! Every type refuses unknown fields, so a typo in an agent or an operator's
+//! script is an error rather than a silently ignored setting. Parsing is pure
+//! (`serde_json::from_slice`), which is what the `signal_json` fuzz target
+//! exercises.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Body of `POST /api/signal/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// Agent state, e.g. `ready`.
+    pub status: String,
+    /// Agent version.
+    pub version: String,
+    /// Features the agent supports.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Agent counters (open streams, bytes, ...).
+    #[serde(default)]
+    pub counters: BTreeMap<String, u64>,
+    /// Expiry (Unix seconds) of the certificate the agent serves.
+    #[serde(default)]
+    pub cert_not_after: Option<i64>,
+}
+
+/// Body of `POST /api/probe`: another edge-server asks this one to probe.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeRequest {
+    /// The endpoint to connect to.
+    pub endpoint: SocketAddr,
+    /// The SNI to present (checked with [`crate::names::normalize_hostname`]).
+    pub sni: String,
+    /// The probe nonce, 64 hex digits.
+    pub nonce: String,
+    /// How long to wait for an answer; the server clamps it.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Body of `PUT`/`DELETE /api/signal/acme-challenge`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeRequest {
+    /// `_acme-challenge.<node>.<zone>`.
+    pub name: String,
+    /// The DNS-01 value (base64url of a SHA-256 digest). Optional for
+    /// `DELETE`, which then removes every value at the name.
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// Body of `POST /api/signal/certificate`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRequest {
+    /// PKCS#10 CSR, DER, base64 (standard or URL-safe alphabet).
+    pub csr: String,
+}
+
+/// Whether `value` is an acceptable DNS-01 TXT value: 1 to 128 base64url
+/// characters (a real one is 43).
+pub fn is_valid_challenge_value(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 128
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_defaults_and_unknown_fields() {
+        let hb: HeartbeatRequest = serde_json::from_str(r#"{"status":"ready","version":"0.1.0"}"#).unwrap();
+        assert!(hb.capabilities.is_empty() && hb.counters.is_empty() && hb.cert_not_after.is_none());
+        assert!(serde_json::from_str::<HeartbeatRequest>(r#"{"status":"ready","version":"1","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn probe_request_round_trips() {
+        let body = r#"{"endpoint":"[::1]:443","sni":"a.example","nonce":"00","timeout_ms":500}"#;
+        let req: ProbeRequest = serde_json::from_str(body).unwrap();
+        let again: ProbeRequest = serde_json::from_slice(&serde_json::to_vec(&req).unwrap()).unwrap();
+        assert_eq!(req, again);
+    }
+
+    #[test]
+    fn challenge_values() {
+        assert!(is_valid_challenge_value("LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"));
+        assert!(!is_valid_challenge_value(""));
+        assert!(!is_valid_challenge_value("a b"));
+        assert!(!is_valid_challenge_value(&"a".repeat(129)));
+        let req: ChallengeRequest = serde_json::from_str(r#"{"name":"_acme-challenge.n.z"}"#).unwrap();
+        assert_eq!(req.value, None);
+    }
+}

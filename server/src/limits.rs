@@ -1,0 +1,438 @@
+//! Admission limits: per-source rates, connection caps, failed-auth
+//! budgets, and the counting and rate-limited logging of refusals.
+//!
+//! [`SourceRates`] is sans-IO (it takes `now`), so its rules are tested
+//! without sockets; [`Admission`] wraps it with a semaphore for one
+//! listener. Refusals are cheap on purpose: a flood is answered by closing
+//! sockets, counting, and at most one log line per listener and reason
+//! every [`LOG_EVERY`].
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// At most one refusal log line per listener and reason this often.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Where a refusal happened, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The public TLS listener.
+    Tls,
+    /// The plain HTTP listener.
+    Http,
+    /// The signal API.
+    Api,
+    /// The QUIC listener for agents.
+    Quic,
+    /// The DNS server (UDP and TCP).
+    Dns,
+}
+
+impl Listener {
+    /// All listeners, in metric order.
+    pub const ALL: [Listener; 5] = [Listener::Tls, Listener::Http, Listener::Api, Listener::Quic, Listener::Dns];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Listener::Tls => "tls",
+            Listener::Http => "http",
+            Listener::Api => "api",
+            Listener::Quic => "quic",
+            Listener::Dns => "dns",
+        }
+    }
+}
+
+/// Why a connection, query or request was refused, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The source exceeded its rate (`per_source_rate`, `dns_per_source_rate`).
+    Rate,
+    /// The server holds `max_connections` client connections.
+    MaxConnections,
+    /// The node holds `max_connections_per_node` client connections.
+    NodeBusy,
+    /// The source used up its failed-authentication budget.
+    AuthFailures,
+}
+
+impl Refusal {
+    /// All reasons, in metric order.
+    pub const ALL: [Refusal; 4] = [Refusal::Rate, Refusal::MaxConnections, Refusal::NodeBusy, Refusal::AuthFailures];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Rate => "rate",
+            Refusal::MaxConnections => "max_connections",
+            Refusal::NodeBusy => "node_busy",
+            Refusal::AuthFailures => "auth_failures",
+        }
+    }
+}
+
+const LISTENERS: usize = Listener::ALL.len();
+const REASONS: usize = Refusal::ALL.len();
+
+/// Refusal counters and the throttle of their log lines.
+#[derive(Debug)]
+pub struct Refusals {
+    counts: [[AtomicU64; REASONS]; LISTENERS],
+    last_log_ms: [[AtomicU64; REASONS]; LISTENERS],
+    suppressed: [[AtomicU64; REASONS]; LISTENERS],
+    origin: Instant,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Self {
+            counts: Default::default(),
+            last_log_ms: Default::default(),
+            suppressed: Default::default(),
+            origin: Instant::now(),
+        }
+    }
+}
+
+fn index(listener: Listener, reason: Refusal) -> (usize, usize) {
+    let l = Listener::ALL.iter().position(|x| *x == listener).unwrap_or(0);
+    let r = Refusal::ALL.iter().position(|x| *x == reason).unwrap_or(0);
+    (l, r)
+}
+
+impl Refusals {
+    /// Counts one refusal and logs it, at most once per [`LOG_EVERY`] per
+    /// listener and reason (the line says how many were not logged).
+    pub fn refuse(&self, listener: Listener, reason: Refusal, source: IpAddr) {
+        let (l, r) = index(listener, reason);
+        self.counts[l][r].fetch_add(1, Ordering::Relaxed);
+        // Offset by one period so the very first refusal is logged.
+        let now = self.origin.elapsed().as_millis() as u64 + LOG_EVERY.as_millis() as u64;
+        let last = self.last_log_ms[l][r].load(Ordering::Relaxed);
+        let due = now.saturating_sub(last) >= LOG_EVERY.as_millis() as u64;
+        if due && self.last_log_ms[l][r].compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            let suppressed = self.suppressed[l][r].swap(0, Ordering::Relaxed);
+            tracing::warn!(listener = listener.label(), reason = reason.label(), %source, suppressed,
+                "refusing: limit reached (further refusals for this reason are logged every 10 s)");
+        } else {
+            self.suppressed[l][r].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Refusals so far.
+    pub fn count(&self, listener: Listener, reason: Refusal) -> u64 {
+        let (l, r) = index(listener, reason);
+        self.counts[l][r].load(Ordering::Relaxed)
+    }
+
+    /// Appends `edge_refusals_total` in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP edge_refusals_total Connections, queries and requests refused by a limit.");
+        let _ = writeln!(out, "# TYPE edge_refusals_total counter");
+        for listener in Listener::ALL {
+            for reason in Refusal::ALL {
+                let _ = writeln!(
+                    out,
+                    "edge_refusals_total{{listener=\"{}\",reason=\"{}\"}} {}",
+                    listener.label(),
+                    reason.label(),
+                    self.count(listener, reason)
+                );
+            }
+        }
+    }
+}
+
+/// The key a source is limited under: the IPv4 address, or the /64 of an
+/// IPv6 address (one host usually owns a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Token buckets per source, sans-IO.
+///
+/// Each source may spend `burst` at once and regains `rate` per second.
+/// The table is bounded: when it is full, buckets that have refilled (and
+/// so say nothing) are dropped; if it is still full (a flood from more
+/// distinct sources than `capacity`), new sources are admitted untracked,
+/// since the global caps still hold and refusing every newcomer would shut
+/// out legitimate clients.
+#[derive(Debug)]
+pub struct SourceRates {
+    rate: f64,
+    burst: f64,
+    capacity: usize,
+    table: HashMap<IpAddr, Bucket>,
+}
+
+impl SourceRates {
+    /// `rate` per second, `burst` at once; `rate == 0` admits everything.
+    pub fn new(rate: u32, burst: u32, capacity: usize) -> Self {
+        Self { rate: f64::from(rate), burst: f64::from(burst.max(1)), capacity: capacity.max(1), table: HashMap::new() }
+    }
+
+    fn refill(&self, bucket: &mut Bucket, now: Instant) {
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
+        bucket.at = now;
+    }
+
+    /// Whether `source` still has a token, without spending it.
+    pub fn has_token(&mut self, source: IpAddr, now: Instant) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let key = source_key(source);
+        let Some(mut bucket) = self.table.get(&key).copied() else { return true };
+        self.refill(&mut bucket, now);
+        bucket.tokens >= 1.0
+    }
+
+    /// Spends a token of `source`; false (nothing spent) when it has none.
+    pub fn take(&mut self, source: IpAddr, now: Instant) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let key = source_key(source);
+        if !self.table.contains_key(&key) && self.table.len() >= self.capacity {
+            self.sweep(now);
+            if self.table.len() >= self.capacity {
+                return true;
+            }
+        }
+        let burst = self.burst;
+        let mut bucket = self.table.get(&key).copied().unwrap_or(Bucket { tokens: burst, at: now });
+        self.refill(&mut bucket, now);
+        let allowed = bucket.tokens >= 1.0;
+        if allowed {
+            bucket.tokens -= 1.0;
+        }
+        self.table.insert(key, bucket);
+        allowed
+    }
+
+    /// Drops buckets that are full again.
+    fn sweep(&mut self, now: Instant) {
+        let (rate, burst) = (self.rate, self.burst);
+        self.table.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst);
+    }
+
+    /// Sources tracked.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether no source is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+}
+
+/// The admission check of one listener: the source's rate, then a slot
+/// under the connection cap (shared by listeners that share one).
+#[derive(Debug)]
+pub struct Admission {
+    listener: Listener,
+    rates: Mutex<SourceRates>,
+    slots: Option<Arc<Semaphore>>,
+}
+
+impl Admission {
+    /// A check for `listener`; `slots` caps concurrent connections.
+    pub fn new(listener: Listener, rates: SourceRates, slots: Option<Arc<Semaphore>>) -> Self {
+        Self { listener, rates: Mutex::new(rates), slots }
+    }
+
+    /// The listener this admission guards.
+    pub fn listener(&self) -> Listener {
+        self.listener
+    }
+
+    /// Admits a new connection or query from `source`, or says why not.
+    /// The permit (if any) must live as long as the connection.
+    pub fn admit(&self, source: IpAddr) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
+        let allowed = self.rates.lock().unwrap_or_else(|p| p.into_inner()).take(source, Instant::now());
+        if !allowed {
+            return Err(Refusal::Rate);
+        }
+        match &self.slots {
+            None => Ok(None),
+            Some(slots) => slots.clone().try_acquire_owned().map(Some).map_err(|_| Refusal::MaxConnections),
+        }
+    }
+}
+
+/// Failed authentications per source (node tokens on QUIC, bearer tokens on
+/// the API): once a source has used its budget, its attempts are refused
+/// before any token is checked, until the budget refills.
+#[derive(Debug)]
+pub struct AuthFailures {
+    rates: Mutex<SourceRates>,
+}
+
+impl AuthFailures {
+    /// `per_minute` failures allowed per source (0: unlimited).
+    pub fn new(per_minute: u32, capacity: usize) -> Self {
+        // A budget of `per_minute` that refills over a minute.
+        let rates = if per_minute == 0 {
+            SourceRates::new(0, 1, capacity)
+        } else {
+            SourceRates::new_fractional(f64::from(per_minute) / 60.0, per_minute, capacity)
+        };
+        Self { rates: Mutex::new(rates) }
+    }
+
+    /// Whether `source` may try to authenticate now.
+    pub fn allowed(&self, source: IpAddr) -> bool {
+        self.rates.lock().unwrap_or_else(|p| p.into_inner()).has_token(source, Instant::now())
+    }
+
+    /// Records a failed attempt by `source`.
+    pub fn failed(&self, source: IpAddr) {
+        self.rates.lock().unwrap_or_else(|p| p.into_inner()).take(source, Instant::now());
+    }
+}
+
+impl SourceRates {
+    /// Like [`SourceRates::new`] with a rate below one per second.
+    pub fn new_fractional(rate: f64, burst: u32, capacity: usize) -> Self {
+        Self { rate, burst: f64::from(burst.max(1)), capacity: capacity.max(1), table: HashMap::new() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn burst_then_rate() {
+        let t0 = Instant::now();
+        let mut r = SourceRates::new(10, 5, 100);
+        for _ in 0..5 {
+            assert!(r.take(ip("192.0.2.1"), t0));
+        }
+        assert!(!r.take(ip("192.0.2.1"), t0), "burst spent");
+        assert!(r.take(ip("192.0.2.2"), t0), "other sources unaffected");
+        // 10/s: one token back after 100 ms, not before.
+        assert!(!r.take(ip("192.0.2.1"), t0 + Duration::from_millis(50)));
+        assert!(r.take(ip("192.0.2.1"), t0 + Duration::from_millis(150)));
+        assert!(!r.take(ip("192.0.2.1"), t0 + Duration::from_millis(160)));
+        // Refills to the burst, not beyond.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..5 {
+            assert!(r.take(ip("192.0.2.1"), later));
+        }
+        assert!(!r.take(ip("192.0.2.1"), later));
+    }
+
+    #[test]
+    fn zero_rate_admits_everything() {
+        let mut r = SourceRates::new(0, 1, 1);
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            assert!(r.take(ip("192.0.2.1"), t0));
+        }
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn ipv6_sources_share_their_64() {
+        let t0 = Instant::now();
+        let mut r = SourceRates::new(1, 2, 100);
+        assert!(r.take(ip("2001:db8:1:2::1"), t0));
+        assert!(r.take(ip("2001:db8:1:2::ffff"), t0));
+        assert!(!r.take(ip("2001:db8:1:2:abcd::9"), t0));
+        assert!(r.take(ip("2001:db8:1:3::1"), t0));
+        // A v4-mapped address is the v4 source.
+        assert!(r.take(ip("198.51.100.7"), t0));
+        assert!(r.take(ip("::ffff:198.51.100.7"), t0));
+        assert!(!r.take(ip("198.51.100.7"), t0));
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let t0 = Instant::now();
+        let mut r = SourceRates::new(1, 1, 100);
+        for i in 0..1000u32 {
+            let source = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(r.take(source, t0), "new sources are admitted while the table is full");
+        }
+        assert_eq!(r.len(), 100);
+        // Once buckets refill they are swept to make room.
+        let later = t0 + Duration::from_secs(5);
+        assert!(r.take(ip("192.0.2.200"), later));
+        assert!(r.len() <= 2, "{}", r.len());
+        assert!(!r.take(ip("192.0.2.200"), later), "tracked again");
+    }
+
+    #[test]
+    fn auth_failure_budget() {
+        let a = AuthFailures::new(3, 100);
+        let src = ip("203.0.113.9");
+        for _ in 0..3 {
+            assert!(a.allowed(src));
+            a.failed(src);
+        }
+        assert!(!a.allowed(src), "budget used");
+        assert!(a.allowed(ip("203.0.113.10")));
+        let off = AuthFailures::new(0, 100);
+        for _ in 0..100 {
+            off.failed(src);
+        }
+        assert!(off.allowed(src));
+    }
+
+    #[test]
+    fn refusals_counted_and_rendered() {
+        let r = Refusals::default();
+        for _ in 0..5 {
+            r.refuse(Listener::Dns, Refusal::Rate, ip("192.0.2.1"));
+        }
+        assert_eq!(r.count(Listener::Dns, Refusal::Rate), 5);
+        assert_eq!(r.count(Listener::Tls, Refusal::Rate), 0);
+        let mut out = String::new();
+        r.render(&mut out);
+        assert!(out.contains("edge_refusals_total{listener=\"dns\",reason=\"rate\"} 5"), "{out}");
+        assert_eq!(out.lines().filter(|l| l.starts_with("edge_refusals_total{")).count(), 20);
+    }
+
+    #[test]
+    fn admission_caps_connections() {
+        let slots = Arc::new(Semaphore::new(2));
+        let a = Admission::new(Listener::Tls, SourceRates::new(0, 1, 10), Some(slots));
+        let p1 = a.admit(ip("192.0.2.1")).unwrap();
+        let _p2 = a.admit(ip("192.0.2.2")).unwrap();
+        assert_eq!(a.admit(ip("192.0.2.3")).unwrap_err(), Refusal::MaxConnections);
+        drop(p1);
+        assert!(a.admit(ip("192.0.2.3")).is_ok());
+        let rated = Admission::new(Listener::Api, SourceRates::new(1, 1, 10), None);
+        assert!(rated.admit(ip("192.0.2.1")).is_ok());
+        assert_eq!(rated.admit(ip("192.0.2.1")).unwrap_err(), Refusal::Rate);
+    }
+}
