@@ -24,3 +24,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo build --release --workspace --all-targets
 cargo test --release --workspace "$@"
+
+# A bounded coverage-guided run of every fuzz target (stable toolchain, own
+# target dir); FUZZ_SECONDS=0 only replays the seed corpora.
+scripts/fuzz.sh "${FUZZ_SECONDS:-10}"

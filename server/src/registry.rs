@@ -192,9 +192,29 @@ impl NodeHandle {
         Some(tunnels[i].clone())
     }
 
-    /// Adds a tunnel.
-    pub fn add_tunnel(&self, tunnel: Tunnel) {
-        lock(&self.tunnels).push(tunnel);
+    /// Adds a tunnel. Tunnels of an older instance of the same replica that
+    /// did not say they were leaving belong to a process that died without
+    /// a word (the replica id lives in the agent's data directory): they are
+    /// closed, so their streams reset now instead of hanging until the QUIC
+    /// idle timeout. Returns how many were closed.
+    pub fn add_tunnel(&self, tunnel: Tunnel) -> usize {
+        let mut tunnels = lock(&self.tunnels);
+        let mut replaced = 0;
+        for old in tunnels.iter() {
+            let crashed = old.replica == tunnel.replica
+                && old.instance != tunnel.instance
+                && !old.state.leaving.load(Ordering::Relaxed)
+                && old.conn.close_reason().is_none();
+            if crashed {
+                old.conn.close(
+                    quinn::VarInt::from_u32(edge_proto::tunnel::codes::CLOSE_NORMAL),
+                    b"replaced by a newer instance of this replica",
+                );
+                replaced += 1;
+            }
+        }
+        tunnels.push(tunnel);
+        replaced
     }
 
     /// Removes a tunnel; returns how many remain.

@@ -18,6 +18,8 @@ use crate::Shared;
 
 /// Deadline for each step of an agent's handshake.
 const HANDSHAKE_STEP: Duration = Duration::from_secs(10);
+/// Time a drain notice gets to reach the agent before the tunnel closes.
+const NOTICE_FLIGHT: Duration = Duration::from_millis(200);
 /// Heartbeat interval the server asks agents for.
 pub const HEARTBEAT_SECS: u64 = 15;
 
@@ -174,7 +176,12 @@ async fn session(
     let tunnel_id = shared.registry.next_tunnel_id();
     let tunnel = Tunnel::new(tunnel_id, conn.clone(), instance, replica.clone());
     let state = tunnel.state.clone();
-    node.add_tunnel(tunnel);
+    let replaced = node.add_tunnel(tunnel);
+    if replaced > 0 {
+        tracing::warn!(node = %node.name, %replica, replaced,
+            "closed tunnels of an earlier instance of this replica that never said it was leaving (crashed, or \
+             two agents share one data_dir or replica id)");
+    }
     {
         let mut status = node.status.lock().unwrap_or_else(|p| p.into_inner());
         status.agent_version = Some(agent_version.clone());
@@ -214,17 +221,23 @@ async fn control_loop(
     drain_secs: u64,
 ) -> Result<(), SessionError> {
     let Control { conn, node, state, draining, close_tunnels } = control;
-    let mut told_draining = false;
+    let mut told_draining: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = draining.cancelled(), if !told_draining => {
-                told_draining = true;
+            // The drain notice goes first even when the drain is already over.
+            biased;
+            _ = draining.cancelled(), if told_draining.is_none() => {
+                told_draining = Some(std::time::Instant::now());
                 // Best effort: the agent learns that this server is going and
                 // that open streams get `drain_secs` to finish.
                 let notice = writer.send(ServerMessage::Draining { drain_secs });
                 let _ = tokio::time::timeout(Duration::from_secs(1), notice).await;
             }
             _ = close_tunnels.cancelled() => {
+                // Closing discards unsent stream data: give a notice sent a
+                // moment ago time to leave.
+                let since = told_draining.map_or(NOTICE_FLIGHT, |at| at.elapsed());
+                tokio::time::sleep(NOTICE_FLIGHT.saturating_sub(since)).await;
                 conn.close(VarInt::from_u32(codes::CLOSE_SHUTDOWN), b"server shutting down");
                 return Ok(());
             }

@@ -1,6 +1,6 @@
 //! Authoritative DNS for the cluster zone, on hickory-server (UDP and TCP).
 //!
-//! [`zone`] holds the data and the answering rules (sans-IO); this module
+//! [`edge_proto::dns_zone`] holds the data and the answering rules (sans-IO); this module
 //! builds the zone from the config and the server's state, swaps in a new
 //! snapshot on every change, and answers queries from the current one.
 

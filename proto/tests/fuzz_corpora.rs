@@ -1,0 +1,135 @@
+//! Replays every file in the fuzz corpora (`fuzz/corpus/<target>/`) through
+//! the parsers the fuzz targets exercise, on the stable toolchain and
+//! without libFuzzer. A crash the fuzzer found becomes a regression test by
+//! adding its input to the target's corpus directory (see docs/fuzzing.md).
+//! The invariants checked here are the cheap ones; the fuzz targets check
+//! more.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use bytes::BytesMut;
+use edge_proto::client_hello::{parse, Parse, DEFAULT_MAX_HELLO_BYTES};
+use edge_proto::dns_zone::{Zone, ZoneSettings};
+use edge_proto::signal::{CertificateRequest, ChallengeRequest, HeartbeatRequest, ProbeRequest};
+use edge_proto::tunnel::{AgentMessage, ControlCodec, ServerMessage, StreamHeader};
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name};
+use tokio_util::codec::Decoder;
+
+/// The files of one corpus, sorted, with their contents.
+fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("corpus entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} has no seeds", dir.display());
+    files.into_iter().map(|p| (p.clone(), std::fs::read(&p).expect("corpus file"))).collect()
+}
+
+#[test]
+fn client_hello_corpus() {
+    for (path, data) in corpus("client_hello") {
+        let whole = parse(&data, DEFAULT_MAX_HELLO_BYTES);
+        if let Parse::Found(name) = &whole {
+            assert!(!name.is_empty() && *name == name.to_ascii_lowercase(), "{}", path.display());
+        }
+        for end in 0..data.len().min(64) {
+            let _ = parse(&data[..end], DEFAULT_MAX_HELLO_BYTES);
+        }
+    }
+}
+
+fn decode_all<In: serde::de::DeserializeOwned>(data: &[u8]) -> usize {
+    let mut codec: ControlCodec<In, ()> = ControlCodec::default();
+    let mut buf = BytesMut::from(data);
+    let mut n = 0;
+    while let Ok(Some(_)) = codec.decode(&mut buf) {
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn tunnel_frames_corpus() {
+    for (path, data) in corpus("tunnel_frames") {
+        if let Ok(Some((header, used))) = StreamHeader::decode(&data) {
+            assert!(used <= data.len(), "{}", path.display());
+            let again = StreamHeader::decode(&header.encode()).unwrap().unwrap().0;
+            assert_eq!(again, header, "{}", path.display());
+        }
+        decode_all::<AgentMessage>(&data);
+        decode_all::<ServerMessage>(&data);
+    }
+}
+
+#[test]
+fn dns_request_corpus() {
+    let name = |s: &str| Name::from_str(s).unwrap();
+    let settings = ZoneSettings {
+        nameservers: vec![name("ns.edge.test.")],
+        hostmaster: name("hostmaster.edge.test."),
+        address_ttl: 30,
+        txt_ttl: 5,
+        zone_ttl: 3600,
+        negative_ttl: 5,
+    };
+    let cluster = vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+    let base = Zone::new(name("edge.test."), settings, cluster, Vec::new());
+    let nodes = HashMap::from([("n1".to_string(), base.cluster_addresses().to_vec())]);
+    let challenges = HashMap::from([("n1".to_string(), vec!["v1".to_string()])]);
+    let zone = base.with_state(7, nodes, challenges);
+
+    let mut decoded = 0;
+    for (path, data) in corpus("dns_request") {
+        let Ok(request) = Message::from_vec(&data) else { continue };
+        decoded += 1;
+        for query in &request.queries {
+            let answer = zone.answer(query.name(), query.query_type(), query.query_class());
+            if query.query_class() != DNSClass::IN || !zone.origin().zone_of(&query.name().to_lowercase()) {
+                assert_eq!(answer.rcode, ResponseCode::Refused, "{}", path.display());
+            }
+            let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+            response.metadata.response_code = answer.rcode;
+            response.add_query(query.clone());
+            response.add_answers(answer.answers);
+            response.add_authorities(answer.authority);
+            let bytes = response.to_vec().unwrap();
+            assert!(bytes.len() <= 1232, "{}: {} bytes", path.display(), bytes.len());
+        }
+    }
+    assert!(decoded > 0, "no seed decodes as a DNS message");
+}
+
+fn round_trip<T>(data: &[u8]) -> bool
+where
+    T: serde::de::DeserializeOwned + serde::Serialize + PartialEq + std::fmt::Debug,
+{
+    let Ok(value) = serde_json::from_slice::<T>(data) else { return false };
+    let json = serde_json::to_vec(&value).expect("a decoded value encodes");
+    let again: T = serde_json::from_slice(&json).expect("the re-encoding decodes");
+    assert_eq!(again, value);
+    true
+}
+
+#[test]
+fn signal_json_corpus() {
+    let mut decoded = 0;
+    for (_, data) in corpus("signal_json") {
+        let any = [
+            round_trip::<HeartbeatRequest>(&data),
+            round_trip::<ProbeRequest>(&data),
+            round_trip::<ChallengeRequest>(&data),
+            round_trip::<CertificateRequest>(&data),
+            round_trip::<AgentMessage>(&data),
+            round_trip::<ServerMessage>(&data),
+        ]
+        .contains(&true);
+        decoded += usize::from(any);
+    }
+    assert!(decoded > 0, "no seed decodes as a signal body or control message");
+}
