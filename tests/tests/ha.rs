@@ -179,3 +179,68 @@ async fn replicas_share_a_node_and_restarts_lose_no_request() {
     })
     .unwrap_or_else(|e| panic!("{e}\nserver:\n{}\nagent a:\n{}", server.proc.log_text(), a.proc.log_text()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_an_agent_that_dies_mid_transfer_are_reset_promptly() {
+    // The only agent of the node is killed: nothing can tell the server but
+    // silence, so the tunnel's idle timeout (3 s here) bounds the wait.
+    const IDLE: Duration = Duration::from_secs(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let server =
+        Server::start(&tmp.path().join("server"), "[tunnel]\nidle_timeout_secs = 3\nkeep_alive_secs = 1\n").unwrap();
+    let join = server.add_node("n1").unwrap();
+    let tuning = "[tunnel]\nidle_timeout_secs = 3\nkeep_alive_secs = 1\n";
+    let mut agent = Agent::spawn_with_config(&tmp.path().join("a"), &join, upstreams::echo().await, tuning).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let config = clients::client_config(&agent.local_ca("n1")).unwrap();
+
+    let mut transfers = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (addr, config) = (server.addrs.tls, config.clone());
+        transfers.spawn(async move {
+            let tls = clients::connect(addr, &format!("t{i}.n1.{ZONE}"), config).await.unwrap();
+            let (mut r, mut w) = tokio::io::split(tls);
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            // Echo continuously until the connection breaks.
+            let writer = async move {
+                let chunk = vec![0x5a; 16 * 1024];
+                loop {
+                    if let Err(e) = w.write_all(&chunk).await {
+                        return e;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            let reader = async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) => return std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "clean end"),
+                        Ok(_) => {}
+                        Err(e) => return e,
+                    }
+                }
+            };
+            let error = tokio::select! { e = writer => e, e = reader => e };
+            (Instant::now(), error)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.proc.child.kill().unwrap();
+    let killed = Instant::now();
+    let mut waits = Vec::new();
+    while let Some(done) = transfers.join_next().await {
+        let (at, error) = done.unwrap();
+        let waited = at.duration_since(killed);
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "not a reset: {error}");
+        waits.push(waited);
+    }
+    waits.sort();
+    println!(
+        "ha: 8 transfers of a killed agent reset after {:?}..{:?} (tunnel idle timeout {IDLE:?})",
+        waits[0], waits[7]
+    );
+    assert!(waits[7] <= IDLE + Duration::from_secs(2), "clients hung for {:?}", waits[7]);
+    let m = server.metrics().unwrap();
+    assert_eq!(metric(&m, "edge_connections_open"), Some(0.0));
+}
