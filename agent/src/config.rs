@@ -165,11 +165,14 @@ pub struct ReconnectConfig {
     pub initial_ms: u64,
     /// Largest delay.
     pub max_ms: u64,
+    /// After the server shut down, the first attempt comes at a random time
+    /// in this window (at least the backoff), so a fleet spreads out.
+    pub shutdown_spread_ms: u64,
 }
 
 impl Default for ReconnectConfig {
     fn default() -> Self {
-        Self { initial_ms: 250, max_ms: 30_000 }
+        Self { initial_ms: 250, max_ms: 30_000, shutdown_spread_ms: 5_000 }
     }
 }
 
@@ -295,6 +298,12 @@ impl AgentConfig {
             if r.is_empty() || r.len() > 64 || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
                 return Err(err(format!("replica = {r:?} must be 1 to 64 letters, digits, '-' or '_'")));
             }
+        }
+        if self.reconnect.shutdown_spread_ms > 600_000 {
+            return Err(err(format!(
+                "reconnect.shutdown_spread_ms = {} must be at most 600000",
+                self.reconnect.shutdown_spread_ms
+            )));
         }
         if self.drain_timeout_secs > 3600 {
             return Err(err(format!("drain_timeout_secs = {} must be at most 3600", self.drain_timeout_secs)));

@@ -216,7 +216,8 @@ fn replica_id(data_dir: &std::path::Path) -> String {
     let path = data_dir.join("replica.id");
     if let Ok(id) = std::fs::read_to_string(&path) {
         let id = id.trim();
-        if !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        let plain = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+        if !id.is_empty() && id.len() <= 64 && id.bytes().all(plain) {
             return id.to_string();
         }
     }
@@ -235,6 +236,12 @@ fn replica_id(data_dir: &std::path::Path) -> String {
 pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken) -> Result<(), AgentError> {
     let ticket = config.validate(origin).map_err(|e| AgentError::Config(e.to_string()))?;
     let trust = ServerTrust::from_config(config.server_ca_file.as_deref(), ticket.fingerprint)?;
+    // A configured certificate is checked now, not at the first welcome: a
+    // missing or unreadable file must stop the agent even while the server
+    // is unreachable.
+    if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+        edge_certs::pem::load_certified_key(cert, key)?;
+    }
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
     let socket = edge_net::quic::udp_socket(bind, config.tunnel.udp_buffer_bytes)
         .map_err(|source| AgentError::Bind { what: "QUIC socket", addr: bind, source })?;

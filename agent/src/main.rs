@@ -138,7 +138,7 @@ fn main() -> std::process::ExitCode {
     match real_main(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("edge-agent: error: {e:#}");
+            eprintln!("edge-agent: error: {}", edge_net::error_chain(e.chain()));
             std::process::ExitCode::from(2)
         }
     }

@@ -31,6 +31,10 @@ enum End {
     Shutdown,
     /// Try again after a backoff.
     Retry(String),
+    /// The server shut down (or restarts): try again after a delay drawn
+    /// over `reconnect.shutdown_spread_ms`, so a fleet that lost its server
+    /// at one instant does not come back in one burst.
+    ServerLeft(String),
     /// Retrying cannot help (bad token, removed node, wrong server).
     Fatal(String),
 }
@@ -46,25 +50,31 @@ pub async fn run(
     let mut backoff = initial;
     loop {
         let started = Instant::now();
-        match session(&endpoint, &shared, &shutdown).await {
+        let end = session(&endpoint, &shared, &shutdown).await;
+        if started.elapsed() >= STABLE_SESSION {
+            backoff = initial;
+        }
+        // Jitter (half to all of the backoff) spreads agents that failed one
+        // by one. Agents whose server shut down all lost it at the same
+        // instant: a jitter of a few hundred ms would keep them together
+        // (and QUIC's fixed Initial retransmits would land them on the
+        // restarted server in one burst), so they spread over the whole
+        // `shutdown_spread_ms` window instead.
+        let (reason, delay) = match end {
             End::Shutdown => return Ok(()),
             End::Fatal(message) => return Err(AgentError::Fatal(message)),
-            End::Retry(reason) => {
-                if started.elapsed() >= STABLE_SESSION {
-                    backoff = initial;
-                }
-                // Jitter (half to all of the backoff): a fleet of agents
-                // reconnecting after a server restart spreads out instead of
-                // arriving in one burst.
-                let delay = backoff.mul_f64(rand::random_range(0.5..=1.0));
-                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                backoff = (backoff * 2).min(max);
+            End::Retry(reason) => (reason, backoff.mul_f64(rand::random_range(0.5..=1.0))),
+            End::ServerLeft(reason) => {
+                let spread = backoff.max(Duration::from_millis(shared.config.reconnect.shutdown_spread_ms));
+                (reason, spread.mul_f64(rand::random_range(0.0..=1.0)))
             }
+        };
+        tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
         }
+        backoff = (backoff * 2).min(max);
     }
 }
 
@@ -82,10 +92,12 @@ fn verdict(code: u64, reason: &str) -> End {
     const AUTH: u64 = codes::CLOSE_AUTH_FAILED as u64;
     const REMOVED: u64 = codes::CLOSE_NODE_REMOVED as u64;
     const VERSION: u64 = codes::CLOSE_VERSION_MISMATCH as u64;
+    const SHUTDOWN: u64 = codes::CLOSE_SHUTDOWN as u64;
     match code {
         AUTH => End::Fatal(format!("server refused the node token: {reason}")),
         REMOVED => End::Fatal(format!("this node was removed from the server: {reason}")),
         VERSION => End::Fatal(format!("protocol mismatch: {reason}")),
+        SHUTDOWN => End::ServerLeft(format!("server shut down: {reason}")),
         _ => End::Retry(format!("server closed the tunnel: {reason}")),
     }
 }

@@ -54,3 +54,37 @@ pub fn render_process_metrics(out: &mut String) {
         }
     }
 }
+
+/// An error and its causes on one line, `a: b: c`, skipping a cause whose
+/// text the line already ends with (many errors print their source too).
+pub fn error_chain<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> String {
+    let mut line = String::new();
+    for cause in chain {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading /x/y.crt: {source}")]
+    struct Outer {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn error_chain_skips_repeated_causes() {
+        let inner = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let outer = Outer { source: inner };
+        let chain = std::iter::successors(Some(&outer as &(dyn std::error::Error + 'static)), |e| e.source());
+        assert_eq!(super::error_chain(chain), "reading /x/y.crt: No such file");
+    }
+}

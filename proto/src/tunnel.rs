@@ -95,10 +95,10 @@ pub enum AgentMessage {
         /// Data streams currently open on the agent.
         open_streams: u64,
     },
-    /// The agent is shutting down: the server opens no new streams on this
-    /// connection (it prefers other tunnels of the node) and answers
-    /// [`ServerMessage::LeaveAck`]; open streams finish, then the agent
-    /// closes the connection.
+    /// The agent is shutting down: the server places new streams on other
+    /// tunnels of the node (this one is used only if none is up) and
+    /// answers [`ServerMessage::LeaveAck`]; open streams finish, then the
+    /// agent closes the connection.
     Leaving,
 }
 
@@ -136,12 +136,15 @@ pub enum ServerMessage {
         /// The text.
         message: String,
     },
-    /// Answer to [`AgentMessage::Leaving`]: no new streams after this one
-    /// (streams the server opened just before may still arrive).
+    /// Answer to [`AgentMessage::Leaving`]: from now on new streams come
+    /// only if the node has no other tunnel (streams the server placed just
+    /// before may still arrive).
     LeaveAck,
-    /// The server is shutting down: its open streams finish within
-    /// `drain_secs`, then it closes the connection. The agent should have
-    /// its new streams served elsewhere (reconnect without backoff).
+    /// The server is shutting down: it accepts no new clients, its open
+    /// streams finish within `drain_secs`, then it closes the connection
+    /// with `CLOSE_SHUTDOWN`, after which the agent reconnects at a random
+    /// time within `reconnect.shutdown_spread_ms` (to this address, which
+    /// may lead to another server, or to this one restarted).
     Draining {
         /// The server's drain timeout, in seconds.
         drain_secs: u64,

@@ -122,11 +122,15 @@ fn admin_refusal(shared: &Shared, peer: Peer, headers: &HeaderMap) -> Option<Res
     if let Some(refused) = auth_refusal(shared, peer) {
         return Some(refused);
     }
-    let presented = bearer(headers).map(crate::token_hash);
-    if presented.is_some_and(|hash| bool::from(hash.ct_eq(&shared.admin_token_hash))) {
+    let Some(presented) = bearer(headers).map(crate::token_hash) else {
+        // No token at all (a monitor, a scanner) is no guess: not counted.
+        return Some(error(StatusCode::UNAUTHORIZED, "admin token required"));
+    };
+    if bool::from(presented.ct_eq(&shared.admin_token_hash)) {
         return None;
     }
     shared.auth_failures.failed(peer.0);
+    tracing::debug!(peer = %peer.0, "wrong admin token");
     Some(error(StatusCode::UNAUTHORIZED, "admin token required"))
 }
 

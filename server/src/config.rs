@@ -343,6 +343,9 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// Client connections open at once to one node.
     pub max_connections_per_node: u64,
+    /// Tunnels (agent connections, all replicas together) one node may
+    /// hold; bounds what one token can take of the server.
+    pub max_tunnels_per_node: usize,
     /// New connections per second from one source address (IPv6: its /64)
     /// on the TLS, HTTP, API and QUIC listeners, each counted on its own;
     /// 0 turns the check off.
@@ -376,6 +379,7 @@ impl Default for LimitsConfig {
             idle_timeout_secs: 600,
             max_connections: 20_000,
             max_connections_per_node: 10_000,
+            max_tunnels_per_node: 256,
             per_source_rate: 50,
             per_source_burst: 200,
             dns_per_source_rate: 200,
@@ -531,6 +535,12 @@ impl ServerConfig {
         }
         if l.max_connections_per_node == 0 {
             return Err("limits.max_connections_per_node must be at least 1".into());
+        }
+        if !(1..=100_000).contains(&l.max_tunnels_per_node) {
+            return Err(format!(
+                "limits.max_tunnels_per_node = {} must be between 1 and 100000",
+                l.max_tunnels_per_node
+            ));
         }
         for (field, rate, burst) in [
             ("per_source", l.per_source_rate, l.per_source_burst),

@@ -238,6 +238,8 @@ const AVOID_MS: u64 = 10_000;
 async fn place(node: &NodeHandle, first: &[u8], shared: &Shared) -> Result<Answered, PlaceError> {
     let limits = &shared.config.limits;
     let mut excluded: Vec<u64> = Vec::new();
+    // One bound for the whole placement, however many tunnels are tried.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(limits.idle_timeout_secs);
     while excluded.len() < MAX_PLACEMENTS {
         let Some(tunnel) = node.pick_tunnel(&excluded) else { break };
         excluded.push(tunnel.id);
@@ -247,7 +249,7 @@ async fn place(node: &NodeHandle, first: &[u8], shared: &Shared) -> Result<Answe
             continue;
         }
         let answer = tokio::time::sleep(Duration::from_millis(limits.agent_answer_timeout_ms));
-        let silent = tokio::time::sleep(Duration::from_secs(limits.idle_timeout_secs));
+        let silent = tokio::time::sleep_until(give_up);
         tokio::pin!(answer, silent);
         let mut waited = false;
         let moved_on = loop {

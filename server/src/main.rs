@@ -88,7 +88,7 @@ fn main() -> std::process::ExitCode {
     match real_main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("edge-server: error: {e:#}");
+            eprintln!("edge-server: error: {}", edge_net::error_chain(e.chain()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -118,17 +118,24 @@ async fn session(
         }
         Err(_) => return Err(close_with(&conn, codes::CLOSE_PROTOCOL_ERROR, SessionError::Timeout)),
     };
-    let oversized = instance.len() > 64
-        || replica.len() > 64
-        || agent_version.len() > 64
-        || endpoint.as_ref().is_some_and(|e| e.len() > 256)
-        || capabilities.len() > 32
-        || capabilities.iter().any(|c| c.len() > 64);
-    if oversized {
+    // Ids and the version end up in logs: short, and ids plain characters
+    // only (no forged log lines).
+    let id_ok = |id: &str| id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let printable = |s: &str| s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    let valid = id_ok(&instance)
+        && id_ok(&replica)
+        && printable(&agent_version)
+        && endpoint.as_ref().is_none_or(|e| e.len() <= 256)
+        && capabilities.len() <= 32
+        && capabilities.iter().all(|c| printable(c));
+    if !valid {
         return Err(close_with(
             &conn,
             codes::CLOSE_PROTOCOL_ERROR,
-            SessionError::Protocol("hello field too long (ids and version at most 64 bytes, 32 capabilities)"),
+            SessionError::Protocol(
+                "bad hello field (ids: at most 64 of A-Z a-z 0-9 - _; version and capabilities: at most 64 \
+                 printable bytes, 32 capabilities)",
+            ),
         ));
     }
     if protocol != PROTOCOL_VERSION {
@@ -151,6 +158,13 @@ async fn session(
         reject(&conn, &mut writer, codes::CLOSE_AUTH_FAILED, reason).await;
         return Err(close_with(&conn, codes::CLOSE_AUTH_FAILED, SessionError::Auth(node)));
     };
+    let cap = shared.config.limits.max_tunnels_per_node;
+    if node.tunnel_count() >= cap {
+        let reason = format!("node {} already has {cap} tunnels (limits.max_tunnels_per_node); retry later", node.name);
+        tracing::warn!(node = %node.name, %remote, "refusing a tunnel: the node is at its tunnel cap");
+        reject(&conn, &mut writer, codes::CLOSE_RATE_LIMITED, reason).await;
+        return Err(close_with(&conn, codes::CLOSE_RATE_LIMITED, SessionError::Protocol("tunnel cap of the node")));
+    }
     step(writer.send(ServerMessage::Welcome {
         node: node.name.clone(),
         hostnames: node.hostnames.clone(),
@@ -260,7 +274,7 @@ async fn control_loop(
                 Some(Ok(AgentMessage::Leaving)) => {
                     if !state.leaving.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         tracing::info!(node = %node.name, remote = %conn.remote_address(),
-                            "agent leaving: no new streams on its tunnel");
+                            "agent leaving: new streams go to the node's other tunnels");
                     }
                     step(writer.send(ServerMessage::LeaveAck)).await?;
                 }

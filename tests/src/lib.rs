@@ -9,6 +9,7 @@
 
 pub mod clients;
 pub mod dns;
+pub mod faults;
 pub mod pebble;
 pub mod upstreams;
 
