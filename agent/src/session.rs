@@ -247,7 +247,9 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
                     "shutting down: asking the server for no new streams, draining open ones");
                 let said = tokio::time::timeout(Duration::from_secs(1), writer.send(AgentMessage::Leaving)).await;
                 if !matches!(said, Ok(Ok(()))) {
-                    break End::Shutdown;
+                    // Keep accepting what the server still places here until
+                    // the drain timeout; a dead connection ends the loop anyway.
+                    tracing::warn!("could not tell the server we are leaving; draining until the timeout");
                 }
             }
             _ = drain_check.tick(), if leaving.is_some() => {

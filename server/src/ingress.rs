@@ -245,9 +245,17 @@ async fn place(node: &NodeHandle, first: &[u8], shared: &Shared) -> Result<Answe
         excluded.push(tunnel.id);
         let open = tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), tunnel.conn.open_bi());
         let Ok(Ok((mut send, mut recv))) = open.await else { continue };
-        if send.write_all(first).await.is_err() {
+        // Bounded too: a tunnel whose flow-control credit is held by
+        // stalled streams must not park the client.
+        let written =
+            tokio::time::timeout(Duration::from_millis(limits.agent_answer_timeout_ms), send.write_all(first));
+        if !matches!(written.await, Ok(Ok(()))) {
+            let _ = send.reset(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
             continue;
         }
+        // Datagrams the agent has sent on this connection so far: a live
+        // agent at least acknowledges what we just wrote.
+        let heard_before = tunnel.conn.stats().udp_rx.datagrams;
         let answer = tokio::time::sleep(Duration::from_millis(limits.agent_answer_timeout_ms));
         let silent = tokio::time::sleep_until(give_up);
         tokio::pin!(answer, silent);
@@ -262,7 +270,12 @@ async fn place(node: &NodeHandle, first: &[u8], shared: &Shared) -> Result<Answe
                 },
                 _ = &mut answer, if !waited => {
                     waited = true;
-                    if node.pick_tunnel(&excluded).is_some() {
+                    // Only a silent peer counts as dead: an agent that is
+                    // alive but slow (its upstream takes long to accept) keeps
+                    // the stream, or every connection would cost the
+                    // upstream one attempt per tunnel.
+                    let silent_peer = tunnel.conn.stats().udp_rx.datagrams == heard_before;
+                    if silent_peer && excluded.len() < MAX_PLACEMENTS && node.pick_tunnel(&excluded).is_some() {
                         tunnel.state.avoid_until_ms.store(clock_ms() + AVOID_MS, Ordering::Relaxed);
                         tracing::warn!(node = %node.name, tunnel = tunnel.id, remote = %tunnel.conn.remote_address(),
                             "agent did not answer a stream in time; trying another tunnel");

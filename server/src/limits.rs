@@ -273,14 +273,17 @@ impl Admission {
     /// Admits a new connection or query from `source`, or says why not.
     /// The permit (if any) must live as long as the connection.
     pub fn admit(&self, source: IpAddr) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
+        // The slot first: a source refused for the global cap does not also
+        // spend its rate budget.
+        let permit = match &self.slots {
+            None => None,
+            Some(slots) => Some(slots.clone().try_acquire_owned().map_err(|_| Refusal::MaxConnections)?),
+        };
         let allowed = self.rates.lock().unwrap_or_else(|p| p.into_inner()).take(source, Instant::now());
         if !allowed {
             return Err(Refusal::Rate);
         }
-        match &self.slots {
-            None => Ok(None),
-            Some(slots) => slots.clone().try_acquire_owned().map(Some).map_err(|_| Refusal::MaxConnections),
-        }
+        Ok(permit)
     }
 }
 
@@ -431,6 +434,12 @@ mod tests {
         assert_eq!(a.admit(ip("192.0.2.3")).unwrap_err(), Refusal::MaxConnections);
         drop(p1);
         assert!(a.admit(ip("192.0.2.3")).is_ok());
+        // A refusal for the cap spends no rate token.
+        let both = Admission::new(Listener::Tls, SourceRates::new(1, 2, 10), Some(Arc::new(Semaphore::new(1))));
+        let held = both.admit(ip("192.0.2.9")).unwrap();
+        assert_eq!(both.admit(ip("192.0.2.9")).unwrap_err(), Refusal::MaxConnections);
+        drop(held);
+        assert!(both.admit(ip("192.0.2.9")).is_ok(), "the second token is still there");
         let rated = Admission::new(Listener::Api, SourceRates::new(1, 1, 10), None);
         assert!(rated.admit(ip("192.0.2.1")).is_ok());
         assert_eq!(rated.admit(ip("192.0.2.1")).unwrap_err(), Refusal::Rate);
