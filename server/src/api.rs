@@ -76,15 +76,19 @@ pub async fn serve(
                 continue;
             }
         };
-        if let Err(reason) = shared.admission.api.admit(peer.ip()) {
-            shared.refusals.refuse(Listener::Api, reason, peer.ip());
-            edge_net::splice::reset_tcp(&tcp);
-            continue;
-        }
+        let admitted = match shared.admission.api.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                shared.refusals.refuse(Listener::Api, reason, peer.ip());
+                edge_net::splice::reset_tcp(&tcp);
+                continue;
+            }
+        };
         let tls = tls.clone();
         let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer.ip()))));
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let _admitted = admitted;
             let stream = match tokio::time::timeout(CLIENT_DEADLINE, tls.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "API TLS handshake failed"),

@@ -343,6 +343,11 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// Client connections open at once to one node.
     pub max_connections_per_node: u64,
+    /// Connections one source address (IPv6: its /64) may hold open at once
+    /// on :443 and :80 together, and on the API; 0 turns the check off.
+    /// Without it a few dozen sources could hold every `max_connections`
+    /// slot until the ClientHello deadline frees them.
+    pub per_source_max_open: u32,
     /// Tunnels (agent connections, all replicas together) one node may
     /// hold; bounds what one token can take of the server.
     pub max_tunnels_per_node: usize,
@@ -379,6 +384,7 @@ impl Default for LimitsConfig {
             idle_timeout_secs: 600,
             max_connections: 20_000,
             max_connections_per_node: 10_000,
+            per_source_max_open: 256,
             max_tunnels_per_node: 256,
             per_source_rate: 50,
             per_source_burst: 200,

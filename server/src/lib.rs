@@ -147,18 +147,23 @@ pub struct Admissions {
 
 impl Admissions {
     fn new(l: &config::LimitsConfig) -> Self {
-        use limits::{Admission, Listener, SourceRates};
+        use limits::{Admission, Listener, OpenPerSource, SourceRates};
         let slots = Some(Arc::new(tokio::sync::Semaphore::new(l.max_connections as usize)));
         let rates = || SourceRates::new(l.per_source_rate, l.per_source_burst, l.source_table_size);
+        // :443 and :80 share the per-source cap as they share the global one.
+        let clients = OpenPerSource::new(l.per_source_max_open);
+        let unlimited = OpenPerSource::new(0);
         Self {
-            tls: Admission::new(Listener::Tls, rates(), slots.clone()),
-            http: Admission::new(Listener::Http, rates(), slots),
-            api: Admission::new(Listener::Api, rates(), None),
-            quic: Admission::new(Listener::Quic, rates(), None),
+            tls: Admission::new(Listener::Tls, rates(), slots.clone(), clients.clone()),
+            http: Admission::new(Listener::Http, rates(), slots, clients),
+            api: Admission::new(Listener::Api, rates(), None, OpenPerSource::new(l.per_source_max_open)),
+            // QUIC handshakes and DNS queries hold no connection slot.
+            quic: Admission::new(Listener::Quic, rates(), None, unlimited.clone()),
             dns: Admission::new(
                 Listener::Dns,
                 SourceRates::new(l.dns_per_source_rate, l.dns_per_source_burst, l.source_table_size),
                 None,
+                unlimited,
             ),
         }
     }

@@ -60,11 +60,14 @@ pub enum Refusal {
     NodeBusy,
     /// The source used up its failed-authentication budget.
     AuthFailures,
+    /// The source holds `per_source_max_open` connections already.
+    SourceOpen,
 }
 
 impl Refusal {
     /// All reasons, in metric order.
-    pub const ALL: [Refusal; 4] = [Refusal::Rate, Refusal::MaxConnections, Refusal::NodeBusy, Refusal::AuthFailures];
+    pub const ALL: [Refusal; 5] =
+        [Refusal::Rate, Refusal::MaxConnections, Refusal::NodeBusy, Refusal::AuthFailures, Refusal::SourceOpen];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
@@ -73,6 +76,7 @@ impl Refusal {
             Refusal::MaxConnections => "max_connections",
             Refusal::NodeBusy => "node_busy",
             Refusal::AuthFailures => "auth_failures",
+            Refusal::SourceOpen => "source_open",
         }
     }
 }
@@ -250,19 +254,88 @@ impl SourceRates {
     }
 }
 
-/// The admission check of one listener: the source's rate, then a slot
-/// under the connection cap (shared by listeners that share one).
+/// Connections open per source, for `per_source_max_open`. Only sources
+/// with an open connection are in the table, so it is bounded by the
+/// connection cap.
+#[derive(Debug, Default)]
+pub struct OpenPerSource {
+    max: u32,
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl OpenPerSource {
+    /// At most `max` open connections per source (0: no limit).
+    pub fn new(max: u32) -> Arc<Self> {
+        Arc::new(Self { max, open: Mutex::new(HashMap::new()) })
+    }
+
+    fn enter(self: &Arc<Self>, source: IpAddr) -> Option<SourceSlot> {
+        if self.max == 0 {
+            return Some(SourceSlot(None));
+        }
+        let key = source_key(source);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot(Some((self.clone(), key))))
+    }
+
+    /// Connections open from `source` now.
+    pub fn open(&self, source: IpAddr) -> u32 {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(&source_key(source)).copied().unwrap_or(0)
+    }
+}
+
+/// One open connection of a source; released when dropped.
+#[derive(Debug)]
+pub struct SourceSlot(Option<(Arc<OpenPerSource>, IpAddr)>);
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Some((table, key)) = self.0.take() {
+            let mut open = table.open.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(count) = open.get_mut(&key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    open.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// What an admitted connection holds until it ends: its place under the
+/// global cap and under its source's cap.
+#[derive(Debug)]
+pub struct Admitted {
+    _slot: Option<OwnedSemaphorePermit>,
+    _source: SourceSlot,
+}
+
+/// The admission check of one listener: a slot under the connection cap
+/// (shared by listeners that share one), a slot under the source's cap,
+/// then the source's rate.
 #[derive(Debug)]
 pub struct Admission {
     listener: Listener,
     rates: Mutex<SourceRates>,
     slots: Option<Arc<Semaphore>>,
+    per_source: Arc<OpenPerSource>,
 }
 
 impl Admission {
-    /// A check for `listener`; `slots` caps concurrent connections.
-    pub fn new(listener: Listener, rates: SourceRates, slots: Option<Arc<Semaphore>>) -> Self {
-        Self { listener, rates: Mutex::new(rates), slots }
+    /// A check for `listener`; `slots` caps concurrent connections,
+    /// `per_source` the concurrent connections of one source.
+    pub fn new(
+        listener: Listener,
+        rates: SourceRates,
+        slots: Option<Arc<Semaphore>>,
+        per_source: Arc<OpenPerSource>,
+    ) -> Self {
+        Self { listener, rates: Mutex::new(rates), slots, per_source }
     }
 
     /// The listener this admission guards.
@@ -271,19 +344,20 @@ impl Admission {
     }
 
     /// Admits a new connection or query from `source`, or says why not.
-    /// The permit (if any) must live as long as the connection.
-    pub fn admit(&self, source: IpAddr) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
-        // The slot first: a source refused for the global cap does not also
-        // spend its rate budget.
+    /// What it returns must live as long as the connection.
+    pub fn admit(&self, source: IpAddr) -> Result<Admitted, Refusal> {
+        // Slots first: a source refused for a cap does not also spend its
+        // rate budget.
         let permit = match &self.slots {
             None => None,
             Some(slots) => Some(slots.clone().try_acquire_owned().map_err(|_| Refusal::MaxConnections)?),
         };
+        let source_slot = self.per_source.enter(source).ok_or(Refusal::SourceOpen)?;
         let allowed = self.rates.lock().unwrap_or_else(|p| p.into_inner()).take(source, Instant::now());
         if !allowed {
             return Err(Refusal::Rate);
         }
-        Ok(permit)
+        Ok(Admitted { _slot: permit, _source: source_slot })
     }
 }
 
@@ -422,26 +496,42 @@ mod tests {
         let mut out = String::new();
         r.render(&mut out);
         assert!(out.contains("edge_refusals_total{listener=\"dns\",reason=\"rate\"} 5"), "{out}");
-        assert_eq!(out.lines().filter(|l| l.starts_with("edge_refusals_total{")).count(), 20);
+        assert_eq!(out.lines().filter(|l| l.starts_with("edge_refusals_total{")).count(), 25);
     }
 
     #[test]
     fn admission_caps_connections() {
         let slots = Arc::new(Semaphore::new(2));
-        let a = Admission::new(Listener::Tls, SourceRates::new(0, 1, 10), Some(slots));
+        let a = Admission::new(Listener::Tls, SourceRates::new(0, 1, 10), Some(slots), OpenPerSource::new(0));
         let p1 = a.admit(ip("192.0.2.1")).unwrap();
         let _p2 = a.admit(ip("192.0.2.2")).unwrap();
         assert_eq!(a.admit(ip("192.0.2.3")).unwrap_err(), Refusal::MaxConnections);
         drop(p1);
         assert!(a.admit(ip("192.0.2.3")).is_ok());
         // A refusal for the cap spends no rate token.
-        let both = Admission::new(Listener::Tls, SourceRates::new(1, 2, 10), Some(Arc::new(Semaphore::new(1))));
+        let both = Admission::new(
+            Listener::Tls,
+            SourceRates::new(1, 2, 10),
+            Some(Arc::new(Semaphore::new(1))),
+            OpenPerSource::new(0),
+        );
         let held = both.admit(ip("192.0.2.9")).unwrap();
         assert_eq!(both.admit(ip("192.0.2.9")).unwrap_err(), Refusal::MaxConnections);
         drop(held);
         assert!(both.admit(ip("192.0.2.9")).is_ok(), "the second token is still there");
-        let rated = Admission::new(Listener::Api, SourceRates::new(1, 1, 10), None);
+        let rated = Admission::new(Listener::Api, SourceRates::new(1, 1, 10), None, OpenPerSource::new(0));
         assert!(rated.admit(ip("192.0.2.1")).is_ok());
         assert_eq!(rated.admit(ip("192.0.2.1")).unwrap_err(), Refusal::Rate);
+        // Open connections per source (IPv6 by /64), released on drop.
+        let per_source = OpenPerSource::new(2);
+        let capped = Admission::new(Listener::Tls, SourceRates::new(0, 1, 10), None, per_source.clone());
+        let c1 = capped.admit(ip("2001:db8::1")).unwrap();
+        let _c2 = capped.admit(ip("2001:db8::2")).unwrap();
+        assert_eq!(capped.admit(ip("2001:db8::3")).unwrap_err(), Refusal::SourceOpen);
+        assert!(capped.admit(ip("2001:db8:1::1")).is_ok(), "another /64");
+        assert_eq!(per_source.open(ip("2001:db8::9")), 2);
+        drop(c1);
+        assert_eq!(per_source.open(ip("2001:db8::9")), 1);
+        assert!(capped.admit(ip("2001:db8::3")).is_ok());
     }
 }

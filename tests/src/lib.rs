@@ -142,14 +142,18 @@ impl Server {
         };
         let http = addrs.and_then(|a| a.http).map_or("127.0.0.1:0".to_string(), |h| h.to_string());
         let config = dir.join("server.toml");
-        // Tests load the server from one address: the per-source rate is
-        // off unless a test sets it.
-        let extra = if extra.contains("per_source_rate") {
-            extra.to_string()
-        } else if extra.contains("[limits]\n") {
-            extra.replacen("[limits]\n", "[limits]\nper_source_rate = 0\n", 1)
+        // Tests load the server from one address: the per-source limits
+        // are off unless a test sets them.
+        let mut off = String::new();
+        for key in ["per_source_rate", "per_source_max_open"] {
+            if !extra.contains(key) {
+                off.push_str(&format!("{key} = 0\n"));
+            }
+        }
+        let extra = if extra.contains("[limits]\n") {
+            extra.replacen("[limits]\n", &format!("[limits]\n{off}"), 1)
         } else {
-            format!("{extra}\n[limits]\nper_source_rate = 0\n")
+            format!("{extra}\n[limits]\n{off}")
         };
         let text = format!(
             "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\n"

@@ -52,7 +52,10 @@ async fn slowloris_connections_are_closed_at_the_deadline_while_clients_are_serv
     edge_net::raise_fd_limit();
     let tmp = tempfile::tempdir().unwrap();
     // Default limits, but the deadline short enough for a bounded test.
-    let limits = format!("[limits]\nper_source_rate = 50\nclient_hello_timeout_ms = {}\n", HELLO_DEADLINE.as_millis());
+    let limits = format!(
+        "[limits]\nper_source_rate = 50\nper_source_max_open = 256\nclient_hello_timeout_ms = {}\n",
+        HELLO_DEADLINE.as_millis()
+    );
     let server = Server::start(&tmp.path().join("server"), &limits).unwrap();
     let join = server.add_node("n1").unwrap();
     let agent = Agent::start(&tmp.path().join("agent"), &join, upstreams::http("hello").await, &[]).unwrap();
@@ -133,7 +136,7 @@ async fn rates_caps_and_auth_budgets_refuse_and_count() {
     let tmp = tempfile::tempdir().unwrap();
     let config = "[dns]\nlisten = \"127.0.0.1:0\"\n[limits]\nper_source_rate = 5\nper_source_burst = 10\n\
         dns_per_source_rate = 5\ndns_per_source_burst = 10\nmax_connections = 100\nauth_failures_per_minute = 5\n\
-        client_hello_timeout_ms = 20000\n";
+        per_source_max_open = 12\nclient_hello_timeout_ms = 20000\n";
     let server = Server::start(&tmp.path().join("server"), config).unwrap();
     let join = server.add_node("n1").unwrap();
     let agent = Agent::start(&tmp.path().join("agent"), &join, upstreams::http("hello").await, &[]).unwrap();
@@ -142,7 +145,8 @@ async fn rates_caps_and_auth_budgets_refuse_and_count() {
         metric(m, &format!("edge_refusals_total{{listener=\"{listener}\",reason=\"{reason}\"}}")).unwrap_or(-1.0)
     };
 
-    // Per-source rate on :443: a burst of 10, then 5/s; other sources unaffected.
+    // Per-source rate on :443: a burst of 10, then 5/s; other sources
+    // unaffected.
     let flood_source: IpAddr = [127, 0, 0, 7].into();
     let mut flood = Vec::new();
     let mut refused = 0;
@@ -165,6 +169,29 @@ async fn rates_caps_and_auth_budgets_refuse_and_count() {
     assert!((35..=40).contains(&refused), "refused {refused} of 50 (burst 10, 5/s)");
     let (status, _) = clients::https_get(server.addrs.tls, &format!("n1.{ZONE}"), client.clone(), "/").await.unwrap();
     assert_eq!(status, 200, "another source is served");
+
+    // Open connections per source: 12 at most, however slowly they come
+    // (within the rate: 10 at once, then one every 250 ms).
+    let slow_source: IpAddr = [127, 0, 0, 10].into();
+    let mut slow = Vec::new();
+    let mut over_open = 0;
+    for i in 0..15 {
+        if i >= 10 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        match connect_from(slow_source, server.addrs.tls).await {
+            Ok(mut tcp) => {
+                let mut buf = [0u8; 1];
+                match tokio::time::timeout(Duration::from_millis(20), tcp.read(&mut buf)).await {
+                    Ok(Ok(0) | Err(_)) => over_open += 1,
+                    _ => slow.push(tcp),
+                }
+            }
+            Err(_) => over_open += 1,
+        }
+    }
+    assert_eq!((slow.len(), over_open), (12, 3), "12 held, the 13th to 15th refused");
+    drop(slow);
 
     // The connection cap: 100 open at once (from distinct sources), the
     // rest refused at accept.
@@ -221,13 +248,15 @@ async fn rates_caps_and_auth_budgets_refuse_and_count() {
 
     let m = server.metrics().unwrap();
     println!(
-        "limits: refusals tls/rate {} tls/max_connections {} dns/rate {} api/auth_failures {}",
+        "limits: refusals tls/rate {} tls/source_open {} tls/max_connections {} dns/rate {} api/auth_failures {}",
         count(&m, "tls", "rate"),
+        count(&m, "tls", "source_open"),
         count(&m, "tls", "max_connections"),
         count(&m, "dns", "rate"),
         count(&m, "api", "auth_failures")
     );
-    assert!(count(&m, "tls", "rate") >= refused as f64);
+    assert_eq!(count(&m, "tls", "rate"), refused as f64);
+    assert_eq!(count(&m, "tls", "source_open"), 3.0);
     assert!(count(&m, "tls", "max_connections") >= capped as f64);
     assert!(count(&m, "dns", "rate") >= (50 - answered) as f64);
     assert_eq!(count(&m, "api", "auth_failures"), 3.0);
