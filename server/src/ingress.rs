@@ -134,7 +134,8 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         send_alert(&mut tcp, AlertDescription::UnrecognizedName).await;
         return;
     };
-    if node.tunnel_count() == 0 {
+    let tunnels = node.tunnel_count();
+    if tunnels == 0 {
         // A direct-mode node reached through a stale DNS answer: hand the
         // bytes to its own endpoint (plain L4) rather than drop the client.
         if let Some(endpoint) = node.direct_address().filter(|e| !shared.is_own_address(*e)) {
@@ -149,7 +150,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     // max_streams per live tunnel (the agent grants that many streams per
     // connection), so a flood to one name fails fast instead of queueing
     // on stream credit.
-    let per_tunnel = u64::from(shared.config.tunnel.max_streams) * node.tunnel_count().max(1) as u64;
+    let per_tunnel = u64::from(shared.config.tunnel.max_streams) * tunnels as u64;
     let cap = per_tunnel.min(limits.max_connections_per_node);
     if node.metrics.active.load(Ordering::Relaxed) >= cap {
         shared.metrics.reject("node_busy");

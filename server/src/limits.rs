@@ -194,7 +194,12 @@ pub struct SourceRates {
 impl SourceRates {
     /// `rate` per second, `burst` at once; `rate == 0` admits everything.
     pub fn new(rate: u32, burst: u32, capacity: usize) -> Self {
-        Self { rate: f64::from(rate), burst: f64::from(burst.max(1)), capacity: capacity.max(1), table: HashMap::new() }
+        Self::with_rate(f64::from(rate), burst, capacity)
+    }
+
+    /// Like [`SourceRates::new`], with a rate that may be below one per second.
+    pub fn with_rate(rate: f64, burst: u32, capacity: usize) -> Self {
+        Self { rate, burst: f64::from(burst.max(1)), capacity: capacity.max(1), table: HashMap::new() }
     }
 
     fn refill(&self, bucket: &mut Bucket, now: Instant) {
@@ -372,12 +377,9 @@ pub struct AuthFailures {
 impl AuthFailures {
     /// `per_minute` failures allowed per source (0: unlimited).
     pub fn new(per_minute: u32, capacity: usize) -> Self {
-        // A budget of `per_minute` that refills over a minute.
-        let rates = if per_minute == 0 {
-            SourceRates::new(0, 1, capacity)
-        } else {
-            SourceRates::new_fractional(f64::from(per_minute) / 60.0, per_minute, capacity)
-        };
+        // A budget of `per_minute` that refills over a minute (a zero rate
+        // admits everything).
+        let rates = SourceRates::with_rate(f64::from(per_minute) / 60.0, per_minute, capacity);
         Self { rates: Mutex::new(rates) }
     }
 
@@ -389,13 +391,6 @@ impl AuthFailures {
     /// Records a failed attempt by `source`.
     pub fn failed(&self, source: IpAddr) {
         self.rates.lock().unwrap_or_else(|p| p.into_inner()).take(source, Instant::now());
-    }
-}
-
-impl SourceRates {
-    /// Like [`SourceRates::new`] with a rate below one per second.
-    pub fn new_fractional(rate: f64, burst: u32, capacity: usize) -> Self {
-        Self { rate, burst: f64::from(burst.max(1)), capacity: capacity.max(1), table: HashMap::new() }
     }
 }
 
