@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,15 +17,40 @@ use crate::{bin, wait_for, Agent, Proc};
 /// A UDP relay in front of one target (a server's QUIC port). Each client
 /// source address gets its own upstream socket, so several agents, and an
 /// agent that comes back from a new port, all work. While paused, every
-/// datagram is dropped, both ways.
+/// datagram is dropped, both ways; datagrams above a set size are dropped
+/// too, as a path with a small MTU would.
 #[derive(Debug)]
 pub struct UdpRelay {
     /// Where clients send.
     pub addr: SocketAddr,
-    paused: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    clients: Arc<AtomicU64>,
-    dropped: Arc<AtomicU64>,
+    state: Arc<RelayState>,
+}
+
+#[derive(Debug, Default)]
+struct RelayState {
+    paused: AtomicBool,
+    stop: AtomicBool,
+    /// Largest datagram passed; 0 for no limit.
+    max_datagram: AtomicUsize,
+    clients: AtomicU64,
+    dropped: AtomicU64,
+    oversized: AtomicU64,
+}
+
+impl RelayState {
+    /// Whether a datagram of `len` bytes passes; counts the ones that do not.
+    fn passes(&self, len: usize) -> bool {
+        if self.paused.load(Ordering::SeqCst) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let max = self.max_datagram.load(Ordering::Relaxed);
+        if max > 0 && len > max {
+            self.oversized.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
 }
 
 impl UdpRelay {
@@ -34,29 +59,21 @@ impl UdpRelay {
         let front = UdpSocket::bind("127.0.0.1:0")?;
         front.set_read_timeout(Some(Duration::from_millis(100)))?;
         let addr = front.local_addr()?;
-        let (paused, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let (clients, dropped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let relay = Self {
-            addr,
-            paused: paused.clone(),
-            stop: stop.clone(),
-            clients: clients.clone(),
-            dropped: dropped.clone(),
-        };
+        let state = Arc::new(RelayState::default());
+        let relay = Self { addr, state: state.clone() };
         std::thread::spawn(move || {
             let mut map: HashMap<SocketAddr, UdpSocket> = HashMap::new();
             let mut buf = vec![0u8; 65536];
-            while !stop.load(Ordering::SeqCst) {
+            while !state.stop.load(Ordering::SeqCst) {
                 let Ok((n, src)) = front.recv_from(&mut buf) else { continue };
-                if paused.load(Ordering::SeqCst) {
-                    dropped.fetch_add(1, Ordering::Relaxed);
+                if !state.passes(n) {
                     continue;
                 }
                 let up = match map.entry(src) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
-                        let Ok(up) = Self::upstream(target, src, &front, &paused, &stop, &dropped) else { continue };
-                        clients.fetch_add(1, Ordering::SeqCst);
+                        let Ok(up) = Self::upstream(target, src, &front, &state) else { continue };
+                        state.clients.fetch_add(1, Ordering::SeqCst);
                         e.insert(up)
                     }
                 };
@@ -68,27 +85,17 @@ impl UdpRelay {
 
     /// A socket connected to `target` for client `src`, and the thread
     /// carrying its answers back.
-    fn upstream(
-        target: SocketAddr,
-        src: SocketAddr,
-        front: &UdpSocket,
-        paused: &Arc<AtomicBool>,
-        stop: &Arc<AtomicBool>,
-        dropped: &Arc<AtomicU64>,
-    ) -> Result<UdpSocket> {
+    fn upstream(target: SocketAddr, src: SocketAddr, front: &UdpSocket, state: &Arc<RelayState>) -> Result<UdpSocket> {
         let up = UdpSocket::bind("127.0.0.1:0")?;
         up.connect(target)?;
         up.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let (back, front) = (up.try_clone()?, front.try_clone()?);
-        let (paused, stop, dropped) = (paused.clone(), stop.clone(), dropped.clone());
+        let (back, front, state) = (up.try_clone()?, front.try_clone()?, state.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
-            while !stop.load(Ordering::SeqCst) {
+            while !state.stop.load(Ordering::SeqCst) {
                 // Errors (ICMP refusals while the target is down) are not fatal.
                 let Ok(n) = back.recv(&mut buf) else { continue };
-                if paused.load(Ordering::SeqCst) {
-                    dropped.fetch_add(1, Ordering::Relaxed);
-                } else {
+                if state.passes(n) {
                     let _ = front.send_to(&buf[..n], src);
                 }
             }
@@ -98,23 +105,34 @@ impl UdpRelay {
 
     /// Drops everything while `paused`.
     pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::SeqCst);
+        self.state.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Drops datagrams larger than `bytes` both ways (0: no limit), like a
+    /// path whose MTU is `bytes` plus the IP and UDP headers.
+    pub fn set_max_datagram(&self, bytes: usize) {
+        self.state.max_datagram.store(bytes, Ordering::SeqCst);
     }
 
     /// Client source addresses seen so far.
     pub fn clients(&self) -> u64 {
-        self.clients.load(Ordering::SeqCst)
+        self.state.clients.load(Ordering::SeqCst)
     }
 
     /// Datagrams dropped while paused.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.state.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Datagrams dropped for being larger than the set maximum.
+    pub fn oversized(&self) -> u64 {
+        self.state.oversized.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for UdpRelay {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.state.stop.store(true, Ordering::SeqCst);
     }
 }
 

@@ -32,6 +32,16 @@ struct Args {
     /// Concurrent workers for connections/s and latency.
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// Only the throughput phases, this many rounds alternating direct and
+    /// tunnel, with CPU per GB for server and agent separately (for A/B
+    /// experiments on the data path).
+    #[arg(long)]
+    bulk_rounds: Option<usize>,
+    /// Upper bound for the tunnel's datagrams (`[tunnel] max_udp_payload`
+    /// on both ends) instead of the default; 1452 gives the datagram size of
+    /// an internet path.
+    #[arg(long)]
+    max_udp_payload: Option<u16>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -63,11 +73,18 @@ fn main() -> Result<()> {
 
 async fn bench(args: Args) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let server = Server::start(&tmp.path().join("server"), "")?;
+    let tunnel_config = args.max_udp_payload.map(|n| format!("[tunnel]\nmax_udp_payload = {n}\n")).unwrap_or_default();
+    let server = Server::start(&tmp.path().join("server"), &tunnel_config)?;
     let join = server.add_node("bench")?;
     let upstream = upstreams::bench().await;
     let agent_dir = tmp.path().join("agent");
-    let mut agent = Agent::start(&agent_dir, &join, upstream, &["--direct-listen", "127.0.0.1:0"])?;
+    std::fs::create_dir_all(&agent_dir)?;
+    let agent_config = tmp.path().join("agent.toml");
+    std::fs::write(&agent_config, format!("join = {join:?}\nupstream = \"{upstream}\"\n{tunnel_config}"))?;
+    let config_arg = agent_config.to_string_lossy().into_owned();
+    let agent_args = ["--config", config_arg.as_str()];
+    let mut agent =
+        Agent::start(&agent_dir, &join, upstream, &[&agent_args[..], &["--direct-listen", "127.0.0.1:0"]].concat())?;
     let tls = clients::client_config(&agent.local_ca("bench"))?;
     let sni = format!("app.bench.{ZONE}");
     let direct = Target { addr: agent.direct_addr().context("direct listener")?, sni: sni.clone(), tls: tls.clone() };
@@ -81,6 +98,11 @@ async fn bench(args: Args) -> Result<()> {
         handshake_request(t).await?;
     }
 
+    if let Some(rounds) = args.bulk_rounds {
+        bulk_rounds(&direct, &tunnel, rounds, args.mib, server_pid, agent_pid).await?;
+        println!("{}", path_line(&agent).await);
+        return Ok(());
+    }
     let mut rows = Vec::new();
     for (name, target) in [("direct", &direct), ("tunnel", &tunnel)] {
         let mut row = Row::default();
@@ -101,17 +123,7 @@ async fn bench(args: Args) -> Result<()> {
         (row.idle_kib_server, row.idle_kib_agent) = if name == "direct" { (0.0, a) } else { (s, a) };
         rows.push((name, row));
     }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let agent_metrics = agent.metrics().unwrap_or_default();
-    let path = |name: &str| edge_tests::metric(&agent_metrics, name).unwrap_or(0.0);
-    let path_line = format!(
-        "tunnel path after the run: MTU {} bytes, RTT {} µs, cwnd {:.0} KiB, {} congestion events, {} packets lost",
-        path("edge_agent_path_mtu_bytes"),
-        path("edge_agent_rtt_microseconds"),
-        path("edge_agent_cwnd_bytes") / 1024.0,
-        path("edge_agent_congestion_events"),
-        path("edge_agent_lost_packets")
-    );
+    let path_line = path_line(&agent).await;
     let server_peak = rss_kib(server_pid).1;
     let agent_peak = rss_kib(agent_pid).1;
 
@@ -119,7 +131,7 @@ async fn bench(args: Args) -> Result<()> {
     agent.proc.signal("KILL");
     agent.proc.wait_exit(Duration::from_secs(5));
     let started = Instant::now();
-    agent = Agent::start(&agent_dir, &join, upstream, &[])?;
+    agent = Agent::start(&agent_dir, &join, upstream, &agent_args)?;
     let tunnel_up = started.elapsed();
     wait_for("tunnel traffic after restart", Duration::from_secs(30), || {
         let attempt = tokio::time::timeout(Duration::from_secs(1), handshake_request(&tunnel));
@@ -172,6 +184,78 @@ async fn bench(args: Args) -> Result<()> {
         "agent SIGKILL, then restarted: tunnel up after {} ms, first request through it served after {} ms",
         tunnel_up.as_millis(),
         first_request.as_millis()
+    );
+    Ok(())
+}
+
+/// The agent's view of its tunnel path (metrics refresh every second).
+async fn path_line(agent: &Agent) -> String {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let agent_metrics = agent.metrics().unwrap_or_default();
+    let path = |name: &str| edge_tests::metric(&agent_metrics, name).unwrap_or(0.0);
+    format!(
+        "tunnel path after the run: MTU {} bytes, RTT {} µs, cwnd {:.0} KiB, {} congestion events, {} packets lost",
+        path("edge_agent_path_mtu_bytes"),
+        path("edge_agent_rtt_microseconds"),
+        path("edge_agent_cwnd_bytes") / 1024.0,
+        path("edge_agent_congestion_events"),
+        path("edge_agent_lost_packets")
+    )
+}
+
+/// Alternating throughput rounds; prints one line per round and the medians.
+async fn bulk_rounds(
+    direct: &Target,
+    tunnel: &Target,
+    rounds: usize,
+    mib: usize,
+    server_pid: u32,
+    agent_pid: u32,
+) -> Result<()> {
+    let own_pid = std::process::id();
+    let gb = |connections: usize| (mib / connections * connections) as f64 * 1.048576 / 1000.0;
+    let mut ratios = (Vec::new(), Vec::new());
+    println!("| round | conns | direct MB/s | tunnel MB/s | tunnel/direct | CPU s/GB direct: agent | tunnel: server | tunnel: agent | tunnel: bench (client+upstream) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for round in 1..=rounds {
+        for connections in [1usize, 4] {
+            let mut mbps = [0.0; 2];
+            let mut cpu = [[0.0; 3]; 2];
+            for (i, target) in [direct, tunnel].into_iter().enumerate() {
+                let before = [cpu_seconds(server_pid), cpu_seconds(agent_pid), cpu_seconds(own_pid)];
+                mbps[i] = throughput(target, connections, (mib / connections) << 20).await?;
+                let after = [cpu_seconds(server_pid), cpu_seconds(agent_pid), cpu_seconds(own_pid)];
+                for k in 0..3 {
+                    cpu[i][k] = (after[k] - before[k]) / gb(connections);
+                }
+            }
+            let ratio = mbps[1] / mbps[0];
+            if connections == 1 {
+                ratios.0.push(ratio)
+            } else {
+                ratios.1.push(ratio)
+            }
+            println!(
+                "| {round} | {connections} | {:.0} | {:.0} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} |",
+                mbps[0],
+                mbps[1],
+                100.0 * ratio,
+                cpu[0][1],
+                cpu[1][0],
+                cpu[1][1],
+                cpu[1][2]
+            );
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] * 100.0
+    };
+    println!();
+    println!(
+        "median tunnel/direct: 1 connection {:.0}%, 4 connections {:.0}%",
+        median(&mut ratios.0),
+        median(&mut ratios.1)
     );
     Ok(())
 }
