@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edge_net::stall::StallBudget;
 use edge_proto::probe;
 use edge_proto::tunnel::StreamHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -98,7 +99,8 @@ async fn terminate_direct(tcp: TcpStream, peer: SocketAddr, header: StreamHeader
     }
     let config = &node.shared.config;
     match crate::streams::connect_upstream(&config.upstream, &header, config.proxy_protocol).await {
-        Ok(upstream) => crate::streams::pump(tls, upstream, node, "direct").await,
+        // No tunnel window to protect: a budget that never sheds.
+        Ok(upstream) => crate::streams::pump(tls, upstream, node, "direct", &StallBudget::new(usize::MAX)).await,
         Err(e) => tracing::debug!(%peer, error = %e, "direct connection: upstream failed"),
     }
 }

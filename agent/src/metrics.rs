@@ -20,6 +20,9 @@ pub struct AgentMetrics {
     pub total_streams: AtomicU64,
     /// Streams that ended in an error (bad header, TLS, upstream).
     pub stream_errors: AtomicU64,
+    /// Streams reset because the upstream stopped reading while the tunnel
+    /// needed the window (`edge_net::stall`).
+    pub streams_shed: AtomicU64,
     /// Path MTU (largest UDP payload) of the newest tunnel, as discovered.
     pub path_mtu: AtomicU64,
     /// Smoothed round-trip time of the newest tunnel, microseconds.
@@ -44,7 +47,7 @@ impl AgentMetrics {
     /// Prometheus text format.
     pub fn render(&self) -> String {
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 16] = [
+        let rows: [(&str, &str, &str, u64); 17] = [
             ("edge_agent_cwnd_bytes", "gauge", "Congestion window of the tunnel.", g(&self.cwnd)),
             ("edge_agent_congestion_events", "gauge", "Congestion events on the tunnel.", g(&self.congestion_events)),
             ("edge_agent_lost_packets", "gauge", "Packets the tunnel declared lost.", g(&self.lost_packets)),
@@ -56,6 +59,12 @@ impl AgentMetrics {
             ("edge_agent_open_streams", "gauge", "Client streams open now.", g(&self.open_streams)),
             ("edge_agent_streams_total", "counter", "Client streams accepted.", g(&self.total_streams)),
             ("edge_agent_stream_errors_total", "counter", "Client streams that failed.", g(&self.stream_errors)),
+            (
+                "edge_agent_streams_shed_total",
+                "counter",
+                "Client streams reset because the upstream stopped reading while the tunnel needed the window.",
+                g(&self.streams_shed),
+            ),
             (
                 "edge_agent_certificate_expiry_timestamp_seconds",
                 "gauge",

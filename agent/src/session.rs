@@ -223,6 +223,9 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
     };
     shared.welcomed.send_replace(true);
     shared.metrics.connects.fetch_add(1, Ordering::Relaxed);
+    // The agent's receive windows on this connection: what stalled upstreams can hold.
+    let tuning = &shared.config.tunnel;
+    let stalls = edge_net::stall::StallBudget::for_windows(tuning.connection_window, tuning.stream_window);
     shared.metrics.tunnels_up.fetch_add(1, Ordering::Relaxed);
     tracing::info!(node = %node_name, hostnames = ?hostnames, server = %conn.remote_address(), "tunnel up");
 
@@ -260,7 +263,7 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
             }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(crate::streams::handle(send, recv, node.clone()));
+                    streams.spawn(crate::streams::handle(send, recv, node.clone(), stalls.clone()));
                 }
                 Err(e) => break classify_close(&e),
             },

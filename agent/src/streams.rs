@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edge_net::stall::{is_shed, StallBudget, StallGuard};
 use edge_proto::tunnel::{codes, StreamHeader, MAX_STREAM_HEADER};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::AsyncWriteExt;
@@ -46,8 +47,10 @@ pub enum StreamError {
     Tls(String),
 }
 
-/// Serves one data stream to completion.
-pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>) {
+/// Serves one data stream to completion. `stalls` is the budget of the
+/// stream's QUIC connection: an upstream that stops reading an upload while
+/// the tunnel needs the window gets the stream shed.
+pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>, stalls: Arc<StallBudget>) {
     let metrics = &node.shared.metrics;
     metrics.total_streams.fetch_add(1, Ordering::Relaxed);
     metrics.open_streams.fetch_add(1, Ordering::Relaxed);
@@ -66,12 +69,16 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>)
                 codes::STREAM_UPSTREAM_FAILED,
                 &metrics.bytes,
                 PASSTHROUGH_IDLE,
+                &stalls,
             )
             .await;
+            if end == edge_net::splice::SpliceEnd::Shed {
+                metrics.streams_shed.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::trace!(?end, name = %header.sni, plain = header.plain, "raw stream done");
             Ok(())
         }
-        Ok((header, upstream)) => terminate(tokio::io::join(recv, send), upstream, &node, &header.sni).await,
+        Ok((header, upstream)) => terminate(tokio::io::join(recv, send), upstream, &node, &header.sni, &stalls).await,
     };
     metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
     if let Err(e) = result {
@@ -155,11 +162,18 @@ impl Abort for TcpStream {
 }
 
 /// Copies plaintext between an established client TLS session and the
-/// upstream until both sides finish; an error aborts both.
-pub async fn pump<IO>(mut tls: tokio_rustls::server::TlsStream<IO>, mut upstream: TcpStream, node: &Node, sni: &str)
-where
+/// upstream until both sides finish; an error aborts both. Writes to the
+/// upstream count against `stalls`.
+pub async fn pump<IO>(
+    mut tls: tokio_rustls::server::TlsStream<IO>,
+    upstream: TcpStream,
+    node: &Node,
+    sni: &str,
+    stalls: &Arc<StallBudget>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
+    let mut upstream = StallGuard::new(upstream, stalls.clone());
     let copied = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut upstream, COPY_BUF, COPY_BUF).await;
     let bytes = &node.shared.metrics.bytes;
     match copied {
@@ -172,7 +186,10 @@ where
             // Abort both ways: reset the client side, RST the upstream.
             let (io, _) = tls.into_inner();
             io.abort(codes::STREAM_UPSTREAM_FAILED);
-            edge_net::splice::reset_tcp(&upstream);
+            edge_net::splice::reset_tcp(upstream.get_ref());
+            if is_shed(&e) {
+                node.shared.metrics.streams_shed.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::debug!(sni, error = %e, "stream aborted");
         }
     }
@@ -180,7 +197,13 @@ where
 
 /// Terminates the client's TLS on `io` with the node certificate and copies
 /// plaintext to and from `upstream` until both sides finish.
-pub async fn terminate<IO>(io: IO, upstream: TcpStream, node: &Node, sni: &str) -> Result<(), StreamError>
+pub async fn terminate<IO>(
+    io: IO,
+    upstream: TcpStream,
+    node: &Node,
+    sni: &str,
+    stalls: &Arc<StallBudget>,
+) -> Result<(), StreamError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
@@ -198,6 +221,6 @@ where
             return Err(StreamError::Tls("timed out".into()));
         }
     };
-    pump(tls, upstream, node, sni).await;
+    pump(tls, upstream, node, sni, stalls).await;
     Ok(())
 }

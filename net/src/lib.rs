@@ -6,6 +6,8 @@
 //! - [`quic`]: transport tuning for a busy tunnel and UDP sockets with large
 //!   buffers.
 //! - [`splice`]: TCP ⇄ QUIC stream copy with half-close and reset propagation.
+//! - [`stall`]: shedding streams whose reader stopped reading before they
+//!   hold a whole tunnel's flow-control window.
 //! - [`pinned`]: a rustls verifier that accepts exactly one certificate,
 //!   identified by its SHA-256 fingerprint.
 //! - [`https`]: one JSON request over HTTPS with a bearer token.
@@ -17,6 +19,7 @@ pub mod logging;
 pub mod pinned;
 pub mod quic;
 pub mod splice;
+pub mod stall;
 
 /// Raises the soft limit on open files to the hard limit: every client
 /// connection costs a descriptor or two, and the common soft default of

@@ -4,15 +4,19 @@
 //! that close their write side first keep working. An abort on either side
 //! becomes an abort on the other: a TCP reset resets the QUIC stream with
 //! `abort_code`, and a QUIC reset makes the TCP side send an RST (linger 0),
-//! so nobody waits on a peer that is gone.
+//! so nobody waits on a peer that is gone. A TCP side that stops reading
+//! while its tunnel needs the window gets both sides reset ([`crate::stall`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::stall::{is_shed, StallBudget, StallGuard};
 
 /// Largest read per direction: four TLS records.
 const BUF_LEN: usize = 64 * 1024;
@@ -38,16 +42,21 @@ pub enum SpliceEnd {
     /// The QUIC side reset, stopped or lost its connection, or nothing moved
     /// for the idle timeout; TCP got an RST and the QUIC stream a reset.
     QuicAborted,
+    /// The TCP side stopped reading and was shed to free the tunnel's
+    /// window; both sides were reset.
+    Shed,
 }
 
 enum Abort {
     Tcp,
     Quic,
     Idle,
+    Shed,
 }
 
 /// Copies both ways until both sides have finished or one aborts.
 /// `abort_code` is sent with the QUIC reset when the TCP side fails.
+/// `stalls` is the budget of the QUIC connection `recv` belongs to.
 pub async fn splice(
     mut tcp: TcpStream,
     mut send: SendStream,
@@ -55,8 +64,10 @@ pub async fn splice(
     abort_code: u32,
     counters: &ByteCounters,
     idle_timeout: Duration,
+    stalls: &Arc<StallBudget>,
 ) -> SpliceEnd {
-    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let (mut tcp_read, tcp_write) = tcp.split();
+    let mut tcp_write = StallGuard::new(tcp_write, stalls.clone());
     // Counts transfers in either direction; the watchdog below ends a
     // connection on which nothing moved for a whole `idle_timeout`.
     let moved = AtomicU64::new(0);
@@ -83,7 +94,13 @@ pub async fn splice(
         loop {
             match recv.read_chunks(&mut chunks).await {
                 Ok(Some(n)) => {
-                    let bytes = write_all_vectored(&mut tcp_write, &mut chunks[..n]).await.map_err(|_| Abort::Tcp)?;
+                    let bytes = write_all_vectored(&mut tcp_write, &mut chunks[..n]).await.map_err(|e| {
+                        if is_shed(&e) {
+                            Abort::Shed
+                        } else {
+                            Abort::Tcp
+                        }
+                    })?;
                     counters.quic_to_tcp.fetch_add(bytes as u64, Ordering::Relaxed);
                     moved.fetch_add(1, Ordering::Relaxed);
                 }
@@ -113,6 +130,12 @@ pub async fn splice(
             let _ = recv.stop(VarInt::from_u32(abort_code));
             reset_tcp(&tcp);
             SpliceEnd::QuicAborted
+        }
+        Err(Abort::Shed) => {
+            let _ = send.reset(VarInt::from_u32(abort_code));
+            let _ = recv.stop(VarInt::from_u32(abort_code));
+            reset_tcp(&tcp);
+            SpliceEnd::Shed
         }
     }
 }

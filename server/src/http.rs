@@ -182,7 +182,11 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     shared.metrics.http_answer("proxied");
     node.metrics.total.fetch_add(1, Ordering::Relaxed);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
-    let _ = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes, idle).await;
+    let (bytes, stalls) = (&node.metrics.bytes, &tunnel.stalls);
+    let end = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, bytes, idle, stalls).await;
+    if end == edge_net::splice::SpliceEnd::Shed {
+        node.metrics.shed.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The request head with its connection headers replaced by

@@ -178,7 +178,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     node.metrics.bytes.tcp_to_quic.fetch_add(hello.len() as u64, Ordering::Relaxed);
     drop(hello);
     drop(first);
-    let Answered { send, recv, first_bytes } = answered;
+    let Answered { send, recv, first_bytes, stalls } = answered;
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     if !first_bytes.is_empty() {
         let written = tokio::time::timeout(idle, tcp.write_all(&first_bytes)).await;
@@ -190,7 +190,13 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         node.metrics.bytes.quic_to_tcp.fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
     }
     drop(first_bytes);
-    let end = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes, idle).await;
+    let end =
+        edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, &node.metrics.bytes, idle, &stalls)
+            .await;
+    if end == edge_net::splice::SpliceEnd::Shed {
+        node.metrics.shed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, node = %node.name, "client stopped reading while the tunnel needed the window; reset");
+    }
     tracing::trace!(%peer, node = %node.name, ?end, "connection finished");
 }
 
@@ -199,6 +205,8 @@ struct Answered {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     first_bytes: bytes::Bytes,
+    /// The stall budget of the tunnel the stream is on.
+    stalls: std::sync::Arc<edge_net::stall::StallBudget>,
 }
 
 /// Why no tunnel took a client connection.
@@ -264,8 +272,13 @@ async fn place(node: &NodeHandle, first: &[u8], shared: &Shared) -> Result<Answe
         let moved_on = loop {
             tokio::select! {
                 read = recv.read_chunk(64 * 1024, true) => match read {
-                    Ok(Some(chunk)) => return Ok(Answered { send, recv, first_bytes: chunk.bytes }),
-                    Ok(None) => return Ok(Answered { send, recv, first_bytes: bytes::Bytes::new() }),
+                    Ok(Some(chunk)) => {
+                        return Ok(Answered { send, recv, first_bytes: chunk.bytes, stalls: tunnel.stalls.clone() })
+                    }
+                    Ok(None) => {
+                        let stalls = tunnel.stalls.clone();
+                        return Ok(Answered { send, recv, first_bytes: bytes::Bytes::new(), stalls });
+                    }
                     Err(quinn::ReadError::Reset(code)) => return Err(PlaceError::AgentReset(code.into_inner())),
                     Err(_) => break true,
                 },

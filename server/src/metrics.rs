@@ -162,7 +162,7 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE edge_tunnels_connected gauge");
         let _ = writeln!(out, "edge_tunnels_connected {connected}");
         type Getter = fn(&crate::registry::NodeMetrics) -> u64;
-        let series: [(&str, &str, &str, Getter); 4] = [
+        let series: [(&str, &str, &str, Getter); 5] = [
             ("edge_node_connections_active", "gauge", "Client connections spliced to the node now.", |m| {
                 m.active.load(Ordering::Relaxed)
             }),
@@ -175,6 +175,12 @@ impl Metrics {
             ("edge_node_bytes_from_node_total", "counter", "Bytes from the node to clients.", |m| {
                 m.bytes.quic_to_tcp.load(Ordering::Relaxed)
             }),
+            (
+                "edge_node_connections_shed_total",
+                "counter",
+                "Client connections reset because the client stopped reading while the tunnel needed the window.",
+                |m| m.shed.load(Ordering::Relaxed),
+            ),
         ];
         for (name, kind, help, get) in series {
             let _ = writeln!(out, "# HELP {name} {help}");

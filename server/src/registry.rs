@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use edge_net::splice::ByteCounters;
+use edge_net::stall::StallBudget;
 use subtle::ConstantTimeEq;
 
 use crate::store::NodeRecord;
@@ -24,6 +25,9 @@ pub struct NodeMetrics {
     pub total: AtomicU64,
     /// Bytes each way (client → node is `tcp_to_quic`).
     pub bytes: ByteCounters,
+    /// Client connections reset because the client stopped reading while
+    /// the tunnel needed the window (`edge_net::stall`).
+    pub shed: AtomicU64,
 }
 
 /// A live agent connection.
@@ -40,12 +44,14 @@ pub struct Tunnel {
     pub replica: String,
     /// Placement state shared by every clone.
     pub state: Arc<TunnelState>,
+    /// Streams of this connection whose client stopped reading.
+    pub stalls: Arc<StallBudget>,
 }
 
 impl Tunnel {
-    /// A new tunnel in the normal state.
-    pub fn new(id: u64, conn: quinn::Connection, instance: String, replica: String) -> Self {
-        Self { id, conn, instance, replica, state: Arc::default() }
+    /// A new tunnel in the normal state; `stalls` sized for its windows.
+    pub fn new(id: u64, conn: quinn::Connection, instance: String, replica: String, stalls: Arc<StallBudget>) -> Self {
+        Self { id, conn, instance, replica, state: Arc::default(), stalls }
     }
 }
 

@@ -188,7 +188,9 @@ async fn session(
         None => *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = None,
     }
     let tunnel_id = shared.registry.next_tunnel_id();
-    let tunnel = Tunnel::new(tunnel_id, conn.clone(), instance, replica.clone());
+    let tuning = &shared.config.tunnel;
+    let stalls = edge_net::stall::StallBudget::for_windows(tuning.connection_window, tuning.stream_window);
+    let tunnel = Tunnel::new(tunnel_id, conn.clone(), instance, replica.clone(), stalls);
     let state = tunnel.state.clone();
     let replaced = node.add_tunnel(tunnel);
     if replaced > 0 {

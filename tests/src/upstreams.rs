@@ -104,12 +104,17 @@ pub async fn proxy_v2_reporter() -> SocketAddr {
 }
 
 /// The benchmark upstream. A connection starting with `BLAST <n>\n` gets
-/// `n` bytes and a close; anything else is served as HTTP/1.1 keep-alive
-/// with a 2-byte body.
+/// `n` bytes and a close; one starting with `STALL\n` is held open for a
+/// minute without another byte read (an application that stopped reading);
+/// anything else is served as HTTP/1.1 keep-alive with a 2-byte body.
 pub async fn bench() -> SocketAddr {
     serve(listen().await, |mut tcp| async move {
         let mut first = [0u8; 6];
         if tcp.read_exact(&mut first).await.is_err() {
+            return;
+        }
+        if &first == b"STALL\n" {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
             return;
         }
         if &first == b"BLAST " {
