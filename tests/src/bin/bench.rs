@@ -20,8 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Benchmark the tunnel against a direct connection.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Seconds per timed phase (connections/s, latency).
-    #[arg(long, default_value_t = 5)]
+    /// Seconds per timed phase (each connections/s round, latency).
+    #[arg(long, default_value_t = 3)]
     seconds: u64,
     /// MiB per connection in the throughput phase.
     #[arg(long, default_value_t = 256)]
@@ -32,16 +32,25 @@ struct Args {
     /// Concurrent workers for connections/s and latency.
     #[arg(long, default_value_t = 16)]
     workers: usize,
-    /// Only the throughput phases, this many rounds alternating direct and
-    /// tunnel, with CPU per GB for server and agent separately (for A/B
+    /// Throughput rounds, each measuring direct then tunnel with 1 and then
+    /// 4 connections; the table reports medians, since one transfer on a
+    /// shared machine is noisy.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Only the throughput rounds, with one line per round and CPU per GB
+    /// for server, agent and the bench process separately (for A/B
     /// experiments on the data path).
     #[arg(long)]
-    bulk_rounds: Option<usize>,
+    bulk_only: bool,
     /// Upper bound for the tunnel's datagrams (`[tunnel] max_udp_payload`
     /// on both ends) instead of the default; 1452 gives the datagram size of
     /// an internet path.
     #[arg(long)]
     max_udp_payload: Option<u16>,
+    /// A further `[tunnel]` setting for both ends, as TOML (repeatable),
+    /// e.g. `--tunnel 'stream_window = 4194304'`.
+    #[arg(long = "tunnel", value_name = "KEY = VALUE")]
+    tunnel_settings: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -58,6 +67,28 @@ struct Row {
     idle_kib_agent: f64,
 }
 
+/// One throughput round with `connections` connections per target.
+struct BulkRound {
+    connections: usize,
+    /// MB/s, direct and tunnel.
+    mbps: [f64; 2],
+    /// CPU seconds per GB of server, agent and the bench process (client
+    /// and upstream), direct and tunnel.
+    cpu_per_gb: [[f64; 3]; 2],
+}
+
+impl BulkRound {
+    fn ratio(&self) -> f64 {
+        self.mbps[1] / self.mbps[0]
+    }
+}
+
+/// The median of `values` (the upper one for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 struct Target {
     addr: SocketAddr,
     sni: String,
@@ -71,26 +102,81 @@ fn main() -> Result<()> {
     runtime.block_on(bench(args))
 }
 
+/// A server, an agent with a direct listener, an upstream, and the two
+/// targets, in their own temporary directory.
+struct Setup {
+    tmp: tempfile::TempDir,
+    server: Server,
+    agent: Agent,
+    join: String,
+    upstream: SocketAddr,
+    direct: Target,
+    tunnel: Target,
+}
+
+impl Setup {
+    async fn start(tunnel_config: &str) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let server = Server::start(&tmp.path().join("server"), tunnel_config)?;
+        let join = server.add_node("bench")?;
+        let upstream = upstreams::bench().await;
+        let agent_dir = tmp.path().join("agent");
+        std::fs::create_dir_all(&agent_dir)?;
+        std::fs::write(
+            tmp.path().join("agent.toml"),
+            format!("join = {join:?}\nupstream = \"{upstream}\"\n{tunnel_config}"),
+        )?;
+        let agent = Self::agent(&tmp, &join, upstream, true)?;
+        let tls = clients::client_config(&agent.local_ca("bench"))?;
+        let sni = format!("app.bench.{ZONE}");
+        let direct =
+            Target { addr: agent.direct_addr().context("direct listener")?, sni: sni.clone(), tls: tls.clone() };
+        let tunnel = Target { addr: server.addrs.tls, sni, tls };
+        Ok(Self { tmp, server, agent, join, upstream, direct, tunnel })
+    }
+
+    /// Starts the agent (again), with the direct listener if `direct`.
+    fn agent(tmp: &tempfile::TempDir, join: &str, upstream: SocketAddr, direct: bool) -> Result<Agent> {
+        let config = tmp.path().join("agent.toml").to_string_lossy().into_owned();
+        let mut args = vec!["--config", config.as_str()];
+        if direct {
+            args.extend(["--direct-listen", "127.0.0.1:0"]);
+        }
+        Agent::start(&tmp.path().join("agent"), join, upstream, &args)
+    }
+
+    fn pids(&self) -> (u32, u32) {
+        (self.server.proc.child.id(), self.agent.proc.child.id())
+    }
+}
+
 async fn bench(args: Args) -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let tunnel_config = args.max_udp_payload.map(|n| format!("[tunnel]\nmax_udp_payload = {n}\n")).unwrap_or_default();
-    let server = Server::start(&tmp.path().join("server"), &tunnel_config)?;
-    let join = server.add_node("bench")?;
-    let upstream = upstreams::bench().await;
-    let agent_dir = tmp.path().join("agent");
-    std::fs::create_dir_all(&agent_dir)?;
-    let agent_config = tmp.path().join("agent.toml");
-    std::fs::write(&agent_config, format!("join = {join:?}\nupstream = \"{upstream}\"\n{tunnel_config}"))?;
-    let config_arg = agent_config.to_string_lossy().into_owned();
-    let agent_args = ["--config", config_arg.as_str()];
-    let mut agent =
-        Agent::start(&agent_dir, &join, upstream, &[&agent_args[..], &["--direct-listen", "127.0.0.1:0"]].concat())?;
-    let tls = clients::client_config(&agent.local_ca("bench"))?;
-    let sni = format!("app.bench.{ZONE}");
-    let direct = Target { addr: agent.direct_addr().context("direct listener")?, sni: sni.clone(), tls: tls.clone() };
-    let tunnel = Target { addr: server.addrs.tls, sni: sni.clone(), tls: tls.clone() };
-    let server_pid = server.proc.child.id();
-    let agent_pid = agent.proc.child.id();
+    let mut tunnel_config = String::from("[tunnel]\n");
+    if let Some(n) = args.max_udp_payload {
+        tunnel_config.push_str(&format!("max_udp_payload = {n}\n"));
+    }
+    for setting in &args.tunnel_settings {
+        tunnel_config.push_str(setting);
+        tunnel_config.push('\n');
+    }
+    // Memory per idle connection first, each target with fresh processes:
+    // RSS growth after other phases mostly shows how much freed heap the
+    // allocator reuses, not what a connection costs.
+    let (mut idle, mut idle_peaks) = (Vec::new(), Vec::new());
+    if !args.bulk_only {
+        for name in ["direct", "tunnel"] {
+            let fresh = Setup::start(&tunnel_config).await?;
+            let target = if name == "direct" { &fresh.direct } else { &fresh.tunnel };
+            handshake_request(target).await?;
+            eprintln!("[{name}] memory with {} idle connections", args.idle);
+            let (server_pid, agent_pid) = fresh.pids();
+            idle.push(idle_memory(target, args.idle, server_pid, agent_pid).await?);
+            idle_peaks.push((rss_kib(server_pid).1, rss_kib(agent_pid).1));
+        }
+    }
+
+    let Setup { tmp, server, mut agent, join, upstream, direct, tunnel } = Setup::start(&tunnel_config).await?;
+    let (server_pid, agent_pid) = (server.proc.child.id(), agent.proc.child.id());
 
     eprintln!("warming up");
     for t in [&direct, &tunnel] {
@@ -98,29 +184,42 @@ async fn bench(args: Args) -> Result<()> {
         handshake_request(t).await?;
     }
 
-    if let Some(rounds) = args.bulk_rounds {
-        bulk_rounds(&direct, &tunnel, rounds, args.mib, server_pid, agent_pid).await?;
+    eprintln!(
+        "throughput: {} rounds of 1 connection x {} MiB and 4 x {} MiB, direct then tunnel",
+        args.rounds,
+        args.mib,
+        args.mib / 4
+    );
+    let rounds = bulk_rounds(&direct, &tunnel, args.rounds.max(1), args.mib, server_pid, agent_pid).await?;
+    if args.bulk_only {
+        print_rounds(&rounds);
         println!("{}", path_line(&agent).await);
         return Ok(());
+    }
+    let of = |connections: usize| rounds.iter().filter(move |r| r.connections == connections);
+    let ratio = |connections: usize| median(of(connections).map(BulkRound::ratio).collect());
+    eprintln!("new connections/s: {} rounds of {} s per target, {} workers", args.rounds, args.seconds, args.workers);
+    let mut cps_rounds = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let length = Duration::from_secs(args.seconds);
+        cps_rounds.push([
+            conns_per_sec(&direct, args.workers, length).await?,
+            conns_per_sec(&tunnel, args.workers, length).await?,
+        ]);
     }
     let mut rows = Vec::new();
     for (name, target) in [("direct", &direct), ("tunnel", &tunnel)] {
         let mut row = Row::default();
-        eprintln!("[{name}] throughput, 1 connection x {} MiB", args.mib);
-        row.single_mbps = throughput(target, 1, args.mib << 20).await?;
-        eprintln!("[{name}] throughput, 4 connections x {} MiB", args.mib / 4);
-        let cpu_before = cpu_seconds(server_pid) + cpu_seconds(agent_pid);
-        row.parallel_mbps = throughput(target, 4, (args.mib / 4) << 20).await?;
-        let cpu = cpu_seconds(server_pid) + cpu_seconds(agent_pid) - cpu_before;
-        row.cpu_per_gb = cpu / ((args.mib / 4 * 4) as f64 * 1.048576 / 1000.0);
-        eprintln!("[{name}] new connections/s, {} workers, {} s", args.workers, args.seconds);
-        row.conns_per_sec = conns_per_sec(target, args.workers, Duration::from_secs(args.seconds)).await?;
+        let i = usize::from(name == "tunnel");
+        row.single_mbps = median(of(1).map(|r| r.mbps[i]).collect());
+        row.parallel_mbps = median(of(4).map(|r| r.mbps[i]).collect());
+        row.cpu_per_gb = median(of(4).map(|r| r.cpu_per_gb[i][0] + r.cpu_per_gb[i][1]).collect());
+        row.conns_per_sec = median(cps_rounds.iter().map(|r| r[i]).collect());
         eprintln!("[{name}] keep-alive latency, {} connections, {} s", args.workers, args.seconds);
         let (p50, p99, p999, n) = latency(target, args.workers, Duration::from_secs(args.seconds)).await?;
         (row.p50_us, row.p99_us, row.p999_us, row.requests) = (p50, p99, p999, n);
-        eprintln!("[{name}] memory with {} idle connections", args.idle);
-        let (s, a) = idle_memory(target, args.idle, server_pid, agent_pid).await?;
-        (row.idle_kib_server, row.idle_kib_agent) = if name == "direct" { (0.0, a) } else { (s, a) };
+        let (s, a) = if name == "direct" { (0.0, idle[0].1) } else { idle[1] };
+        (row.idle_kib_server, row.idle_kib_agent) = (s, a);
         rows.push((name, row));
     }
     let path_line = path_line(&agent).await;
@@ -131,7 +230,7 @@ async fn bench(args: Args) -> Result<()> {
     agent.proc.signal("KILL");
     agent.proc.wait_exit(Duration::from_secs(5));
     let started = Instant::now();
-    agent = Agent::start(&agent_dir, &join, upstream, &agent_args)?;
+    agent = Setup::agent(&tmp, &join, upstream, false)?;
     let tunnel_up = started.elapsed();
     wait_for("tunnel traffic after restart", Duration::from_secs(30), || {
         let attempt = tokio::time::timeout(Duration::from_secs(1), handshake_request(&tunnel));
@@ -141,31 +240,31 @@ async fn bench(args: Args) -> Result<()> {
     drop(agent);
 
     let (d, t) = (&rows[0].1, &rows[1].1);
-    let pct = |tun: f64, dir: f64| if dir > 0.0 { format!("{:.0}%", 100.0 * tun / dir) } else { "-".into() };
     println!("| metric | direct (no tunnel) | tunnel | tunnel / direct |");
     println!("|---|---:|---:|---:|");
+    let n = args.rounds.max(1);
     println!(
-        "| bulk throughput, 1 connection (MB/s) | {:.0} | {:.0} | {} |",
+        "| bulk throughput, 1 connection (MB/s, median of {n} rounds) | {:.0} | {:.0} | {:.0}% |",
         d.single_mbps,
         t.single_mbps,
-        pct(t.single_mbps, d.single_mbps)
+        100.0 * ratio(1)
     );
     println!(
-        "| bulk throughput, 4 connections (MB/s) | {:.0} | {:.0} | {} |",
+        "| bulk throughput, 4 connections (MB/s, median of {n} rounds) | {:.0} | {:.0} | {:.0}% |",
         d.parallel_mbps,
         t.parallel_mbps,
-        pct(t.parallel_mbps, d.parallel_mbps)
+        100.0 * ratio(4)
     );
     println!(
-        "| server + agent CPU seconds per GB moved (4 connections) | {:.2} | {:.2} | |",
+        "| server + agent CPU seconds per GB moved (4 connections, median) | {:.2} | {:.2} | |",
         d.cpu_per_gb, t.cpu_per_gb
     );
     println!(
-        "| new TLS connections/s ({} workers) | {:.0} | {:.0} | {} |",
+        "| new TLS connections/s ({} workers, median of {n} rounds) | {:.0} | {:.0} | {:.0}% |",
         args.workers,
         d.conns_per_sec,
         t.conns_per_sec,
-        pct(t.conns_per_sec, d.conns_per_sec)
+        100.0 * median(cps_rounds.iter().map(|r| r[1] / r[0]).collect())
     );
     println!("| keep-alive request p50 (µs) | {:.0} | {:.0} | |", d.p50_us, t.p50_us);
     println!("| keep-alive request p99 (µs) | {:.0} | {:.0} | |", d.p99_us, t.p99_us);
@@ -174,12 +273,25 @@ async fn bench(args: Args) -> Result<()> {
     println!("| memory per idle connection, server (KiB) | - | {:.1} | |", t.idle_kib_server);
     println!("| memory per idle connection, agent (KiB) | {:.1} | {:.1} | |", d.idle_kib_agent, t.idle_kib_agent);
     println!();
-    println!("| process | peak RSS (MiB) |");
-    println!("|---|---:|");
-    println!("| edge-server | {:.1} |", server_peak as f64 / 1024.0);
-    println!("| edge-agent | {:.1} |", agent_peak as f64 / 1024.0);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "| process | peak RSS, throughput/latency phases (MiB) | peak RSS, {} idle direct connections | peak RSS, {} idle tunnelled connections |",
+        args.idle, args.idle
+    );
+    println!("|---|---:|---:|---:|");
+    println!("| edge-server | {:.1} | {:.1} | {:.1} |", mib(server_peak), mib(idle_peaks[0].0), mib(idle_peaks[1].0));
+    println!("| edge-agent | {:.1} | {:.1} | {:.1} |", mib(agent_peak), mib(idle_peaks[0].1), mib(idle_peaks[1].1));
     println!();
     println!("{path_line}");
+    println!();
+    println!("Throughput rounds (the tunnel/direct column above is the median of the per-round ratios):");
+    println!();
+    print_rounds(&rounds);
+    let per_round: Vec<String> =
+        cps_rounds.iter().map(|[d, t]| format!("{d:.0} / {t:.0} ({:.0}%)", 100.0 * t / d)).collect();
+    println!();
+    println!("New TLS connections/s per round, direct / tunnel: {}", per_round.join(", "));
+    println!();
     println!(
         "agent SIGKILL, then restarted: tunnel up after {} ms, first request through it served after {} ms",
         tunnel_up.as_millis(),
@@ -203,7 +315,7 @@ async fn path_line(agent: &Agent) -> String {
     )
 }
 
-/// Alternating throughput rounds; prints one line per round and the medians.
+/// Alternating throughput rounds: direct then tunnel, 1 then 4 connections.
 async fn bulk_rounds(
     direct: &Target,
     tunnel: &Target,
@@ -211,53 +323,50 @@ async fn bulk_rounds(
     mib: usize,
     server_pid: u32,
     agent_pid: u32,
-) -> Result<()> {
+) -> Result<Vec<BulkRound>> {
     let own_pid = std::process::id();
     let gb = |connections: usize| (mib / connections * connections) as f64 * 1.048576 / 1000.0;
-    let mut ratios = (Vec::new(), Vec::new());
-    println!("| round | conns | direct MB/s | tunnel MB/s | tunnel/direct | CPU s/GB direct: agent | tunnel: server | tunnel: agent | tunnel: bench (client+upstream) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for round in 1..=rounds {
+    let mut results = Vec::new();
+    for _ in 0..rounds {
         for connections in [1usize, 4] {
-            let mut mbps = [0.0; 2];
-            let mut cpu = [[0.0; 3]; 2];
+            let mut round = BulkRound { connections, mbps: [0.0; 2], cpu_per_gb: [[0.0; 3]; 2] };
             for (i, target) in [direct, tunnel].into_iter().enumerate() {
                 let before = [cpu_seconds(server_pid), cpu_seconds(agent_pid), cpu_seconds(own_pid)];
-                mbps[i] = throughput(target, connections, (mib / connections) << 20).await?;
+                round.mbps[i] = throughput(target, connections, (mib / connections) << 20).await?;
                 let after = [cpu_seconds(server_pid), cpu_seconds(agent_pid), cpu_seconds(own_pid)];
                 for k in 0..3 {
-                    cpu[i][k] = (after[k] - before[k]) / gb(connections);
+                    round.cpu_per_gb[i][k] = (after[k] - before[k]) / gb(connections);
                 }
             }
-            let ratio = mbps[1] / mbps[0];
-            if connections == 1 {
-                ratios.0.push(ratio)
-            } else {
-                ratios.1.push(ratio)
-            }
-            println!(
-                "| {round} | {connections} | {:.0} | {:.0} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} |",
-                mbps[0],
-                mbps[1],
-                100.0 * ratio,
-                cpu[0][1],
-                cpu[1][0],
-                cpu[1][1],
-                cpu[1][2]
-            );
+            results.push(round);
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2] * 100.0
+    Ok(results)
+}
+
+/// One line per throughput round, then the median ratios.
+fn print_rounds(rounds: &[BulkRound]) {
+    println!("| round | conns | direct MB/s | tunnel MB/s | tunnel/direct | CPU s/GB direct: agent | tunnel: server | tunnel: agent | tunnel: bench (client+upstream) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, r) in rounds.iter().enumerate() {
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} |",
+            i / 2 + 1,
+            r.connections,
+            r.mbps[0],
+            r.mbps[1],
+            100.0 * r.ratio(),
+            r.cpu_per_gb[0][1],
+            r.cpu_per_gb[1][0],
+            r.cpu_per_gb[1][1],
+            r.cpu_per_gb[1][2]
+        );
+    }
+    let ratio = |connections: usize| {
+        100.0 * median(rounds.iter().filter(|r| r.connections == connections).map(BulkRound::ratio).collect())
     };
     println!();
-    println!(
-        "median tunnel/direct: 1 connection {:.0}%, 4 connections {:.0}%",
-        median(&mut ratios.0),
-        median(&mut ratios.1)
-    );
-    Ok(())
+    println!("median tunnel/direct: 1 connection {:.0}%, 4 connections {:.0}%", ratio(1), ratio(4));
 }
 
 async fn connect(t: &Target) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
