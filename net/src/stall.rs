@@ -162,14 +162,18 @@ pub fn is_shed(error: &io::Error) -> bool {
 pub struct StallGuard<W> {
     inner: W,
     budget: Arc<StallBudget>,
+    /// Kept across writes (reset, not reallocated: writes to a busy socket
+    /// go pending often).
     timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` runs for the write pending now.
+    timing: bool,
     ticket: Option<StallTicket>,
 }
 
 impl<W> StallGuard<W> {
     /// Wraps `inner`.
     pub fn new(inner: W, budget: Arc<StallBudget>) -> Self {
-        Self { inner, budget, timer: None, ticket: None }
+        Self { inner, budget, timer: None, timing: false, ticket: None }
     }
 
     /// The wrapped writer.
@@ -188,7 +192,7 @@ impl<W> StallGuard<W> {
         }
         match poll(&mut self.inner, cx) {
             Poll::Ready(result) => {
-                self.timer = None;
+                self.timing = false;
                 self.ticket = None;
                 Poll::Ready(result)
             }
@@ -200,8 +204,12 @@ impl<W> StallGuard<W> {
                         return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, Shed)));
                     }
                 } else {
-                    let after = self.budget.stall_after;
-                    let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                    let deadline = tokio::time::Instant::now() + self.budget.stall_after;
+                    let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if !self.timing {
+                        timer.as_mut().reset(deadline);
+                        self.timing = true;
+                    }
                     if timer.as_mut().poll(cx).is_ready() {
                         self.ticket = Some(self.budget.enter(cx.waker()));
                     }
