@@ -125,17 +125,15 @@ pub async fn splice(
             let _ = recv.stop(VarInt::from_u32(abort_code));
             SpliceEnd::TcpAborted
         }
-        Err(Abort::Quic | Abort::Idle) => {
+        Err(abort @ (Abort::Quic | Abort::Idle | Abort::Shed)) => {
             let _ = send.reset(VarInt::from_u32(abort_code));
             let _ = recv.stop(VarInt::from_u32(abort_code));
             reset_tcp(&tcp);
-            SpliceEnd::QuicAborted
-        }
-        Err(Abort::Shed) => {
-            let _ = send.reset(VarInt::from_u32(abort_code));
-            let _ = recv.stop(VarInt::from_u32(abort_code));
-            reset_tcp(&tcp);
-            SpliceEnd::Shed
+            if matches!(abort, Abort::Shed) {
+                SpliceEnd::Shed
+            } else {
+                SpliceEnd::QuicAborted
+            }
         }
     }
 }
