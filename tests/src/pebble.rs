@@ -33,8 +33,26 @@ pub struct Pebble {
     dir: PathBuf,
 }
 
-/// A loopback port free right now.
+/// A loopback port free right now, for a process that binds it later.
+/// Taken below the kernel's ephemeral range when possible: a port from
+/// `bind(:0)` is free only until the kernel hands it out again as the
+/// source port of some connection, which on a busy test machine happened
+/// before Pebble bound it ("address already in use").
 pub fn free_port() -> Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > 12_000 {
+        let span = u32::from(ephemeral_low - 10_000);
+        for _ in 0..64 {
+            let port = 10_000 + (rand::random::<u32>() % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            {
+                return Ok(port);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
