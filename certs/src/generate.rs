@@ -27,6 +27,13 @@ pub fn server_identity(dir: &Path, names: &[String]) -> Result<PemPair, CertErro
     if pair.cert.exists() && pair.key.exists() {
         return Ok(pair);
     }
+    // Two processes on a fresh directory (the server and `node add`) must
+    // not each write one half of a pair: the second waits here, then finds
+    // the first one's files.
+    let _lock = crate::store::lock_dir(dir, ".server-identity.lock")?;
+    if pair.cert.exists() && pair.key.exists() {
+        return Ok(pair);
+    }
     let mut names = names.to_vec();
     if names.is_empty() {
         names.push("edge-server".into());
@@ -104,6 +111,26 @@ mod tests {
         let b = server_identity(dir.path(), &["edge.test".into()]).unwrap();
         assert_eq!(first, std::fs::read(&b.cert).unwrap());
         load_certified_key(&b.cert, &b.key).unwrap();
+    }
+
+    #[test]
+    fn racing_first_starts_share_one_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let starts: Vec<_> = (0..8)
+            .map(|_| {
+                let (dir, barrier) = (dir.path().to_path_buf(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let pair = server_identity(&dir, &["edge.test".into()]).unwrap();
+                    // Every caller loads a matching pair, and the same one.
+                    load_certified_key(&pair.cert, &pair.key).unwrap();
+                    std::fs::read(&pair.cert).unwrap()
+                })
+            })
+            .collect();
+        let certs: Vec<_> = starts.into_iter().map(|s| s.join().unwrap()).collect();
+        assert!(certs.iter().all(|c| *c == certs[0]));
     }
 
     #[test]

@@ -9,13 +9,11 @@
 //!
 //! - [`acme`]: ACME issuance with DNS-01 (instant-acme), several directories
 //!   tried in order, accounts persisted; used by server and agent.
-//! - [`dns_check`]: asks our DNS whether a TXT value is served yet.
 //! - [`info`]: names, issuer and validity of a certificate or CSR.
 //! - [`renewal`]: when to renew and how to back off (pure functions).
 #![forbid(unsafe_code)]
 
 pub mod acme;
-pub mod dns_check;
 pub mod generate;
 pub mod info;
 pub mod pem;

@@ -25,11 +25,73 @@ pub fn write_atomic(path: &Path, data: &[u8], sensitivity: Sensitivity) -> Resul
     let io = |source| CertError::Io { path: path.to_path_buf(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io)?;
+    let tmp = temp_path(dir, path);
+    let result = (|| {
+        let mut file = open_new(&tmp, sensitivity)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir);
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// Creates `path` with `data` unless it exists: `Ok(true)` if this call
+/// created it, `Ok(false)` if another writer got there first (its file is
+/// left as it is). The data is complete before the name appears (a hard
+/// link of a synced temporary file), so a reader never sees a partial file
+/// and of several racing processes exactly one wins.
+pub fn create_new(path: &Path, data: &[u8], sensitivity: Sensitivity) -> Result<bool, CertError> {
+    let io = |source| CertError::Io { path: path.to_path_buf(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io)?;
+    let tmp = temp_path(dir, path);
+    let result = (|| {
+        let mut file = open_new(&tmp, sensitivity)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => {
+                sync_dir(dir);
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    result.map_err(io)
+}
+
+/// An exclusive lock on `<dir>/<name>` held until dropped: first-start
+/// work that writes several files (a key and its certificate) runs under
+/// it, so two processes starting at once never mix their halves.
+#[derive(Debug)]
+pub struct DirLock(#[allow(dead_code)] fs::File);
+
+/// Takes [`DirLock`] on `<dir>/<name>`, waiting for another holder.
+pub fn lock_dir(dir: &Path, name: &str) -> Result<DirLock, CertError> {
+    let path = dir.join(name);
+    let io = |source| CertError::Io { path: path.clone(), source };
+    fs::create_dir_all(dir).map_err(io)?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    file.lock().map_err(io)?;
+    Ok(DirLock(file))
+}
+
+fn temp_path(dir: &Path, path: &Path) -> std::path::PathBuf {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // Unique per process and call: two writers of one file never share a temp.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{file_name}.tmp.{}.{n}", std::process::id()));
+    dir.join(format!(".{file_name}.tmp.{}.{n}", std::process::id()))
+}
+
+fn open_new(path: &Path, sensitivity: Sensitivity) -> std::io::Result<fs::File> {
     let mut options = OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -40,20 +102,13 @@ pub fn write_atomic(path: &Path, data: &[u8], sensitivity: Sensitivity) -> Resul
             Sensitivity::Public => 0o644,
         });
     }
-    let result = (|| {
-        let mut file = options.open(&tmp)?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    options.open(path)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
     }
-    result.map_err(io)
 }
 
 #[cfg(test)]
@@ -74,5 +129,27 @@ mod tests {
         }
         let leftovers: Vec<_> = fs::read_dir(key.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp files left behind");
+    }
+
+    #[test]
+    fn create_new_has_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let writers: Vec<_> = (0..8u8)
+            .map(|i| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    create_new(&path, &[b'a' + i; 64], Sensitivity::Secret).unwrap()
+                })
+            })
+            .collect();
+        let wins = writers.into_iter().map(|w| w.join().unwrap()).filter(|won| *won).count();
+        assert_eq!(wins, 1);
+        let data = fs::read(&path).unwrap();
+        assert_eq!(data.len(), 64, "never a partial file");
+        assert!(data.iter().all(|b| *b == data[0]), "never a mix of writers");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp files left behind");
     }
 }

@@ -42,6 +42,7 @@ fn zone() -> &'static Zone {
             txt_ttl: 5,
             zone_ttl: 3600,
             negative_ttl: 5,
+            caa_issuers: vec![name("letsencrypt.org.")],
         };
         let statics = vec![
             Record::from_rdata(name("www.edge.test."), 300, RData::A(A([192, 0, 2, 80].into()))),

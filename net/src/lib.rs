@@ -11,7 +11,9 @@
 //! - [`pinned`]: a rustls verifier that accepts exactly one certificate,
 //!   identified by its SHA-256 fingerprint.
 //! - [`https`]: one JSON request over HTTPS with a bearer token.
-//! - [`logging`]: tracing subscriber setup (text or JSON).
+//! - [`logging`]: tracing subscriber setup (text or JSON), escaping and
+//!   throttling of what peers can make us log.
+//! - [`write_deadline`]: writes that must make progress within a deadline.
 #![forbid(unsafe_code)]
 
 pub mod https;
@@ -20,6 +22,7 @@ pub mod pinned;
 pub mod quic;
 pub mod splice;
 pub mod stall;
+pub mod write_deadline;
 
 /// Raises the soft limit on open files to the hard limit: every client
 /// connection costs a descriptor or two, and the common soft default of

@@ -8,7 +8,10 @@
 //! revision) always moves with the content.
 //!
 //! What exists in the zone `z`:
-//! - `z`: SOA, NS, plus static records;
+//! - `z`: SOA, NS, CAA for the configured CAs (DNS-01 only: only this
+//!   server can answer it, so an address a node left behind cannot be
+//!   turned into a certificate by HTTP-01 or TLS-ALPN-01), plus static
+//!   records;
 //! - in-zone nameserver names (`ns.z` by default): A/AAAA of the cluster,
 //!   unless static records say otherwise;
 //! - `<node>.z` and any `<label>.<node>.z`: A/AAAA of the node (the cluster
@@ -23,7 +26,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
+use hickory_proto::rr::rdata::caa::KeyValue;
+use hickory_proto::rr::rdata::{A, AAAA, CAA, NS, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 /// TTLs and SOA fields.
@@ -41,6 +45,10 @@ pub struct ZoneSettings {
     pub zone_ttl: u32,
     /// SOA minimum: how long resolvers cache "no such name".
     pub negative_ttl: u32,
+    /// CAs allowed to issue for the zone, published as CAA at the apex
+    /// (`issue` and `issuewild`, each limited to `validationmethods=dns-01`)
+    /// unless static CAA records at the apex say otherwise. Empty: no CAA.
+    pub caa_issuers: Vec<Name>,
 }
 
 /// One answer.
@@ -220,6 +228,16 @@ impl Zone {
         }
     }
 
+    /// Whether TXT `value` is served at `name` (a lowercase name without the
+    /// trailing dot, as the signal API stores it).
+    pub fn serves_txt(&self, name: &str, value: &str) -> bool {
+        let Ok(qname) = Name::from_ascii(format!("{name}.")) else { return false };
+        self.answer(&qname, RecordType::TXT, DNSClass::IN).answers.iter().any(|r| match &r.data {
+            RData::TXT(txt) => txt.txt_data.iter().map(|s| String::from_utf8_lossy(s)).collect::<String>() == value,
+            _ => false,
+        })
+    }
+
     fn has_names_below(&self, name: &Name) -> bool {
         let below = |n: &Name| n.num_labels() > name.num_labels() && name.zone_of(n);
         self.statics.keys().any(below) || self.settings.nameservers.iter().any(|n| below(&n.to_lowercase()))
@@ -227,6 +245,31 @@ impl Zone {
 
     fn apex_records(&self, apex: &Name, qtype: RecordType) -> Vec<Record> {
         match qtype {
+            RecordType::CAA => {
+                let operator_set = self
+                    .statics
+                    .get(&apex.to_lowercase())
+                    .is_some_and(|records| records.iter().any(|r| r.record_type() == RecordType::CAA));
+                if operator_set {
+                    return Vec::new();
+                }
+                let dns01 = || vec![KeyValue::new("validationmethods", "dns-01")];
+                self.settings
+                    .caa_issuers
+                    .iter()
+                    .flat_map(|ca| {
+                        // The issuer domain goes on the wire without the
+                        // root dot ("letsencrypt.org", RFC 8659 section 4.2).
+                        let mut ca = ca.clone();
+                        ca.set_fqdn(false);
+                        [
+                            CAA::new_issue(false, Some(ca.clone()), dns01()),
+                            CAA::new_issuewild(false, Some(ca.clone()), dns01()),
+                        ]
+                    })
+                    .map(|caa| Record::from_rdata(apex.clone(), self.settings.zone_ttl, RData::CAA(caa)))
+                    .collect()
+            }
             RecordType::SOA => vec![self.soa()],
             RecordType::NS => self
                 .settings
@@ -256,6 +299,7 @@ mod tests {
             txt_ttl: 5,
             zone_ttl: 3600,
             negative_ttl: 5,
+            caa_issuers: vec![name("letsencrypt.org.")],
         };
         let statics = vec![Record::from_rdata(name("www.edge.test."), 300, RData::A(A([192, 0, 2, 80].into())))];
         let base = Zone::new(
@@ -288,6 +332,31 @@ mod tests {
     }
 
     #[test]
+    fn caa_at_the_apex_allows_only_dns_01() {
+        let z = zone();
+        let caa = ask(&z, "edge.test.", RecordType::CAA);
+        let shown = data(&caa);
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert!(
+            shown.iter().any(|d| d.contains("issue ") && d.contains("letsencrypt.org; validationmethods=dns-01")),
+            "{shown:?}"
+        );
+        assert!(shown.iter().any(|d| d.contains("issuewild ")), "{shown:?}");
+        // Below the apex there is none: CAs climb to the apex (RFC 8659).
+        assert!(ask(&z, "n1.edge.test.", RecordType::CAA).answers.is_empty());
+        // A static CAA at the apex replaces ours.
+        let mut own = z.clone();
+        let apex = name("edge.test.");
+        let static_caa = Record::from_rdata(apex.clone(), 300, RData::CAA(CAA::new_issue(false, None, vec![])));
+        own.statics.insert(apex, vec![static_caa]);
+        assert_eq!(ask(&own, "edge.test.", RecordType::CAA).answers.len(), 1);
+        // No issuers: no CAA.
+        let mut none = z.clone();
+        none.settings.caa_issuers.clear();
+        assert!(ask(&none, "edge.test.", RecordType::CAA).answers.is_empty());
+    }
+
+    #[test]
     fn node_names_and_one_label_wildcard_answer_addresses() {
         let z = zone();
         for q in ["n1.edge.test.", "N1.Edge.Test.", "api.n1.edge.test.", "_acme-challenge.n1.edge.test."] {
@@ -308,6 +377,9 @@ mod tests {
         let z = zone();
         let a = ask(&z, "_acme-challenge.n1.edge.test.", RecordType::TXT);
         assert_eq!(data(&a), vec!["v1", "v2"]);
+        assert!(z.serves_txt("_acme-challenge.n1.edge.test", "v2"));
+        assert!(!z.serves_txt("_acme-challenge.n1.edge.test", "v3"));
+        assert!(!z.serves_txt("_acme-challenge.n2.edge.test", "v1"));
         assert_eq!(a.answers[0].ttl, 5);
         let none = z.with_state(43, z.nodes.clone(), HashMap::new());
         let a = ask(&none, "_acme-challenge.n1.edge.test.", RecordType::TXT);

@@ -65,12 +65,15 @@ pub struct CertificateRequest {
     pub csr: String,
 }
 
-/// Whether `value` is an acceptable DNS-01 TXT value: 1 to 128 base64url
-/// characters (a real one is 43).
+/// Length of a DNS-01 TXT value: base64url, unpadded, of a SHA-256 digest
+/// (RFC 8555 section 8.4).
+pub const CHALLENGE_VALUE_LEN: usize = 43;
+
+/// Whether `value` has the one shape a DNS-01 TXT value has: exactly
+/// [`CHALLENGE_VALUE_LEN`] base64url characters. Nothing else is published,
+/// so a node cannot make our UDP answers much larger than the queries.
 pub fn is_valid_challenge_value(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 128
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    value.len() == CHALLENGE_VALUE_LEN && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -97,7 +100,11 @@ mod tests {
         assert!(is_valid_challenge_value("LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"));
         assert!(!is_valid_challenge_value(""));
         assert!(!is_valid_challenge_value("a b"));
+        assert!(!is_valid_challenge_value(&"a".repeat(42)), "one short");
+        assert!(!is_valid_challenge_value(&"a".repeat(44)), "one long");
         assert!(!is_valid_challenge_value(&"a".repeat(129)));
+        assert!(!is_valid_challenge_value(&format!("{}=", "a".repeat(42))), "no padding");
+        assert!(!is_valid_challenge_value(&format!("{}\n", "a".repeat(42))));
         let req: ChallengeRequest = serde_json::from_str(r#"{"name":"_acme-challenge.n.z"}"#).unwrap();
         assert_eq!(req.value, None);
     }

@@ -77,6 +77,7 @@ fn dns_request_corpus() {
         txt_ttl: 5,
         zone_ttl: 3600,
         negative_ttl: 5,
+        caa_issuers: vec![name("letsencrypt.org.")],
     };
     let cluster = vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
     let base = Zone::new(name("edge.test."), settings, cluster, Vec::new());

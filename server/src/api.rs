@@ -5,7 +5,8 @@
 //!   node token as bearer; see [`crate::certificates`].
 //! - `GET /api/nodes`: admin token as bearer; nodes and their live state.
 //! - `GET /healthz`: liveness.
-//! - `GET /metrics`: Prometheus text format.
+//! - `GET /metrics`: Prometheus text format, admin token as bearer (see
+//!   [`crate::scrape`]; `listen.metrics` serves it without a token).
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -53,16 +54,21 @@ pub fn router(shared: Arc<Shared>) -> Router {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub IpAddr);
 
-/// Serves `router` over HTTPS on `listener` until `shutdown`; sources over
-/// `per_source_rate` are refused at accept.
+/// Serves `router` on `listener` until `shutdown`: over HTTPS with `tls`
+/// (the signal API), plain HTTP without (the metrics listener). Sources over
+/// their rate or open-connection cap (the `admission` of the listener) are
+/// refused at accept; every answer must leave within [`CLIENT_DEADLINE`] of
+/// the peer's last read.
 pub async fn serve(
     listener: TcpListener,
-    tls: TlsAcceptor,
+    tls: Option<TlsAcceptor>,
     router: Router,
     shared: Arc<Shared>,
+    admission: fn(&Shared) -> &crate::limits::Admission,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let what = admission(&shared).listener();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -71,15 +77,15 @@ pub async fn serve(
         let (tcp, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed on API listener");
+                tracing::warn!(error = %e, listener = what.label(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let admitted = match shared.admission.api.admit(peer.ip()) {
+        let admitted = match admission(&shared).admit(peer.ip()) {
             Ok(admitted) => admitted,
             Err(reason) => {
-                shared.refusals.refuse(Listener::Api, reason, peer.ip());
+                shared.refusals.refuse(what, reason, peer.ip());
                 edge_net::splice::reset_tcp(&tcp);
                 continue;
             }
@@ -89,31 +95,48 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let _admitted = admitted;
-            let stream = match tokio::time::timeout(CLIENT_DEADLINE, tls.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
-                Err(_) => return tracing::debug!(%peer, "API TLS handshake timed out"),
+            let Some(tls) = tls else {
+                return serve_connection(tcp, service, shutdown).await;
             };
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(CLIENT_DEADLINE)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => { let _ = result; }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(CLIENT_DEADLINE, conn).await;
-                }
+            match tokio::time::timeout(CLIENT_DEADLINE, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => serve_connection(stream, service, shutdown).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "API TLS handshake timed out"),
             }
         });
     }
 }
 
-/// Refuses a source that used up its failed-authentication budget, before
-/// its token is looked at.
+/// HTTP/1.1 on one connection until the peer is done or `shutdown`.
+async fn serve_connection<IO, S>(io: IO, service: S, shutdown: CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = edge_net::write_deadline::WriteDeadline::new(io, CLIENT_DEADLINE);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(CLIENT_DEADLINE)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => { let _ = result; }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLIENT_DEADLINE, conn).await;
+        }
+    }
+}
+
+/// Spends one attempt of the source's failed-authentication budget before
+/// its token is looked at; `Some(refusal)` when the budget is used up. The
+/// caller refunds the attempt when the token turns out good.
 fn auth_refusal(shared: &Shared, peer: Peer) -> Option<Response> {
-    if shared.auth_failures.allowed(peer.0) {
+    if shared.auth_failures.try_take(peer.0) {
         return None;
     }
     shared.refusals.refuse(Listener::Api, Refusal::AuthFailures, peer.0);
@@ -123,17 +146,17 @@ fn auth_refusal(shared: &Shared, peer: Peer) -> Option<Response> {
 /// Checks the admin bearer token, counting failures against the source.
 /// `Some(refusal)` unless the request carries the admin token.
 fn admin_refusal(shared: &Shared, peer: Peer, headers: &HeaderMap) -> Option<Response> {
-    if let Some(refused) = auth_refusal(shared, peer) {
-        return Some(refused);
-    }
     let Some(presented) = bearer(headers).map(crate::token_hash) else {
         // No token at all (a monitor, a scanner) is no guess: not counted.
         return Some(error(StatusCode::UNAUTHORIZED, "admin token required"));
     };
+    if let Some(refused) = auth_refusal(shared, peer) {
+        return Some(refused);
+    }
     if bool::from(presented.ct_eq(&shared.admin_token_hash)) {
+        shared.auth_failures.refund(peer.0);
         return None;
     }
-    shared.auth_failures.failed(peer.0);
     tracing::debug!(peer = %peer.0, "wrong admin token");
     Some(error(StatusCode::UNAUTHORIZED, "admin token required"))
 }
@@ -180,10 +203,25 @@ async fn node_request<T: serde::de::DeserializeOwned>(
         return Err(refused);
     }
     let Some(node) = shared.authenticate(token).await else {
-        shared.auth_failures.failed(peer.0);
         shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         return Err(error(StatusCode::UNAUTHORIZED, "invalid node token"));
     };
+    shared.auth_failures.refund(peer.0);
+    // A node's own budget: one token holder looping requests (each of which
+    // may touch the store, the registry and the zone) must not slow the
+    // server down for every other node.
+    let limits = &shared.config.limits;
+    let within = node.signal_budget.lock().unwrap_or_else(|p| p.into_inner()).take(
+        f64::from(limits.node_signal_rate),
+        limits.node_signal_burst,
+        std::time::Instant::now(),
+    );
+    if !within {
+        shared.refusals.refuse(Listener::Api, Refusal::NodeRate, peer.0);
+        let mut refused = error(StatusCode::TOO_MANY_REQUESTS, "this node is over its signal API request budget");
+        refused.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return Err(refused);
+    }
     let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if announced.is_some_and(|n| n > MAX_BODY) {
         return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than 64 KiB"));
@@ -354,9 +392,11 @@ async fn probe_for_peer(
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let mut body = shared.metrics.render(&shared.registry);
-    shared.refusals.render(&mut body);
-    edge_net::render_process_metrics(&mut body);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+/// `/metrics` on the public API: admin token required (the separate
+/// `listen.metrics` listener serves it without one).
+async fn metrics(State(shared): State<Arc<Shared>>, Extension(peer): Extension<Peer>, headers: HeaderMap) -> Response {
+    if let Some(refused) = admin_refusal(&shared, peer, &headers) {
+        return refused;
+    }
+    shared.scrape.respond(&shared, Listener::Api, peer.0)
 }

@@ -12,10 +12,8 @@
 //! `<node>.<zone>` / `*.<node>.<zone>` in a CSR.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -23,15 +21,18 @@ use axum::Json;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use edge_net::logging::{Throttle, Untrusted};
+
 use crate::registry::NodeHandle;
+use crate::store::Published;
 use crate::Shared;
 
-/// Most TXT values one node may have published at once.
-pub const MAX_VALUES_PER_NODE: usize = 8;
+/// Most TXT values one node may have published at once: a node has one
+/// challenge name, and an order for its name and its wildcard needs two
+/// values there.
+pub const MAX_VALUES_PER_NODE: usize = 2;
 /// Values older than this are removed even if the agent never asks.
 pub const CHALLENGE_LIFETIME_SECS: i64 = 3600;
-/// How long `PUT` waits for our DNS to serve a new value.
-const SERVED_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Why a challenge or certificate request failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +44,7 @@ pub enum CertRequestError {
     #[error("{0}")]
     Invalid(String),
     /// The node has too many values published.
-    #[error("too many TXT values published for this node (at most {MAX_VALUES_PER_NODE}); remove some first")]
+    #[error("too many TXT values published for this node (at most {MAX_VALUES_PER_NODE}); remove one first")]
     TooMany,
     /// This server has no `[dns]` or no `[acme]` section.
     #[error("{0}")]
@@ -93,55 +94,63 @@ fn own_challenge_name(shared: &Shared, node: &NodeHandle, name: &str) -> Result<
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     let own = format!("{}.{}.{}", edge_proto::dns_zone::ACME_LABEL, node.name, shared.config.zone());
     if name != own {
-        shared.metrics.foreign_name_refusals.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(node = %node.name, %name, "refused a TXT record outside the node's own names");
+        refused_foreign_name(shared, node, &name, "refused a TXT record outside the node's own names");
         return Err(CertRequestError::Forbidden(format!("node {} may only publish TXT values at {own}", node.name)));
     }
     Ok(name)
+}
+
+/// Counts a request naming what is not the node's, and logs it escaped (the
+/// name is the node's text) and at most every 10 s.
+fn refused_foreign_name(shared: &Shared, node: &NodeHandle, name: &str, message: &'static str) {
+    shared.metrics.foreign_name_refusals.fetch_add(1, Ordering::Relaxed);
+    static LOG: std::sync::LazyLock<Throttle> = std::sync::LazyLock::new(|| Throttle::new(crate::limits::LOG_EVERY));
+    if let Some(suppressed) = LOG.due() {
+        tracing::warn!(node = %node.name, name = %Untrusted(name), suppressed, "{message}");
+    }
 }
 
 fn check_value(value: &str) -> Result<(), CertRequestError> {
     if edge_proto::signal::is_valid_challenge_value(value) {
         Ok(())
     } else {
-        Err(CertRequestError::Invalid("value must be 1 to 128 base64url characters".into()))
+        Err(CertRequestError::Invalid(format!(
+            "value must be {} base64url characters (a DNS-01 key authorization digest)",
+            edge_proto::signal::CHALLENGE_VALUE_LEN
+        )))
     }
 }
 
-/// Where to ask our own DNS (a wildcard listen address is asked on loopback).
-fn dns_target(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => (std::net::Ipv4Addr::LOCALHOST, a.port()).into(),
-        SocketAddr::V6(a) if a.ip().is_unspecified() => (std::net::Ipv6Addr::LOCALHOST, a.port()).into(),
-        other => other,
-    }
-}
-
-/// Publishes a value for `node` and returns once our DNS serves it.
+/// Publishes a value for `node`; once this returns, our DNS serves it (it
+/// answers from the zone snapshot checked here, in process: no query to
+/// ourselves, so no DNS rate limit stands between a node and its record).
+/// Publishing a value that is already there changes nothing.
 pub async fn publish(shared: &Shared, node: &NodeHandle, name: &str, value: &str) -> Result<(), CertRequestError> {
-    let dns =
-        shared.dns_addr.ok_or(CertRequestError::NotConfigured("this server runs no DNS ([dns] is not configured)"))?;
+    let zone = shared
+        .zone
+        .clone()
+        .ok_or(CertRequestError::NotConfigured("this server runs no DNS ([dns] is not configured)"))?;
     let name = own_challenge_name(shared, node, name)?;
     check_value(value)?;
     let store = shared.store.clone();
     let (n, nm, v) = (node.name.clone(), name.clone(), value.to_string());
-    let stored = tokio::task::spawn_blocking(move || store.put_challenge(&n, &nm, &v, MAX_VALUES_PER_NODE))
+    let published = tokio::task::spawn_blocking(move || store.put_challenge(&n, &nm, &v, MAX_VALUES_PER_NODE))
         .await
         .map_err(|e| CertRequestError::Failed(e.to_string()))?
         .map_err(|e| CertRequestError::Failed(e.to_string()))?;
-    if !stored {
-        return Err(CertRequestError::TooMany);
+    match published {
+        Published::Full => return Err(CertRequestError::TooMany),
+        Published::Added => shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?,
+        Published::Unchanged => {}
     }
-    let served = match shared.reload().await {
-        Ok(()) => edge_certs::dns_check::wait_for_txt(dns_target(dns), &name, value, SERVED_DEADLINE).await,
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(e) = served {
+    if !zone.current().serves_txt(&name, value) {
         // Not served: take it back, so failed attempts never pile up.
         let _ = remove(shared, node, &name, Some(value)).await;
-        return Err(CertRequestError::Failed(e));
+        return Err(CertRequestError::Failed(format!("the zone does not serve the value at {name} after reloading")));
     }
-    tracing::info!(node = %node.name, %name, "DNS-01 TXT value published");
+    if published == Published::Added {
+        tracing::info!(node = %node.name, %name, "DNS-01 TXT value published");
+    }
     Ok(())
 }
 
@@ -162,8 +171,10 @@ pub async fn remove(
         .await
         .map_err(|e| CertRequestError::Failed(e.to_string()))?
         .map_err(|e| CertRequestError::Failed(e.to_string()))?;
-    shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?;
-    tracing::info!(node = %node.name, %name, removed, "DNS-01 TXT value removed");
+    if removed > 0 {
+        shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?;
+        tracing::info!(node = %node.name, %name, removed, "DNS-01 TXT value removed");
+    }
     Ok(removed)
 }
 
@@ -210,11 +221,12 @@ pub async fn issue_for_csr(
         .map_err(|_| CertRequestError::Invalid("csr must be base64 of a DER PKCS#10 request".into()))?;
     let names = edge_certs::info::csr_names(&der).map_err(|e| CertRequestError::Invalid(format!("csr: {e}")))?;
     if let Some(foreign) = names.iter().find(|n| !node.hostnames.contains(n)) {
-        shared.metrics.foreign_name_refusals.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(node = %node.name, name = %foreign, "refused a CSR naming another node's or an unknown name");
+        refused_foreign_name(shared, node, foreign, "refused a CSR naming another node's or an unknown name");
         return Err(CertRequestError::Forbidden(format!(
-            "node {} may only request certificates for {:?}; the CSR names {foreign}",
-            node.name, node.hostnames
+            "node {} may only request certificates for {:?}; the CSR names {}",
+            node.name,
+            node.hostnames,
+            Untrusted(foreign)
         )));
     }
     // Names are checked first: a foreign name is refused (403) whether or

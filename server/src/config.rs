@@ -168,6 +168,56 @@ pub enum StaticKind {
     AAAA,
     /// Text.
     TXT,
+    /// CA authorization: `<flags> issue|issuewild "<ca>[; key=value]..."`,
+    /// e.g. `0 issue "letsencrypt.org; validationmethods=dns-01"`. A CAA
+    /// record at the apex replaces the ones derived from `[acme]`.
+    CAA,
+}
+
+/// A parsed static CAA value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaaValue {
+    /// Flag 128: the CA must understand the tag.
+    pub critical: bool,
+    /// `issue` (false) or `issuewild` (true).
+    pub wildcard: bool,
+    /// The CA's domain; `None` for `";"` (no CA may issue).
+    pub issuer: Option<String>,
+    /// Parameters such as `validationmethods=dns-01`.
+    pub parameters: Vec<(String, String)>,
+}
+
+impl CaaValue {
+    /// Parses `<flags> <tag> "<value>"` (tags `issue` and `issuewild`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().splitn(3, ' ');
+        let critical = match parts.next()? {
+            "0" => false,
+            "128" => true,
+            _ => return None,
+        };
+        let wildcard = match parts.next()? {
+            "issue" => false,
+            "issuewild" => true,
+            _ => return None,
+        };
+        let value = parts.next()?.trim().strip_prefix('"')?.strip_suffix('"')?;
+        let mut fields = value.split(';').map(str::trim);
+        let issuer = match fields.next()? {
+            "" => None,
+            ca => Some(edge_proto::names::normalize_hostname(ca)?),
+        };
+        let mut parameters = Vec::new();
+        for field in fields.filter(|f| !f.is_empty()) {
+            let (key, val) = field.split_once('=')?;
+            let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b';');
+            if !key.bytes().all(|b| b.is_ascii_alphanumeric()) || key.is_empty() || !plain(val) {
+                return None;
+            }
+            parameters.push((key.to_string(), val.to_string()));
+        }
+        Some(Self { critical, wildcard, issuer, parameters })
+    }
 }
 
 /// ACME on the server: it holds the account and completes orders for the
@@ -181,6 +231,54 @@ pub struct AcmeConfig {
     /// How long one order may take, directory by directory.
     #[serde(default = "default_order_timeout")]
     pub order_timeout_secs: u64,
+    /// CAA issuer domains published at the zone apex, each allowed DNS-01
+    /// only (RFC 8657). Unset: derived from the directories of well-known
+    /// CAs (Let's Encrypt → `letsencrypt.org`, ZeroSSL → `sectigo.com`,
+    /// Google → `pki.goog`, Buypass → `buypass.com`, SSL.com → `ssl.com`);
+    /// any other directory needs it set. `[]` publishes no CAA.
+    #[serde(default)]
+    pub caa_issuers: Option<Vec<String>>,
+}
+
+/// CAA issuer domains of well-known ACME directories, by directory host.
+const KNOWN_CAA: [(&str, &str); 8] = [
+    ("acme-v02.api.letsencrypt.org", "letsencrypt.org"),
+    ("acme-staging-v02.api.letsencrypt.org", "letsencrypt.org"),
+    ("acme.zerossl.com", "sectigo.com"),
+    ("dv.acme-v02.api.pki.goog", "pki.goog"),
+    ("dv.acme-v02.test-api.pki.goog", "pki.goog"),
+    ("api.buypass.com", "buypass.com"),
+    ("api.test4.buypass.no", "buypass.com"),
+    ("acme.ssl.com", "ssl.com"),
+];
+
+impl AcmeConfig {
+    /// The CAA issuer domains to publish: configured, or derived from the
+    /// directories; an error names the field when neither works.
+    pub fn caa_issuers(&self) -> Result<Vec<String>, String> {
+        if let Some(list) = &self.caa_issuers {
+            for (i, ca) in list.iter().enumerate() {
+                if edge_proto::names::normalize_hostname(ca).as_deref() != Some(ca.as_str()) {
+                    return Err(format!("acme.caa_issuers[{i}] = {ca:?} is not a lowercase domain name"));
+                }
+            }
+            return Ok(list.clone());
+        }
+        let mut issuers = Vec::new();
+        for url in &self.settings.directories {
+            let host = url.trim_start_matches("https://").split(['/', ':']).next().unwrap_or("");
+            let Some((_, ca)) = KNOWN_CAA.iter().find(|(h, _)| *h == host) else {
+                return Err(format!(
+                    "acme.caa_issuers: set it for {url:?} (the CA's CAA domain, e.g. [\"letsencrypt.org\"]), or to [] \
+                     to publish no CAA record"
+                ));
+            };
+            if !issuers.iter().any(|i| i == ca) {
+                issuers.push(ca.to_string());
+            }
+        }
+        Ok(issuers)
+    }
 }
 
 fn default_order_timeout() -> u64 {
@@ -268,6 +366,7 @@ impl DnsConfig {
                 StaticKind::A => r.value.parse::<std::net::Ipv4Addr>().is_ok(),
                 StaticKind::AAAA => r.value.parse::<std::net::Ipv6Addr>().is_ok(),
                 StaticKind::TXT => r.value.len() <= 255,
+                StaticKind::CAA => CaaValue::parse(&r.value).is_some(),
             };
             if !ok {
                 return Err(format!("dns.records[{i}].value = {:?} is not a valid {:?} value", r.value, r.kind));
@@ -289,6 +388,10 @@ pub struct ListenConfig {
     pub api: SocketAddr,
     /// Plain HTTP (redirects and Host-routed proxying); off when unset.
     pub http: Option<SocketAddr>,
+    /// Plain HTTP listener for `/metrics` and `/healthz` without a token;
+    /// off when unset. Bind it to loopback or a private network: on the API
+    /// listener `/metrics` needs the admin token.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -298,6 +401,7 @@ impl Default for ListenConfig {
             quic: ([0, 0, 0, 0], 4433).into(),
             api: ([0, 0, 0, 0], 4433).into(),
             http: None,
+            metrics: None,
         }
     }
 }
@@ -367,6 +471,18 @@ pub struct LimitsConfig {
     /// API) allowed per source and minute; beyond it the source's attempts
     /// are refused unchecked until the budget refills. 0: no limit.
     pub auth_failures_per_minute: u32,
+    /// Requests per second one node (all its agents together) may make of
+    /// the signal API (heartbeats, DNS-01 values, certificates); over it the
+    /// server answers 429. 0 turns the check off.
+    pub node_signal_rate: u32,
+    /// Signal API requests a node may make at once before
+    /// `node_signal_rate` applies.
+    pub node_signal_burst: u32,
+    /// Requests per second for `/metrics` from one source (each answer may
+    /// be megabytes on a large cluster); 0 turns the check off.
+    pub metrics_rate: u32,
+    /// How long one rendering of `/metrics` is served to every scraper.
+    pub metrics_cache_ms: u64,
     /// Sources tracked per limit (bounds memory under a spoofed flood).
     pub source_table_size: usize,
     /// How long a new client connection waits for the agent's first bytes
@@ -391,6 +507,10 @@ impl Default for LimitsConfig {
             dns_per_source_rate: 200,
             dns_per_source_burst: 1000,
             auth_failures_per_minute: 10,
+            node_signal_rate: 5,
+            node_signal_burst: 30,
+            metrics_rate: 2,
+            metrics_cache_ms: 1000,
             source_table_size: 100_000,
             agent_answer_timeout_ms: 3_000,
         }
@@ -551,10 +671,14 @@ impl ServerConfig {
         for (field, rate, burst) in [
             ("per_source", l.per_source_rate, l.per_source_burst),
             ("dns_per_source", l.dns_per_source_rate, l.dns_per_source_burst),
+            ("node_signal", l.node_signal_rate, l.node_signal_burst),
         ] {
             if rate > 0 && burst == 0 {
                 return Err(format!("limits.{field}_burst must be at least 1 when limits.{field}_rate is set"));
             }
+        }
+        if l.metrics_cache_ms > 60_000 {
+            return Err(format!("limits.metrics_cache_ms = {} must be at most 60000", l.metrics_cache_ms));
         }
         if !(1..=10_000_000).contains(&l.source_table_size) {
             return Err(format!("limits.source_table_size = {} must be between 1 and 10000000", l.source_table_size));
@@ -594,6 +718,7 @@ impl ServerConfig {
                 return Err("acme: needs a [dns] section (the server publishes DNS-01 records in its own zone)".into());
             }
             acme.settings.validate("acme")?;
+            acme.caa_issuers()?;
             if !(10..=3600).contains(&acme.order_timeout_secs) {
                 return Err(format!(
                     "acme.order_timeout_secs = {} must be between 10 and 3600",
@@ -668,8 +793,10 @@ mod tests {
         assert_eq!(c.public.quic.as_deref(), Some("edge.example.com:4433"));
         let dns = c.dns.as_ref().unwrap();
         assert_eq!(dns.records.len(), 1);
-        crate::dns::ZoneCell::from_config(dns, c.zone(), c.listen.tls).unwrap();
-        assert_eq!(c.acme.unwrap().settings.directories.len(), 2);
+        let acme = c.acme.as_ref().unwrap();
+        assert_eq!(acme.caa_issuers().unwrap(), vec!["letsencrypt.org", "sectigo.com"], "derived from the directories");
+        crate::dns::ZoneCell::from_config(dns, c.zone(), c.listen.tls, &acme.caa_issuers().unwrap()).unwrap();
+        assert_eq!(acme.settings.directories.len(), 2);
     }
 
     #[test]
@@ -682,6 +809,34 @@ mod tests {
         );
         let c = ServerConfig::parse(&text, "t").unwrap();
         assert_eq!(c.dns.unwrap().reserved_labels("edge.test"), vec!["dns", "www"]);
+    }
+
+    #[test]
+    fn caa_issuers_and_static_caa_values() {
+        let dns = "[dns]\nlisten = \"127.0.0.1:53\"\naddresses = [\"192.0.2.1\"]\n";
+        let unknown = format!("{MINIMAL}{dns}[acme]\ndirectories = [\"https://ca.internal/dir\"]\n");
+        let err = ServerConfig::parse(&unknown, "t").unwrap_err().to_string();
+        assert!(err.contains("acme.caa_issuers"), "{err}");
+        let set = format!("{unknown}caa_issuers = [\"ca.internal\"]\n");
+        assert_eq!(ServerConfig::parse(&set, "t").unwrap().acme.unwrap().caa_issuers().unwrap(), vec!["ca.internal"]);
+        let off = format!("{unknown}caa_issuers = []\n");
+        assert!(ServerConfig::parse(&off, "t").unwrap().acme.unwrap().caa_issuers().unwrap().is_empty());
+        let bad = format!("{unknown}caa_issuers = [\"Not A Name\"]\n");
+        assert!(ServerConfig::parse(&bad, "t").unwrap_err().to_string().contains("acme.caa_issuers[0]"));
+
+        let v = CaaValue::parse("0 issue \"letsencrypt.org; validationmethods=dns-01\"").unwrap();
+        assert_eq!((v.critical, v.wildcard, v.issuer.as_deref()), (false, false, Some("letsencrypt.org")));
+        assert_eq!(v.parameters, vec![("validationmethods".to_string(), "dns-01".to_string())]);
+        assert_eq!(CaaValue::parse("128 issuewild \";\"").unwrap().issuer, None);
+        for bad in [
+            "1 issue \"x.org\"",
+            "0 iodef \"mailto:a@b\"",
+            "0 issue x.org",
+            "0 issue \"x.org; k\"",
+            "0 issue \"x.org; k=\"a\"\"",
+        ] {
+            assert!(CaaValue::parse(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use edge_certs::store::{write_atomic, Sensitivity};
+use edge_certs::store::{create_new, Sensitivity};
 use rustls::sign::CertifiedKey;
 
 use crate::config::ServerConfig;
@@ -44,16 +44,35 @@ pub fn admin_token(config: &ServerConfig) -> Result<String, ServerError> {
         return Ok(token.0.clone());
     }
     let path = config.data_dir.join("admin.token");
-    match std::fs::read_to_string(&path) {
-        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(ServerError::Io { path, source }),
+    if let Some(token) = read_token(&path)? {
+        return Ok(token);
     }
     let token = edge_proto::join::make_token("admin", &rand::random());
-    write_atomic(&path, token.as_bytes(), Sensitivity::Secret)?;
-    tracing::info!(path = %path.display(), "generated admin token");
-    Ok(token)
+    // Created only if absent: of processes starting at once, one writes the
+    // token and the others read that one.
+    if create_new(&path, token.as_bytes(), Sensitivity::Secret)? {
+        tracing::info!(path = %path.display(), "generated admin token");
+        return Ok(token);
+    }
+    read_token(&path)?.ok_or_else(|| ServerError::Io {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "admin token file is empty"),
+    })
+}
+
+fn read_token(path: &std::path::Path) -> Result<Option<String>, ServerError> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_string())),
+        Ok(_) => Err(ServerError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "admin token file is empty; delete it to have a new one generated",
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ServerError::Io { path: path.to_path_buf(), source }),
+    }
 }
 
 #[derive(Debug)]

@@ -11,6 +11,7 @@
 //! - [`sni`]: reading the ClientHello under a cap.
 //! - [`tunnel`]: the QUIC listener and agent sessions.
 //! - [`api`]: the signal API, health and metrics over HTTPS.
+//! - [`scrape`]: `/metrics` rendered once per second, budgeted per source.
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`identity`]: the server certificate agents pin.
 //! - [`dns`]: authoritative DNS for the zone (hickory-server).
@@ -32,6 +33,7 @@ pub mod limits;
 pub mod metrics;
 pub mod modes;
 pub mod registry;
+pub mod scrape;
 pub mod sni;
 pub mod store;
 pub mod tunnel;
@@ -112,14 +114,14 @@ pub struct Shared {
     pub admin_token_hash: [u8; 32],
     /// The zone served by DNS, when `[dns]` is configured.
     pub zone: Option<Arc<dns::ZoneCell>>,
-    /// Where our DNS listens (to check a TXT value is served).
-    pub dns_addr: Option<SocketAddr>,
     /// ACME client for the CSR flow, when `[acme]` is configured.
     pub acme: Option<edge_certs::acme::AcmeClient>,
     /// One certificate order per node at a time.
     pub order_locks: certificates::OrderLocks,
     /// Reloads run one at a time, so an older snapshot never lands last.
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// Reload requests made and answered, for coalescing.
+    pub reloads: ReloadCounts,
     /// Bound addresses of the client listeners (TLS, HTTP).
     pub client_listeners: Vec<SocketAddr>,
     /// Admission checks of each listener.
@@ -128,6 +130,15 @@ pub struct Shared {
     pub auth_failures: limits::AuthFailures,
     /// Refusal counters and their throttled log.
     pub refusals: limits::Refusals,
+    /// The cached `/metrics` body and its per-source budget.
+    pub scrape: scrape::Scrape,
+}
+
+/// Reload requests counted for [`Shared::reload`]'s coalescing.
+#[derive(Debug, Default)]
+pub struct ReloadCounts {
+    requested: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
 }
 
 /// The admission check of each listener; TLS and HTTP share one cap.
@@ -143,6 +154,8 @@ pub struct Admissions {
     pub quic: limits::Admission,
     /// DNS queries.
     pub dns: limits::Admission,
+    /// The separate metrics listener.
+    pub metrics: limits::Admission,
 }
 
 impl Admissions {
@@ -157,6 +170,7 @@ impl Admissions {
             tls: Admission::new(Listener::Tls, rates(), slots.clone(), clients.clone()),
             http: Admission::new(Listener::Http, rates(), slots, clients),
             api: Admission::new(Listener::Api, rates(), None, OpenPerSource::new(l.per_source_max_open)),
+            metrics: Admission::new(Listener::Metrics, rates(), None, OpenPerSource::new(l.per_source_max_open)),
             // QUIC handshakes and DNS queries hold no connection slot.
             quic: Admission::new(Listener::Quic, rates(), None, unlimited.clone()),
             dns: Admission::new(
@@ -206,9 +220,20 @@ impl Shared {
         self.registry.node(name).filter(|n| n.token_matches(&hash))
     }
 
-    /// Reloads the registry and the zone from the store.
+    /// Reloads the registry and the zone from the store. Calls that arrive
+    /// while a reload runs are coalesced: each waits for one reload that
+    /// began reading the store after the call was made (so it sees the
+    /// caller's write), and a burst of changes costs two reloads, not one
+    /// each.
     pub async fn reload(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let wanted = self.reloads.requested.fetch_add(1, SeqCst) + 1;
         let _one_at_a_time = self.reload_lock.lock().await;
+        if self.reloads.completed.load(SeqCst) >= wanted {
+            return Ok(());
+        }
+        // Every request counted so far is answered by this reload.
+        let covers = self.reloads.requested.load(SeqCst);
         let store = self.store.clone();
         let (records, challenges, revision) = tokio::task::spawn_blocking(move || {
             Ok::<_, StoreError>((store.list_nodes()?, store.list_challenges()?, store.revision()?))
@@ -227,6 +252,7 @@ impl Shared {
             // The serial must move with every change; the revision does.
             zone.update(revision as u32, &names, values);
         }
+        self.reloads.completed.fetch_max(covers, SeqCst);
         Ok(())
     }
 
@@ -303,6 +329,9 @@ pub struct BoundAddrs {
     /// Plain HTTP, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<SocketAddr>,
+    /// The metrics listener, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// File in the data directory where a running server records its bound
@@ -320,6 +349,7 @@ pub struct BoundServer {
     api_tls: tokio_rustls::TlsAcceptor,
     dns: Option<dns::DnsSockets>,
     http: Option<TcpListener>,
+    metrics: Option<TcpListener>,
     /// The bound addresses.
     pub addrs: BoundAddrs,
 }
@@ -353,7 +383,11 @@ impl Server {
                     addr: d.listen,
                     source,
                 })?;
-                let zone = dns::ZoneCell::from_config(d, config.zone(), tls_addr).map_err(ServerError::Dns)?;
+                let caa = match &config.acme {
+                    Some(acme) => acme.caa_issuers().map_err(ServerError::Dns)?,
+                    None => Vec::new(),
+                };
+                let zone = dns::ZoneCell::from_config(d, config.zone(), tls_addr, &caa).map_err(ServerError::Dns)?;
                 (Some(sockets), Some(Arc::new(zone)))
             }
             None => (None, None),
@@ -362,12 +396,17 @@ impl Server {
             Some(addr) => Some(bind_tcp("http", addr).await?),
             None => None,
         };
+        let metrics = match config.listen.metrics {
+            Some(addr) => Some(bind_tcp("metrics", addr).await?),
+            None => None,
+        };
         let addrs = BoundAddrs {
             http: http.as_ref().and_then(|l| l.local_addr().ok()),
             tls: tls_addr,
             quic: endpoint.local_addr().unwrap_or(config.listen.quic),
             api: local(&api, config.listen.api),
             dns: dns_sockets.as_ref().and_then(|s| s.local_addr().ok()),
+            metrics: metrics.as_ref().and_then(|l| l.local_addr().ok()),
         };
         let acme = config.acme.as_ref().map(|a| {
             let mut client = edge_certs::acme::AcmeClient::new(a.settings.clone(), &config.data_dir.join("acme"));
@@ -377,7 +416,9 @@ impl Server {
         let admission = Admissions::new(&config.limits);
         let auth_failures =
             limits::AuthFailures::new(config.limits.auth_failures_per_minute, config.limits.source_table_size);
+        let scrape = scrape::Scrape::new(&config.limits);
         let shared = Arc::new(Shared {
+            scrape,
             admission,
             auth_failures,
             refusals: limits::Refusals::default(),
@@ -387,14 +428,14 @@ impl Server {
             metrics: Metrics::default(),
             admin_token_hash,
             zone,
-            dns_addr: addrs.dns,
             acme,
             order_locks: Default::default(),
             reload_lock: tokio::sync::Mutex::new(()),
+            reloads: ReloadCounts::default(),
             client_listeners: [Some(addrs.tls), addrs.http].into_iter().flatten().collect(),
         });
         shared.reload().await?;
-        Ok(BoundServer { shared, tls, api, endpoint, api_tls, dns: dns_sockets, http, addrs })
+        Ok(BoundServer { shared, tls, api, endpoint, api_tls, dns: dns_sockets, http, metrics, addrs })
     }
 }
 
@@ -418,7 +459,7 @@ impl BoundServer {
     /// lets client connections finish up to the drain timeout, then closes
     /// the tunnels.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let BoundServer { shared, tls, api, endpoint, api_tls, dns, http, addrs } = self;
+        let BoundServer { shared, tls, api, endpoint, api_tls, dns, http, metrics, addrs } = self;
         let path = listening_file(&shared.config.data_dir);
         let json = serde_json::to_vec_pretty(&addrs).unwrap_or_default();
         edge_certs::store::write_atomic(&path, &json, edge_certs::store::Sensitivity::Public)
@@ -434,12 +475,24 @@ impl BoundServer {
         background.spawn(ingress::serve(tls, shared.clone(), shutdown.clone(), clients.clone()));
         background.spawn(api::serve(
             api,
-            api_tls,
+            Some(api_tls),
             api::router(shared.clone()),
             shared.clone(),
+            |s| &s.admission.api,
             shutdown.clone(),
             clients.clone(),
         ));
+        if let Some(listener) = metrics {
+            background.spawn(api::serve(
+                listener,
+                None,
+                scrape::router(shared.clone()),
+                shared.clone(),
+                |s| &s.admission.metrics,
+                shutdown.clone(),
+                clients.clone(),
+            ));
+        }
         background.spawn(tunnel::serve(
             endpoint.clone(),
             shared.clone(),

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edge_net::logging::Throttle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// At most one refusal log line per listener and reason this often.
@@ -31,11 +32,14 @@ pub enum Listener {
     Quic,
     /// The DNS server (UDP and TCP).
     Dns,
+    /// The separate metrics listener (`listen.metrics`).
+    Metrics,
 }
 
 impl Listener {
     /// All listeners, in metric order.
-    pub const ALL: [Listener; 5] = [Listener::Tls, Listener::Http, Listener::Api, Listener::Quic, Listener::Dns];
+    pub const ALL: [Listener; 6] =
+        [Listener::Tls, Listener::Http, Listener::Api, Listener::Quic, Listener::Dns, Listener::Metrics];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
@@ -45,6 +49,7 @@ impl Listener {
             Listener::Api => "api",
             Listener::Quic => "quic",
             Listener::Dns => "dns",
+            Listener::Metrics => "metrics",
         }
     }
 }
@@ -62,12 +67,24 @@ pub enum Refusal {
     AuthFailures,
     /// The source holds `per_source_max_open` connections already.
     SourceOpen,
+    /// An authenticated node exceeded its signal API budget
+    /// (`node_signal_rate`).
+    NodeRate,
+    /// A request for `/metrics` over `metrics_rate`.
+    MetricsRate,
 }
 
 impl Refusal {
     /// All reasons, in metric order.
-    pub const ALL: [Refusal; 5] =
-        [Refusal::Rate, Refusal::MaxConnections, Refusal::NodeBusy, Refusal::AuthFailures, Refusal::SourceOpen];
+    pub const ALL: [Refusal; 7] = [
+        Refusal::Rate,
+        Refusal::MaxConnections,
+        Refusal::NodeBusy,
+        Refusal::AuthFailures,
+        Refusal::SourceOpen,
+        Refusal::NodeRate,
+        Refusal::MetricsRate,
+    ];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
@@ -77,6 +94,8 @@ impl Refusal {
             Refusal::NodeBusy => "node_busy",
             Refusal::AuthFailures => "auth_failures",
             Refusal::SourceOpen => "source_open",
+            Refusal::NodeRate => "node_rate",
+            Refusal::MetricsRate => "metrics_rate",
         }
     }
 }
@@ -88,18 +107,14 @@ const REASONS: usize = Refusal::ALL.len();
 #[derive(Debug)]
 pub struct Refusals {
     counts: [[AtomicU64; REASONS]; LISTENERS],
-    last_log_ms: [[AtomicU64; REASONS]; LISTENERS],
-    suppressed: [[AtomicU64; REASONS]; LISTENERS],
-    origin: Instant,
+    logs: [[Throttle; REASONS]; LISTENERS],
 }
 
 impl Default for Refusals {
     fn default() -> Self {
         Self {
             counts: Default::default(),
-            last_log_ms: Default::default(),
-            suppressed: Default::default(),
-            origin: Instant::now(),
+            logs: std::array::from_fn(|_| std::array::from_fn(|_| Throttle::new(LOG_EVERY))),
         }
     }
 }
@@ -116,16 +131,9 @@ impl Refusals {
     pub fn refuse(&self, listener: Listener, reason: Refusal, source: IpAddr) {
         let (l, r) = index(listener, reason);
         self.counts[l][r].fetch_add(1, Ordering::Relaxed);
-        // Offset by one period so the very first refusal is logged.
-        let now = self.origin.elapsed().as_millis() as u64 + LOG_EVERY.as_millis() as u64;
-        let last = self.last_log_ms[l][r].load(Ordering::Relaxed);
-        let due = now.saturating_sub(last) >= LOG_EVERY.as_millis() as u64;
-        if due && self.last_log_ms[l][r].compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            let suppressed = self.suppressed[l][r].swap(0, Ordering::Relaxed);
+        if let Some(suppressed) = self.logs[l][r].due() {
             tracing::warn!(listener = listener.label(), reason = reason.label(), %source, suppressed,
                 "refusing: limit reached (further refusals for this reason are logged every 10 s)");
-        } else {
-            self.suppressed[l][r].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -175,6 +183,41 @@ struct Bucket {
     at: Instant,
 }
 
+impl Bucket {
+    fn refill(&mut self, rate: f64, burst: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = now;
+    }
+
+    /// Refills, then spends a token if there is one.
+    fn spend(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        self.refill(rate, burst, now);
+        let allowed = self.tokens >= 1.0;
+        if allowed {
+            self.tokens -= 1.0;
+        }
+        allowed
+    }
+}
+
+/// One token bucket, sans-IO: `burst` at once, `rate` per second after;
+/// full until first used.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenBucket(Option<Bucket>);
+
+impl TokenBucket {
+    /// Spends a token; false (nothing spent) when there is none.
+    /// `rate == 0` admits everything.
+    pub fn take(&mut self, rate: f64, burst: u32, now: Instant) -> bool {
+        if rate == 0.0 {
+            return true;
+        }
+        let burst = f64::from(burst.max(1));
+        self.0.get_or_insert(Bucket { tokens: burst, at: now }).spend(rate, burst, now)
+    }
+}
+
 /// Token buckets per source, sans-IO.
 ///
 /// Each source may spend `burst` at once and regains `rate` per second.
@@ -202,23 +245,6 @@ impl SourceRates {
         Self { rate, burst: f64::from(burst.max(1)), capacity: capacity.max(1), table: HashMap::new() }
     }
 
-    fn refill(&self, bucket: &mut Bucket, now: Instant) {
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.at = now;
-    }
-
-    /// Whether `source` still has a token, without spending it.
-    pub fn has_token(&mut self, source: IpAddr, now: Instant) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let key = source_key(source);
-        let Some(mut bucket) = self.table.get(&key).copied() else { return true };
-        self.refill(&mut bucket, now);
-        bucket.tokens >= 1.0
-    }
-
     /// Spends a token of `source`; false (nothing spent) when it has none.
     pub fn take(&mut self, source: IpAddr, now: Instant) -> bool {
         if self.rate == 0.0 {
@@ -231,15 +257,16 @@ impl SourceRates {
                 return true;
             }
         }
+        let (rate, burst) = (self.rate, self.burst);
+        self.table.entry(key).or_insert(Bucket { tokens: burst, at: now }).spend(rate, burst, now)
+    }
+
+    /// Returns a token taken by [`Self::take`] (never beyond the burst).
+    pub fn give_back(&mut self, source: IpAddr) {
         let burst = self.burst;
-        let mut bucket = self.table.get(&key).copied().unwrap_or(Bucket { tokens: burst, at: now });
-        self.refill(&mut bucket, now);
-        let allowed = bucket.tokens >= 1.0;
-        if allowed {
-            bucket.tokens -= 1.0;
+        if let Some(bucket) = self.table.get_mut(&source_key(source)) {
+            bucket.tokens = (bucket.tokens + 1.0).min(burst);
         }
-        self.table.insert(key, bucket);
-        allowed
     }
 
     /// Drops buckets that are full again.
@@ -383,14 +410,17 @@ impl AuthFailures {
         Self { rates: Mutex::new(rates) }
     }
 
-    /// Whether `source` may try to authenticate now.
-    pub fn allowed(&self, source: IpAddr) -> bool {
-        self.rates.lock().unwrap_or_else(|p| p.into_inner()).has_token(source, Instant::now())
+    /// Spends one attempt of `source`'s budget before its token is checked;
+    /// false when the budget is used up (refuse unchecked). Taking first,
+    /// before any await, is what keeps concurrent attempts from all passing
+    /// on the last token; a success gives it back with [`Self::refund`].
+    pub fn try_take(&self, source: IpAddr) -> bool {
+        self.rates.lock().unwrap_or_else(|p| p.into_inner()).take(source, Instant::now())
     }
 
-    /// Records a failed attempt by `source`.
-    pub fn failed(&self, source: IpAddr) {
-        self.rates.lock().unwrap_or_else(|p| p.into_inner()).take(source, Instant::now());
+    /// Gives back the attempt [`Self::try_take`] spent: the token was good.
+    pub fn refund(&self, source: IpAddr) {
+        self.rates.lock().unwrap_or_else(|p| p.into_inner()).give_back(source);
     }
 }
 
@@ -421,6 +451,19 @@ mod tests {
             assert!(r.take(ip("192.0.2.1"), later));
         }
         assert!(!r.take(ip("192.0.2.1"), later));
+    }
+
+    #[test]
+    fn one_bucket() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::default();
+        for _ in 0..3 {
+            assert!(b.take(2.0, 3, t0));
+        }
+        assert!(!b.take(2.0, 3, t0));
+        assert!(b.take(2.0, 3, t0 + Duration::from_millis(600)));
+        assert!(!b.take(2.0, 3, t0 + Duration::from_millis(600)));
+        assert!(TokenBucket::default().take(0.0, 0, t0));
     }
 
     #[test]
@@ -467,17 +510,22 @@ mod tests {
     fn auth_failure_budget() {
         let a = AuthFailures::new(3, 100);
         let src = ip("203.0.113.9");
-        for _ in 0..3 {
-            assert!(a.allowed(src));
-            a.failed(src);
+        // Successes are refunded: any number of them.
+        for _ in 0..10 {
+            assert!(a.try_take(src));
+            a.refund(src);
         }
-        assert!(!a.allowed(src), "budget used");
-        assert!(a.allowed(ip("203.0.113.10")));
+        // Attempts in flight at once each hold a token: the fourth is refused
+        // before any of the three is checked.
+        for _ in 0..3 {
+            assert!(a.try_take(src));
+        }
+        assert!(!a.try_take(src), "budget used");
+        assert!(a.try_take(ip("203.0.113.10")));
         let off = AuthFailures::new(0, 100);
         for _ in 0..100 {
-            off.failed(src);
+            assert!(off.try_take(src));
         }
-        assert!(off.allowed(src));
     }
 
     #[test]
@@ -491,7 +539,7 @@ mod tests {
         let mut out = String::new();
         r.render(&mut out);
         assert!(out.contains("edge_refusals_total{listener=\"dns\",reason=\"rate\"} 5"), "{out}");
-        assert_eq!(out.lines().filter(|l| l.starts_with("edge_refusals_total{")).count(), 25);
+        assert_eq!(out.lines().filter(|l| l.starts_with("edge_refusals_total{")).count(), 42);
     }
 
     #[test]

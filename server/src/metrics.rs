@@ -157,7 +157,10 @@ impl Metrics {
         }
 
         let nodes = registry.nodes();
-        let connected = nodes.iter().map(|n| n.tunnel_count()).sum::<usize>();
+        // Each count takes the node's tunnel lock, which placement takes on
+        // the data path: once per node and rendering.
+        let tunnels: Vec<usize> = nodes.iter().map(|n| n.tunnel_count()).collect();
+        let connected = tunnels.iter().sum::<usize>();
         let _ = writeln!(out, "# HELP edge_tunnels_connected Agent QUIC tunnels currently up.");
         let _ = writeln!(out, "# TYPE edge_tunnels_connected gauge");
         let _ = writeln!(out, "edge_tunnels_connected {connected}");
@@ -191,8 +194,8 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP edge_node_tunnels Live tunnels per node.");
         let _ = writeln!(out, "# TYPE edge_node_tunnels gauge");
-        for node in &nodes {
-            let _ = writeln!(out, "edge_node_tunnels{{node=\"{}\"}} {}", node.name, node.tunnel_count());
+        for (node, count) in nodes.iter().zip(&tunnels) {
+            let _ = writeln!(out, "edge_node_tunnels{{node=\"{}\"}} {count}", node.name);
         }
         let _ = writeln!(out, "# HELP edge_node_mode Current mode of each node (1 for the mode it is in).");
         let _ = writeln!(out, "# TYPE edge_node_mode gauge");

@@ -109,6 +109,9 @@ pub struct NodeHandle {
     pub endpoint: Mutex<Option<SocketAddr>>,
     /// Plain HTTP behaviour: `redirect` or `proxy`.
     pub http_mode: Mutex<String>,
+    /// Requests the node may still make of the signal API
+    /// (`limits.node_signal_rate`).
+    pub signal_budget: Mutex<crate::limits::TokenBucket>,
 }
 
 impl NodeHandle {
@@ -127,6 +130,7 @@ impl NodeHandle {
             )),
             endpoint: Mutex::new(record.endpoint.as_deref().and_then(|e| e.parse().ok())),
             http_mode: Mutex::new(record.http_mode.clone()),
+            signal_budget: Mutex::default(),
         }
     }
 

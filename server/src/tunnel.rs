@@ -143,14 +143,13 @@ async fn session(
         reject(&conn, &mut writer, codes::CLOSE_VERSION_MISMATCH, reason).await;
         return Err(close_with(&conn, codes::CLOSE_VERSION_MISMATCH, SessionError::Version(protocol)));
     }
-    if !shared.auth_failures.allowed(remote.ip()) {
+    if !shared.auth_failures.try_take(remote.ip()) {
         shared.refusals.refuse(Listener::Quic, Refusal::AuthFailures, remote.ip());
         let reason = "too many failed authentications from this address; retry later".to_string();
         reject(&conn, &mut writer, codes::CLOSE_RATE_LIMITED, reason).await;
         return Err(close_with(&conn, codes::CLOSE_RATE_LIMITED, SessionError::Protocol("auth failure budget used")));
     }
     let Some(node) = shared.authenticate(&token).await else {
-        shared.auth_failures.failed(remote.ip());
         shared.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let node = edge_proto::join::node_of_token(&token).unwrap_or("?").to_string();
         tracing::warn!(%remote, %node, "agent authentication failed");
@@ -158,6 +157,7 @@ async fn session(
         reject(&conn, &mut writer, codes::CLOSE_AUTH_FAILED, reason).await;
         return Err(close_with(&conn, codes::CLOSE_AUTH_FAILED, SessionError::Auth(node)));
     };
+    shared.auth_failures.refund(remote.ip());
     let cap = shared.config.limits.max_tunnels_per_node;
     if node.tunnel_count() >= cap {
         let reason = format!("node {} already has {cap} tunnels (limits.max_tunnels_per_node); retry later", node.name);

@@ -60,7 +60,10 @@ impl Proc {
     fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
         let file = std::fs::File::create(&log)?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
-        cmd.env("RUST_LOG", std::env::var("EDGE_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        // A caller that set or removed RUST_LOG itself keeps its choice.
+        if !cmd.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            cmd.env("RUST_LOG", std::env::var("EDGE_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        }
         let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         Ok(Self { child, log })
     }
@@ -135,6 +138,12 @@ impl Server {
 
     /// Starts a server on the given addresses (to restart on the same ports).
     pub fn start_on(dir: &Path, extra: &str, addrs: Option<ServerAddrs>) -> Result<Self> {
+        Self::start_with_log(dir, extra, addrs, None)
+    }
+
+    /// Like [`Server::start_on`]; `rust_log` is the server's `RUST_LOG`,
+    /// `Some("")` to leave it unset (the binary's default filter).
+    pub fn start_with_log(dir: &Path, extra: &str, addrs: Option<ServerAddrs>, rust_log: Option<&str>) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let (tls, quic, api) = match addrs {
             Some(a) => (a.tls.to_string(), a.quic.to_string(), a.api.to_string()),
@@ -142,10 +151,11 @@ impl Server {
         };
         let http = addrs.and_then(|a| a.http).map_or("127.0.0.1:0".to_string(), |h| h.to_string());
         let config = dir.join("server.toml");
-        // Tests load the server from one address: the per-source limits
-        // are off unless a test sets them.
+        // Tests load the server from one address and read metrics right
+        // after acting: per-source and per-node limits and the metrics
+        // cache are off unless a test sets them.
         let mut off = String::new();
-        for key in ["per_source_rate", "per_source_max_open"] {
+        for key in ["per_source_rate", "per_source_max_open", "metrics_rate", "metrics_cache_ms", "node_signal_rate"] {
             if !extra.contains(key) {
                 off.push_str(&format!("{key} = 0\n"));
             }
@@ -163,6 +173,15 @@ impl Server {
         let _ = std::fs::remove_file(&listening);
         let mut cmd = Command::new(bin("edge-server"));
         cmd.arg("--config").arg(&config).arg("run");
+        match rust_log {
+            Some("") => {
+                cmd.env_remove("RUST_LOG");
+            }
+            Some(filter) => {
+                cmd.env("RUST_LOG", filter);
+            }
+            None => {}
+        }
         let n = std::fs::read_dir(dir)?.count();
         let mut proc = Proc::spawn(cmd, dir.join(format!("server-{n}.log")))?;
         let addrs: ServerAddrs = wait_for("server listening.json", Duration::from_secs(20), || {
@@ -220,9 +239,9 @@ impl Server {
         Ok((code.trim().parse().unwrap_or(0), body.to_string()))
     }
 
-    /// `/metrics` text.
+    /// `/metrics` text (the API serves it with the admin token).
     pub fn metrics(&self) -> Result<String> {
-        let (code, body) = self.api_get("/metrics", None)?;
+        let (code, body) = self.api_get("/metrics", Some(&self.admin_token()))?;
         if code != 200 {
             bail!("metrics answered {code}");
         }

@@ -104,13 +104,22 @@ fn csr_flow_issues_through_server_and_renews_without_dropping_connections() {
     let server = Server::start(
         &dir.path().join("server"),
         &format!(
-            "[dns]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\ncontact = [\"ops@edge.test\"]\n",
+            "[dns]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\ncaa_issuers = [\"pebble.test\"]\ncontact = [\"ops@edge.test\"]\n",
             Pebble::directory_for(pebble_port),
             pebble_dir.join("listener-ca.pem").display()
         ),
     )
     .unwrap();
     let dns = server.addrs.dns.unwrap();
+    // Only DNS-01, which only this server can answer, may issue for the zone
+    // (RFC 8657): whoever holds an address a direct node left behind cannot
+    // get a certificate for its name by HTTP-01 or TLS-ALPN-01.
+    for tcp in [false, true] {
+        let caa = dig(dns, "edge.test", "CAA", tcp).unwrap().data("CAA");
+        assert_eq!(caa.len(), 2, "{caa:?}");
+        assert!(caa.iter().any(|c| c.starts_with("0 issue \"pebble.test; validationmethods=dns-01")), "{caa:?}");
+        assert!(caa.iter().any(|c| c.starts_with("0 issuewild \"pebble.test; validationmethods=dns-01")), "{caa:?}");
+    }
     let pebble = Pebble::start(&pebble_dir, pebble_port, dns).unwrap();
     let join = server.add_node("n1").unwrap();
     let upstream = rt.block_on(upstreams::http("hello from n1"));
@@ -289,13 +298,21 @@ fn a_node_cannot_publish_or_obtain_anything_for_another_nodes_names() {
     );
     assert_eq!(call("PUT", challenge, Some(&n1), r#"{"name":"_acme-challenge.n1.edge.test","valu":"x"}"#), 400);
 
-    // At most 8 values per node.
-    for i in 0..8 {
-        let body = format!(r#"{{"name":"_acme-challenge.n1.edge.test","value":"v{i}"}}"#);
-        assert_eq!(call("PUT", challenge, Some(&n1), &body), 200);
+    // Only the shape of a real DNS-01 value (43 base64url characters), and
+    // at most 2 values per node (its name and its wildcard).
+    let value = |i: u32| format!("{}{i}", "A".repeat(42));
+    let put = |v: &str| {
+        call("PUT", challenge, Some(&n1), &format!(r#"{{"name":"_acme-challenge.n1.edge.test","value":"{v}"}}"#))
+    };
+    for bad in ["a".repeat(42), "a".repeat(44), format!("{}=", "a".repeat(42)), "short".into()] {
+        assert_eq!(put(&bad), 400, "{bad:?}");
     }
-    assert_eq!(call("PUT", challenge, Some(&n1), r#"{"name":"_acme-challenge.n1.edge.test","value":"v9"}"#), 429);
-    assert_eq!(dig(dns, "_acme-challenge.n1.edge.test", "TXT", true).unwrap().data("TXT").len(), 8);
+    for i in 0..2 {
+        assert_eq!(put(&value(i)), 200);
+    }
+    assert_eq!(put(&value(0)), 200, "publishing a value again is no error");
+    assert_eq!(put(&value(9)), 429);
+    assert_eq!(dig(dns, "_acme-challenge.n1.edge.test", "TXT", true).unwrap().data("TXT").len(), 2);
     assert_eq!(call("DELETE", challenge, Some(&n1), r#"{"name":"_acme-challenge.n1.edge.test"}"#), 200);
     assert!(dig(dns, "_acme-challenge.n1.edge.test", "TXT", false).unwrap().answers.is_empty());
 

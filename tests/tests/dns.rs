@@ -78,12 +78,13 @@ fn dns_answers_over_udp_and_tcp_and_follows_state() {
     // A challenge value published through the signal API is served over
     // both transports, and gone once deleted.
     let token = token_of(&join);
-    let body = r#"{"name":"_acme-challenge.n1.edge.test","value":"abc-DEF_123"}"#;
+    let value = "abc-DEF_123abcdefghijklmnopqrstuvwxyz012345";
+    let body = &format!(r#"{{"name":"_acme-challenge.n1.edge.test","value":"{value}"}}"#);
     let (code, text) = server.api_call("PUT", "/api/signal/acme-challenge", Some(&token), Some(body)).unwrap();
     assert_eq!(code, 200, "{text}");
     for tcp in [false, true] {
         let txt = dig(dns, "_acme-challenge.n1.edge.test", "TXT", tcp).unwrap();
-        assert_eq!(txt.data("TXT"), vec!["abc-DEF_123"]);
+        assert_eq!(txt.data("TXT"), vec![value]);
         assert!(txt.answers[0].1 <= 5, "challenge TXT TTL is short");
     }
     let (code, _) = server.api_call("DELETE", "/api/signal/acme-challenge", Some(&token), Some(body)).unwrap();
@@ -99,4 +100,78 @@ fn dns_answers_over_udp_and_tcp_and_follows_state() {
     .unwrap();
     let metrics = server.metrics().unwrap();
     assert!(edge_tests::metric(&metrics, "edge_dns_responses_total{rcode=\"REFUSED\"}").unwrap() >= 6.0);
+}
+
+#[test]
+fn a_thousand_queries_add_almost_no_log_lines_at_the_default_level() {
+    let dir = tempfile::tempdir().unwrap();
+    // No RUST_LOG: the binary's own default filter, as an operator runs it.
+    let server = Server::start_with_log(dir.path(), DNS, None, Some("")).unwrap();
+    let dns = server.addrs.dns.unwrap();
+    server.add_node("n1").unwrap();
+    wait_for("the new node resolves", Duration::from_secs(5), || {
+        (dig(dns, "n1.edge.test", "A", false).ok()?.status == "NOERROR").then_some(())
+    })
+    .unwrap();
+    let lines_before = server.proc.log_text().lines().count();
+    // One dig process, 1,000 questions: names that exist, that do not, and
+    // outside the zone.
+    let batch = dir.path().join("queries.txt");
+    let mut queries = String::new();
+    for i in 0..1000 {
+        let name = match i % 4 {
+            0 => "n1.edge.test".to_string(),
+            1 => format!("x{i}.n1.edge.test"),
+            2 => format!("nobody{i}.edge.test"),
+            _ => "example.com".to_string(),
+        };
+        queries.push_str(&format!("{name} A\n"));
+    }
+    std::fs::write(&batch, queries).unwrap();
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{}", dns.ip()))
+        .args(["-p", &dns.port().to_string(), "+norecurse", "+time=2", "+tries=1", "+nocookie", "-f"])
+        .arg(&batch)
+        .output()
+        .unwrap();
+    let answered = String::from_utf8_lossy(&out.stdout).matches("status: ").count();
+    assert!(answered >= 990, "{answered} of 1000 queries answered");
+    std::thread::sleep(Duration::from_millis(200));
+    let log = server.proc.log_text();
+    let added: Vec<&str> = log.lines().skip(lines_before).collect();
+    assert!(added.len() < 10, "{} log lines for 1,000 queries:\n{}", added.len(), added.join("\n"));
+}
+
+#[test]
+fn large_udp_answers_are_truncated_and_complete_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    // 12 TXT strings of 200 bytes at one name: about 2.5 KB of answer.
+    let mut config = String::from(DNS);
+    for i in 0..12 {
+        config.push_str(&format!(
+            "[[dns.records]]\nname = \"big\"\ntype = \"TXT\"\nvalue = \"{}\"\n",
+            format!("{i:02}").repeat(100)
+        ));
+    }
+    let server = Server::start(dir.path(), &config).unwrap();
+    let dns = server.addrs.dns.unwrap();
+    let ask = |args: &[&str]| {
+        let out = std::process::Command::new("dig")
+            .arg(format!("@{}", dns.ip()))
+            .args(["-p", &dns.port().to_string(), "+norecurse", "+time=2", "+tries=1", "+nocookie", "+ignore"])
+            .args(args)
+            .args(["big.edge.test", "TXT"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let flags = |text: &str| text.lines().find(|l| l.starts_with(";; flags:")).unwrap_or("").to_string();
+    for udp in [ask(&["+notcp", "+noedns"]), ask(&["+notcp", "+bufsize=1232"])] {
+        assert!(flags(&udp).contains(" tc"), "a UDP answer over its size limit sets TC: {}", flags(&udp));
+        let size: usize = udp.split("MSG SIZE  rcvd: ").nth(1).and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        assert!(size > 0 && size <= 1232, "UDP answer of {size} bytes");
+    }
+    let tcp = ask(&["+tcp"]);
+    assert!(!flags(&tcp).contains(" tc"), "{}", flags(&tcp));
+    assert_eq!(tcp.matches("\tTXT\t").count(), 12, "{tcp}");
 }

@@ -282,7 +282,7 @@ async fn a_full_disk_keeps_the_current_certificate_in_service() {
     let server = Server::start(
         &tmp.path().join("server"),
         &format!(
-            "[dns]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\n",
+            "[dns]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\ncaa_issuers = [\"pebble.test\"]\n",
             Pebble::directory_for(pebble_port),
             pebble_dir.join("listener-ca.pem").display()
         ),

@@ -11,7 +11,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, TXT};
+use hickory_proto::rr::rdata::caa::KeyValue;
+use hickory_proto::rr::rdata::{A, AAAA, CAA, TXT};
 use hickory_proto::rr::{Name, RData, Record};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -19,7 +20,7 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DnsConfig, StaticKind};
+use crate::config::{CaaValue, DnsConfig, StaticKind};
 use edge_proto::dns_zone::{Zone, ZoneSettings};
 
 /// The current zone snapshot, swapped as a whole on every change.
@@ -29,8 +30,9 @@ pub struct ZoneCell {
 }
 
 impl ZoneCell {
-    /// The zone from the config, with no nodes yet.
-    pub fn from_config(dns: &DnsConfig, zone: &str, tls: SocketAddr) -> Result<Self, String> {
+    /// The zone from the config, with no nodes yet; `caa_issuers` are the
+    /// CAs published at the apex (see [`crate::config::AcmeConfig::caa_issuers`]).
+    pub fn from_config(dns: &DnsConfig, zone: &str, tls: SocketAddr, caa_issuers: &[String]) -> Result<Self, String> {
         let origin = fqdn(zone)?;
         let nameservers = if dns.nameservers.is_empty() {
             vec![fqdn(&format!("ns.{zone}"))?]
@@ -45,6 +47,7 @@ impl ZoneCell {
             txt_ttl: dns.txt_ttl_secs,
             zone_ttl: dns.zone_ttl_secs,
             negative_ttl: dns.negative_ttl_secs,
+            caa_issuers: caa_issuers.iter().map(|ca| fqdn(ca)).collect::<Result<_, _>>()?,
         };
         let mut statics = Vec::new();
         for (i, r) in dns.records.iter().enumerate() {
@@ -54,6 +57,18 @@ impl ZoneCell {
                 StaticKind::A => RData::A(A(r.value.parse().map_err(|_| bad())?)),
                 StaticKind::AAAA => RData::AAAA(AAAA(r.value.parse().map_err(|_| bad())?)),
                 StaticKind::TXT => RData::TXT(TXT::new(vec![r.value.clone()])),
+                StaticKind::CAA => {
+                    let v = CaaValue::parse(&r.value).ok_or_else(bad)?;
+                    // On the wire without the root dot (RFC 8659 section 4.2).
+                    let issuer = v.issuer.as_deref().map(Name::from_ascii).transpose().map_err(|_| bad())?;
+                    let parameters =
+                        v.parameters.iter().map(|(k, val)| KeyValue::new(k.as_str(), val.as_str())).collect();
+                    RData::CAA(if v.wildcard {
+                        CAA::new_issuewild(v.critical, issuer, parameters)
+                    } else {
+                        CAA::new_issue(v.critical, issuer, parameters)
+                    })
+                }
             };
             statics.push(Record::from_rdata(name, r.ttl_secs, data));
         }

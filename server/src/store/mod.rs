@@ -115,6 +115,17 @@ pub struct ChallengeRecord {
     pub created_at: i64,
 }
 
+/// What [`Store::put_challenge`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// A new value: the revision moved.
+    Added,
+    /// The value was there already; only its age was reset.
+    Unchanged,
+    /// Nothing stored: the node already has `max_per_node` values.
+    Full,
+}
+
 /// Errors from a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -172,9 +183,9 @@ pub trait Store: Send + Sync + 'static {
     fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError>;
     /// Marks every node disconnected (at server start).
     fn reset_status(&self) -> Result<(), StoreError>;
-    /// Publishes a TXT value for `node`; `false` (nothing stored) when the
-    /// node already has `max_per_node` values.
-    fn put_challenge(&self, node: &str, name: &str, value: &str, max_per_node: usize) -> Result<bool, StoreError>;
+    /// Publishes a TXT value for `node`. A value already published only has
+    /// its age reset (no revision change: the zone stays as it is).
+    fn put_challenge(&self, node: &str, name: &str, value: &str, max_per_node: usize) -> Result<Published, StoreError>;
     /// Removes one value (or all at `name` when `value` is `None`) of `node`;
     /// returns how many were removed.
     fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError>;

@@ -10,7 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{ChallengeRecord, ModeChange, ModeHistory, NodeRecord, NodeStatus, ProbeSample, Store, StoreError};
+use super::{
+    ChallengeRecord, ModeChange, ModeHistory, NodeRecord, NodeStatus, ProbeSample, Published, Store, StoreError,
+};
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -93,8 +95,11 @@ impl SqliteStore {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+        // The busy timeout comes first: every later statement may meet
+        // another process opening the same fresh file (a server starting
+        // while an operator runs `node add`).
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        set_wal(&conn).map_err(db_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
         migrate(&mut conn, &display)?;
@@ -133,19 +138,47 @@ fn io_error(e: std::io::Error) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(Box::new(e))
 }
 
+/// How long a statement waits for another process's write lock.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Switches to WAL. Changing the journal mode needs a moment of exclusive
+/// access, and SQLite reports a conflict there without calling the busy
+/// handler, so this retries within [`BUSY_TIMEOUT`].
+fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Applies pending migrations. The version is read inside the same
+/// `BEGIN IMMEDIATE` transaction that runs the DDL, so of several processes
+/// opening a fresh file at once exactly one migrates and the others, once
+/// the write lock is theirs, find nothing left to do.
 fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
     let db_err = |source| StoreError::Database { path: path.to_string(), source };
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
     let supported = MIGRATIONS.len() as i64;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
     if version > supported {
         return Err(StoreError::SchemaTooNew { path: path.to_string(), found: version, supported });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction().map_err(db_err)?;
+    for sql in MIGRATIONS.iter().skip(version as usize) {
         tx.execute_batch(sql).map_err(db_err)?;
-        tx.pragma_update(None, "user_version", i as i64 + 1).map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        tracing::info!(path, version = i + 1, "applied database migration");
+    }
+    if version < supported {
+        tx.pragma_update(None, "user_version", supported).map_err(db_err)?;
+    }
+    tx.commit().map_err(db_err)?;
+    if version < supported {
+        tracing::info!(path, from = version, to = supported, "applied database migrations");
     }
     Ok(())
 }
@@ -301,30 +334,36 @@ impl Store for SqliteStore {
         self.with(|conn| conn.execute("UPDATE node_status SET connected = 0, open_connections = 0", []).map(|_| ()))
     }
 
-    fn put_challenge(&self, node: &str, name: &str, value: &str, max_per_node: usize) -> Result<bool, StoreError> {
-        let result = self.with(|conn| {
-            let tx = conn.transaction()?;
-            let count: i64 =
-                tx.query_row("SELECT COUNT(*) FROM acme_challenges WHERE node = ?1", params![node], |r| r.get(0))?;
-            let exists: bool = tx
-                .query_row("SELECT 1 FROM acme_challenges WHERE name = ?1 AND value = ?2", params![name, value], |_| {
-                    Ok(())
-                })
-                .optional()?
-                .is_some();
-            if !exists && count as usize >= max_per_node {
-                return Ok(None);
-            }
-            tx.execute(
-                "INSERT INTO acme_challenges (node, name, value, created_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(name, value) DO UPDATE SET created_at = excluded.created_at",
+    fn put_challenge(&self, node: &str, name: &str, value: &str, max_per_node: usize) -> Result<Published, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let refreshed = tx.execute(
+                "UPDATE acme_challenges SET created_at = ?4 WHERE node = ?1 AND name = ?2 AND value = ?3",
                 params![node, name, value, now()],
             )?;
+            if refreshed > 0 {
+                tx.commit()?;
+                return Ok(Published::Unchanged);
+            }
+            let count: i64 =
+                tx.query_row("SELECT COUNT(*) FROM acme_challenges WHERE node = ?1", params![node], |r| r.get(0))?;
+            if count as usize >= max_per_node {
+                return Ok(Published::Full);
+            }
+            // (name, value) is unique: another node's row at this name would
+            // be a bug upstream (names are per node), and is left untouched.
+            let added = tx.execute(
+                "INSERT INTO acme_challenges (node, name, value, created_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name, value) DO NOTHING",
+                params![node, name, value, now()],
+            )?;
+            if added == 0 {
+                return Ok(Published::Full);
+            }
             bump_revision(&tx)?;
             tx.commit()?;
-            Ok(Some(()))
-        })?;
-        Ok(result.is_some())
+            Ok(Published::Added)
+        })
     }
 
     fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError> {
@@ -494,6 +533,50 @@ mod tests {
         // Status of a removed node is not recorded.
         store.record_status("n1", &NodeStatus::default()).unwrap();
         assert!(store.list_nodes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn many_openers_of_a_fresh_file_all_succeed() {
+        // Processes racing on a fresh data_dir (systemd starting the server
+        // while `node add` runs) used to fail with "table nodes already
+        // exists". Threads with their own connections race the same way.
+        for round in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("edge.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let openers: Vec<_> = (0..8)
+                .map(|i| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let store = SqliteStore::open(&path)?;
+                        store.add_node(&format!("n{i}"), &[], &[i as u8; 32]).map(|_| ())
+                    })
+                })
+                .collect();
+            for (i, opener) in openers.into_iter().enumerate() {
+                opener.join().unwrap().unwrap_or_else(|e| panic!("round {round}, opener {i}: {e}"));
+            }
+            let store = SqliteStore::open(&path).unwrap();
+            assert_eq!(store.list_nodes().unwrap().len(), 8);
+        }
+    }
+
+    #[test]
+    fn republishing_a_value_changes_nothing_and_the_cap_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("edge.db")).unwrap();
+        store.add_node("n1", &[], &[1; 32]).unwrap();
+        let at = "_acme-challenge.n1.z.test";
+        assert_eq!(store.put_challenge("n1", at, "v1", 2).unwrap(), Published::Added);
+        let r = store.revision().unwrap();
+        for _ in 0..100 {
+            assert_eq!(store.put_challenge("n1", at, "v1", 2).unwrap(), Published::Unchanged);
+        }
+        assert_eq!(store.revision().unwrap(), r, "an unchanged value moves no revision");
+        assert_eq!(store.put_challenge("n1", at, "v2", 2).unwrap(), Published::Added);
+        assert_eq!(store.put_challenge("n1", at, "v3", 2).unwrap(), Published::Full);
+        assert_eq!(store.list_challenges().unwrap().len(), 2);
     }
 
     #[test]

@@ -1,0 +1,97 @@
+//! The `/metrics` endpoint, made cheap to ask.
+//!
+//! Rendering walks every node (a few lines each, megabytes at ten thousand
+//! nodes) and looks at each node's tunnels, next to placement on the data
+//! path. So the body is rendered at most once per `limits.metrics_cache_ms`
+//! and shared by every scrape in that window, each source gets
+//! `limits.metrics_rate` scrapes per second, and a scraper that stops
+//! reading runs into the API's write deadline.
+//!
+//! Where: on the signal API listener behind the admin token, and, when
+//! `listen.metrics` is set, on a separate plain-HTTP listener without a
+//! token (meant for loopback or a private network).
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Extension, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+
+use crate::api::Peer;
+use crate::config::LimitsConfig;
+use crate::limits::{Listener, Refusal, SourceRates};
+use crate::Shared;
+
+/// The rendered body and who may ask for it how often.
+#[derive(Debug)]
+pub struct Scrape {
+    ttl: Duration,
+    cache: Mutex<Option<(Instant, Bytes)>>,
+    rates: Mutex<SourceRates>,
+}
+
+impl Scrape {
+    /// From the `[limits]` settings.
+    pub fn new(limits: &LimitsConfig) -> Self {
+        Self {
+            ttl: Duration::from_millis(limits.metrics_cache_ms),
+            cache: Mutex::new(None),
+            // A Prometheus server scrapes every few seconds; a burst of a few
+            // leaves room for a person with curl.
+            rates: Mutex::new(SourceRates::new(limits.metrics_rate, limits.metrics_rate.max(1) * 5, 10_000)),
+        }
+    }
+
+    /// The current body, rendered again only when the cached one is older
+    /// than the TTL.
+    pub fn body(&self, shared: &Shared) -> Bytes {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, body)) = cache.as_ref() {
+            if at.elapsed() < self.ttl {
+                return body.clone();
+            }
+        }
+        let body = Bytes::from(render(shared));
+        *cache = Some((Instant::now(), body.clone()));
+        body
+    }
+
+    /// Spends one scrape of `source`'s budget.
+    fn admit(&self, source: IpAddr) -> bool {
+        self.rates.lock().unwrap_or_else(|p| p.into_inner()).take(source, Instant::now())
+    }
+
+    /// The answer to one scrape from `peer` arriving on `listener`.
+    pub fn respond(&self, shared: &Shared, listener: Listener, peer: IpAddr) -> Response {
+        if !self.admit(peer) {
+            shared.refusals.refuse(listener, Refusal::MetricsRate, peer);
+            let mut refused = (StatusCode::TOO_MANY_REQUESTS, "too many scrapes from this address\n").into_response();
+            refused.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return refused;
+        }
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], self.body(shared)).into_response()
+    }
+}
+
+/// Every series of the server, in Prometheus text format.
+pub fn render(shared: &Shared) -> String {
+    let mut body = shared.metrics.render(&shared.registry);
+    shared.refusals.render(&mut body);
+    edge_net::render_process_metrics(&mut body);
+    body
+}
+
+/// Routes of the separate metrics listener: `/metrics` and `/healthz`,
+/// no token.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new().route("/metrics", get(open_metrics)).route("/healthz", get(|| async { "ok\n" })).with_state(shared)
+}
+
+async fn open_metrics(State(shared): State<Arc<Shared>>, Extension(peer): Extension<Peer>) -> Response {
+    shared.scrape.respond(&shared, Listener::Metrics, peer.0)
+}
