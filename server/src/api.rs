@@ -385,7 +385,9 @@ async fn probe_for_peer(
     };
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(3000).clamp(100, 10_000));
     let tls = crate::detector::probe_client_config();
-    match tokio::time::timeout(timeout, crate::detector::raw_probe(req.endpoint, &sni, &nonce, tls)).await {
+    match tokio::time::timeout(timeout, crate::detector::raw_probe(req.endpoint, &sni, &nonce, tls, &shared.self_loops))
+        .await
+    {
         Ok(Ok(answer)) => Json(serde_json::json!({ "answer": edge_proto::join::hex(&answer) })).into_response(),
         Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, &e),
         Err(_) => error(StatusCode::BAD_GATEWAY, "no answer in time"),

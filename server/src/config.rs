@@ -65,6 +65,10 @@ pub struct ModesConfig {
     /// Other edge servers that probe too; a probe round succeeds only when
     /// this server and every location verified the node.
     pub probe_locations: Vec<ProbeLocation>,
+    /// Accept loopback endpoints (127.0.0.0/8, ::1): for a server and its
+    /// nodes on one machine (tests, local demos). Off, as on any real
+    /// server: a loopback endpoint is the server itself.
+    pub allow_loopback_endpoints: bool,
 }
 
 impl Default for ModesConfig {
@@ -75,6 +79,7 @@ impl Default for ModesConfig {
             failures_to_proxy: 3,
             samples_kept: 20,
             probe_locations: Vec::new(),
+            allow_loopback_endpoints: false,
         }
     }
 }

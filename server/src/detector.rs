@@ -68,12 +68,14 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             let (tls, sni, timeout) =
                 (tls.clone(), format!("{}.{}", node.name, shared.config.zone()), cfg.probe_timeout_ms);
             let locations = cfg.probe_locations.clone();
+            let loops = shared.self_loops.clone();
             round.spawn(async move {
                 // Each location gets `timeout` too.
                 let total = Duration::from_millis(timeout * (1 + locations.len() as u64));
-                let result = tokio::time::timeout(total, probe(endpoint, &node, &sni, tls, &locations, timeout))
-                    .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {timeout} ms")));
+                let result =
+                    tokio::time::timeout(total, probe(endpoint, &loops, &node, &sni, tls, &locations, timeout))
+                        .await
+                        .unwrap_or_else(|_| Err(format!("no answer within {timeout} ms")));
                 (node, endpoint, result)
             });
         }
@@ -135,6 +137,7 @@ async fn apply(shared: &Arc<Shared>, node: &Arc<NodeHandle>, t: Transition) {
 /// location, each with its own nonce; every answer must verify.
 async fn probe(
     endpoint: SocketAddr,
+    loops: &Arc<crate::self_loop::SelfLoops>,
     node: &NodeHandle,
     sni: &str,
     tls: Arc<rustls::ClientConfig>,
@@ -144,7 +147,7 @@ async fn probe(
     let check =
         |nonce: &[u8; probe::NONCE_LEN], answer: &[u8]| probe::verify(&node.probe_key(), &node.name, nonce, answer);
     let nonce: [u8; probe::NONCE_LEN] = rand::random();
-    let answer = raw_probe(endpoint, sni, &nonce, tls).await?;
+    let answer = raw_probe(endpoint, sni, &nonce, tls, loops).await?;
     if !check(&nonce, &answer) {
         return Err("wrong answer: not this node".into());
     }
@@ -207,8 +210,11 @@ pub async fn raw_probe(
     sni: &str,
     nonce: &[u8; probe::NONCE_LEN],
     tls: Arc<rustls::ClientConfig>,
+    loops: &Arc<crate::self_loop::SelfLoops>,
 ) -> Result<[u8; probe::ANSWER_LEN], String> {
-    let tcp = tokio::net::TcpStream::connect(endpoint).await.map_err(|e| format!("connect: {e}"))?;
+    // Registered as ours: if the endpoint leads back to our own :443, the
+    // probe is refused there instead of reaching the node through its tunnel.
+    let (tcp, _own) = loops.connect(endpoint).await.map_err(|e| format!("connect: {e}"))?;
     let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
     let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
     if stream.get_ref().1.alpn_protocol() != Some(probe::ALPN) {

@@ -128,6 +128,13 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
     };
 
+    if shared.self_loops.is_ours(peer, &hello) {
+        // A probe or fallback splice of ours that came back (a forwarder
+        // or NAT hairpin the endpoint rules could not see).
+        shared.metrics.reject("self_loop");
+        tracing::debug!(%peer, %sni, "refused a connection of our own that came back to us");
+        return;
+    }
     let Some(node) = shared.registry.route(&sni) else {
         shared.metrics.reject("unknown_sni");
         tracing::debug!(%peer, %sni, "no node owns this name");
@@ -316,9 +323,11 @@ async fn splice_to_endpoint(
     node: &crate::registry::NodeHandle,
 ) {
     let limits = &shared.config.limits;
-    let connect =
-        tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), TcpStream::connect(endpoint));
-    let mut upstream = match connect.await {
+    let deadline = Duration::from_millis(limits.open_stream_timeout_ms);
+    // Registered as ours, with the hello it carries: if the endpoint leads
+    // back to us, the second hop is refused instead of looping.
+    let _forwarding = shared.self_loops.forwarding(hello);
+    let (mut upstream, _own) = match tokio::time::timeout(deadline, shared.self_loops.connect(endpoint)).await {
         Ok(Ok(u)) => u,
         _ => {
             shared.metrics.reject("node_offline");
@@ -330,7 +339,7 @@ async fn splice_to_endpoint(
     let _ = upstream.set_nodelay(true);
     let _active = GaugeGuard::new(&node.metrics.active);
     node.metrics.total.fetch_add(1, Ordering::Relaxed);
-    if upstream.write_all(hello).await.is_err() {
+    if !matches!(tokio::time::timeout(deadline, upstream.write_all(hello)).await, Ok(Ok(()))) {
         return;
     }
     node.metrics.bytes.tcp_to_quic.fetch_add(hello.len() as u64, Ordering::Relaxed);

@@ -16,7 +16,9 @@
 //! - [`identity`]: the server certificate agents pin.
 //! - [`dns`]: authoritative DNS for the zone (hickory-server).
 //! - [`certificates`]: DNS-01 challenges and the CSR flow for nodes.
-//! - [`modes`], [`detector`]: direct/proxy mode from verified probes.
+//! - [`modes`], [`detector`]: direct/proxy mode from verified probes;
+//!   [`endpoints`]: which endpoints may be probed at all; [`self_loop`]:
+//!   refusing our own connections that come back to us.
 //! - [`http`]: plain HTTP on :80 (redirects, Host-routed proxying).
 //! - [`limits`]: per-source rates, connection caps, refusal counting.
 #![forbid(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod certificates;
 pub mod config;
 pub mod detector;
 pub mod dns;
+pub mod endpoints;
 pub mod http;
 pub mod identity;
 pub mod ingress;
@@ -34,6 +37,7 @@ pub mod metrics;
 pub mod modes;
 pub mod registry;
 pub mod scrape;
+pub mod self_loop;
 pub mod sni;
 pub mod store;
 pub mod tunnel;
@@ -122,8 +126,9 @@ pub struct Shared {
     pub reload_lock: tokio::sync::Mutex<()>,
     /// Reload requests made and answered, for coalescing.
     pub reloads: ReloadCounts,
-    /// Bound addresses of the client listeners (TLS, HTTP).
-    pub client_listeners: Vec<SocketAddr>,
+    /// Bound addresses of the TCP listeners (TLS, HTTP, API, metrics): an
+    /// endpoint there would make the server probe or splice to itself.
+    pub own_listeners: Vec<SocketAddr>,
     /// Admission checks of each listener.
     pub admission: Admissions,
     /// Failed-authentication budgets per source.
@@ -132,6 +137,9 @@ pub struct Shared {
     pub refusals: limits::Refusals,
     /// The cached `/metrics` body and its per-source budget.
     pub scrape: scrape::Scrape,
+    /// Our own probes and fallback splices in flight, to refuse them if
+    /// they come back to us.
+    pub self_loops: Arc<self_loop::SelfLoops>,
 }
 
 /// Reload requests counted for [`Shared::reload`]'s coalescing.
@@ -275,16 +283,33 @@ impl Shared {
         }
     }
 
-    /// Whether `addr` is one of this server's own client listeners (TLS or
-    /// HTTP, on a listed or loopback address): an endpoint there would make
-    /// the server splice to itself.
+    /// What the server knows of its own addresses now: its listeners, and
+    /// the host's interface addresses (read again each time: agents connect
+    /// rarely, and interfaces change), `dns.addresses` and the `public.*`
+    /// hosts that are IP literals.
+    pub fn own_addresses(&self) -> endpoints::OwnAddresses {
+        let mut host_ips: Vec<std::net::IpAddr> = match if_addrs::get_if_addrs() {
+            Ok(interfaces) => interfaces.into_iter().map(|i| i.ip()).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list network interfaces");
+                Vec::new()
+            }
+        };
+        if let Some(dns) = &self.config.dns {
+            host_ips.extend(dns.ingress_addresses(self.config.listen.tls));
+        }
+        for public in [&self.config.public.quic, &self.config.public.api].into_iter().flatten() {
+            let host = public.rsplit_once(':').map_or(public.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+            if let Ok(ip) = host.parse() {
+                host_ips.push(ip);
+            }
+        }
+        endpoints::OwnAddresses { listeners: self.own_listeners.clone(), host_ips }
+    }
+
+    /// Whether `addr` reaches one of this server's own listeners.
     pub fn is_own_address(&self, addr: SocketAddr) -> bool {
-        let cluster = self.config.dns.as_ref().map(|d| d.ingress_addresses(self.config.listen.tls)).unwrap_or_default();
-        self.client_listeners.iter().any(|l| {
-            l.port() == addr.port()
-                && (l.ip() == addr.ip()
-                    || (l.ip().is_unspecified() && (addr.ip().is_loopback() || cluster.contains(&addr.ip()))))
-        })
+        self.own_addresses().contains(addr)
     }
 
     /// The live view of a node, for the API and the store.
@@ -419,6 +444,7 @@ impl Server {
         let scrape = scrape::Scrape::new(&config.limits);
         let shared = Arc::new(Shared {
             scrape,
+            self_loops: Arc::default(),
             admission,
             auth_failures,
             refusals: limits::Refusals::default(),
@@ -432,7 +458,10 @@ impl Server {
             order_locks: Default::default(),
             reload_lock: tokio::sync::Mutex::new(()),
             reloads: ReloadCounts::default(),
-            client_listeners: [Some(addrs.tls), addrs.http].into_iter().flatten().collect(),
+            own_listeners: [Some(addrs.tls), addrs.http, Some(addrs.api), addrs.metrics]
+                .into_iter()
+                .flatten()
+                .collect(),
         });
         shared.reload().await?;
         Ok(BoundServer { shared, tls, api, endpoint, api_tls, dns: dns_sockets, http, metrics, addrs })

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::registry::Registry;
 
 /// Reasons a client connection is refused, as metric labels.
-pub const REJECTION_REASONS: [&str; 10] = [
+pub const REJECTION_REASONS: [&str; 11] = [
     "not_tls",
     "not_client_hello",
     "no_sni",
@@ -20,6 +20,7 @@ pub const REJECTION_REASONS: [&str; 10] = [
     "node_offline",
     "tunnel_failed",
     "node_busy",
+    "self_loop",
 ];
 
 /// Process-wide counters.

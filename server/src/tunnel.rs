@@ -1,7 +1,6 @@
 //! The QUIC listener for agents: authenticate, register the tunnel, answer
 //! heartbeats on the control stream, unregister when it ends.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,15 +172,9 @@ async fn session(
     }))
     .await?;
 
-    let endpoint = endpoint.as_deref().map(|e| {
-        resolve_endpoint(e, remote).and_then(|addr| {
-            if shared.is_own_address(addr) {
-                Err(format!("{addr} is this server's own listener"))
-            } else {
-                Ok(addr)
-            }
-        })
-    });
+    let allow_loopback = shared.config.modes.allow_loopback_endpoints;
+    let endpoint =
+        endpoint.as_deref().map(|e| crate::endpoints::resolve(e, remote, &shared.own_addresses(), allow_loopback));
     match endpoint {
         Some(Ok(addr)) => *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr),
         Some(Err(e)) => tracing::warn!(node = %node.name, error = %e, "ignoring the agent's endpoint"),
@@ -307,24 +300,4 @@ fn close_with(conn: &quinn::Connection, code: u32, error: impl Into<SessionError
     let error = error.into();
     conn.close(VarInt::from_u32(code), error.to_string().as_bytes());
     error
-}
-
-/// The endpoint an agent declared: `ip:port`, or `:port` for the address it
-/// connects from. Names are not resolved (a probe must not depend on DNS).
-pub fn resolve_endpoint(declared: &str, remote: SocketAddr) -> Result<SocketAddr, String> {
-    if let Some(port) = declared.strip_prefix(':') {
-        let port: u16 = port.parse().map_err(|_| format!("endpoint {declared:?}: bad port"))?;
-        let ip = match remote.ip() {
-            std::net::IpAddr::V6(v6) => {
-                v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6))
-            }
-            v4 => v4,
-        };
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let addr: SocketAddr = declared.parse().map_err(|_| format!("endpoint {declared:?} is not ip:port or :port"))?;
-    if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
-        return Err(format!("endpoint {declared:?} is not a usable address"));
-    }
-    Ok(addr)
 }

@@ -18,7 +18,9 @@ use crate::{bin, wait_for, Agent, Proc};
 /// source address gets its own upstream socket, so several agents, and an
 /// agent that comes back from a new port, all work. While paused, every
 /// datagram is dropped, both ways; datagrams above a set size are dropped
-/// too, as a path with a small MTU would.
+/// too, as a path with a small MTU would. [`UdpRelay::rebind`] moves every
+/// client to a new upstream socket on another address, as a NAT that
+/// rebinds does.
 #[derive(Debug)]
 pub struct UdpRelay {
     /// Where clients send.
@@ -35,6 +37,11 @@ struct RelayState {
     clients: AtomicU64,
     dropped: AtomicU64,
     oversized: AtomicU64,
+    /// Bumped by [`UdpRelay::rebind`]; upstream sockets of older epochs
+    /// are replaced at the client's next datagram.
+    epoch: AtomicU64,
+    /// Address new upstream sockets bind (127.0.0.1 until rebound).
+    source_ip: std::sync::Mutex<Option<std::net::IpAddr>>,
 }
 
 impl RelayState {
@@ -62,37 +69,51 @@ impl UdpRelay {
         let state = Arc::new(RelayState::default());
         let relay = Self { addr, state: state.clone() };
         std::thread::spawn(move || {
-            let mut map: HashMap<SocketAddr, UdpSocket> = HashMap::new();
+            let mut map: HashMap<SocketAddr, Upstream> = HashMap::new();
             let mut buf = vec![0u8; 65536];
             while !state.stop.load(Ordering::SeqCst) {
                 let Ok((n, src)) = front.recv_from(&mut buf) else { continue };
                 if !state.passes(n) {
                     continue;
                 }
+                let epoch = state.epoch.load(Ordering::SeqCst);
+                if map.get(&src).is_some_and(|u| u.epoch != epoch) {
+                    if let Some(old) = map.remove(&src) {
+                        old.retired.store(true, Ordering::SeqCst);
+                    }
+                }
                 let up = match map.entry(src) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
-                        let Ok(up) = Self::upstream(target, src, &front, &state) else { continue };
+                        let Ok(up) = Self::upstream(target, src, &front, &state, epoch) else { continue };
                         state.clients.fetch_add(1, Ordering::SeqCst);
                         e.insert(up)
                     }
                 };
-                let _ = up.send(&buf[..n]);
+                let _ = up.socket.send(&buf[..n]);
             }
         });
         Ok(relay)
     }
 
     /// A socket connected to `target` for client `src`, and the thread
-    /// carrying its answers back.
-    fn upstream(target: SocketAddr, src: SocketAddr, front: &UdpSocket, state: &Arc<RelayState>) -> Result<UdpSocket> {
-        let up = UdpSocket::bind("127.0.0.1:0")?;
+    /// carrying its answers back until the socket is retired.
+    fn upstream(
+        target: SocketAddr,
+        src: SocketAddr,
+        front: &UdpSocket,
+        state: &Arc<RelayState>,
+        epoch: u64,
+    ) -> Result<Upstream> {
+        let ip = state.source_ip.lock().unwrap().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        let up = UdpSocket::bind(SocketAddr::new(ip, 0))?;
         up.connect(target)?;
         up.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let (back, front, state) = (up.try_clone()?, front.try_clone()?, state.clone());
+        let retired = Arc::new(AtomicBool::new(false));
+        let (back, front, state, done) = (up.try_clone()?, front.try_clone()?, state.clone(), retired.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
-            while !state.stop.load(Ordering::SeqCst) {
+            while !state.stop.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
                 // Errors (ICMP refusals while the target is down) are not fatal.
                 let Ok(n) = back.recv(&mut buf) else { continue };
                 if state.passes(n) {
@@ -100,7 +121,15 @@ impl UdpRelay {
                 }
             }
         });
-        Ok(up)
+        Ok(Upstream { socket: up, epoch, retired })
+    }
+
+    /// From now on, every client's datagrams leave from a new socket on
+    /// `ip` (a NAT rebinding): the target sees the same peer at a new
+    /// address and port, and the old socket stops carrying answers.
+    pub fn rebind(&self, ip: std::net::IpAddr) {
+        *self.state.source_ip.lock().unwrap() = Some(ip);
+        self.state.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Drops everything while `paused`.
@@ -128,6 +157,14 @@ impl UdpRelay {
     pub fn oversized(&self) -> u64 {
         self.state.oversized.load(Ordering::Relaxed)
     }
+}
+
+/// One client's socket toward the target.
+#[derive(Debug)]
+struct Upstream {
+    socket: UdpSocket,
+    epoch: u64,
+    retired: Arc<AtomicBool>,
 }
 
 impl Drop for UdpRelay {

@@ -165,6 +165,15 @@ impl Server {
         } else {
             format!("{extra}\n[limits]\n{off}")
         };
+        // Server and agents share one machine here: endpoints are loopback.
+        let loopback = "allow_loopback_endpoints = true\n";
+        let extra = if extra.contains("allow_loopback_endpoints") {
+            extra
+        } else if extra.contains("[modes]\n") {
+            extra.replacen("[modes]\n", &format!("[modes]\n{loopback}"), 1)
+        } else {
+            format!("{extra}\n[modes]\n{loopback}")
+        };
         let text = format!(
             "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\n"
         );

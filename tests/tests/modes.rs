@@ -223,3 +223,100 @@ fn probe_locations_must_all_verify_the_node() {
     let samples = node_json(&a, "n2")["samples"].as_array().cloned().unwrap();
     assert!(samples[0]["detail"].as_str().unwrap().starts_with("from 127.0.0.1:"), "{samples:?}");
 }
+
+/// The node's endpoint as the server resolved it (`None` when refused).
+fn endpoint_of(server: &Server, name: &str) -> Option<String> {
+    node_json(server, name)["endpoint"].as_str().map(str::to_string)
+}
+
+#[test]
+fn an_agent_whose_address_changes_gets_its_endpoint_resolved_again() {
+    // `:port` endpoints are resolved against the address the tunnel comes
+    // from. A NAT that rebinds moves the agent to a new address; the server
+    // must not keep probing (and pointing DNS at) the old one as the node's.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), CONFIG).unwrap();
+    let relay = edge_tests::faults::UdpRelay::start(server.addrs.quic).unwrap();
+    let mut ticket = edge_proto::join::JoinTicket::parse(&server.add_node("n1").unwrap()).unwrap();
+    ticket.server = relay.addr.to_string();
+    let upstream = rt.block_on(upstreams::http("hello"));
+    let port = free_port().unwrap();
+    let agent = Agent::spawn_with_config(
+        &dir.path().join("agent"),
+        &ticket.to_string(),
+        upstream,
+        &format!(
+            "connections = 1\ndirect_listen = \"0.0.0.0:{port}\"\npublic_endpoint = \":{port}\"\n\
+             [tunnel]\nidle_timeout_secs = 3\nkeep_alive_secs = 1\n[reconnect]\ninitial_ms = 200\nmax_ms = 1000\n"
+        ),
+    )
+    .unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    wait_mode(&server, "n1", "direct", Duration::from_secs(10));
+    assert_eq!(endpoint_of(&server, "n1").as_deref(), Some(format!("127.0.0.1:{port}").as_str()));
+
+    // The NAT in front of the agent now maps it to 127.0.0.2.
+    relay.rebind("127.0.0.2".parse().unwrap());
+    let moved = format!("127.0.0.2:{port}");
+    wait_for("the endpoint resolved at the new address", Duration::from_secs(20), || {
+        (endpoint_of(&server, "n1").as_deref() == Some(moved.as_str())).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}\nserver log:\n{}", node_json(&server, "n1"), server.proc.log_text()));
+    // And the new address is the one probed and verified.
+    wait_for("a verified probe of the new address", Duration::from_secs(10), || {
+        let samples = node_json(&server, "n1")["samples"].clone();
+        samples.as_array()?.iter().any(|s| s["endpoint"] == moved.as_str() && s["ok"] == true).then_some(())
+    })
+    .unwrap();
+    assert_eq!(node_json(&server, "n1")["mode"], "direct");
+}
+
+#[test]
+fn endpoints_that_are_the_server_itself_are_never_probed() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), CONFIG).unwrap();
+    let upstream = rt.block_on(upstreams::http("hello"));
+    let tls = server.addrs.tls.port();
+    let api = server.addrs.api.port();
+    let http = server.addrs.http.unwrap().port();
+    // Each shape an agent could use to point the server at itself.
+    let shapes = [
+        format!("127.0.0.1:{tls}"),
+        format!("[::ffff:127.0.0.1]:{tls}"),
+        format!("127.0.0.1:{http}"),
+        format!("127.0.0.1:{api}"),
+        format!(":{tls}"),
+        ":0".to_string(),
+        "0.0.0.0:9".to_string(),
+        "169.254.0.1:443".to_string(),
+        "224.0.0.1:443".to_string(),
+    ];
+    let mut agents = Vec::new();
+    for (i, shape) in shapes.iter().enumerate() {
+        let name = format!("self{i}");
+        let join = server.add_node(&name).unwrap();
+        let agent = Agent::start(
+            &dir.path().join(&name),
+            &join,
+            upstream,
+            &["--direct-listen", "127.0.0.1:0", "--public-endpoint", shape],
+        );
+        // The agent itself may refuse a shape it can tell is unusable.
+        if let Ok(agent) = agent {
+            agents.push((name, shape.clone(), agent));
+        }
+    }
+    assert!(agents.len() >= 5, "most shapes reach the server: {}", agents.len());
+    // Several probe rounds (300 ms each).
+    std::thread::sleep(Duration::from_secs(2));
+    for (name, shape, _agent) in &agents {
+        let node = node_json(&server, name);
+        assert_eq!(node["mode"], "proxy", "{shape}: {node}");
+        assert!(node["endpoint"].is_null(), "{shape} must not be kept as an endpoint: {node}");
+        assert!(node["samples"].as_array().unwrap().is_empty(), "{shape} must never be probed: {node}");
+    }
+    let log = server.proc.log_text();
+    assert!(log.matches("ignoring the agent's endpoint").count() >= agents.len(), "{log}");
+}
