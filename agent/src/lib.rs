@@ -242,9 +242,20 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
     if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
         edge_certs::pem::load_certified_key(cert, key)?;
     }
-    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let socket = edge_net::quic::udp_socket(bind, config.tunnel.udp_buffer_bytes)
-        .map_err(|source| AgentError::Bind { what: "QUIC socket", addr: bind, source })?;
+    // Dual-stack, so servers are reached over IPv4 and IPv6 alike (a join
+    // string may name either, and a cluster may list both); IPv4 alone on
+    // a host without IPv6.
+    let dual: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+    let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+    let (socket, bind) = match edge_net::quic::udp_socket(dual, config.tunnel.udp_buffer_bytes) {
+        Ok(socket) => (socket, dual),
+        Err(e) => {
+            tracing::info!(error = %e, "no IPv6 socket; servers are reached over IPv4 only");
+            let socket = edge_net::quic::udp_socket(v4, config.tunnel.udp_buffer_bytes)
+                .map_err(|source| AgentError::Bind { what: "QUIC socket", addr: v4, source })?;
+            (socket, v4)
+        }
+    };
     let endpoint = edge_net::quic::endpoint(socket, None, &config.tunnel).map_err(|source| AgentError::Bind {
         what: "QUIC endpoint",
         addr: bind,

@@ -1,6 +1,7 @@
 //! One data stream = one client connection: read the header, check the name
-//! is this node's, then terminate TLS and forward plaintext to the upstream
-//! (or forward the raw TLS in passthrough mode).
+//! is this node's, then terminate TLS and, once the handshake is complete,
+//! forward plaintext to the upstream (or forward the raw TLS in passthrough
+//! mode).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -60,25 +61,35 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>,
             let _ = recv.stop(VarInt::from_u32(code));
             Err(e)
         }
-        // Passthrough, and plain HTTP from the server's :80: bytes as they are.
-        Ok((header, upstream)) if header.plain || node.shared.config.mode == Mode::Passthrough => {
-            let end = edge_net::splice::splice(
-                upstream,
-                send,
-                recv,
-                codes::STREAM_UPSTREAM_FAILED,
-                &metrics.bytes,
-                PASSTHROUGH_IDLE,
-                &stalls,
-            )
-            .await;
-            if end == edge_net::splice::SpliceEnd::Shed {
-                metrics.streams_shed.fetch_add(1, Ordering::Relaxed);
+        // Passthrough, and plain HTTP from the server's :80: bytes as they
+        // are, so the upstream is connected at once.
+        Ok(header) if header.plain || node.shared.config.mode == Mode::Passthrough => {
+            match connect_upstream(&node.shared.config.upstream, &header, node.shared.config.proxy_protocol).await {
+                Err(e) => {
+                    let _ = send.reset(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
+                    let _ = recv.stop(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
+                    Err(e)
+                }
+                Ok(upstream) => {
+                    let end = edge_net::splice::splice(
+                        upstream,
+                        send,
+                        recv,
+                        codes::STREAM_UPSTREAM_FAILED,
+                        &metrics.bytes,
+                        PASSTHROUGH_IDLE,
+                        &stalls,
+                    )
+                    .await;
+                    if end == edge_net::splice::SpliceEnd::Shed {
+                        metrics.streams_shed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::trace!(?end, name = %header.sni, plain = header.plain, "raw stream done");
+                    Ok(())
+                }
             }
-            tracing::trace!(?end, name = %header.sni, plain = header.plain, "raw stream done");
-            Ok(())
         }
-        Ok((header, upstream)) => terminate(tokio::io::join(recv, send), upstream, &node, &header.sni, &stalls).await,
+        Ok(header) => terminate(tokio::io::join(recv, send), &header, &node, &stalls).await,
     };
     metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
     if let Err(e) = result {
@@ -123,8 +134,8 @@ pub async fn connect_upstream(
     Ok(tcp)
 }
 
-/// Reads the header, checks ownership, connects the upstream.
-async fn prepare(recv: &mut RecvStream, node: &Node) -> Result<(StreamHeader, TcpStream), (u32, StreamError)> {
+/// Reads the header and checks the name is this node's.
+async fn prepare(recv: &mut RecvStream, node: &Node) -> Result<StreamHeader, (u32, StreamError)> {
     let header = tokio::time::timeout(HANDSHAKE_DEADLINE, read_header(recv))
         .await
         .map_err(|_| StreamError::Header("timed out".into()))
@@ -134,11 +145,7 @@ async fn prepare(recv: &mut RecvStream, node: &Node) -> Result<(StreamHeader, Tc
         tracing::warn!(sni = %header.sni, "server sent a stream for a name this node does not own; refused");
         return Err((codes::STREAM_BAD_HEADER, StreamError::NotOurs(header.sni)));
     }
-    let config = &node.shared.config;
-    let upstream = connect_upstream(&config.upstream, &header, config.proxy_protocol)
-        .await
-        .map_err(|e| (codes::STREAM_UPSTREAM_FAILED, e))?;
-    Ok((header, upstream))
+    Ok(header)
 }
 
 /// A client transport that can be aborted (QUIC reset, TCP RST).
@@ -195,13 +202,15 @@ pub async fn pump<IO>(
     }
 }
 
-/// Terminates the client's TLS on `io` with the node certificate and copies
-/// plaintext to and from `upstream` until both sides finish.
+/// Terminates the client's TLS on `io` with the node certificate, then
+/// connects the upstream and copies plaintext both ways until both sides
+/// finish. The upstream is connected only once the handshake is complete:
+/// a client that sends a ClientHello and stalls (or fails the handshake)
+/// costs the upstream nothing.
 pub async fn terminate<IO>(
     io: IO,
-    upstream: TcpStream,
+    header: &StreamHeader,
     node: &Node,
-    sni: &str,
     stalls: &Arc<StallBudget>,
 ) -> Result<(), StreamError>
 where
@@ -213,14 +222,19 @@ where
         Ok(Ok(tls)) => tls,
         Ok(Err((e, io))) => {
             io.abort(codes::STREAM_TLS_FAILED);
-            edge_net::splice::reset_tcp(&upstream);
             return Err(StreamError::Tls(e.to_string()));
         }
-        Err(_) => {
-            edge_net::splice::reset_tcp(&upstream);
-            return Err(StreamError::Tls("timed out".into()));
+        Err(_) => return Err(StreamError::Tls("timed out".into())),
+    };
+    let config = &node.shared.config;
+    let upstream = match connect_upstream(&config.upstream, header, config.proxy_protocol).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            let (io, _) = tls.into_inner();
+            io.abort(codes::STREAM_UPSTREAM_FAILED);
+            return Err(e);
         }
     };
-    pump(tls, upstream, node, sni, stalls).await;
+    pump(tls, upstream, node, &header.sni, stalls).await;
     Ok(())
 }

@@ -14,7 +14,7 @@ pub mod pebble;
 pub mod upstreams;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -111,6 +111,9 @@ pub struct ServerAddrs {
     /// Plain HTTP listener.
     #[serde(default)]
     pub http: Option<SocketAddr>,
+    /// Metrics listener (no token).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A running `edge-server`.
@@ -144,12 +147,30 @@ impl Server {
     /// Like [`Server::start_on`]; `rust_log` is the server's `RUST_LOG`,
     /// `Some("")` to leave it unset (the binary's default filter).
     pub fn start_with_log(dir: &Path, extra: &str, addrs: Option<ServerAddrs>, rust_log: Option<&str>) -> Result<Self> {
+        Self::launch(dir, extra, addrs, IpAddr::from([127, 0, 0, 1]), rust_log)
+    }
+
+    /// Starts a server whose listeners all bind `host` (e.g. `::1`), ports
+    /// chosen by the kernel.
+    pub fn start_at(dir: &Path, extra: &str, host: IpAddr) -> Result<Self> {
+        Self::launch(dir, extra, None, host, None)
+    }
+
+    fn launch(
+        dir: &Path,
+        extra: &str,
+        addrs: Option<ServerAddrs>,
+        host: IpAddr,
+        rust_log: Option<&str>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let any = SocketAddr::new(host, 0).to_string();
         let (tls, quic, api) = match addrs {
             Some(a) => (a.tls.to_string(), a.quic.to_string(), a.api.to_string()),
-            None => ("127.0.0.1:0".into(), "127.0.0.1:0".into(), "127.0.0.1:0".into()),
+            None => (any.clone(), any.clone(), any.clone()),
         };
-        let http = addrs.and_then(|a| a.http).map_or("127.0.0.1:0".to_string(), |h| h.to_string());
+        let http = addrs.and_then(|a| a.http).map_or(any.clone(), |h| h.to_string());
+        let metrics = addrs.and_then(|a| a.metrics).map_or(any, |m| m.to_string());
         let config = dir.join("server.toml");
         // Tests load the server from one address and read metrics right
         // after acting: per-source and per-node limits and the metrics
@@ -175,7 +196,7 @@ impl Server {
             format!("{extra}\n[modes]\n{loopback}")
         };
         let text = format!(
-            "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\n"
+            "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\nmetrics = \"{metrics}\"\n"
         );
         std::fs::write(&config, text)?;
         let listening = dir.join("data/listening.json");

@@ -38,6 +38,12 @@ pub async fn http(body: &'static str) -> SocketAddr {
     serve(listen().await, move |tcp| http_conn(tcp, body))
 }
 
+/// [`http`] on `bind` (e.g. `[::1]:0`).
+pub async fn http_at(bind: SocketAddr, body: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind(bind).await.expect("bind upstream");
+    serve(listener, move |tcp| http_conn(tcp, body))
+}
+
 async fn http_conn(mut tcp: TcpStream, body: &'static str) {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];

@@ -336,3 +336,87 @@ fn a_node_cannot_publish_or_obtain_anything_for_another_nodes_names() {
     let metrics = server.metrics().unwrap();
     assert!(metric(&metrics, "edge_foreign_name_refusals_total").unwrap() >= 11.0);
 }
+
+#[test]
+fn a_node_hammering_the_signal_api_does_not_delay_another_nodes_certificate() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pebble_port = free_port().unwrap();
+    let pebble_dir = dir.path().join("pebble");
+    let server = Server::start(
+        &dir.path().join("server"),
+        &format!(
+            "[dns]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\n\
+             caa_issuers = [\"pebble.test\"]\n[limits]\nnode_signal_rate = 5\nnode_signal_burst = 30\n",
+            Pebble::directory_for(pebble_port),
+            pebble_dir.join("listener-ca.pem").display()
+        ),
+    )
+    .unwrap();
+    let dns = server.addrs.dns.unwrap();
+    let _pebble = Pebble::start(&pebble_dir, pebble_port, dns).unwrap();
+    let noisy = token_of(&server.add_node("noisy").unwrap());
+    let join = server.add_node("n1").unwrap();
+
+    // The noisy node publishes one value, then PUTs it again and again on
+    // keep-alive connections for 10 s.
+    let value = "NoisyNoisyNoisyNoisyNoisyNoisyNoisyNoisy123";
+    let body = format!(r#"{{"name":"_acme-challenge.noisy.edge.test","value":"{value}"}}"#);
+    let url = format!("https://{}/api/signal/acme-challenge", server.addrs.api);
+    let serial = || -> u64 {
+        dig(dns, "edge.test", "SOA", true).unwrap().data("SOA")[0].split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    assert_eq!(server.api_call("PUT", "/api/signal/acme-challenge", Some(&noisy), Some(&body)).unwrap().0, 200);
+    let serial_before = serial();
+    let hammer = {
+        let (url, body, noisy) = (url.clone(), body.clone(), noisy.clone());
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let (mut sent, mut codes) = (0u64, std::collections::BTreeMap::<String, u64>::new());
+            while start.elapsed() < Duration::from_secs(10) {
+                let mut cmd = Command::new("curl");
+                cmd.args(["-sk", "--max-time", "20", "-w", "%{http_code}\n", "-X", "PUT"])
+                    .args(["-H", &format!("Authorization: Bearer {noisy}"), "-H", "Content-Type: application/json"])
+                    .args(["--data-binary", &body]);
+                // 300 requests per curl, on one connection.
+                for _ in 0..300 {
+                    cmd.args(["-o", "/dev/null", &url]);
+                }
+                let out = cmd.output().unwrap();
+                for code in String::from_utf8_lossy(&out.stdout).lines() {
+                    sent += 1;
+                    *codes.entry(code.to_string()).or_default() += 1;
+                }
+            }
+            (sent, codes)
+        })
+    };
+
+    // Meanwhile n1 obtains its certificate (CSR flow) in normal time.
+    let started = std::time::Instant::now();
+    let upstream = rt.block_on(upstreams::http("hello from n1"));
+    let agent = Agent::spawn_with_config(
+        &dir.path().join("agent"),
+        &join,
+        upstream,
+        "[acme.renewal]\nretry_initial_secs = 2\n",
+    )
+    .unwrap();
+    wait_renewals(&agent, 1.0, Duration::from_secs(30));
+    let took = started.elapsed();
+    let (sent, codes) = hammer.join().unwrap();
+    assert!(took < Duration::from_secs(30), "n1's certificate took {took:?}");
+    assert!(sent > 1000, "the noisy node sent {sent} requests: {codes:?}");
+    // Its budget held it to a few requests per second; everything else
+    // was refused before it touched the store.
+    let accepted = codes.get("200").copied().unwrap_or(0);
+    assert!(accepted <= 30 + 5 * 12, "{accepted} of {sent} accepted: {codes:?}");
+    assert!(codes.get("429").copied().unwrap_or(0) > sent / 2, "{codes:?}");
+    let metrics = server.metrics().unwrap();
+    assert!(metric(&metrics, "edge_refusals_total{listener=\"api\",reason=\"node_rate\"}").unwrap() > 100.0);
+    // The accepted repeats changed nothing: the zone moved only for n1's
+    // two challenge values (published, then removed).
+    let moved = serial() - serial_before;
+    assert!(moved <= 8, "the SOA serial moved {moved} times");
+    eprintln!("noisy node: {sent} requests {codes:?}; n1's certificate after {took:?}");
+}

@@ -220,3 +220,66 @@ async fn idle_spliced_connections_are_closed_after_the_idle_timeout() {
     })
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_is_connected_only_after_the_clients_handshake() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("server"), "").unwrap();
+    let join = server.add_node("web1").unwrap();
+    // An upstream that counts the connections it accepts.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await;
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n").await;
+            });
+        }
+    });
+    let agent = Agent::start(&tmp.path().join("agent"), &join, upstream, &[]).unwrap();
+    let count = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+
+    // 20 clients send a ClientHello and stall; 10 more send one and then
+    // garbage instead of finishing the handshake.
+    let hello = clients::client_hello(&format!("web1.{ZONE}"));
+    let mut held = Vec::new();
+    for i in 0..30 {
+        let mut tcp = TcpStream::connect(server.addrs.tls).await.unwrap();
+        tcp.write_all(&hello).await.unwrap();
+        if i >= 20 {
+            tcp.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]).await.unwrap();
+        }
+        held.push(tcp);
+    }
+    // Every stream has reached the agent (its open-stream gauge says so).
+    edge_tests::wait_for("30 streams at the agent", Duration::from_secs(10), || {
+        let open = edge_tests::metric(&agent.metrics().ok()?, "edge_agent_open_streams")?;
+        (open >= 20.0).then_some(())
+    })
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(), 0, "no upstream connection for a handshake that is not complete");
+
+    // A client that completes its handshake gets exactly one.
+    let port = server.addrs.tls.port();
+    let host = format!("web1.{ZONE}");
+    let (ok, body, err) = curl(&[
+        "-sS",
+        "--max-time",
+        "10",
+        "--resolve",
+        &format!("{host}:{port}:127.0.0.1"),
+        "--cacert",
+        agent.local_ca("web1").to_str().unwrap(),
+        &format!("https://{host}:{port}/"),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(body, "ok\n");
+    assert_eq!(count(), 1);
+    drop(held);
+}

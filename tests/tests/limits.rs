@@ -264,3 +264,132 @@ async fn rates_caps_and_auth_budgets_refuse_and_count() {
     let lines = log.lines().filter(|l| l.contains("refusing: limit reached") && l.contains("listener=\"dns\"")).count();
     assert_eq!(lines, 1, "DNS refusals are logged once per 10 s, not once each");
 }
+
+/// curl from loopback source `from`: one request per URL in `urls` on one
+/// keep-alive connection; the status of each.
+fn curl_codes(from: &str, method: &str, bearer: Option<&str>, body: Option<&str>, urls: &[String]) -> Vec<u16> {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sk", "--max-time", "30", "--interface", from, "-w", "%{http_code}\n", "-X", method]);
+    if let Some(token) = bearer {
+        cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    if let Some(body) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary", body]);
+    }
+    for url in urls {
+        cmd.args(["-o", "/dev/null", url]);
+    }
+    let out = cmd.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().parse().unwrap_or(0)).collect()
+}
+
+#[test]
+fn metrics_need_the_token_on_the_api_are_cached_and_budgeted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "[limits]\nmetrics_rate = 2\nmetrics_cache_ms = 1000\n").unwrap();
+    let token = server.admin_token();
+    let api = format!("https://{}/metrics", server.addrs.api);
+    // The public API answers /metrics only with the admin token; /healthz
+    // stays open.
+    assert_eq!(curl_codes("127.0.0.20", "GET", None, None, std::slice::from_ref(&api)), [401]);
+    assert_eq!(curl_codes("127.0.0.20", "GET", Some("not-the-admin-token"), None, std::slice::from_ref(&api)), [401]);
+    assert_eq!(curl_codes("127.0.0.21", "GET", Some(&token), None, std::slice::from_ref(&api)), [200]);
+    let healthz = format!("https://{}/healthz", server.addrs.api);
+    assert_eq!(curl_codes("127.0.0.20", "GET", None, None, &[healthz]), [200]);
+
+    // The metrics listener answers without a token, only /metrics and /healthz.
+    let listener = server.addrs.metrics.expect("metrics listener");
+    let open = |path: &str| edge_tests::http_get(listener, path).unwrap();
+    let (status, first) = open("/metrics");
+    assert_eq!(status, 200);
+    assert!(first.contains("edge_connections_accepted_total"), "{first}");
+    assert_eq!(open("/healthz").0, 200);
+    assert_eq!(open("/api/nodes").0, 404);
+
+    // One rendering serves every scrape for a second: a connection accepted
+    // now shows only in a later rendering.
+    let accepted = |text: &str| metric(text, "edge_connections_accepted_total");
+    let seen = accepted(&open("/metrics").1).unwrap();
+    drop(std::net::TcpStream::connect(server.addrs.tls).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    let cached = accepted(&open("/metrics").1).unwrap();
+    assert_eq!(cached, seen, "the same rendering within the second");
+    // Polled at the source's own rate (2/s), a fresh rendering comes.
+    let mut later = None;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(500));
+        later = accepted(&open("/metrics").1).filter(|n| *n > seen);
+        if later.is_some() {
+            break;
+        }
+    }
+    assert_eq!(later, Some(seen + 1.0), "a later rendering counts the connection");
+
+    // Each source gets a few scrapes per second (burst 10, 2/s): 40 at once
+    // on one keep-alive connection mostly get 429.
+    let urls: Vec<String> = (0..40).map(|_| api.clone()).collect();
+    let codes = curl_codes("127.0.0.22", "GET", Some(&token), None, &urls);
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    let refused = codes.iter().filter(|c| **c == 429).count();
+    assert_eq!(codes.len(), 40);
+    assert!((10..=13).contains(&ok) && ok + refused == 40, "{ok} answered, {refused} refused: {codes:?}");
+    // Another source is not affected.
+    assert_eq!(curl_codes("127.0.0.23", "GET", Some(&token), None, std::slice::from_ref(&api)), [200]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let m = open("/metrics").1;
+    let counted = metric(&m, "edge_refusals_total{listener=\"api\",reason=\"metrics_rate\"}");
+    assert_eq!(counted, Some(refused as f64), "{m}");
+}
+
+#[test]
+fn concurrent_wrong_tokens_cannot_exceed_the_failure_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "[limits]\nauth_failures_per_minute = 5\n").unwrap();
+    let join = server.add_node("n1").unwrap();
+    // A well-formed token for a real node with the wrong secret: each check
+    // asks the store, which is when the old check-then-spend raced.
+    let wrong = format!("n1.{}", "A".repeat(43));
+    assert_ne!(wrong, edge_proto::join::JoinTicket::parse(&join).unwrap().token);
+    let url = format!("https://{}/api/signal/heartbeat", server.addrs.api);
+    let body = r#"{"status":"ready","version":"test"}"#;
+    // 40 attempts from one source at once: 8 curl processes, 5 requests each.
+    let attempts: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, wrong) = (url.clone(), wrong.clone());
+            std::thread::spawn(move || {
+                let urls: Vec<String> = (0..5).map(|_| url.clone()).collect();
+                curl_codes("127.0.0.30", "POST", Some(&wrong), Some(body), &urls)
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = attempts.into_iter().flat_map(|a| a.join().unwrap()).collect();
+    let checked = codes.iter().filter(|c| **c == 401).count();
+    let refused = codes.iter().filter(|c| **c == 429).count();
+    assert_eq!(codes.len(), 40, "{codes:?}");
+    assert!(checked <= 5, "{checked} wrong tokens were checked with a budget of 5: {codes:?}");
+    assert_eq!(checked + refused, 40, "{codes:?}");
+    // The right token from a fresh source still works, any number of times:
+    // successes give their attempt back.
+    let right = edge_proto::join::JoinTicket::parse(&join).unwrap().token;
+    let urls: Vec<String> = (0..20).map(|_| url.clone()).collect();
+    let ok = curl_codes("127.0.0.31", "POST", Some(&right), Some(body), &urls);
+    assert!(ok.iter().all(|c| *c == 200), "{ok:?}");
+}
+
+#[test]
+fn a_name_with_a_newline_is_logged_on_one_escaped_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "[dns]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let token = edge_proto::join::JoinTicket::parse(&server.add_node("n1").unwrap()).unwrap().token;
+    let forged = "2026-12-01T00:00:00.000000Z  INFO edge_server: node n2 connected";
+    let body = serde_json::json!({ "name": format!("x\n{forged}\r\nmore"), "value": "A".repeat(43) }).to_string();
+    let (status, _) = server.api_call("PUT", "/api/signal/acme-challenge", Some(&token), Some(&body)).unwrap();
+    assert_eq!(status, 403);
+    std::thread::sleep(Duration::from_millis(200));
+    let log = server.proc.log_text();
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("refused a TXT record")).collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(refused[0].contains(r"x\n2026-12-01") && refused[0].contains(r"\r\nmore"), "{}", refused[0]);
+    assert!(!log.lines().any(|l| l.starts_with("2026-12-01T00:00:00")), "a forged line reached the log:\n{log}");
+    assert!(!log.lines().any(|l| l.starts_with("more")), "{log}");
+}
