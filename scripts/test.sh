@@ -23,6 +23,9 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo build --release --workspace --all-targets
+# Lints, including clippy's incompatible_msrv: the code may use nothing
+# newer than the rust-version Cargo.toml declares.
+cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace "$@"
 
 # A bounded coverage-guided run of every fuzz target (stable toolchain, own
