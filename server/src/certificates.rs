@@ -29,7 +29,7 @@ use crate::Shared;
 
 /// Most TXT values one node may have published at once: a node has one
 /// challenge name, and an order for its name and its wildcard needs two
-/// values there.
+/// values there. A new value beyond it replaces the node's oldest.
 pub const MAX_VALUES_PER_NODE: usize = 2;
 /// Values older than this are removed even if the agent never asks.
 pub const CHALLENGE_LIFETIME_SECS: i64 = 3600;
@@ -43,9 +43,6 @@ pub enum CertRequestError {
     /// The request is malformed.
     #[error("{0}")]
     Invalid(String),
-    /// The node has too many values published.
-    #[error("too many TXT values published for this node (at most {MAX_VALUES_PER_NODE}); remove one first")]
-    TooMany,
     /// This server has no `[dns]` or no `[acme]` section.
     #[error("{0}")]
     NotConfigured(&'static str),
@@ -62,7 +59,6 @@ impl CertRequestError {
         match self {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Invalid(_) => StatusCode::BAD_REQUEST,
-            Self::TooMany => StatusCode::TOO_MANY_REQUESTS,
             Self::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Busy => StatusCode::CONFLICT,
             Self::Failed(_) => StatusCode::BAD_GATEWAY,
@@ -138,10 +134,8 @@ pub async fn publish(shared: &Shared, node: &NodeHandle, name: &str, value: &str
         .await
         .map_err(|e| CertRequestError::Failed(e.to_string()))?
         .map_err(|e| CertRequestError::Failed(e.to_string()))?;
-    match published {
-        Published::Full => return Err(CertRequestError::TooMany),
-        Published::Added => shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?,
-        Published::Unchanged => {}
+    if published == Published::Added {
+        shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?;
     }
     if !zone.current().serves_txt(&name, value) {
         // Not served: take it back, so failed attempts never pile up.

@@ -122,8 +122,6 @@ pub enum Published {
     Added,
     /// The value was there already; only its age was reset.
     Unchanged,
-    /// Nothing stored: the node already has `max_per_node` values.
-    Full,
 }
 
 /// Errors from a store.
@@ -183,8 +181,9 @@ pub trait Store: Send + Sync + 'static {
     fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError>;
     /// Marks every node disconnected (at server start).
     fn reset_status(&self) -> Result<(), StoreError>;
-    /// Publishes a TXT value for `node`. A value already published only has
-    /// its age reset (no revision change: the zone stays as it is).
+    /// Publishes a TXT value for `node`, removing its oldest values beyond
+    /// `max_per_node`. A value already published only has its age reset (no
+    /// revision change: the zone stays as it is).
     fn put_challenge(&self, node: &str, name: &str, value: &str, max_per_node: usize) -> Result<Published, StoreError>;
     /// Removes one value (or all at `name` when `value` is `None`) of `node`;
     /// returns how many were removed.

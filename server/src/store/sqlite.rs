@@ -345,21 +345,21 @@ impl Store for SqliteStore {
                 tx.commit()?;
                 return Ok(Published::Unchanged);
             }
-            let count: i64 =
-                tx.query_row("SELECT COUNT(*) FROM acme_challenges WHERE node = ?1", params![node], |r| r.get(0))?;
-            if count as usize >= max_per_node {
-                return Ok(Published::Full);
-            }
-            // (name, value) is unique: another node's row at this name would
-            // be a bug upstream (names are per node), and is left untouched.
-            let added = tx.execute(
+            // At the cap, the node's oldest value makes room: what is left
+            // of an order that never finished (an agent or a server that
+            // died halfway) must not block the next one for an hour.
+            tx.execute(
+                "DELETE FROM acme_challenges WHERE rowid IN (SELECT rowid FROM acme_challenges WHERE node = ?1
+                   ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?2)",
+                params![node, max_per_node.saturating_sub(1) as i64],
+            )?;
+            // (name, value) is unique and names are per node: another
+            // node's row here would be a bug upstream, and stays untouched.
+            tx.execute(
                 "INSERT INTO acme_challenges (node, name, value, created_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(name, value) DO NOTHING",
                 params![node, name, value, now()],
             )?;
-            if added == 0 {
-                return Ok(Published::Full);
-            }
             bump_revision(&tx)?;
             tx.commit()?;
             Ok(Published::Added)
@@ -575,8 +575,10 @@ mod tests {
         }
         assert_eq!(store.revision().unwrap(), r, "an unchanged value moves no revision");
         assert_eq!(store.put_challenge("n1", at, "v2", 2).unwrap(), Published::Added);
-        assert_eq!(store.put_challenge("n1", at, "v3", 2).unwrap(), Published::Full);
-        assert_eq!(store.list_challenges().unwrap().len(), 2);
+        // A third value replaces the oldest.
+        assert_eq!(store.put_challenge("n1", at, "v3", 2).unwrap(), Published::Added);
+        let values: Vec<String> = store.list_challenges().unwrap().into_iter().map(|c| c.value).collect();
+        assert_eq!(values, vec!["v2", "v3"]);
     }
 
     #[test]
