@@ -22,22 +22,7 @@ pub enum Sensitivity {
 
 /// Atomically replaces `path` with `data`.
 pub fn write_atomic(path: &Path, data: &[u8], sensitivity: Sensitivity) -> Result<(), CertError> {
-    let io = |source| CertError::Io { path: path.to_path_buf(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io)?;
-    let tmp = temp_path(dir, path);
-    let result = (|| {
-        let mut file = open_new(&tmp, sensitivity)?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(dir);
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    publish(path, data, sensitivity, |tmp| fs::rename(tmp, path)).map(|_| ())
 }
 
 /// Creates `path` with `data` unless it exists: `Ok(true)` if this call
@@ -46,6 +31,22 @@ pub fn write_atomic(path: &Path, data: &[u8], sensitivity: Sensitivity) -> Resul
 /// link of a synced temporary file), so a reader never sees a partial file
 /// and of several racing processes exactly one wins.
 pub fn create_new(path: &Path, data: &[u8], sensitivity: Sensitivity) -> Result<bool, CertError> {
+    publish(path, data, sensitivity, |tmp| match fs::hard_link(tmp, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    })
+}
+
+/// Writes `data` to a synced temporary file beside `path` (mode set at
+/// creation), gives it its name with `put`, syncs the directory and removes
+/// whatever temporary name is left.
+fn publish<T>(
+    path: &Path,
+    data: &[u8],
+    sensitivity: Sensitivity,
+    put: impl FnOnce(&Path) -> std::io::Result<T>,
+) -> Result<T, CertError> {
     let io = |source| CertError::Io { path: path.to_path_buf(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io)?;
@@ -54,15 +55,14 @@ pub fn create_new(path: &Path, data: &[u8], sensitivity: Sensitivity) -> Result<
         let mut file = open_new(&tmp, sensitivity)?;
         file.write_all(data)?;
         file.sync_all()?;
-        match fs::hard_link(&tmp, path) {
-            Ok(()) => {
-                sync_dir(dir);
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
+        let put = put(&tmp)?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
         }
+        Ok(put)
     })();
+    // Gone after a rename; the second name after a hard link; left over
+    // after a failure.
     let _ = fs::remove_file(&tmp);
     result.map_err(io)
 }
@@ -103,12 +103,6 @@ fn open_new(path: &Path, sensitivity: Sensitivity) -> std::io::Result<fs::File> 
         });
     }
     options.open(path)
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
 }
 
 #[cfg(test)]

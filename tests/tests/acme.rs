@@ -95,21 +95,25 @@ fn assert_not_under(dir: &Path, needle: &str) {
     }
 }
 
+/// A server in `<dir>/server` with DNS and ACME at the Pebble that will run
+/// on `pebble_port` from `<dir>/pebble`; `extra` follows the `[acme]` keys.
+fn acme_server(dir: &Path, pebble_port: u16, extra: &str) -> Server {
+    let config = format!(
+        "[dns]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\n\
+         caa_issuers = [\"pebble.test\"]\n{extra}",
+        Pebble::directory_for(pebble_port),
+        dir.join("pebble/listener-ca.pem").display()
+    );
+    Server::start(&dir.join("server"), &config).unwrap()
+}
+
 #[test]
 fn csr_flow_issues_through_server_and_renews_without_dropping_connections() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pebble_port = free_port().unwrap();
     let pebble_dir = dir.path().join("pebble");
-    let server = Server::start(
-        &dir.path().join("server"),
-        &format!(
-            "[dns]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\ncaa_issuers = [\"pebble.test\"]\ncontact = [\"ops@edge.test\"]\n",
-            Pebble::directory_for(pebble_port),
-            pebble_dir.join("listener-ca.pem").display()
-        ),
-    )
-    .unwrap();
+    let server = acme_server(dir.path(), pebble_port, "contact = [\"ops@edge.test\"]\n");
     let dns = server.addrs.dns.unwrap();
     // Only DNS-01, which only this server can answer, may issue for the zone
     // (RFC 8657): whoever holds an address a direct node left behind cannot
@@ -346,16 +350,7 @@ fn a_node_hammering_the_signal_api_does_not_delay_another_nodes_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let pebble_port = free_port().unwrap();
     let pebble_dir = dir.path().join("pebble");
-    let server = Server::start(
-        &dir.path().join("server"),
-        &format!(
-            "[dns]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\n\
-             caa_issuers = [\"pebble.test\"]\n[limits]\nnode_signal_rate = 5\nnode_signal_burst = 30\n",
-            Pebble::directory_for(pebble_port),
-            pebble_dir.join("listener-ca.pem").display()
-        ),
-    )
-    .unwrap();
+    let server = acme_server(dir.path(), pebble_port, "[limits]\nnode_signal_rate = 5\nnode_signal_burst = 30\n");
     let dns = server.addrs.dns.unwrap();
     let _pebble = Pebble::start(&pebble_dir, pebble_port, dns).unwrap();
     let noisy = token_of(&server.add_node("noisy").unwrap());
