@@ -24,13 +24,16 @@ pub struct PemPair {
 /// given subject alternative names on first use.
 pub fn server_identity(dir: &Path, names: &[String]) -> Result<PemPair, CertError> {
     let pair = PemPair { cert: dir.join("server-identity.crt"), key: dir.join("server-identity.key") };
-    if pair.cert.exists() && pair.key.exists() {
-        return Ok(pair);
-    }
     // Two processes on a fresh directory (the server and `node add`) must
-    // not each write one half of a pair: the second waits here, then finds
-    // the first one's files.
-    let _lock = crate::store::lock_dir(dir, ".server-identity.lock")?;
+    // not each write one half of a pair, nor one read a half the other is
+    // writing: whoever comes second waits here, then finds both files.
+    let _lock = match crate::store::lock_dir(dir, ".server-identity.lock") {
+        Ok(lock) => lock,
+        // A directory we may not write (a read-only mount) can still hold
+        // an identity to load.
+        Err(_) if pair.cert.exists() && pair.key.exists() => return Ok(pair),
+        Err(e) => return Err(e),
+    };
     if pair.cert.exists() && pair.key.exists() {
         return Ok(pair);
     }

@@ -31,11 +31,41 @@ pub fn write_atomic(path: &Path, data: &[u8], sensitivity: Sensitivity) -> Resul
 /// link of a synced temporary file), so a reader never sees a partial file
 /// and of several racing processes exactly one wins.
 pub fn create_new(path: &Path, data: &[u8], sensitivity: Sensitivity) -> Result<bool, CertError> {
-    publish(path, data, sensitivity, |tmp| match fs::hard_link(tmp, path) {
-        Ok(()) => Ok(true),
+    let linked = publish(path, data, sensitivity, |tmp| match fs::hard_link(tmp, path) {
+        Ok(()) => Ok(Some(true)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Some(false)),
+        // A file system without hard links (some FUSE, SMB, FAT mounts).
+        Err(_) => Ok(None),
+    })?;
+    if let Some(created) = linked {
+        return Ok(created);
+    }
+    // Still one winner (O_EXCL), though a racing reader may see the file
+    // before its bytes.
+    let io = |source| CertError::Io { path: path.to_path_buf(), source };
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode(sensitivity));
+    }
+    match options.open(path) {
+        Ok(mut file) => {
+            file.write_all(data).and_then(|()| file.sync_all()).map_err(io)?;
+            Ok(true)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
-    })
+        Err(e) => Err(io(e)),
+    }
+}
+
+#[cfg(unix)]
+fn mode(sensitivity: Sensitivity) -> u32 {
+    match sensitivity {
+        Sensitivity::Secret => 0o600,
+        Sensitivity::Public => 0o644,
+    }
 }
 
 /// Writes `data` to a synced temporary file beside `path` (mode set at
@@ -97,10 +127,7 @@ fn open_new(path: &Path, sensitivity: Sensitivity) -> std::io::Result<fs::File> 
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(match sensitivity {
-            Sensitivity::Secret => 0o600,
-            Sensitivity::Public => 0o644,
-        });
+        options.mode(mode(sensitivity));
     }
     options.open(path)
 }

@@ -117,7 +117,13 @@ pub fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std:
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
-        let _ = socket.set_only_v6(false);
+        match socket.set_only_v6(false) {
+            Ok(()) => {}
+            // A wildcard IPv6 socket is meant to be dual-stack: where it
+            // cannot be, say so (the caller may fall back to IPv4).
+            Err(e) if addr.ip().is_unspecified() => return Err(e),
+            Err(_) => {}
+        }
     }
     let _ = socket.set_recv_buffer_size(buffer_bytes);
     let _ = socket.set_send_buffer_size(buffer_bytes);

@@ -400,5 +400,5 @@ async fn metrics(State(shared): State<Arc<Shared>>, Extension(peer): Extension<P
     if let Some(refused) = admin_refusal(&shared, peer, &headers) {
         return refused;
     }
-    shared.scrape.respond(&shared, Listener::Api, peer.0)
+    shared.scrape.respond(&shared, Listener::Api, peer.0).await
 }

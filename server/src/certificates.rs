@@ -29,8 +29,13 @@ use crate::Shared;
 
 /// Most TXT values one node may have published at once: a node has one
 /// challenge name, and an order for its name and its wildcard needs two
-/// values there. A new value beyond it replaces the node's oldest.
+/// values there. A new value beyond it replaces the node's oldest value if
+/// that one is older than [`STALE_VALUE_SECS`] (an order that never
+/// finished), and is refused (429) otherwise.
 pub const MAX_VALUES_PER_NODE: usize = 2;
+/// A value this old belongs to no running order (orders take at most
+/// `order_timeout_secs`, 180 s by default): it makes room for a new one.
+pub const STALE_VALUE_SECS: i64 = 600;
 /// Values older than this are removed even if the agent never asks.
 pub const CHALLENGE_LIFETIME_SECS: i64 = 3600;
 
@@ -43,6 +48,9 @@ pub enum CertRequestError {
     /// The request is malformed.
     #[error("{0}")]
     Invalid(String),
+    /// The node has its most values published, none of them stale.
+    #[error("this node has {MAX_VALUES_PER_NODE} TXT values published for a running order; remove one or retry later")]
+    TooMany,
     /// This server has no `[dns]` or no `[acme]` section.
     #[error("{0}")]
     NotConfigured(&'static str),
@@ -59,6 +67,7 @@ impl CertRequestError {
         match self {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Invalid(_) => StatusCode::BAD_REQUEST,
+            Self::TooMany => StatusCode::TOO_MANY_REQUESTS,
             Self::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Busy => StatusCode::CONFLICT,
             Self::Failed(_) => StatusCode::BAD_GATEWAY,
@@ -90,21 +99,32 @@ fn own_challenge_name(shared: &Shared, node: &NodeHandle, name: &str) -> Result<
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     let own = format!("{}.{}.{}", edge_proto::dns_zone::ACME_LABEL, node.name, shared.config.zone());
     if name != own {
-        refused_foreign_name(shared, node, &name, "refused a TXT record outside the node's own names");
+        refused_foreign_name(
+            shared,
+            node,
+            &name,
+            &TXT_REFUSAL_LOG,
+            "refused a TXT record outside the node's own names",
+        );
         return Err(CertRequestError::Forbidden(format!("node {} may only publish TXT values at {own}", node.name)));
     }
     Ok(name)
 }
 
 /// Counts a request naming what is not the node's, and logs it escaped (the
-/// name is the node's text) and at most every 10 s.
-fn refused_foreign_name(shared: &Shared, node: &NodeHandle, name: &str, message: &'static str) {
+/// name is the node's text) and at most every 10 s per kind (`log`).
+fn refused_foreign_name(shared: &Shared, node: &NodeHandle, name: &str, log: &Throttle, message: &'static str) {
     shared.metrics.foreign_name_refusals.fetch_add(1, Ordering::Relaxed);
-    static LOG: std::sync::LazyLock<Throttle> = std::sync::LazyLock::new(|| Throttle::new(crate::limits::LOG_EVERY));
-    if let Some(suppressed) = LOG.due() {
+    if let Some(suppressed) = log.due() {
         tracing::warn!(node = %node.name, name = %Untrusted(name), suppressed, "{message}");
     }
 }
+
+/// One log line per 10 s for refused TXT names, and one for refused CSRs.
+static TXT_REFUSAL_LOG: std::sync::LazyLock<Throttle> =
+    std::sync::LazyLock::new(|| Throttle::new(crate::limits::LOG_EVERY));
+static CSR_REFUSAL_LOG: std::sync::LazyLock<Throttle> =
+    std::sync::LazyLock::new(|| Throttle::new(crate::limits::LOG_EVERY));
 
 fn check_value(value: &str) -> Result<(), CertRequestError> {
     if edge_proto::signal::is_valid_challenge_value(value) {
@@ -130,17 +150,31 @@ pub async fn publish(shared: &Shared, node: &NodeHandle, name: &str, value: &str
     check_value(value)?;
     let store = shared.store.clone();
     let (n, nm, v) = (node.name.clone(), name.clone(), value.to_string());
-    let published = tokio::task::spawn_blocking(move || store.put_challenge(&n, &nm, &v, MAX_VALUES_PER_NODE))
-        .await
-        .map_err(|e| CertRequestError::Failed(e.to_string()))?
-        .map_err(|e| CertRequestError::Failed(e.to_string()))?;
-    if published == Published::Added {
-        shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?;
+    let stale_before = crate::unix_now() - STALE_VALUE_SECS;
+    let published =
+        tokio::task::spawn_blocking(move || store.put_challenge(&n, &nm, &v, MAX_VALUES_PER_NODE, stale_before))
+            .await
+            .map_err(|e| CertRequestError::Failed(e.to_string()))?
+            .map_err(|e| CertRequestError::Failed(e.to_string()))?;
+    if published == Published::Full {
+        return Err(CertRequestError::TooMany);
     }
-    if !zone.current().serves_txt(&name, value) {
-        // Not served: take it back, so failed attempts never pile up.
-        let _ = remove(shared, node, &name, Some(value)).await;
-        return Err(CertRequestError::Failed(format!("the zone does not serve the value at {name} after reloading")));
+    // An unchanged value is normally served already; if it is not (the
+    // reload of the request that added it failed, or has not run yet), a
+    // reload is what it needs, not a removal.
+    if published == Published::Added || !zone.current().serves_txt(&name, value) {
+        let reloaded = shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()));
+        if reloaded.is_err() || !zone.current().serves_txt(&name, value) {
+            if published == Published::Added {
+                // Not served: take back what this request added, so failed
+                // attempts never pile up.
+                let _ = remove(shared, node, &name, Some(value)).await;
+            }
+            reloaded?;
+            return Err(CertRequestError::Failed(format!(
+                "the zone does not serve the value at {name} after reloading"
+            )));
+        }
     }
     if published == Published::Added {
         tracing::info!(node = %node.name, %name, "DNS-01 TXT value published");
@@ -215,7 +249,13 @@ pub async fn issue_for_csr(
         .map_err(|_| CertRequestError::Invalid("csr must be base64 of a DER PKCS#10 request".into()))?;
     let names = edge_certs::info::csr_names(&der).map_err(|e| CertRequestError::Invalid(format!("csr: {e}")))?;
     if let Some(foreign) = names.iter().find(|n| !node.hostnames.contains(n)) {
-        refused_foreign_name(shared, node, foreign, "refused a CSR naming another node's or an unknown name");
+        refused_foreign_name(
+            shared,
+            node,
+            foreign,
+            &CSR_REFUSAL_LOG,
+            "refused a CSR naming another node's or an unknown name",
+        );
         return Err(CertRequestError::Forbidden(format!(
             "node {} may only request certificates for {:?}; the CSR names {}",
             node.name,

@@ -57,8 +57,19 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             continue;
         }
         let mut round = tokio::task::JoinSet::new();
+        let own = shared.own_addresses();
         for node in nodes {
-            let Some(endpoint) = node.current_endpoint() else {
+            // An endpoint restored from the store was checked by an older
+            // version, or before the host's addresses changed: checked again.
+            let endpoint = node.current_endpoint().filter(|e| {
+                let allowed = crate::endpoints::check(*e, &own, cfg.allow_loopback_endpoints);
+                if let Err(why) = &allowed {
+                    tracing::warn!(node = %node.name, error = %why, "no longer probing the node's endpoint");
+                    *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                allowed.is_ok()
+            });
+            let Some(endpoint) = endpoint else {
                 let change = lock(&node.mode).no_endpoint(crate::unix_now());
                 if let Some(t) = change {
                     apply(&shared, &node, t).await;

@@ -82,6 +82,12 @@ pub fn resolve(
         Some(port) => SocketAddr::new(remote.ip(), port.parse().map_err(|_| syntax())?),
         None => declared.parse().map_err(|_| syntax())?,
     };
+    check(addr, own, allow_loopback)
+}
+
+/// Whether `addr` may be probed at all (the rules of [`resolve`] for an
+/// address already known, e.g. one restored from the store).
+pub fn check(addr: SocketAddr, own: &OwnAddresses, allow_loopback: bool) -> Result<SocketAddr, EndpointError> {
     let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
     if addr.port() == 0 {
         return Err(EndpointError::PortZero(addr));

@@ -105,13 +105,11 @@ pub fn quic_server_config(
         .map_err(|e| ServerError::Tls(rustls::Error::General(e.to_string())))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(tuning.transport(1)));
-    // No connection migration: a `:port` endpoint is resolved against the
-    // address the agent connected from, once, at hello. If a tunnel could
-    // move to another address under us, the node's endpoint would go stale
-    // while still counted as the node's. An agent whose address changes
-    // (NAT rebinding) loses the tunnel and says hello again from the new
-    // address, which is resolved and probed afresh.
-    config.migration(false);
+    // Connection migration stays on (quinn's default): an agent behind a
+    // NAT that rebinds keeps its tunnel. The session notices the new
+    // address and resolves a `:port` endpoint again (`tunnel.rs:
+    // agent_moved`), so no verified endpoint outlives the address it was
+    // verified at.
     Ok(config)
 }
 

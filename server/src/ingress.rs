@@ -172,7 +172,12 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Ok(answered) => answered,
         Err(e) => {
             shared.metrics.reject("tunnel_failed");
-            tracing::warn!(%peer, %sni, node = %node.name, error = %e, "no tunnel of the node answered");
+            static LOG: std::sync::LazyLock<edge_net::logging::Throttle> =
+                std::sync::LazyLock::new(|| edge_net::logging::Throttle::new(crate::limits::LOG_EVERY));
+            if let Some(suppressed) = LOG.due() {
+                tracing::warn!(%peer, %sni, node = %node.name, error = %e, suppressed,
+                    "no tunnel of the node answered (logged at most every 10 s)");
+            }
             if e.agent_answered() {
                 edge_net::splice::reset_tcp(&tcp);
             } else {

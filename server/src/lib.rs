@@ -140,7 +140,12 @@ pub struct Shared {
     /// Our own probes and fallback splices in flight, to refuse them if
     /// they come back to us.
     pub self_loops: Arc<self_loop::SelfLoops>,
+    /// The last reading of [`Shared::own_addresses`].
+    own_addresses: std::sync::Mutex<Option<(std::time::Instant, Arc<endpoints::OwnAddresses>)>>,
 }
+
+/// How long a reading of the host's own addresses is used.
+pub const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
 
 /// Reload requests counted for [`Shared::reload`]'s coalescing.
 #[derive(Debug, Default)]
@@ -283,11 +288,24 @@ impl Shared {
         }
     }
 
-    /// What the server knows of its own addresses now: its listeners, and
-    /// the host's interface addresses (read again each time: agents connect
-    /// rarely, and interfaces change), `dns.addresses` and the `public.*`
-    /// hosts that are IP literals.
-    pub fn own_addresses(&self) -> endpoints::OwnAddresses {
+    /// What the server knows of its own addresses: its listeners, and the
+    /// host's interface addresses, `dns.addresses` and the `public.*` hosts
+    /// that are IP literals. Interfaces change, so the list is read again
+    /// when it is older than [`OWN_ADDRESSES_TTL`]; in between it is shared
+    /// (the fallback splice asks once per client connection).
+    pub fn own_addresses(&self) -> Arc<endpoints::OwnAddresses> {
+        let mut cache = self.own_addresses.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, own)) = cache.as_ref() {
+            if at.elapsed() < OWN_ADDRESSES_TTL {
+                return own.clone();
+            }
+        }
+        let own = Arc::new(self.read_own_addresses());
+        *cache = Some((std::time::Instant::now(), own.clone()));
+        own
+    }
+
+    fn read_own_addresses(&self) -> endpoints::OwnAddresses {
         let mut host_ips: Vec<std::net::IpAddr> = match if_addrs::get_if_addrs() {
             Ok(interfaces) => interfaces.into_iter().map(|i| i.ip()).collect(),
             Err(e) => {
@@ -445,6 +463,7 @@ impl Server {
         let shared = Arc::new(Shared {
             scrape,
             self_loops: Arc::default(),
+            own_addresses: std::sync::Mutex::new(None),
             admission,
             auth_failures,
             refusals: limits::Refusals::default(),

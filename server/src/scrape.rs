@@ -32,6 +32,7 @@ use crate::Shared;
 pub struct Scrape {
     ttl: Duration,
     cache: Mutex<Option<(Instant, Bytes)>>,
+    rendering: tokio::sync::Mutex<()>,
     rates: Mutex<SourceRates>,
 }
 
@@ -41,23 +42,40 @@ impl Scrape {
         Self {
             ttl: Duration::from_millis(limits.metrics_cache_ms),
             cache: Mutex::new(None),
+            rendering: tokio::sync::Mutex::new(()),
             // A Prometheus server scrapes every few seconds; a burst of a few
             // leaves room for a person with curl.
             rates: Mutex::new(SourceRates::new(limits.metrics_rate, limits.metrics_rate.max(1) * 5, 10_000)),
         }
     }
 
+    /// The cached body, if younger than the TTL.
+    fn fresh(&self) -> Option<Bytes> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.as_ref().filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, body)| body.clone())
+    }
+
     /// The current body, rendered again only when the cached one is older
-    /// than the TTL.
-    pub fn body(&self, shared: &Shared) -> Bytes {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, body)) = cache.as_ref() {
-            if at.elapsed() < self.ttl {
-                return body.clone();
-            }
+    /// than the TTL. One rendering runs at a time, on a blocking thread (it
+    /// may take a while on a large cluster and must not hold a runtime
+    /// worker); scrapes that arrive meanwhile wait for it and share it.
+    pub async fn body(&self, shared: &Arc<Shared>) -> Bytes {
+        if let Some(body) = self.fresh() {
+            return body;
         }
-        let body = Bytes::from(render(shared));
-        *cache = Some((Instant::now(), body.clone()));
+        let _one_rendering = self.rendering.lock().await;
+        if let Some(body) = self.fresh() {
+            return body;
+        }
+        let owned = shared.clone();
+        let body = match tokio::task::spawn_blocking(move || render(&owned)).await {
+            Ok(text) => Bytes::from(text),
+            Err(e) => {
+                tracing::error!(error = %e, "rendering /metrics failed");
+                return Bytes::new();
+            }
+        };
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), body.clone()));
         body
     }
 
@@ -67,14 +85,14 @@ impl Scrape {
     }
 
     /// The answer to one scrape from `peer` arriving on `listener`.
-    pub fn respond(&self, shared: &Shared, listener: Listener, peer: IpAddr) -> Response {
+    pub async fn respond(&self, shared: &Arc<Shared>, listener: Listener, peer: IpAddr) -> Response {
         if !self.admit(peer) {
             shared.refusals.refuse(listener, Refusal::MetricsRate, peer);
             let mut refused = (StatusCode::TOO_MANY_REQUESTS, "too many scrapes from this address\n").into_response();
             refused.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             return refused;
         }
-        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], self.body(shared)).into_response()
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], self.body(shared).await).into_response()
     }
 }
 
@@ -93,5 +111,5 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 async fn open_metrics(State(shared): State<Arc<Shared>>, Extension(peer): Extension<Peer>) -> Response {
-    shared.scrape.respond(&shared, Listener::Metrics, peer.0)
+    shared.scrape.respond(&shared, Listener::Metrics, peer.0).await
 }

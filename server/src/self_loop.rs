@@ -28,9 +28,11 @@ pub struct SelfLoops {
     local_ends: Mutex<HashMap<SocketAddr, usize>>,
     /// Hashes of ClientHellos being forwarded by fallback splices.
     hellos: Mutex<HashMap<u64, usize>>,
-    /// Entries in both tables: lets the common case (nothing in flight)
-    /// skip the locks on every client connection.
-    in_flight: AtomicUsize,
+    /// Entries in each table: the common case (nothing of the kind in
+    /// flight) costs a client connection one atomic load, no lock and no
+    /// hash of its ClientHello.
+    local_in_flight: AtomicUsize,
+    hellos_in_flight: AtomicUsize,
     hasher: RandomState,
 }
 
@@ -64,10 +66,15 @@ fn leave<K: std::hash::Hash + Eq>(table: &Mutex<HashMap<K, usize>>, key: &K) {
 impl Drop for InFlight {
     fn drop(&mut self) {
         match &self.entry {
-            Entry::LocalEnd(addr) => leave(&self.loops.local_ends, addr),
-            Entry::Hello(hash) => leave(&self.loops.hellos, hash),
+            Entry::LocalEnd(addr) => {
+                leave(&self.loops.local_ends, addr);
+                self.loops.local_in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+            Entry::Hello(hash) => {
+                leave(&self.loops.hellos, hash);
+                self.loops.hellos_in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
         }
-        self.loops.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -78,8 +85,9 @@ impl SelfLoops {
     pub async fn connect(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<(TcpStream, InFlight)> {
         let tcp = TcpStream::connect(addr).await?;
         let local = tcp.local_addr()?;
+        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
         enter(&self.local_ends, local);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.local_in_flight.fetch_add(1, Ordering::Relaxed);
         Ok((tcp, InFlight { loops: self.clone(), entry: Entry::LocalEnd(local) }))
     }
 
@@ -87,19 +95,21 @@ impl SelfLoops {
     pub fn forwarding(self: &Arc<Self>, hello: &[u8]) -> InFlight {
         let hash = self.hasher.hash_one(hello);
         enter(&self.hellos, hash);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.hellos_in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight { loops: self.clone(), entry: Entry::Hello(hash) }
     }
 
     /// Whether a client connection from `peer` that sent `hello` is one of
     /// ours come back.
     pub fn is_ours(&self, peer: SocketAddr, hello: &[u8]) -> bool {
-        if self.in_flight.load(Ordering::Relaxed) == 0 {
-            return false;
+        if self.local_in_flight.load(Ordering::Relaxed) > 0 {
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            if self.local_ends.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&peer) {
+                return true;
+            }
         }
-        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let local = self.local_ends.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&peer);
-        local || self.hellos.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&self.hasher.hash_one(hello))
+        self.hellos_in_flight.load(Ordering::Relaxed) > 0
+            && self.hellos.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&self.hasher.hash_one(hello))
     }
 }
 
@@ -136,7 +146,8 @@ mod tests {
         assert!(loops.is_ours(other, &hello), "still forwarded once");
         drop(twice);
         assert!(!loops.is_ours(other, &hello));
-        assert_eq!(loops.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(loops.local_in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(loops.hellos_in_flight.load(Ordering::Relaxed), 0);
     }
 
     fn edge_proto_hello() -> Vec<u8> {

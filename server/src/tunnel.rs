@@ -1,6 +1,7 @@
 //! The QUIC listener for agents: authenticate, register the tunnel, answer
 //! heartbeats on the control stream, unregister when it ends.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ const HANDSHAKE_STEP: Duration = Duration::from_secs(10);
 const NOTICE_FLIGHT: Duration = Duration::from_millis(200);
 /// Heartbeat interval the server asks agents for.
 pub const HEARTBEAT_SECS: u64 = 15;
+/// How often a tunnel's remote address is compared with the last one seen
+/// (QUIC connections migrate when a NAT rebinds the agent).
+const ADDRESS_CHECK: Duration = Duration::from_secs(1);
 
 /// Accepts agent connections until `shutdown`. Sessions end when
 /// `close_tunnels` is cancelled (after client connections drained).
@@ -172,13 +176,8 @@ async fn session(
     }))
     .await?;
 
-    let allow_loopback = shared.config.modes.allow_loopback_endpoints;
-    let endpoint =
-        endpoint.as_deref().map(|e| crate::endpoints::resolve(e, remote, &shared.own_addresses(), allow_loopback));
-    match endpoint {
-        Some(Ok(addr)) => *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr),
-        Some(Err(e)) => tracing::warn!(node = %node.name, error = %e, "ignoring the agent's endpoint"),
-        None => *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = None,
+    if apply_endpoint(&shared, &node, endpoint.as_deref(), remote) {
+        reload_after_endpoint_change(&shared).await;
     }
     let tunnel_id = shared.registry.next_tunnel_id();
     let tuning = &shared.config.tunnel;
@@ -200,8 +199,15 @@ async fn session(
     shared.persist_status(&node).await;
     tracing::info!(node = %node.name, %remote, agent_version, %replica, tunnel = tunnel_id, "agent connected");
 
-    let control =
-        Control { conn: &conn, node: &node, state: &state, draining: &draining, close_tunnels: &close_tunnels };
+    let control = Control {
+        shared: &shared,
+        conn: &conn,
+        node: &node,
+        state: &state,
+        declared: endpoint.as_deref(),
+        draining: &draining,
+        close_tunnels: &close_tunnels,
+    };
     let result = control_loop(control, &mut reader, &mut writer, shared.config.limits.drain_timeout_secs).await;
     let remaining = node.remove_tunnel(tunnel_id);
     shared.persist_status(&node).await;
@@ -214,9 +220,12 @@ type Writer = FramedWrite<quinn::SendStream, ControlCodec<AgentMessage, ServerMe
 
 /// What the control loop of one tunnel watches.
 struct Control<'a> {
+    shared: &'a Arc<Shared>,
     conn: &'a quinn::Connection,
     node: &'a Arc<NodeHandle>,
     state: &'a TunnelState,
+    /// The endpoint the agent declared in its `hello`.
+    declared: Option<&'a str>,
     /// Cancelled when the server starts draining: agents are told once.
     draining: &'a CancellationToken,
     /// Cancelled when the drain is over: tunnels close.
@@ -229,8 +238,11 @@ async fn control_loop(
     writer: &mut Writer,
     drain_secs: u64,
 ) -> Result<(), SessionError> {
-    let Control { conn, node, state, draining, close_tunnels } = control;
+    let Control { shared, conn, node, state, declared, draining, close_tunnels } = control;
     let mut told_draining: Option<std::time::Instant> = None;
+    let mut remote = conn.remote_address();
+    let mut address_check = tokio::time::interval(ADDRESS_CHECK);
+    address_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             // The drain notice goes first even when the drain is already over.
@@ -249,6 +261,13 @@ async fn control_loop(
                 tokio::time::sleep(NOTICE_FLIGHT.saturating_sub(since)).await;
                 conn.close(VarInt::from_u32(codes::CLOSE_SHUTDOWN), b"server shutting down");
                 return Ok(());
+            }
+            _ = address_check.tick() => {
+                let now = conn.remote_address();
+                if now != remote {
+                    agent_moved(shared, node, declared, remote, now).await;
+                    remote = now;
+                }
             }
             reason = conn.closed() => {
                 return match reason {
@@ -300,4 +319,48 @@ fn close_with(conn: &quinn::Connection, code: u32, error: impl Into<SessionError
     let error = error.into();
     conn.close(VarInt::from_u32(code), error.to_string().as_bytes());
     error
+}
+
+/// Sets the node's endpoint from what its agent declared, resolved against
+/// the address the tunnel comes from. A refused endpoint clears the node's
+/// endpoint instead of leaving an older one in place. An endpoint other than
+/// the one last verified drops that verification, so DNS stops answering an
+/// address the node may have left until a probe verifies the new one.
+/// Returns whether the zone must be rebuilt (a direct node lost its address).
+fn apply_endpoint(shared: &Shared, node: &NodeHandle, declared: Option<&str>, remote: SocketAddr) -> bool {
+    let allow_loopback = shared.config.modes.allow_loopback_endpoints;
+    let resolved = match declared.map(|e| crate::endpoints::resolve(e, remote, &shared.own_addresses(), allow_loopback))
+    {
+        Some(Ok(addr)) => Some(addr),
+        Some(Err(e)) => {
+            tracing::warn!(node = %node.name, error = %e, "ignoring the agent's endpoint");
+            None
+        }
+        None => None,
+    };
+    *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = resolved;
+    let was_direct = node.direct_address().is_some();
+    let mut tracker = node.mode.lock().unwrap_or_else(|p| p.into_inner());
+    if tracker.verified().is_some() && tracker.verified() != resolved {
+        tracker.forget_verified();
+        return was_direct;
+    }
+    false
+}
+
+/// The tunnel's remote address changed (the connection migrated: a NAT
+/// rebinding, a new network). A `:port` endpoint means "where I connect
+/// from", so it is resolved again; the status shows the new address.
+async fn agent_moved(shared: &Shared, node: &NodeHandle, declared: Option<&str>, from: SocketAddr, to: SocketAddr) {
+    tracing::info!(node = %node.name, %from, %to, "agent's address changed (connection migrated)");
+    node.status.lock().unwrap_or_else(|p| p.into_inner()).remote_addr = Some(to.to_string());
+    if declared.is_some_and(|d| d.starts_with(':')) && apply_endpoint(shared, node, declared, to) {
+        reload_after_endpoint_change(shared).await;
+    }
+}
+
+async fn reload_after_endpoint_change(shared: &Shared) {
+    if let Err(e) = shared.reload().await {
+        tracing::error!(error = %e, "rebuilding the zone after an endpoint change failed");
+    }
 }

@@ -315,11 +315,10 @@ fn a_node_cannot_publish_or_obtain_anything_for_another_nodes_names() {
         assert_eq!(put(&value(i)), 200);
     }
     assert_eq!(put(&value(0)), 200, "publishing a value again is no error");
-    // A third replaces the oldest (a crashed order's leftovers never block
-    // the next order).
-    assert_eq!(put(&value(9)), 200);
-    let served = dig(dns, "_acme-challenge.n1.edge.test", "TXT", true).unwrap().data("TXT");
-    assert!(served.len() == 2 && served.contains(&value(9)), "{served:?}");
+    // A third is refused while the two belong to a running order (stale
+    // ones, older than 10 minutes, would make room).
+    assert_eq!(put(&value(9)), 429);
+    assert_eq!(dig(dns, "_acme-challenge.n1.edge.test", "TXT", true).unwrap().data("TXT").len(), 2);
     assert_eq!(call("DELETE", challenge, Some(&n1), r#"{"name":"_acme-challenge.n1.edge.test"}"#), 200);
     assert!(dig(dns, "_acme-challenge.n1.edge.test", "TXT", false).unwrap().answers.is_empty());
 
@@ -386,7 +385,7 @@ fn a_node_hammering_the_signal_api_does_not_delay_another_nodes_certificate() {
                     *codes.entry(code.to_string()).or_default() += 1;
                 }
             }
-            (sent, codes)
+            (sent, codes, start.elapsed())
         })
     };
 
@@ -402,13 +401,14 @@ fn a_node_hammering_the_signal_api_does_not_delay_another_nodes_certificate() {
     .unwrap();
     wait_renewals(&agent, 1.0, Duration::from_secs(30));
     let took = started.elapsed();
-    let (sent, codes) = hammer.join().unwrap();
+    let (sent, codes, hammered) = hammer.join().unwrap();
     assert!(took < Duration::from_secs(30), "n1's certificate took {took:?}");
-    assert!(sent > 1000, "the noisy node sent {sent} requests: {codes:?}");
-    // Its budget held it to a few requests per second; everything else
-    // was refused before it touched the store.
+    assert!(sent >= 600, "the noisy node sent {sent} requests: {codes:?}");
+    // Its budget (burst 30, then 5/s) held it to a few requests per second;
+    // everything else was refused before it touched the store.
     let accepted = codes.get("200").copied().unwrap_or(0);
-    assert!(accepted <= 30 + 5 * 12, "{accepted} of {sent} accepted: {codes:?}");
+    let budget = 30 + 5 * (hammered.as_secs() + 1);
+    assert!(accepted <= budget, "{accepted} of {sent} accepted in {hammered:?}: {codes:?}");
     assert!(codes.get("429").copied().unwrap_or(0) > sent / 2, "{codes:?}");
     let metrics = server.metrics().unwrap();
     assert!(metric(&metrics, "edge_refusals_total{listener=\"api\",reason=\"node_rate\"}").unwrap() > 100.0);

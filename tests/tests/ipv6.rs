@@ -14,8 +14,13 @@ use edge_tests::{upstreams, wait_for, Agent, Server, ZONE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_over_ipv6() {
-    let tmp = tempfile::tempdir().unwrap();
     let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    if std::net::TcpListener::bind((v6, 0)).is_err() {
+        // A host (or container) without IPv6 loopback: nothing to test.
+        eprintln!("skipped: no ::1 on this host");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
     let config = "[dns]\nlisten = \"[::1]:0\"\naddress_ttl_secs = 1\n\
                   [modes]\nprobe_interval_ms = 300\nprobe_timeout_ms = 1000\n";
     let server = Server::start_at(&tmp.path().join("server"), config, v6).unwrap();

@@ -309,11 +309,14 @@ fn metrics_need_the_token_on_the_api_are_cached_and_budgeted() {
     // One rendering serves every scrape for a second: a connection accepted
     // now shows only in a later rendering.
     let accepted = |text: &str| metric(text, "edge_connections_accepted_total");
+    let rendered = Instant::now();
     let seen = accepted(&open("/metrics").1).unwrap();
     drop(std::net::TcpStream::connect(server.addrs.tls).unwrap());
     std::thread::sleep(Duration::from_millis(100));
     let cached = accepted(&open("/metrics").1).unwrap();
-    assert_eq!(cached, seen, "the same rendering within the second");
+    if rendered.elapsed() < Duration::from_millis(900) {
+        assert_eq!(cached, seen, "the same rendering within the second");
+    }
     // Polled at the source's own rate (2/s), a fresh rendering comes.
     let mut later = None;
     for _ in 0..10 {
@@ -328,11 +331,18 @@ fn metrics_need_the_token_on_the_api_are_cached_and_budgeted() {
     // Each source gets a few scrapes per second (burst 10, 2/s): 40 at once
     // on one keep-alive connection mostly get 429.
     let urls: Vec<String> = (0..40).map(|_| api.clone()).collect();
+    let started = Instant::now();
     let codes = curl_codes("127.0.0.22", "GET", Some(&token), None, &urls);
+    let took = started.elapsed().as_secs_f64();
     let ok = codes.iter().filter(|c| **c == 200).count();
     let refused = codes.iter().filter(|c| **c == 429).count();
     assert_eq!(codes.len(), 40);
-    assert!((10..=13).contains(&ok) && ok + refused == 40, "{ok} answered, {refused} refused: {codes:?}");
+    let most = 10 + (2.0 * took).ceil() as usize;
+    assert!(
+        (10..=most).contains(&ok) && ok + refused == 40,
+        "{ok} answered in {took:.1} s, {refused} refused: {codes:?}"
+    );
+    assert!(refused >= 20, "{codes:?}");
     // Another source is not affected.
     assert_eq!(curl_codes("127.0.0.23", "GET", Some(&token), None, std::slice::from_ref(&api)), [200]);
     std::thread::sleep(Duration::from_millis(1100));

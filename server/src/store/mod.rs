@@ -122,6 +122,8 @@ pub enum Published {
     Added,
     /// The value was there already; only its age was reset.
     Unchanged,
+    /// Nothing stored: the node has `max_per_node` values, none stale.
+    Full,
 }
 
 /// Errors from a store.
@@ -181,10 +183,19 @@ pub trait Store: Send + Sync + 'static {
     fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError>;
     /// Marks every node disconnected (at server start).
     fn reset_status(&self) -> Result<(), StoreError>;
-    /// Publishes a TXT value for `node`, removing its oldest values beyond
-    /// `max_per_node`. A value already published only has its age reset (no
-    /// revision change: the zone stays as it is).
-    fn put_challenge(&self, node: &str, name: &str, value: &str, max_per_node: usize) -> Result<Published, StoreError>;
+    /// Publishes a TXT value for `node`. At `max_per_node` values, the
+    /// oldest makes room if it was published before `stale_before` (Unix
+    /// seconds); otherwise nothing is stored ([`Published::Full`]). A value
+    /// already published only has its age reset (no revision change: the
+    /// zone stays as it is).
+    fn put_challenge(
+        &self,
+        node: &str,
+        name: &str,
+        value: &str,
+        max_per_node: usize,
+        stale_before: i64,
+    ) -> Result<Published, StoreError>;
     /// Removes one value (or all at `name` when `value` is `None`) of `node`;
     /// returns how many were removed.
     fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError>;
