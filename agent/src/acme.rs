@@ -266,7 +266,9 @@ async fn obtain(
             })
         }
         None => {
-            let body = serde_json::json!({ "csr": base64::engine::general_purpose::STANDARD.encode(csr.der()) });
+            let body = edge_proto::signal::CertificateRequest {
+                csr: base64::engine::general_purpose::STANDARD.encode(csr.der()),
+            };
             let response = tokio::time::timeout(
                 CSR_DEADLINE,
                 crate::signal::request(shared, hyper::Method::POST, "/api/signal/certificate", &body, MAX_RESPONSE),
@@ -302,7 +304,7 @@ struct SignalSink<'a> {
 
 impl SignalSink<'_> {
     async fn call(&self, method: hyper::Method, name: &str, value: &str) -> Result<(), String> {
-        let body = serde_json::json!({ "name": name, "value": value });
+        let body = edge_proto::signal::ChallengeRequest { name: name.to_string(), value: Some(value.to_string()) };
         let (status, bytes) = tokio::time::timeout(
             CHALLENGE_DEADLINE,
             crate::signal::request(self.shared, method, "/api/signal/acme-challenge", &body, MAX_RESPONSE),

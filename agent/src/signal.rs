@@ -44,20 +44,21 @@ pub async fn run(shared: Arc<AgentShared>, shutdown: CancellationToken) {
 pub async fn send(shared: &AgentShared) -> Result<(), String> {
     let cert_not_after = shared.certificate().map(|c| c.not_after);
     let m = &shared.metrics;
-    let body = serde_json::json!({
-        "status": "ready",
-        "version": env!("CARGO_PKG_VERSION"),
-        "capabilities": crate::session::capabilities(&shared.config),
-        "counters": {
-            "open_streams": m.open_streams.load(Ordering::Relaxed),
-            "total_streams": m.total_streams.load(Ordering::Relaxed),
-            "stream_errors": m.stream_errors.load(Ordering::Relaxed),
-            "tunnels_up": m.tunnels_up.load(Ordering::Relaxed),
-            "bytes_to_upstream": m.bytes.quic_to_tcp.load(Ordering::Relaxed),
-            "bytes_from_upstream": m.bytes.tcp_to_quic.load(Ordering::Relaxed),
-        },
-        "cert_not_after": cert_not_after,
-    });
+    let counters = [
+        ("open_streams", &m.open_streams),
+        ("total_streams", &m.total_streams),
+        ("stream_errors", &m.stream_errors),
+        ("tunnels_up", &m.tunnels_up),
+        ("bytes_to_upstream", &m.bytes.quic_to_tcp),
+        ("bytes_from_upstream", &m.bytes.tcp_to_quic),
+    ];
+    let body = edge_proto::signal::HeartbeatRequest {
+        status: "ready".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        capabilities: crate::session::capabilities(&shared.config),
+        counters: counters.iter().map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed))).collect(),
+        cert_not_after,
+    };
     let (status, body) = request(shared, hyper::Method::POST, "/api/signal/heartbeat", &body, MAX_RESPONSE).await?;
     if status.is_success() {
         Ok(())
@@ -73,7 +74,7 @@ pub async fn request(
     shared: &AgentShared,
     method: hyper::Method,
     path: &str,
-    body: &serde_json::Value,
+    body: &impl serde::Serialize,
     max_response: usize,
 ) -> Result<(hyper::StatusCode, Bytes), String> {
     let api = &shared.ticket.api;

@@ -19,7 +19,7 @@ pub async fn json_request(
     method: hyper::Method,
     path: &str,
     bearer: &str,
-    body: &serde_json::Value,
+    body: &impl serde::Serialize,
     max_response: usize,
 ) -> Result<(hyper::StatusCode, Bytes), String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
@@ -35,7 +35,7 @@ pub async fn json_request(
         .header(hyper::header::HOST, addr)
         .header(hyper::header::AUTHORIZATION, format!("Bearer {bearer}"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).map_err(|e| format!("encoding the request: {e}"))?)))
         .map_err(|e| e.to_string())?;
     let result = match sender.send_request(request).await {
         Ok(response) => {

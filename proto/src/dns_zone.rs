@@ -110,6 +110,37 @@ impl Zone {
         Self { serial, nodes, challenges, ..self.clone() }
     }
 
+    /// The same zone with some entries replaced: a node set to `Some`
+    /// answers those addresses, `None` removes it; a node's TXT values are
+    /// replaced by the list given (empty removes them).
+    pub fn edited(
+        &self,
+        serial: u32,
+        nodes: impl IntoIterator<Item = (String, Option<Vec<IpAddr>>)>,
+        challenges: impl IntoIterator<Item = (String, Vec<String>)>,
+    ) -> Self {
+        let mut zone = Self { serial, ..self.clone() };
+        for (node, addrs) in nodes {
+            match addrs {
+                Some(addrs) => zone.nodes.insert(node, addrs),
+                None => zone.nodes.remove(&node),
+            };
+        }
+        for (node, values) in challenges {
+            if values.is_empty() {
+                zone.challenges.remove(&node);
+            } else {
+                zone.challenges.insert(node, values);
+            }
+        }
+        zone
+    }
+
+    /// Whether `node` has names in the zone.
+    pub fn has_node(&self, node: &str) -> bool {
+        self.nodes.contains_key(node)
+    }
+
     /// The zone apex.
     pub fn origin(&self) -> &Name {
         &self.origin
@@ -319,6 +350,23 @@ mod tests {
 
     fn data(a: &Answer) -> Vec<String> {
         a.answers.iter().map(|r| r.data.to_string()).collect()
+    }
+
+    #[test]
+    fn edits_replace_only_what_they_name() {
+        let z = zone();
+        let own: IpAddr = "198.51.100.7".parse().unwrap();
+        let e = z.edited(43, [("n2".to_string(), Some(vec![own]))], [("n1".to_string(), vec!["v3".to_string()])]);
+        assert_eq!(e.serial(), 43);
+        assert_eq!(data(&ask(&e, "n2.edge.test.", RecordType::A)), vec!["198.51.100.7"]);
+        assert_eq!(data(&ask(&e, "n1.edge.test.", RecordType::A)), vec!["192.0.2.1"], "n1 untouched");
+        assert!(e.serves_txt("_acme-challenge.n1.edge.test", "v3"));
+        assert!(!e.serves_txt("_acme-challenge.n1.edge.test", "v1"));
+        let gone = e.edited(44, [("n1".to_string(), None)], [("n1".to_string(), Vec::new())]);
+        assert_eq!(ask(&gone, "n1.edge.test.", RecordType::A).rcode, ResponseCode::NXDomain);
+        assert!(!gone.serves_txt("_acme-challenge.n1.edge.test", "v3"));
+        assert!(gone.has_node("n2") && !gone.has_node("n1"));
+        assert!(z.serves_txt("_acme-challenge.n1.edge.test", "v1"), "the original snapshot is unchanged");
     }
 
     #[test]

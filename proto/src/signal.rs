@@ -109,3 +109,45 @@ mod tests {
         assert_eq!(req.value, None);
     }
 }
+
+/// The body of every error answer of the API: what went wrong, in words an
+/// operator can act on (a 503 names the store that is unreachable).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// The reason.
+    pub error: String,
+}
+
+/// Answer of `POST /api/signal/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The node the token belongs to.
+    pub node: String,
+    /// Its hostnames.
+    pub hostnames: Vec<String>,
+    /// Its live tunnels on this server.
+    pub tunnels: usize,
+    /// The server's clock (Unix seconds), to spot skew.
+    pub server_time: i64,
+}
+
+/// Answer of `PUT /api/signal/acme-challenge`: the value is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengePublished {
+    /// The TXT name it was published at.
+    pub published: String,
+}
+
+/// Answer of `DELETE /api/signal/acme-challenge`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengesRemoved {
+    /// How many values were removed.
+    pub removed: usize,
+}
+
+/// Answer of `POST /api/probe`: the node's answer to the nonce, hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeAnswer {
+    /// 64 hex digits.
+    pub answer: String,
+}

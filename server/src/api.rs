@@ -3,7 +3,8 @@
 //! - `POST /api/signal/heartbeat`: node token as bearer; status report.
 //! - `PUT`/`DELETE /api/signal/acme-challenge`, `POST /api/signal/certificate`:
 //!   node token as bearer; see [`crate::certificates`].
-//! - `GET /api/nodes`: admin token as bearer; nodes and their live state.
+//! - `GET /api/nodes`, `GET /api/nodes/{name}`: admin token as bearer; nodes
+//!   and their live state (from this server's registry).
 //! - `GET /healthz`: liveness.
 //! - `GET /metrics`: Prometheus text format, admin token as bearer (see
 //!   [`crate::scrape`]; `listen.metrics` serves it without a token).
@@ -28,8 +29,23 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::certificates::CertService;
 use crate::limits::{Listener, Refusal};
+use crate::registry::NodeHandle;
+use crate::scrape::Scrape;
 use crate::Shared;
+
+/// What the API handlers share: the server's state and what only the API
+/// uses (certificates, the `/metrics` cache).
+#[derive(Debug)]
+pub struct ApiState {
+    /// The server's shared state.
+    pub shared: Arc<Shared>,
+    /// Zone, ACME client and order locks for the certificate endpoints.
+    pub certs: CertService,
+    /// The cached `/metrics` body and its per-source budget.
+    pub scrape: Arc<Scrape>,
+}
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -37,17 +53,28 @@ const MAX_BODY: usize = 64 * 1024;
 const CLIENT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The API routes.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/api/signal/heartbeat", post(heartbeat))
         .route("/api/signal/acme-challenge", put(put_challenge).delete(delete_challenge))
         .route("/api/signal/certificate", post(certificate))
         .route("/api/nodes", get(nodes))
+        .route("/api/nodes/{name}", get(node))
         .route("/api/probe", post(probe_for_peer))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(shared)
+        .with_state(state)
+}
+
+/// The routes of the separate metrics listener (no token: bind it where
+/// only the scraper reaches).
+pub fn metrics_router(state: Arc<ApiState>) -> Router {
+    Router::new().route("/metrics", get(open_metrics)).route("/healthz", get(|| async { "ok\n" })).with_state(state)
+}
+
+async fn open_metrics(State(api): State<Arc<ApiState>>, Extension(peer): Extension<Peer>) -> Response {
+    api.scrape.respond(&api.shared, Listener::Metrics, peer.0).await
 }
 
 /// The client's address, added to every request of its connection.
@@ -166,7 +193,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
-    (status, Json(serde_json::json!({ "error": message }))).into_response()
+    (status, Json(edge_proto::signal::ErrorResponse { error: message.to_string() })).into_response()
 }
 
 pub use edge_proto::signal::HeartbeatRequest;
@@ -176,13 +203,13 @@ pub use edge_proto::signal::HeartbeatRequest;
 #[derive(Debug)]
 pub struct NodeRequest<T>(Arc<crate::registry::NodeHandle>, T);
 
-impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<Shared>> for NodeRequest<T> {
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<ApiState>> for NodeRequest<T> {
     type Rejection = Response;
 
-    async fn from_request(request: axum::extract::Request, shared: &Arc<Shared>) -> Result<Self, Response> {
+    async fn from_request(request: axum::extract::Request, api: &Arc<ApiState>) -> Result<Self, Response> {
         let (parts, body) = request.into_parts();
         let peer = parts.extensions.get::<Peer>().copied().unwrap_or(Peer(IpAddr::from([0, 0, 0, 0])));
-        let (node, body) = node_request(shared, peer, &parts.headers, body).await?;
+        let (node, body) = node_request(&api.shared, peer, &parts.headers, body).await?;
         Ok(NodeRequest(node, body))
     }
 }
@@ -238,38 +265,39 @@ async fn node_request<T: serde::de::DeserializeOwned>(
 }
 
 async fn put_challenge(
-    State(shared): State<Arc<Shared>>,
+    State(api): State<Arc<ApiState>>,
     request: NodeRequest<crate::certificates::ChallengeRequest>,
 ) -> Response {
     let NodeRequest(node, req) = request;
     let Some(value) = req.value.as_deref() else {
         return error(StatusCode::BAD_REQUEST, "value is required");
     };
-    match crate::certificates::publish(&shared, &node, &req.name, value).await {
-        Ok(()) => Json(serde_json::json!({ "published": req.name })).into_response(),
+    match crate::certificates::publish(&api.shared, &api.certs, &node, &req.name, value).await {
+        Ok(()) => Json(edge_proto::signal::ChallengePublished { published: req.name }).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
 async fn delete_challenge(
-    State(shared): State<Arc<Shared>>,
+    State(api): State<Arc<ApiState>>,
     request: NodeRequest<crate::certificates::ChallengeRequest>,
 ) -> Response {
     let NodeRequest(node, req) = request;
-    match crate::certificates::remove(&shared, &node, &req.name, req.value.as_deref()).await {
-        Ok(removed) => Json(serde_json::json!({ "removed": removed })).into_response(),
+    match crate::certificates::remove(&api.shared, &api.certs, &node, &req.name, req.value.as_deref()).await {
+        Ok(removed) => Json(edge_proto::signal::ChallengesRemoved { removed }).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
 async fn certificate(
-    State(shared): State<Arc<Shared>>,
+    State(api): State<Arc<ApiState>>,
     request: NodeRequest<crate::certificates::CertificateRequest>,
 ) -> Response {
     let NodeRequest(node, req) = request;
     // The order runs in its own task: a client that hangs up mid-order does
     // not cancel it halfway, so published TXT values are always removed.
-    let order = tokio::spawn(async move { crate::certificates::issue_for_csr(&shared, &node, &req).await });
+    let order =
+        tokio::spawn(async move { crate::certificates::issue_for_csr(&api.shared, &api.certs, &node, &req).await });
     match order.await {
         Ok(Ok(issued)) => Json(issued).into_response(),
         Ok(Err(e)) => e.into_response(),
@@ -277,7 +305,7 @@ async fn certificate(
     }
 }
 
-async fn heartbeat(State(shared): State<Arc<Shared>>, request: NodeRequest<HeartbeatRequest>) -> Response {
+async fn heartbeat(request: NodeRequest<HeartbeatRequest>) -> Response {
     let NodeRequest(node, body) = request;
     if body.status.len() > 64 || body.version.len() > 64 || body.capabilities.len() > 64 || body.counters.len() > 64 {
         return error(StatusCode::BAD_REQUEST, "heartbeat fields too long");
@@ -293,13 +321,13 @@ async fn heartbeat(State(shared): State<Arc<Shared>>, request: NodeRequest<Heart
             status.cert_not_after = body.cert_not_after;
         }
     }
-    shared.persist_status(&node).await;
-    Json(serde_json::json!({
-        "node": node.name,
-        "hostnames": node.hostnames,
-        "tunnels": node.tunnel_count(),
-        "server_time": crate::unix_now(),
-    }))
+    // The status flush job writes it to the store within a few seconds.
+    Json(edge_proto::signal::HeartbeatResponse {
+        node: node.name.clone(),
+        hostnames: node.hostnames.clone(),
+        tunnels: node.tunnel_count(),
+        server_time: crate::unix_now(),
+    })
     .into_response()
 }
 
@@ -330,44 +358,87 @@ pub struct NodeView {
     pub remote_addr: Option<String>,
     /// Expiry (Unix seconds) of the certificate the agent serves.
     pub cert_not_after: Option<i64>,
-    /// `direct`, `proxy` or `offline`.
-    pub mode: &'static str,
+    /// Where the node's names point.
+    pub mode: crate::store::Mode,
     /// The endpoint the agent declared, as probed.
     pub endpoint: Option<String>,
-    /// Plain HTTP behaviour in proxy mode: `redirect` or `proxy`.
-    pub http_mode: String,
+    /// Plain HTTP behaviour in proxy mode.
+    pub http_mode: crate::store::HttpMode,
     /// Newest probe samples first.
     pub samples: Vec<crate::store::ProbeSample>,
     /// The newest mode transition.
     pub last_transition: Option<crate::store::ModeChange>,
 }
 
-async fn nodes(State(shared): State<Arc<Shared>>, Extension(peer): Extension<Peer>, headers: HeaderMap) -> Response {
-    if let Some(refused) = admin_refusal(&shared, peer, &headers) {
+async fn nodes(State(api): State<Arc<ApiState>>, Extension(peer): Extension<Peer>, headers: HeaderMap) -> Response {
+    let shared = &api.shared;
+    if let Some(refused) = admin_refusal(shared, peer, &headers) {
         return refused;
     }
-    let mut views: Vec<NodeView> = shared.registry.nodes().iter().map(|n| shared.node_view(n)).collect();
-    let store = shared.store.clone();
-    let names: Vec<String> = views.iter().map(|v| v.name.clone()).collect();
-    let histories = tokio::task::spawn_blocking(move || {
-        names.iter().map(|n| store.mode_history(n, 5).unwrap_or_default()).collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    for (view, history) in views.iter_mut().zip(histories) {
+    let mut views: Vec<NodeView> = shared.registry.nodes().iter().map(|n| node_view(n)).collect();
+    for view in &mut views {
+        // History is for operators; an unreachable store leaves it empty.
+        let history = shared.store.mode_history(&view.name, 5).await.unwrap_or_default();
         view.samples = history.samples;
         view.last_transition = history.transitions.into_iter().next();
     }
     Json(views).into_response()
 }
 
+async fn node(
+    State(api): State<Arc<ApiState>>,
+    Extension(peer): Extension<Peer>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let shared = &api.shared;
+    if let Some(refused) = admin_refusal(shared, peer, &headers) {
+        return refused;
+    }
+    let Some(node) = shared.registry.node(&name) else {
+        return error(StatusCode::NOT_FOUND, "no such node on this server");
+    };
+    let mut view = node_view(&node);
+    let history = shared.store.mode_history(&view.name, 5).await.unwrap_or_default();
+    view.samples = history.samples;
+    view.last_transition = history.transitions.into_iter().next();
+    Json(view).into_response()
+}
+
+/// The live view of a node, from the registry.
+pub fn node_view(node: &NodeHandle) -> NodeView {
+    use std::sync::atomic::Ordering::Relaxed;
+    let status = node.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let tunnels = node.tunnel_count();
+    NodeView {
+        name: node.name.clone(),
+        hostnames: node.hostnames.clone(),
+        connected: tunnels > 0,
+        tunnels,
+        last_heartbeat: status.last_heartbeat,
+        open_connections: node.metrics.active.load(Relaxed),
+        total_connections: node.metrics.total.load(Relaxed),
+        bytes_to_node: node.metrics.bytes.tcp_to_quic.load(Relaxed),
+        bytes_from_node: node.metrics.bytes.quic_to_tcp.load(Relaxed),
+        agent_version: status.agent_version,
+        remote_addr: status.remote_addr,
+        cert_not_after: status.cert_not_after,
+        mode: node.current_mode(),
+        endpoint: node.current_endpoint().map(|e| e.to_string()),
+        http_mode: *node.http_mode.lock().unwrap_or_else(|p| p.into_inner()),
+        samples: Vec::new(),
+        last_transition: None,
+    }
+}
+
 async fn probe_for_peer(
-    State(shared): State<Arc<Shared>>,
+    State(api): State<Arc<ApiState>>,
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    if let Some(refused) = admin_refusal(&shared, peer, &headers) {
+    let shared = &api.shared;
+    if let Some(refused) = admin_refusal(shared, peer, &headers) {
         return refused;
     }
     let bytes = match tokio::time::timeout(CLIENT_DEADLINE, axum::body::to_bytes(body, 4096)).await {
@@ -388,7 +459,9 @@ async fn probe_for_peer(
     match tokio::time::timeout(timeout, crate::detector::raw_probe(req.endpoint, &sni, &nonce, tls, &shared.self_loops))
         .await
     {
-        Ok(Ok(answer)) => Json(serde_json::json!({ "answer": edge_proto::join::hex(&answer) })).into_response(),
+        Ok(Ok(answer)) => {
+            Json(edge_proto::signal::ProbeAnswer { answer: edge_proto::join::hex(&answer) }).into_response()
+        }
         Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, &e),
         Err(_) => error(StatusCode::BAD_GATEWAY, "no answer in time"),
     }
@@ -396,9 +469,9 @@ async fn probe_for_peer(
 
 /// `/metrics` on the public API: admin token required (the separate
 /// `listen.metrics` listener serves it without one).
-async fn metrics(State(shared): State<Arc<Shared>>, Extension(peer): Extension<Peer>, headers: HeaderMap) -> Response {
-    if let Some(refused) = admin_refusal(&shared, peer, &headers) {
+async fn metrics(State(api): State<Arc<ApiState>>, Extension(peer): Extension<Peer>, headers: HeaderMap) -> Response {
+    if let Some(refused) = admin_refusal(&api.shared, peer, &headers) {
         return refused;
     }
-    shared.scrape.respond(&shared, Listener::Api, peer.0).await
+    api.scrape.respond(&api.shared, Listener::Api, peer.0).await
 }

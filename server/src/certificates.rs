@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use edge_net::logging::{Throttle, Untrusted};
 
+use crate::dns::ZoneCell;
 use crate::registry::NodeHandle;
-use crate::store::Published;
+use crate::store::{Change, Published};
 use crate::Shared;
 
 /// Most TXT values one node may have published at once: a node has one
@@ -57,9 +58,22 @@ pub enum CertRequestError {
     /// An order for this node is already running.
     #[error("a certificate order for this node is already running; retry later")]
     Busy,
+    /// The store cannot be reached: nothing was published.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// The store, our DNS or the CA failed.
     #[error("{0}")]
     Failed(String),
+}
+
+impl From<crate::store::StoreError> for CertRequestError {
+    fn from(e: crate::store::StoreError) -> Self {
+        if e.is_unavailable() {
+            Self::StoreUnavailable(e.to_string())
+        } else {
+            Self::Failed(e.to_string())
+        }
+    }
 }
 
 impl CertRequestError {
@@ -70,6 +84,7 @@ impl CertRequestError {
             Self::TooMany => StatusCode::TOO_MANY_REQUESTS,
             Self::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Busy => StatusCode::CONFLICT,
+            Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Failed(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -77,7 +92,8 @@ impl CertRequestError {
 
 impl IntoResponse for CertRequestError {
     fn into_response(self) -> Response {
-        (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        let body = edge_proto::signal::ErrorResponse { error: self.to_string() };
+        (self.status(), Json(body)).into_response()
     }
 }
 
@@ -137,43 +153,61 @@ fn check_value(value: &str) -> Result<(), CertRequestError> {
     }
 }
 
+/// How long `PUT` waits for the zone to serve a value it stored.
+const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the certificate endpoints need beyond [`Shared`]: the zone they
+/// publish in, the ACME client, and one order per node at a time.
+#[derive(Debug)]
+pub struct CertService {
+    zone: Option<Arc<ZoneCell>>,
+    acme: Option<edge_certs::acme::AcmeClient>,
+    order_locks: OrderLocks,
+}
+
+impl CertService {
+    /// For `zone` (when `[dns]` is set) and `acme` (when `[acme]` is).
+    pub fn new(zone: Option<Arc<ZoneCell>>, acme: Option<edge_certs::acme::AcmeClient>) -> Self {
+        Self { zone, acme, order_locks: OrderLocks::default() }
+    }
+}
+
 /// Publishes a value for `node`; once this returns, our DNS serves it (it
 /// answers from the zone snapshot checked here, in process: no query to
 /// ourselves, so no DNS rate limit stands between a node and its record).
 /// Publishing a value that is already there changes nothing.
-pub async fn publish(shared: &Shared, node: &NodeHandle, name: &str, value: &str) -> Result<(), CertRequestError> {
-    let zone = shared
+pub async fn publish(
+    shared: &Shared,
+    certs: &CertService,
+    node: &NodeHandle,
+    name: &str,
+    value: &str,
+) -> Result<(), CertRequestError> {
+    let zone = certs
         .zone
         .clone()
         .ok_or(CertRequestError::NotConfigured("this server runs no DNS ([dns] is not configured)"))?;
     let name = own_challenge_name(shared, node, name)?;
     check_value(value)?;
-    let store = shared.store.clone();
-    let (n, nm, v) = (node.name.clone(), name.clone(), value.to_string());
     let stale_before = crate::unix_now() - STALE_VALUE_SECS;
-    let published =
-        tokio::task::spawn_blocking(move || store.put_challenge(&n, &nm, &v, MAX_VALUES_PER_NODE, stale_before))
-            .await
-            .map_err(|e| CertRequestError::Failed(e.to_string()))?
-            .map_err(|e| CertRequestError::Failed(e.to_string()))?;
+    let published = shared.store.put_challenge(&node.name, &name, value, MAX_VALUES_PER_NODE, stale_before).await?;
     if published == Published::Full {
         return Err(CertRequestError::TooMany);
     }
-    // An unchanged value is normally served already; if it is not (the
-    // reload of the request that added it failed, or has not run yet), a
-    // reload is what it needs, not a removal.
-    if published == Published::Added || !zone.current().serves_txt(&name, value) {
-        let reloaded = shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()));
-        if reloaded.is_err() || !zone.current().serves_txt(&name, value) {
+    // The change feed applies the write; an unchanged value is normally
+    // served already, and if it is not (an earlier apply failed) a nudge
+    // re-reads the node's values, never a removal.
+    if !zone.current().serves_txt(&name, value) {
+        if published == Published::Unchanged {
+            shared.nudge(Change::ChallengePut(node.name.clone()));
+        }
+        if !zone.wait_for(PUBLISH_WAIT, |z| z.serves_txt(&name, value)).await {
             if published == Published::Added {
                 // Not served: take back what this request added, so failed
                 // attempts never pile up.
-                let _ = remove(shared, node, &name, Some(value)).await;
+                let _ = remove(shared, certs, node, &name, Some(value)).await;
             }
-            reloaded?;
-            return Err(CertRequestError::Failed(format!(
-                "the zone does not serve the value at {name} after reloading"
-            )));
+            return Err(CertRequestError::Failed(format!("the zone does not serve the value at {name}")));
         }
     }
     if published == Published::Added {
@@ -185,6 +219,7 @@ pub async fn publish(shared: &Shared, node: &NodeHandle, name: &str, value: &str
 /// Removes one value (or all at `name`) of `node`.
 pub async fn remove(
     shared: &Shared,
+    _certs: &CertService,
     node: &NodeHandle,
     name: &str,
     value: Option<&str>,
@@ -193,14 +228,8 @@ pub async fn remove(
     if let Some(v) = value {
         check_value(v)?;
     }
-    let store = shared.store.clone();
-    let (n, nm, v) = (node.name.clone(), name.clone(), value.map(str::to_string));
-    let removed = tokio::task::spawn_blocking(move || store.remove_challenge(&n, &nm, v.as_deref()))
-        .await
-        .map_err(|e| CertRequestError::Failed(e.to_string()))?
-        .map_err(|e| CertRequestError::Failed(e.to_string()))?;
+    let removed = shared.store.remove_challenge(&node.name, &name, value).await?;
     if removed > 0 {
-        shared.reload().await.map_err(|e| CertRequestError::Failed(e.to_string()))?;
         tracing::info!(node = %node.name, %name, removed, "DNS-01 TXT value removed");
     }
     Ok(removed)
@@ -209,17 +238,20 @@ pub async fn remove(
 /// The server's zone as a [`edge_certs::acme::ChallengeSink`] for one node.
 struct ZoneSink<'a> {
     shared: &'a Shared,
+    certs: &'a CertService,
     node: &'a NodeHandle,
 }
 
 impl edge_certs::acme::ChallengeSink for ZoneSink<'_> {
     fn publish<'a>(&'a self, name: &'a str, value: &'a str) -> edge_certs::acme::BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { publish(self.shared, self.node, name, value).await.map_err(|e| e.to_string()) })
+        Box::pin(
+            async move { publish(self.shared, self.certs, self.node, name, value).await.map_err(|e| e.to_string()) },
+        )
     }
 
     fn remove<'a>(&'a self, name: &'a str, value: &'a str) -> edge_certs::acme::BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            remove(self.shared, self.node, name, Some(value)).await.map(|_| ()).map_err(|e| e.to_string())
+            remove(self.shared, self.certs, self.node, name, Some(value)).await.map(|_| ()).map_err(|e| e.to_string())
         })
     }
 }
@@ -239,6 +271,7 @@ impl OrderLocks {
 /// The CSR flow: checks the CSR's names, then runs the order.
 pub async fn issue_for_csr(
     shared: &Shared,
+    certs: &CertService,
     node: &NodeHandle,
     request: &CertificateRequest,
 ) -> Result<CertificateResponse, CertRequestError> {
@@ -265,13 +298,13 @@ pub async fn issue_for_csr(
     }
     // Names are checked first: a foreign name is refused (403) whether or
     // not this server runs ACME.
-    let acme = shared.acme.as_ref().ok_or(CertRequestError::NotConfigured("this server has no [acme] section"))?;
-    let lock = shared.order_locks.for_node(&node.name);
+    let acme = certs.acme.as_ref().ok_or(CertRequestError::NotConfigured("this server has no [acme] section"))?;
+    let lock = certs.order_locks.for_node(&node.name);
     let Ok(_guard) = lock.try_lock() else {
         return Err(CertRequestError::Busy);
     };
     tracing::info!(node = %node.name, names = ?names, "certificate requested (CSR flow)");
-    let sink = ZoneSink { shared, node };
+    let sink = ZoneSink { shared, certs, node };
     match acme.issue(&names, &der, &sink).await {
         Ok(issued) => {
             shared.metrics.certificates_issued.fetch_add(1, Ordering::Relaxed);

@@ -15,8 +15,12 @@ use serde::Deserialize;
 pub struct ServerConfig {
     /// The DNS zone nodes live in: node `n1` owns `n1.<zone>` and `*.n1.<zone>`.
     pub zone: String,
-    /// Directory for the SQLite database and the server identity.
+    /// Directory for the server identity, the admin token and (by default)
+    /// the SQLite database.
     pub data_dir: PathBuf,
+    /// Where the state is: SQLite in `data_dir` (default) or PostgreSQL.
+    #[serde(default)]
+    pub store: crate::store::StoreConfig,
     /// Listen addresses.
     #[serde(default)]
     pub listen: ListenConfig,
@@ -538,6 +542,7 @@ impl fmt::Debug for ServerConfig {
         f.debug_struct("ServerConfig")
             .field("zone", &self.zone)
             .field("data_dir", &self.data_dir)
+            .field("store", &self.store)
             .field("listen", &self.listen)
             .field("public", &self.public)
             .field("identity", &self.identity)
@@ -617,6 +622,7 @@ impl ServerConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err("data_dir must not be empty".into());
         }
+        self.store.validate()?;
         for (field, value) in [("public.quic", &self.public.quic), ("public.api", &self.public.api)] {
             if let Some(v) = value {
                 let ok =
@@ -738,11 +744,6 @@ impl ServerConfig {
     pub fn zone(&self) -> &str {
         self.zone.trim_end_matches('.')
     }
-
-    /// Path of the SQLite database.
-    pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join("edge.db")
-    }
 }
 
 #[cfg(test)]
@@ -802,6 +803,26 @@ mod tests {
         assert_eq!(acme.caa_issuers().unwrap(), vec!["letsencrypt.org", "sectigo.com"], "derived from the directories");
         crate::dns::ZoneCell::from_config(dns, c.zone(), c.listen.tls, &acme.caa_issuers().unwrap()).unwrap();
         assert_eq!(acme.settings.directories.len(), 2);
+    }
+
+    #[test]
+    fn postgres_example_parses_and_masks_nothing_it_should_not() {
+        let text = include_str!("../../examples/server-postgres.toml");
+        let c = ServerConfig::parse(text, "examples/server-postgres.toml").unwrap();
+        // The password file is read when the store opens, not when parsing.
+        let err = c.store.location(&c.data_dir).unwrap_err().to_string();
+        assert!(err.contains("store.password_file"), "{err}");
+        let without_file = crate::store::StoreConfig { password_file: None, ..c.store.clone() };
+        let crate::store::StoreLocation::Postgres(pg) = without_file.location(&c.data_dir).unwrap() else {
+            panic!("not postgres")
+        };
+        assert_eq!(pg.describe, "postgres://edge@db.internal:5432/edge");
+        assert_eq!(pg.tls, crate::store::StoreTls::VerifyFull);
+        let shown = format!("{c:?}");
+        assert!(shown.contains("db.internal"), "{shown}");
+        let with_password = text.replace("edge@db.internal", "edge:hunter22@db.internal");
+        let c = ServerConfig::parse(&with_password, "t").unwrap();
+        assert!(!format!("{c:?}").contains("hunter22"), "check-config masks the URL's password");
     }
 
     #[test]

@@ -109,11 +109,12 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                     Err(why) => tracker.probe_failed(now, &ep, why, cfg.failures_to_proxy),
                 }
             };
-            let store = shared.store.clone();
-            let (name, keep) = (node.name.clone(), cfg.samples_kept);
-            let stored = tokio::task::spawn_blocking(move || store.record_probe(&name, &sample, keep)).await;
-            if let Ok(Err(e)) = stored {
-                tracing::warn!(node = %node.name, error = %e, "recording a probe sample failed");
+            if let Err(e) = shared.store.record_probe(&node.name, &sample, cfg.samples_kept).await {
+                // Every probe of every node fails while the store is down:
+                // one line per period, not one per probe.
+                if let Some(suppressed) = PROBE_STORE_LOG.due() {
+                    tracing::warn!(node = %node.name, error = %e, suppressed, "recording a probe sample failed");
+                }
             }
             if let Some(t) = change {
                 apply(&shared, &node, t).await;
@@ -121,6 +122,9 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
     }
 }
+
+static PROBE_STORE_LOG: std::sync::LazyLock<edge_net::logging::Throttle> =
+    std::sync::LazyLock::new(|| edge_net::logging::Throttle::new(crate::limits::LOG_EVERY));
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -130,17 +134,13 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn apply(shared: &Arc<Shared>, node: &Arc<NodeHandle>, t: Transition) {
     tracing::info!(node = %node.name, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "node mode changed");
     shared.metrics.mode_transition(t.to);
-    let change = ModeChange { at: t.at, from: t.from.as_str().into(), to: t.to.as_str().into(), reason: t.reason };
+    let change = ModeChange { at: t.at, from: t.from, to: t.to, reason: t.reason };
     let endpoint = node.direct_address().map(|e| e.to_string());
-    let store = shared.store.clone();
-    let name = node.name.clone();
-    let stored =
-        tokio::task::spawn_blocking(move || store.record_transition(&name, &change, endpoint.as_deref())).await;
-    if let Ok(Err(e)) = stored {
+    // The zone follows the in-memory mode at once, whether or not the
+    // store takes the record (it may be unreachable).
+    shared.nudge(crate::store::Change::ModeChanged(node.name.clone()));
+    if let Err(e) = shared.store.record_transition(&node.name, &change, endpoint.as_deref()).await {
         tracing::error!(node = %node.name, error = %e, "recording a mode transition failed");
-    }
-    if let Err(e) = shared.reload().await {
-        tracing::error!(error = %e, "rebuilding the zone after a mode change failed");
     }
 }
 
@@ -185,9 +185,12 @@ async fn remote_probe(
 ) -> Result<Vec<u8>, String> {
     let fingerprint = edge_proto::join::parse_fingerprint(&location.fingerprint).ok_or("bad fingerprint")?;
     let tls = edge_net::https::pinned_client_config(fingerprint, b"http/1.1");
-    let body = serde_json::json!({
-        "endpoint": endpoint, "sni": sni, "nonce": edge_proto::join::hex(nonce), "timeout_ms": timeout_ms,
-    });
+    let body = edge_proto::signal::ProbeRequest {
+        endpoint,
+        sni: sni.to_string(),
+        nonce: edge_proto::join::hex(nonce),
+        timeout_ms: Some(timeout_ms),
+    };
     let (status, bytes) = edge_net::https::json_request(
         &location.api,
         "edge-server",
@@ -199,11 +202,13 @@ async fn remote_probe(
         4096,
     )
     .await?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| format!("{status}: not JSON"))?;
     if !status.is_success() {
-        return Err(v["error"].as_str().unwrap_or("failed").to_string());
+        let error: Option<edge_proto::signal::ErrorResponse> = serde_json::from_slice(&bytes).ok();
+        return Err(error.map_or_else(|| format!("{status}"), |e| e.error));
     }
-    let hex = v["answer"].as_str().ok_or("no answer")?;
+    let answer: edge_proto::signal::ProbeAnswer =
+        serde_json::from_slice(&bytes).map_err(|_| format!("{status}: not a probe answer"))?;
+    let hex = answer.answer.as_str();
     if hex.len() != 2 * probe::ANSWER_LEN {
         return Err("bad answer".into());
     }

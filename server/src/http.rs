@@ -137,7 +137,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared.metrics.http_answer("offline");
         return respond(&mut tcp, "503 Service Unavailable", "", &format!("{} is offline\n", head.host)).await;
     };
-    if node.http_mode.lock().unwrap_or_else(|p| p.into_inner()).as_str() != "proxy" {
+    if *node.http_mode.lock().unwrap_or_else(|p| p.into_inner()) != crate::store::HttpMode::Proxy {
         shared.metrics.http_answer("redirect");
         return respond(&mut tcp, "307 Temporary Redirect", &location, "served over https\n").await;
     }

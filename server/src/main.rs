@@ -6,8 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use edge_proto::join::JoinTicket;
 use edge_server::config::ServerConfig;
-use edge_server::store::sqlite::SqliteStore;
-use edge_server::store::Store;
+use edge_server::store::{HttpMode, StoreConfig, StoreError, StoreTls};
 use edge_server::{listening_file, token_hash, BoundAddrs, Server};
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +17,11 @@ use tokio_util::sync::CancellationToken;
 ///   edge-server --config server.toml run
 ///   edge-server --config server.toml node add web1     # prints a join string
 ///   edge-agent run --join '<join string>' --upstream 127.0.0.1:3000
+///
+/// State lives in SQLite in data_dir by default; set [store] url =
+/// "postgres://..." to share it between servers (see `store copy`).
+///
+/// Exit codes: 0 ok, 1 error, 69 the store is unreachable (retry later).
 #[derive(Debug, Parser)]
 #[command(name = "edge-server", version, verbatim_doc_comment)]
 struct Cli {
@@ -34,10 +38,50 @@ enum Command {
     Run,
     /// Check the config file and print it (secrets masked).
     CheckConfig,
-    /// Manage nodes (works while the server runs: it picks changes up
-    /// within a second).
+    /// Manage nodes (works while the server runs: it follows the store's
+    /// changes, at once on PostgreSQL and within `store.poll_ms` on SQLite).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Work on the store as a whole.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy everything (nodes, token hashes, TXT values, mode history,
+    /// settings) from the configured store into an EMPTY store, in one
+    /// transaction, then verify the row counts. This is how a server moves
+    /// from SQLite to PostgreSQL: copy, point `[store] url` at the target,
+    /// restart. Stop the server first so nothing is written meanwhile.
+    ///
+    ///   edge-server --config server.toml store copy --to postgres://edge@db:5432/edge --password-file /etc/edge/db.pw
+    #[command(verbatim_doc_comment)]
+    Copy {
+        /// Target: postgres://user@host:port/db or sqlite://<path>.
+        #[arg(long)]
+        to: String,
+        /// File holding the target's password (else EDGE_STORE_PASSWORD,
+        /// else the URL's).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// TLS to the target: disable, verify-ca or verify-full (default:
+        /// disable on loopback, verify-full elsewhere).
+        #[arg(long, value_parser = parse_tls)]
+        tls: Option<StoreTls>,
+        /// PEM roots for the target's certificate (default: the system's).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+}
+
+fn parse_tls(s: &str) -> Result<StoreTls, String> {
+    match s {
+        "disable" => Ok(StoreTls::Disable),
+        "verify-ca" => Ok(StoreTls::VerifyCa),
+        "verify-full" => Ok(StoreTls::VerifyFull),
+        _ => Err(format!("{s:?}: use disable, verify-ca or verify-full")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,8 +117,7 @@ enum NodeCommand {
         /// Node name.
         name: String,
         /// `redirect` or `proxy`.
-        #[arg(value_parser = ["redirect", "proxy"])]
-        mode: String,
+        mode: HttpMode,
     },
     /// Show a node's mode, endpoint, recent probes and mode transitions.
     Show {
@@ -83,13 +126,25 @@ enum NodeCommand {
     },
 }
 
+/// Exit code when the store cannot be reached (sysexits' EX_UNAVAILABLE).
+const EXIT_STORE_UNAVAILABLE: u8 = 69;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edge-server: error: {}", edge_net::error_chain(e.chain()));
-            std::process::ExitCode::FAILURE
+            let unavailable = e.chain().any(|c| {
+                c.downcast_ref::<StoreError>().is_some_and(StoreError::is_unavailable)
+                    || c.downcast_ref::<edge_server::ServerError>()
+                        .is_some_and(|s| matches!(s, edge_server::ServerError::Store(e) if e.is_unavailable()))
+            });
+            if unavailable {
+                std::process::ExitCode::from(EXIT_STORE_UNAVAILABLE)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
@@ -102,8 +157,40 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("{config:#?}");
             Ok(())
         }
-        Command::Node(cmd) => node(config, &cli.config, cmd),
+        Command::Node(cmd) => cli_runtime()?.block_on(node(config, &cli.config, cmd)),
+        Command::Store(StoreCommand::Copy { to, password_file, tls, ca_file }) => {
+            let target = StoreConfig { url: Some(to), password_file, tls, ca_file, ..StoreConfig::default() };
+            target.validate().map_err(anyhow::Error::msg).context("--to")?;
+            cli_runtime()?.block_on(store_copy(config, target))
+        }
     }
+}
+
+fn cli_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio runtime")
+}
+
+async fn store_copy(config: ServerConfig, target: StoreConfig) -> Result<()> {
+    let source = edge_server::store::open(&config.store, &config.data_dir).await?;
+    let to = edge_server::store::open(&target, &config.data_dir).await?;
+    if source.describe() == to.describe() {
+        bail!("source and target are the same store ({})", source.describe());
+    }
+    eprintln!("reading {} ...", source.describe());
+    let snapshot = source.export().await?;
+    let expected = edge_server::store::Counts::of(&snapshot);
+    eprintln!(
+        "read {} nodes, {} TXT values, {} probe samples, {} mode transitions (revision {})",
+        expected.nodes, expected.challenges, expected.samples, expected.transitions, snapshot.revision
+    );
+    eprintln!("writing {} in one transaction ...", to.describe());
+    to.import(&snapshot).await?;
+    let found = to.counts().await?;
+    if found != expected {
+        bail!("verification failed: {} holds {found:?} after the copy, expected {expected:?}", to.describe());
+    }
+    eprintln!("verified: {} holds the same counts; point [store] url at it and restart the server", to.describe());
+    Ok(())
 }
 
 fn run(config: ServerConfig) -> Result<()> {
@@ -132,8 +219,8 @@ async fn signal_handler(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -> Result<()> {
-    let store = SqliteStore::open(&config.database_path())?;
+async fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -> Result<()> {
+    let store = edge_server::store::open(&config.store, &config.data_dir).await?;
     match cmd {
         NodeCommand::Add { name } => {
             edge_proto::names::validate_node_name(&name).map_err(anyhow::Error::msg)?;
@@ -147,7 +234,7 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
             let hostnames = edge_proto::names::node_hostnames(&name, config.zone());
             let token = edge_proto::join::make_token(&name, &rand::random());
             let ticket = join_ticket(&config, config_path, token.clone())?;
-            store.add_node(&name, &hostnames, &token_hash(&token))?;
+            store.add_node(&name, &hostnames, &token_hash(&token)).await?;
             eprintln!("created node {name} owning {}", hostnames.join(", "));
             eprintln!("join string for its agent (shown once; keep it secret):");
             println!("{ticket}");
@@ -155,29 +242,29 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
         NodeCommand::RotateToken { name } => {
             let token = edge_proto::join::make_token(&name, &rand::random());
             let ticket = join_ticket(&config, config_path, token.clone())?;
-            if !store.set_token_hash(&name, &token_hash(&token))? {
+            if !store.set_token_hash(&name, &token_hash(&token)).await? {
                 bail!("no node named {name:?}");
             }
             eprintln!("new token for node {name}; the old one no longer works:");
             println!("{ticket}");
         }
         NodeCommand::Remove { name } => {
-            if !store.remove_node(&name)? {
+            if !store.remove_node(&name).await? {
                 bail!("no node named {name:?}");
             }
             eprintln!("removed node {name}");
         }
         NodeCommand::Http { name, mode } => {
-            if !store.set_http_mode(&name, &mode)? {
+            if !store.set_http_mode(&name, mode).await? {
                 bail!("no node named {name:?}");
             }
             eprintln!("plain HTTP for node {name}: {mode}");
         }
         NodeCommand::Show { name } => {
-            let Some(node) = store.get_node(&name)? else {
+            let Some(node) = store.get_node(&name).await? else {
                 bail!("no node named {name:?}");
             };
-            let h = store.mode_history(&name, 10)?;
+            let h = store.mode_history(&name, 10).await?;
             let t = edge_certs::format_unix;
             println!("node:      {}", node.name);
             println!("hostnames: {}", node.hostnames.join(", "));
@@ -194,23 +281,23 @@ fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -
             }
         }
         NodeCommand::List { json } => {
-            let nodes = store.list_nodes()?;
+            let nodes = store.list_nodes().await?;
             if json {
-                let rows: Vec<_> = nodes
-                    .iter()
-                    .map(|n| {
-                        serde_json::json!({
-                            "name": n.name, "hostnames": n.hostnames, "created_at": n.created_at,
-                            "connected": n.status.connected, "last_heartbeat": n.status.last_heartbeat,
-                            "open_connections": n.status.open_connections,
-                            "agent_version": n.status.agent_version, "remote_addr": n.status.remote_addr,
-                            "cert_not_after": n.status.cert_not_after,
-                            "mode": n.mode, "endpoint": n.endpoint, "http_mode": n.http_mode,
-                            "last_transition": store.mode_history(&n.name, 5).ok().and_then(|h| h.transitions.first().cloned()),
-                            "samples": store.mode_history(&n.name, 5).map(|h| h.samples).unwrap_or_default(),
-                        })
-                    })
-                    .collect();
+                let mut rows = Vec::with_capacity(nodes.len());
+                for n in &nodes {
+                    let history = store.mode_history(&n.name, 5).await.unwrap_or_default();
+                    rows.push(NodeListing {
+                        name: &n.name,
+                        hostnames: &n.hostnames,
+                        created_at: n.created_at,
+                        status: &n.status,
+                        mode: n.mode,
+                        endpoint: n.endpoint.as_deref(),
+                        http_mode: n.http_mode,
+                        last_transition: history.transitions.first().cloned(),
+                        samples: history.samples,
+                    });
+                }
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
@@ -269,4 +356,19 @@ fn join_ticket(config: &ServerConfig, config_path: &std::path::Path, token: Stri
         .unwrap_or_else(|| server.clone());
     let identity = edge_server::identity::load_or_create(config)?;
     Ok(JoinTicket { token, server, fingerprint: Some(identity.fingerprint), api })
+}
+
+/// One node in `node list --json`.
+#[derive(serde::Serialize)]
+struct NodeListing<'a> {
+    name: &'a str,
+    hostnames: &'a [String],
+    created_at: i64,
+    #[serde(flatten)]
+    status: &'a edge_server::store::NodeStatus,
+    mode: edge_server::store::Mode,
+    endpoint: Option<&'a str>,
+    http_mode: HttpMode,
+    last_transition: Option<edge_server::store::ModeChange>,
+    samples: Vec<edge_server::store::ProbeSample>,
 }

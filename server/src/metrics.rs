@@ -46,6 +46,10 @@ pub struct Metrics {
     /// Reachability probes that failed.
     pub probes_failed: AtomicU64,
     transitions: [AtomicU64; 3],
+    /// Store change events applied to the routing state.
+    pub store_changes_applied: AtomicU64,
+    /// Full reloads of the routing state after the change feed resynced.
+    pub store_resyncs: AtomicU64,
     /// Plain HTTP requests on :80, by answer.
     http_answers: [AtomicU64; HTTP_ANSWERS.len()],
 }
@@ -135,6 +139,16 @@ impl Metrics {
                 "edge_foreign_name_refusals_total",
                 "Challenge or certificate requests refused for naming another node's names.",
                 &self.foreign_name_refusals,
+            ),
+            (
+                "edge_store_changes_applied_total",
+                "Store change events applied to routes and the zone.",
+                &self.store_changes_applied,
+            ),
+            (
+                "edge_store_resyncs_total",
+                "Full reloads of routes and the zone after the store's change feed resynced.",
+                &self.store_resyncs,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");

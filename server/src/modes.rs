@@ -15,40 +15,9 @@
 //! ingress in proxy and offline mode (offline: the cluster answers :443
 //! with an alert and :80 with 503, which tells users more than a timeout).
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// How clients reach a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// DNS points at the node's own public endpoint.
-    Direct,
-    /// DNS points at the cluster; traffic goes through the tunnel.
-    Proxy,
-    /// Neither reachable nor tunneled.
-    Offline,
-}
-
-impl Mode {
-    /// Lowercase name, as stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Direct => "direct",
-            Mode::Proxy => "proxy",
-            Mode::Offline => "offline",
-        }
-    }
-
-    /// Parses [`Mode::as_str`].
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "direct" => Some(Mode::Direct),
-            "proxy" => Some(Mode::Proxy),
-            "offline" => Some(Mode::Offline),
-            _ => None,
-        }
-    }
-}
+pub use crate::store::Mode;
 
 /// A change of mode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

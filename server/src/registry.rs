@@ -1,9 +1,10 @@
 //! The in-memory node registry: routes (hostname → node) and live tunnels.
 //!
 //! Every client connection does one lookup here under a read lock; the store
-//! is never consulted per connection. The registry is rebuilt from the store
-//! when its revision changes (a node added, removed or re-keyed by the CLI),
-//! and removing a node closes its tunnels.
+//! is never consulted per connection. The store's change feed updates it one
+//! node at a time ([`Registry::upsert`], [`Registry::remove`]); it is rebuilt
+//! whole ([`Registry::reload`]) only at start and after a resync. Removing a
+//! node closes its tunnels.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -107,8 +108,8 @@ pub struct NodeHandle {
     /// The public endpoint the agent declared (resolved against the address
     /// it connects from when it gave only a port).
     pub endpoint: Mutex<Option<SocketAddr>>,
-    /// Plain HTTP behaviour: `redirect` or `proxy`.
-    pub http_mode: Mutex<String>,
+    /// Plain HTTP behaviour.
+    pub http_mode: Mutex<crate::store::HttpMode>,
     /// Requests the node may still make of the signal API
     /// (`limits.node_signal_rate`).
     pub signal_budget: Mutex<crate::limits::TokenBucket>,
@@ -125,11 +126,11 @@ impl NodeHandle {
             metrics: NodeMetrics::default(),
             status: Mutex::new(RuntimeStatus::default()),
             mode: Mutex::new(crate::modes::ModeTracker::restored(
-                crate::modes::Mode::parse(&record.mode).unwrap_or(crate::modes::Mode::Offline),
+                record.mode,
                 record.endpoint.as_deref().and_then(|e| e.parse().ok()),
             )),
             endpoint: Mutex::new(record.endpoint.as_deref().and_then(|e| e.parse().ok())),
-            http_mode: Mutex::new(record.http_mode.clone()),
+            http_mode: Mutex::new(record.http_mode),
             signal_budget: Mutex::default(),
         }
     }
@@ -137,6 +138,20 @@ impl NodeHandle {
     /// The current mode.
     pub fn current_mode(&self) -> crate::modes::Mode {
         lock(&self.mode).mode()
+    }
+
+    /// The status the store records for the node.
+    pub fn stored_status(&self) -> crate::store::NodeStatus {
+        let status = lock(&self.status).clone();
+        let tunnels = self.tunnel_count();
+        crate::store::NodeStatus {
+            connected: tunnels > 0,
+            last_heartbeat: status.last_heartbeat,
+            open_connections: self.metrics.active.load(Ordering::Relaxed),
+            agent_version: status.agent_version,
+            remote_addr: status.remote_addr,
+            cert_not_after: status.cert_not_after,
+        }
     }
 
     /// The declared endpoint, if any.
@@ -294,36 +309,17 @@ impl Registry {
         self.next_tunnel_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Makes the registry match `records`: new nodes appear, removed nodes
-    /// lose their routes and tunnels, re-keyed nodes get the new hash.
+    /// Makes the registry match `records` (at start and after a resync):
+    /// new nodes appear, removed nodes lose their routes and tunnels,
+    /// re-keyed nodes get the new hash.
     pub fn reload(&self, records: &[NodeRecord]) {
         let mut removed = Vec::new();
         {
             let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
             let mut nodes = HashMap::with_capacity(records.len());
             for record in records {
-                let handle = match tables.nodes.remove(&record.name) {
-                    Some(existing) if existing.hostnames == record.hostnames => {
-                        let mut hash = lock(&existing.token_hash);
-                        if *hash != record.token_hash {
-                            *hash = record.token_hash;
-                            // A new token (say, after a compromise) voids the
-                            // endpoint the old one vouched for.
-                            *lock(&existing.endpoint) = None;
-                            lock(&existing.mode).forget_verified();
-                            // Tunnels opened with the old token are cut.
-                            existing.close_tunnels(edge_proto::tunnel::codes::CLOSE_AUTH_FAILED, "token rotated");
-                        }
-                        drop(hash);
-                        *lock(&existing.http_mode) = record.http_mode.clone();
-                        existing
-                    }
-                    Some(existing) => {
-                        removed.push(existing);
-                        Arc::new(NodeHandle::new(record))
-                    }
-                    None => Arc::new(NodeHandle::new(record)),
-                };
+                let (handle, replaced) = merge(tables.nodes.remove(&record.name), record);
+                removed.extend(replaced);
                 nodes.insert(record.name.clone(), handle);
             }
             removed.extend(tables.nodes.drain().map(|(_, n)| n));
@@ -336,10 +332,96 @@ impl Registry {
             *tables = Tables { nodes, routes };
         }
         for node in removed {
-            tracing::info!(node = %node.name, "node removed; closing its tunnels");
-            node.close_tunnels(edge_proto::tunnel::codes::CLOSE_NODE_REMOVED, "node removed");
+            retire(&node);
         }
     }
+
+    /// Adds or updates one node from its stored record.
+    pub fn upsert(&self, record: &NodeRecord) -> Arc<NodeHandle> {
+        let (handle, replaced) = {
+            let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+            let existing = tables.nodes.remove(&record.name);
+            let (handle, replaced) = merge(existing, record);
+            if let Some(old) = &replaced {
+                for host in &old.hostnames {
+                    tables.routes.remove(host);
+                }
+            }
+            for host in &handle.hostnames {
+                tables.routes.insert(host.clone(), handle.clone());
+            }
+            tables.nodes.insert(record.name.clone(), handle.clone());
+            (handle, replaced)
+        };
+        if let Some(old) = replaced {
+            retire(&old);
+        }
+        handle
+    }
+
+    /// Removes a node: its routes go and its tunnels are closed. `false` if
+    /// it was not here.
+    pub fn remove(&self, name: &str) -> bool {
+        let removed = {
+            let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+            let removed = tables.nodes.remove(name);
+            if let Some(node) = &removed {
+                for host in &node.hostnames {
+                    if tables.routes.get(host).is_some_and(|n| Arc::ptr_eq(n, node)) {
+                        tables.routes.remove(host);
+                    }
+                }
+            }
+            removed
+        };
+        match removed {
+            Some(node) => {
+                retire(&node);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.tables.read().unwrap_or_else(|p| p.into_inner()).nodes.len()
+    }
+
+    /// Whether there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The handle for `record`: the existing one updated in place (its tunnels
+/// and counters kept), or a new one, with the old handle to retire when the
+/// hostnames changed.
+fn merge(existing: Option<Arc<NodeHandle>>, record: &NodeRecord) -> (Arc<NodeHandle>, Option<Arc<NodeHandle>>) {
+    match existing {
+        Some(existing) if existing.hostnames == record.hostnames => {
+            let mut hash = lock(&existing.token_hash);
+            if *hash != record.token_hash {
+                *hash = record.token_hash;
+                // A new token (say, after a compromise) voids the endpoint
+                // the old one vouched for.
+                *lock(&existing.endpoint) = None;
+                lock(&existing.mode).forget_verified();
+                // Tunnels opened with the old token are cut.
+                existing.close_tunnels(edge_proto::tunnel::codes::CLOSE_AUTH_FAILED, "token rotated");
+            }
+            drop(hash);
+            *lock(&existing.http_mode) = record.http_mode;
+            (existing, None)
+        }
+        Some(existing) => (Arc::new(NodeHandle::new(record)), Some(existing)),
+        None => (Arc::new(NodeHandle::new(record)), None),
+    }
+}
+
+fn retire(node: &NodeHandle) {
+    tracing::info!(node = %node.name, "node removed; closing its tunnels");
+    node.close_tunnels(edge_proto::tunnel::codes::CLOSE_NODE_REMOVED, "node removed");
 }
 
 #[cfg(test)]
@@ -354,9 +436,10 @@ mod tests {
             token_hash: [hash; 32],
             created_at: 0,
             status: NodeStatus::default(),
-            http_mode: "redirect".into(),
-            mode: "offline".into(),
+            http_mode: crate::store::HttpMode::Redirect,
+            mode: crate::store::Mode::Offline,
             endpoint: None,
+            mode_since: None,
         }
     }
 
@@ -384,5 +467,22 @@ mod tests {
         assert!(n1.token_matches(&[9; 32]) && !n1.token_matches(&[1; 32]));
         assert!(reg.route("n2.z.test").is_none());
         assert_eq!(reg.nodes().len(), 1);
+    }
+
+    #[test]
+    fn upsert_and_remove_touch_one_node() {
+        let reg = Registry::default();
+        reg.reload(&[record("n1", 1), record("n2", 2)]);
+        let n1 = reg.node("n1").unwrap();
+        reg.upsert(&record("n3", 3));
+        assert_eq!(reg.route("x.n3.z.test").unwrap().name, "n3");
+        let same = reg.upsert(&record("n1", 7));
+        assert!(Arc::ptr_eq(&n1, &same), "an update keeps the handle (and its tunnels)");
+        assert!(n1.token_matches(&[7; 32]));
+        assert!(reg.remove("n2"));
+        assert!(!reg.remove("n2"));
+        assert!(reg.route("n2.z.test").is_none() && reg.node("n2").is_none());
+        assert_eq!(reg.len(), 2);
+        assert_eq!(reg.route("n1.z.test").unwrap().name, "n1");
     }
 }

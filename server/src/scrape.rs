@@ -15,14 +15,10 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Extension, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use bytes::Bytes;
 
-use crate::api::Peer;
 use crate::config::LimitsConfig;
 use crate::limits::{Listener, Refusal, SourceRates};
 use crate::Shared;
@@ -102,14 +98,4 @@ pub fn render(shared: &Shared) -> String {
     shared.refusals.render(&mut body);
     edge_net::render_process_metrics(&mut body);
     body
-}
-
-/// Routes of the separate metrics listener: `/metrics` and `/healthz`,
-/// no token.
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new().route("/metrics", get(open_metrics)).route("/healthz", get(|| async { "ok\n" })).with_state(shared)
-}
-
-async fn open_metrics(State(shared): State<Arc<Shared>>, Extension(peer): Extension<Peer>) -> Response {
-    shared.scrape.respond(&shared, Listener::Metrics, peer.0).await
 }

@@ -177,7 +177,7 @@ async fn session(
     .await?;
 
     if apply_endpoint(&shared, &node, endpoint.as_deref(), remote) {
-        reload_after_endpoint_change(&shared).await;
+        shared.nudge(crate::store::Change::ModeChanged(node.name.clone()));
     }
     let tunnel_id = shared.registry.next_tunnel_id();
     let tuning = &shared.config.tunnel;
@@ -196,7 +196,7 @@ async fn session(
         status.remote_addr = Some(remote.to_string());
         status.last_heartbeat = Some(crate::unix_now());
     }
-    shared.persist_status(&node).await;
+    shared.status_changed.notify_one();
     tracing::info!(node = %node.name, %remote, agent_version, %replica, tunnel = tunnel_id, "agent connected");
 
     let control = Control {
@@ -210,7 +210,7 @@ async fn session(
     };
     let result = control_loop(control, &mut reader, &mut writer, shared.config.limits.drain_timeout_secs).await;
     let remaining = node.remove_tunnel(tunnel_id);
-    shared.persist_status(&node).await;
+    shared.status_changed.notify_one();
     tracing::info!(node = %node.name, %remote, tunnel = tunnel_id, remaining, "agent disconnected");
     result
 }
@@ -355,12 +355,6 @@ async fn agent_moved(shared: &Shared, node: &NodeHandle, declared: Option<&str>,
     tracing::info!(node = %node.name, %from, %to, "agent's address changed (connection migrated)");
     node.status.lock().unwrap_or_else(|p| p.into_inner()).remote_addr = Some(to.to_string());
     if declared.is_some_and(|d| d.starts_with(':')) && apply_endpoint(shared, node, declared, to) {
-        reload_after_endpoint_change(shared).await;
-    }
-}
-
-async fn reload_after_endpoint_change(shared: &Shared) {
-    if let Err(e) = shared.reload().await {
-        tracing::error!(error = %e, "rebuilding the zone after an endpoint change failed");
+        shared.nudge(crate::store::Change::ModeChanged(node.name.clone()));
     }
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
@@ -23,10 +23,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{CaaValue, DnsConfig, StaticKind};
 use edge_proto::dns_zone::{Zone, ZoneSettings};
 
-/// The current zone snapshot, swapped as a whole on every change.
+/// The current zone snapshot, swapped as a whole on every change; waiters
+/// can watch for a state (a TXT value served).
 #[derive(Debug)]
 pub struct ZoneCell {
-    current: RwLock<Arc<Zone>>,
+    current: tokio::sync::watch::Sender<Arc<Zone>>,
 }
 
 impl ZoneCell {
@@ -73,24 +74,52 @@ impl ZoneCell {
             statics.push(Record::from_rdata(name, r.ttl_secs, data));
         }
         let zone = Zone::new(origin, settings, dns.ingress_addresses(tls), statics);
-        Ok(Self { current: RwLock::new(Arc::new(zone)) })
+        Ok(Self { current: tokio::sync::watch::Sender::new(Arc::new(zone)) })
     }
 
     /// The snapshot answering queries now.
     pub fn current(&self) -> Arc<Zone> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current.borrow().clone()
     }
 
-    /// Replaces the dynamic content: node names with their own address
-    /// (direct mode) or `None` (the cluster's addresses), challenge values
-    /// per node, and the serial (the store's revision, so it moves with
-    /// every change, mode transitions included).
+    /// Replaces the dynamic content (at start and after a resync): node
+    /// names with their own address (direct mode) or `None` (the cluster's
+    /// addresses), challenge values per node, and the serial.
     pub fn update(&self, serial: u32, nodes: &[(String, Option<IpAddr>)], challenges: HashMap<String, Vec<String>>) {
-        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
-        let cluster = guard.cluster_addresses().to_vec();
-        let nodes: HashMap<String, Vec<IpAddr>> =
-            nodes.iter().map(|(n, own)| (n.clone(), own.map_or_else(|| cluster.clone(), |ip| vec![ip]))).collect();
-        *guard = Arc::new(guard.with_state(serial, nodes, challenges));
+        self.current.send_modify(|zone| {
+            let cluster = zone.cluster_addresses().to_vec();
+            let nodes: HashMap<String, Vec<IpAddr>> =
+                nodes.iter().map(|(n, own)| (n.clone(), own.map_or_else(|| cluster.clone(), |ip| vec![ip]))).collect();
+            *zone = Arc::new(zone.with_state(serial, nodes, challenges));
+        });
+    }
+
+    /// Applies a batch of changes: nodes set (`Some(own address or None
+    /// for the cluster's)`) or removed (`None`), and nodes' TXT values
+    /// replaced. The serial moves past both the old one and `revision`, so
+    /// it moves with every batch, including changes made while the store
+    /// was unreachable.
+    pub fn edit(
+        &self,
+        revision: i64,
+        nodes: Vec<(String, Option<Option<IpAddr>>)>,
+        challenges: Vec<(String, Vec<String>)>,
+    ) {
+        self.current.send_modify(|zone| {
+            let cluster = zone.cluster_addresses().to_vec();
+            let serial = zone.serial().wrapping_add(1).max(revision.clamp(0, u32::MAX as i64) as u32);
+            let nodes = nodes
+                .into_iter()
+                .map(|(n, set)| (n, set.map(|own| own.map_or_else(|| cluster.clone(), |ip| vec![ip]))));
+            *zone = Arc::new(zone.edited(serial, nodes, challenges));
+        });
+    }
+
+    /// Waits up to `limit` for the zone to satisfy `ready`.
+    pub async fn wait_for(&self, limit: Duration, ready: impl FnMut(&Arc<Zone>) -> bool) -> bool {
+        let mut rx = self.current.subscribe();
+        let ready = matches!(tokio::time::timeout(limit, rx.wait_for(ready)).await, Ok(Ok(_)));
+        ready
     }
 }
 

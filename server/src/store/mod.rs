@@ -1,12 +1,27 @@
 //! All persistent state goes through the [`Store`] trait.
 //!
-//! One implementation today, [`sqlite::SqliteStore`] (embedded, one file,
-//! WAL). A shared PostgreSQL store for clusters of several servers will
-//! implement the same trait. Nothing on the per-connection path touches the
-//! store: routing uses the in-memory [`crate::registry::Registry`], which is
-//! reloaded when [`Store::revision`] changes.
+//! Two implementations: [`sqlite::SqliteStore`] (embedded, one file, WAL;
+//! the default) and [`postgres::PostgresStore`] (shared by several servers).
+//! [`open`] picks one from `[store]`. Nothing on the per-connection path
+//! touches the store: routing uses the in-memory registry, which follows the
+//! store's change feed ([`Store::subscribe`], [`Store::watch`]).
 
+pub mod changes;
+pub mod error;
+pub mod location;
+pub mod postgres;
 pub mod sqlite;
+pub mod values;
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+pub use changes::{Change, ChangeEvent, FeedEvent};
+pub use error::StoreError;
+pub use location::{StoreConfig, StoreLocation, StoreTls};
+pub use values::{HttpMode, Mode};
 
 /// A node as stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -21,12 +36,14 @@ pub struct NodeRecord {
     pub created_at: i64,
     /// Last status the server recorded.
     pub status: NodeStatus,
-    /// Plain HTTP on :80 for this node: `redirect` (to https) or `proxy`.
-    pub http_mode: String,
-    /// Last recorded mode (`direct`, `proxy`, `offline`).
-    pub mode: String,
+    /// Plain HTTP on :80 for this node.
+    pub http_mode: HttpMode,
+    /// Last recorded mode.
+    pub mode: Mode,
     /// Endpoint at the last mode transition.
     pub endpoint: Option<String>,
+    /// Unix seconds of the last mode transition.
+    pub mode_since: Option<i64>,
 }
 
 impl std::fmt::Debug for NodeRecord {
@@ -40,7 +57,25 @@ impl std::fmt::Debug for NodeRecord {
             .field("http_mode", &self.http_mode)
             .field("mode", &self.mode)
             .field("endpoint", &self.endpoint)
+            .field("mode_since", &self.mode_since)
             .finish()
+    }
+}
+
+impl NodeRecord {
+    /// A node as [`Store::add_node`] creates it.
+    pub fn new(name: &str, hostnames: &[String], token_hash: &[u8; 32], created_at: i64) -> Self {
+        Self {
+            name: name.to_string(),
+            hostnames: hostnames.to_vec(),
+            token_hash: *token_hash,
+            created_at,
+            status: NodeStatus::default(),
+            http_mode: HttpMode::default(),
+            mode: Mode::Offline,
+            endpoint: None,
+            mode_since: None,
+        }
     }
 }
 
@@ -74,15 +109,15 @@ pub struct ProbeSample {
     pub detail: String,
 }
 
-/// A mode change as stored (modes as their lowercase names).
+/// A mode change as stored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ModeChange {
     /// Unix seconds.
     pub at: i64,
     /// Old mode.
-    pub from: String,
+    pub from: Mode,
     /// New mode.
-    pub to: String,
+    pub to: Mode,
     /// Why.
     pub reason: String,
 }
@@ -91,7 +126,7 @@ pub struct ModeChange {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ModeHistory {
     /// Last recorded mode.
-    pub mode: Option<String>,
+    pub mode: Option<Mode>,
     /// Endpoint at the last transition.
     pub endpoint: Option<String>,
     /// Unix seconds of the last transition.
@@ -126,69 +161,103 @@ pub enum Published {
     Full,
 }
 
-/// Errors from a store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database reported an error.
-    #[error("database {path}: {source}")]
-    Database {
-        /// The database file.
-        path: String,
-        /// The driver's error.
-        source: rusqlite::Error,
-    },
-    /// The schema is newer than this binary understands.
-    #[error(
-        "database {path} has schema version {found}, newer than this edge-server ({supported}); upgrade edge-server"
-    )]
-    SchemaTooNew {
-        /// The database file.
-        path: String,
-        /// Version in the file.
-        found: i64,
-        /// Highest version this binary knows.
-        supported: i64,
-    },
-    /// A node with this name exists already.
-    #[error("node {0:?} already exists")]
-    NodeExists(String),
-    /// The task running a store operation failed.
-    #[error("store task failed: {0}")]
-    Task(String),
-    /// Stored data could not be decoded.
-    #[error("database {path}: corrupt row: {what}")]
-    Corrupt {
-        /// The database file.
-        path: String,
-        /// What was wrong.
-        what: String,
-    },
+/// What the routing state is built from, read at one revision: every node
+/// and every published TXT value.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingState {
+    /// The revision the rows were read at (the SOA serial follows it).
+    pub revision: i64,
+    /// All nodes, by name.
+    pub nodes: Vec<NodeRecord>,
+    /// All TXT values.
+    pub challenges: Vec<ChallengeRecord>,
+}
+
+/// Everything a store holds, for `edge-server store copy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The source's revision (the target continues from it, so SOA serials
+    /// never go back).
+    pub revision: i64,
+    /// Nodes with their status, mode and settings.
+    pub nodes: Vec<NodeRecord>,
+    /// Probe samples per node, oldest first.
+    pub samples: Vec<(String, ProbeSample)>,
+    /// Mode transitions per node, oldest first.
+    pub transitions: Vec<(String, ModeChange)>,
+    /// TXT values.
+    pub challenges: Vec<ChallengeRecord>,
+}
+
+/// Row counts, to verify a copy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Nodes.
+    pub nodes: u64,
+    /// Probe samples.
+    pub samples: u64,
+    /// Mode transitions.
+    pub transitions: u64,
+    /// TXT values.
+    pub challenges: u64,
+}
+
+impl Counts {
+    /// The counts a snapshot should leave in an empty store.
+    pub fn of(snapshot: &Snapshot) -> Self {
+        Self {
+            nodes: snapshot.nodes.len() as u64,
+            samples: snapshot.samples.len() as u64,
+            transitions: snapshot.transitions.len() as u64,
+            challenges: snapshot.challenges.len() as u64,
+        }
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Persistent state of the server.
-pub trait Store: Send + Sync + 'static {
-    /// Creates a node; fails with [`StoreError::NodeExists`] if taken.
-    fn add_node(&self, name: &str, hostnames: &[String], token_hash: &[u8; 32]) -> Result<NodeRecord, StoreError>;
-    /// Removes a node; `false` if it did not exist.
-    fn remove_node(&self, name: &str) -> Result<bool, StoreError>;
+///
+/// Every write that changes what is routed or served (nodes, tokens, HTTP
+/// modes, TXT values, mode transitions) moves the revision and emits a
+/// [`ChangeEvent`] to this process's subscribers at once; writes by other
+/// processes arrive through [`Store::watch`]. Status, probes and history
+/// are recorded without events.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Where the store is, without secrets (for logs and errors).
+    fn describe(&self) -> &str;
+    /// Creates a node; fails with [`StoreError::Conflict`] if the name is taken.
+    async fn add_node(&self, name: &str, hostnames: &[String], token_hash: &[u8; 32])
+        -> Result<NodeRecord, StoreError>;
+    /// Removes a node and everything of it; `false` if it did not exist.
+    async fn remove_node(&self, name: &str) -> Result<bool, StoreError>;
     /// Replaces a node's token hash; `false` if it does not exist.
-    fn set_token_hash(&self, name: &str, token_hash: &[u8; 32]) -> Result<bool, StoreError>;
+    async fn set_token_hash(&self, name: &str, token_hash: &[u8; 32]) -> Result<bool, StoreError>;
+    /// Sets what plain HTTP does for a node; `false` if no such node.
+    async fn set_http_mode(&self, name: &str, http_mode: HttpMode) -> Result<bool, StoreError>;
     /// One node by name.
-    fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
+    async fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
     /// All nodes, by name.
-    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
-    /// A number that changes whenever nodes are added, removed or re-keyed.
-    fn revision(&self) -> Result<i64, StoreError>;
-    /// Records a node's runtime status.
-    fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError>;
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// The revision: it moves with every change that emits an event.
+    async fn revision(&self) -> Result<i64, StoreError>;
+    /// Nodes and TXT values read at one revision.
+    async fn routing_state(&self) -> Result<RoutingState, StoreError>;
+    /// Records the runtime status of several nodes in one transaction;
+    /// names that do not exist (removed meanwhile) are skipped.
+    async fn record_statuses(&self, statuses: &[(String, NodeStatus)]) -> Result<(), StoreError>;
     /// Marks every node disconnected (at server start).
-    fn reset_status(&self) -> Result<(), StoreError>;
+    async fn reset_status(&self) -> Result<(), StoreError>;
     /// Publishes a TXT value for `node`. At `max_per_node` values, the
     /// oldest makes room if it was published before `stale_before` (Unix
     /// seconds); otherwise nothing is stored ([`Published::Full`]). A value
     /// already published only has its age reset (no revision change: the
     /// zone stays as it is).
-    fn put_challenge(
+    async fn put_challenge(
         &self,
         node: &str,
         name: &str,
@@ -198,17 +267,57 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Published, StoreError>;
     /// Removes one value (or all at `name` when `value` is `None`) of `node`;
     /// returns how many were removed.
-    fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError>;
+    async fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError>;
+    /// Every TXT value of one node.
+    async fn node_challenges(&self, node: &str) -> Result<Vec<ChallengeRecord>, StoreError>;
     /// Every published TXT value.
-    fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError>;
+    async fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError>;
     /// Removes values published before `created_before` (Unix seconds).
-    fn expire_challenges(&self, created_before: i64) -> Result<usize, StoreError>;
-    /// Sets `redirect` or `proxy` for plain HTTP; `false` if no such node.
-    fn set_http_mode(&self, name: &str, http_mode: &str) -> Result<bool, StoreError>;
+    async fn expire_challenges(&self, created_before: i64) -> Result<usize, StoreError>;
     /// Appends a probe sample, keeping the newest `keep` per node.
-    fn record_probe(&self, name: &str, sample: &ProbeSample, keep: usize) -> Result<(), StoreError>;
+    async fn record_probe(&self, name: &str, sample: &ProbeSample, keep: usize) -> Result<(), StoreError>;
     /// Records a transition and the node's new current mode.
-    fn record_transition(&self, name: &str, change: &ModeChange, endpoint: Option<&str>) -> Result<(), StoreError>;
+    async fn record_transition(
+        &self,
+        name: &str,
+        change: &ModeChange,
+        endpoint: Option<&str>,
+    ) -> Result<(), StoreError>;
     /// Current mode and the newest `limit` samples and transitions.
-    fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError>;
+    async fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError>;
+    /// Row counts.
+    async fn counts(&self) -> Result<Counts, StoreError>;
+    /// Everything, for a copy.
+    async fn export(&self) -> Result<Snapshot, StoreError>;
+    /// Writes `snapshot` into this store in one transaction; refuses with
+    /// [`StoreError::NotEmpty`] if the store holds anything.
+    async fn import(&self, snapshot: &Snapshot) -> Result<(), StoreError>;
+    /// Change events: this process's writes at once, other processes'
+    /// while [`Store::watch`] runs.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FeedEvent>;
+    /// Follows other processes' writes until `shutdown`, from `since` (the
+    /// revision of the state the subscriber holds): SQLite polls its change
+    /// log; PostgreSQL listens for notifications and asks for a resync
+    /// after every reconnect.
+    fn watch(&self, since: i64, shutdown: CancellationToken) -> BoxFuture<'static, ()>;
 }
+
+/// Opens the store `[store]` names: the one factory the server and the CLI
+/// use. PostgreSQL connects, and both migrate, before this returns.
+pub async fn open(config: &StoreConfig, data_dir: &std::path::Path) -> Result<Arc<dyn Store>, StoreError> {
+    match config.location(data_dir)? {
+        StoreLocation::Sqlite { path } => {
+            let poll = std::time::Duration::from_millis(config.poll_ms);
+            Ok(Arc::new(sqlite::SqliteStore::open_async(path, poll).await?))
+        }
+        StoreLocation::Postgres(options) => Ok(Arc::new(postgres::PostgresStore::connect(*options).await?)),
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// How many events a subscriber may fall behind before it must resync.
+pub(crate) const FEED_CAPACITY: usize = 4096;

@@ -1,21 +1,28 @@
 //! SQLite implementation of [`Store`]: one file, WAL journal, versioned
-//! migrations applied in transactions at open.
+//! migrations applied in one transaction at open, and a change log that
+//! other processes on the same file poll.
 //!
-//! The connection sits behind a mutex: every operation is a few
-//! milliseconds and none is on the per-connection path.
+//! The connection sits behind a mutex and every operation runs on tokio's
+//! blocking pool: each is a few milliseconds and none is on the
+//! per-connection path.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
+use super::changes::new_origin;
 use super::{
-    ChallengeRecord, ModeChange, ModeHistory, NodeRecord, NodeStatus, ProbeSample, Published, Store, StoreError,
+    now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, HttpMode, Mode, ModeChange, ModeHistory, NodeRecord,
+    NodeStatus, ProbeSample, Published, RoutingState, Snapshot, Store, StoreError, FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+pub const MIGRATIONS: &[&str] = &[
     // 1: nodes, their status, and a revision counter for change detection.
     "CREATE TABLE nodes (
         name TEXT PRIMARY KEY,
@@ -71,22 +78,64 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT NOT NULL
     );
     CREATE INDEX mode_transitions_by_node ON mode_transitions(name, id);",
+    // 4: the change log other processes poll. Its sequence is the revision;
+    // it continues from the old counter so SOA serials never go back.
+    "CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        origin TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        node TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    INSERT INTO sqlite_sequence (name, seq) SELECT 'changes', value FROM meta WHERE key = 'revision';
+    CREATE INDEX acme_challenges_by_node ON acme_challenges(node);",
 ];
+
+/// Change log rows kept; a poller further behind resyncs.
+const CHANGES_KEPT: i64 = 10_000;
+
+/// How long a statement waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The embedded store.
 #[derive(Debug)]
 pub struct SqliteStore {
-    path: String,
+    db: Arc<SqliteDb>,
+    events: broadcast::Sender<FeedEvent>,
+    poll: Duration,
+}
+
+#[derive(Debug)]
+struct SqliteDb {
+    describe: String,
+    origin: String,
     conn: Mutex<Connection>,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates it.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let display = path.display().to_string();
-        let db_err = |source| StoreError::Database { path: display.clone(), source };
+    /// Blocks: from async code, use [`SqliteStore::open_async`].
+    pub fn open(path: &Path, poll: Duration) -> Result<Self, StoreError> {
+        Self::open_at_version(path, poll, MIGRATIONS.len())
+    }
+
+    /// [`SqliteStore::open`] on the blocking pool.
+    pub async fn open_async(path: PathBuf, poll: Duration) -> Result<Self, StoreError> {
+        let describe = format!("sqlite://{}", path.display());
+        tokio::task::spawn_blocking(move || Self::open(&path, poll))
+            .await
+            .map_err(|e| StoreError::Backend { store: describe, message: e.to_string() })?
+    }
+
+    /// Opens with migrations applied up to `version` only (tests of
+    /// upgrades from an older schema).
+    #[doc(hidden)]
+    pub fn open_at_version(path: &Path, poll: Duration, version: usize) -> Result<Self, StoreError> {
+        let describe = format!("sqlite://{}", path.display());
+        let db_err = |e: rusqlite::Error| map_err(&describe, e);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| db_err(io_error(e)))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Backend { store: describe.clone(), message: e.to_string() })?;
         }
         let mut conn = Connection::open(path).map_err(db_err)?;
         // Token hashes live here (they also key reachability probes): owner
@@ -102,44 +151,53 @@ impl SqliteStore {
         set_wal(&conn).map_err(db_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
-        migrate(&mut conn, &display)?;
-        Ok(Self { path: display, conn: Mutex::new(conn) })
+        migrate(&mut conn, &describe, version)?;
+        let (events, _) = broadcast::channel(FEED_CAPACITY);
+        let db = SqliteDb { describe, origin: new_origin(), conn: Mutex::new(conn) };
+        Ok(Self { db: Arc::new(db), events, poll })
     }
 
-    /// The database file.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(&self.path)
+    /// Runs `f` on the blocking pool, then announces the changes it made.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SqliteDb) -> Result<(T, Vec<ChangeEvent>), StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        let (value, events) = tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Backend { store: self.db.describe.clone(), message: e.to_string() })??;
+        for event in events {
+            let _ = self.events.send(FeedEvent::Change(event));
+        }
+        Ok(value)
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut conn).map_err(|source| StoreError::Database { path: self.path.clone(), source })
-    }
-
-    fn row_to_node(&self, row: RawNode) -> Result<NodeRecord, StoreError> {
-        let corrupt =
-            |what: &str| StoreError::Corrupt { path: self.path.clone(), what: format!("node {:?}: {what}", row.name) };
-        let hostnames: Vec<String> = serde_json::from_str(&row.hostnames).map_err(|_| corrupt("hostnames"))?;
-        let token_hash: [u8; 32] = row.token_hash.as_slice().try_into().map_err(|_| corrupt("token_hash"))?;
-        Ok(NodeRecord {
-            name: row.name,
-            hostnames,
-            token_hash,
-            created_at: row.created_at,
-            status: row.status,
-            http_mode: row.http_mode,
-            mode: row.mode,
-            endpoint: row.endpoint,
-        })
+    /// [`SqliteStore::run`] for reads.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.run(move |db| db.with(f).map(|v| (v, Vec::new()))).await
     }
 }
 
-fn io_error(e: std::io::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+fn map_err(store: &str, e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
+        {
+            StoreError::Unavailable { store: store.to_string(), reason: e.to_string() }
+        }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
+            StoreError::Conflict(format!("store {store}: {e}"))
+        }
+        rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, ErrorCode::CannotOpen | ErrorCode::ReadOnly) => {
+            StoreError::Unavailable { store: store.to_string(), reason: e.to_string() }
+        }
+        _ => StoreError::Backend { store: store.to_string(), message: e.to_string() },
+    }
 }
-
-/// How long a statement waits for another process's write lock.
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Switches to WAL. Changing the journal mode needs a moment of exclusive
 /// access, and SQLite reports a conflict there without calling the busy
@@ -151,36 +209,118 @@ fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
             {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(10));
             }
             other => return other,
         }
     }
 }
 
-/// Applies pending migrations. The version is read inside the same
-/// `BEGIN IMMEDIATE` transaction that runs the DDL, so of several processes
-/// opening a fresh file at once exactly one migrates and the others, once
-/// the write lock is theirs, find nothing left to do.
-fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
-    let db_err = |source| StoreError::Database { path: path.to_string(), source };
+/// Applies pending migrations up to `target`. The version is read inside
+/// the same `BEGIN IMMEDIATE` transaction that runs the DDL, so of several
+/// processes opening a fresh file at once exactly one migrates and the
+/// others, once the write lock is theirs, find nothing left to do.
+fn migrate(conn: &mut Connection, store: &str, target: usize) -> Result<(), StoreError> {
+    let db_err = |e| map_err(store, e);
     let supported = MIGRATIONS.len() as i64;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
     if version > supported {
-        return Err(StoreError::SchemaTooNew { path: path.to_string(), found: version, supported });
+        return Err(StoreError::SchemaTooNew { store: store.to_string(), found: version, supported });
     }
-    for sql in MIGRATIONS.iter().skip(version as usize) {
+    let target = target.min(MIGRATIONS.len()) as i64;
+    for sql in MIGRATIONS.iter().take(target as usize).skip(version as usize) {
         tx.execute_batch(sql).map_err(db_err)?;
     }
-    if version < supported {
-        tx.pragma_update(None, "user_version", supported).map_err(db_err)?;
+    if version < target {
+        tx.pragma_update(None, "user_version", target).map_err(db_err)?;
     }
     tx.commit().map_err(db_err)?;
-    if version < supported {
-        tracing::info!(path, from = version, to = supported, "applied database migrations");
+    if version < target {
+        tracing::info!(store, from = version, to = target, "applied database migrations");
     }
     Ok(())
+}
+
+impl SqliteDb {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut conn).map_err(|e| map_err(&self.describe, e))
+    }
+
+    /// Runs `f` in a `BEGIN IMMEDIATE` transaction (taking the write lock
+    /// first, so two processes never deadlock upgrading a read) and returns
+    /// the change events it logged.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>, &mut Vec<ChangeEvent>) -> rusqlite::Result<T>,
+    ) -> Result<(T, Vec<ChangeEvent>), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut events = Vec::new();
+            let value = f(&tx, &mut events)?;
+            tx.commit()?;
+            Ok((value, events))
+        })
+    }
+
+    fn log(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        events: &mut Vec<ChangeEvent>,
+        change: Change,
+    ) -> rusqlite::Result<()> {
+        tx.execute(
+            "INSERT INTO changes (origin, kind, node, at) VALUES (?1, ?2, ?3, ?4)",
+            params![self.origin, change.kind(), change.node().unwrap_or_default(), now()],
+        )?;
+        let revision = tx.last_insert_rowid();
+        if revision % 100 == 0 {
+            tx.execute("DELETE FROM changes WHERE seq <= ?1", params![revision - CHANGES_KEPT])?;
+        }
+        events.push(ChangeEvent { revision, change, origin: self.origin.clone() });
+        Ok(())
+    }
+
+    fn row_to_node(&self, row: RawNode) -> Result<NodeRecord, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt {
+            store: self.describe.clone(),
+            what: format!("node {:?}: {what}", row.name),
+        };
+        let hostnames: Vec<String> = serde_json::from_str(&row.hostnames).map_err(|_| corrupt("hostnames"))?;
+        let token_hash: [u8; 32] = row.token_hash.as_slice().try_into().map_err(|_| corrupt("token_hash"))?;
+        Ok(NodeRecord {
+            name: row.name.clone(),
+            hostnames,
+            token_hash,
+            created_at: row.created_at,
+            status: row.status,
+            http_mode: HttpMode::parse(&row.http_mode).ok_or_else(|| corrupt("http_mode"))?,
+            mode: Mode::parse(&row.mode).ok_or_else(|| corrupt("mode"))?,
+            endpoint: row.endpoint,
+            mode_since: row.mode_since,
+        })
+    }
+
+    fn nodes(&self, conn: &Connection, filter: Option<&str>) -> Result<Vec<NodeRecord>, StoreError> {
+        let raws = (|| {
+            let rows = match filter {
+                Some(name) => {
+                    let mut stmt = conn.prepare_cached(&format!("{SELECT_NODES} WHERE n.name = ?1"))?;
+                    let rows = stmt.query_map(params![name], raw_node)?.collect::<rusqlite::Result<Vec<_>>>();
+                    rows
+                }
+                None => {
+                    let mut stmt = conn.prepare_cached(&format!("{SELECT_NODES} ORDER BY n.name"))?;
+                    let rows = stmt.query_map([], raw_node)?.collect::<rusqlite::Result<Vec<_>>>();
+                    rows
+                }
+            };
+            rows
+        })()
+        .map_err(|e| map_err(&self.describe, e))?;
+        raws.into_iter().map(|r| self.row_to_node(r)).collect()
+    }
 }
 
 struct RawNode {
@@ -192,11 +332,12 @@ struct RawNode {
     http_mode: String,
     mode: String,
     endpoint: Option<String>,
+    mode_since: Option<i64>,
 }
 
 const SELECT_NODES: &str = "SELECT n.name, n.hostnames, n.token_hash, n.created_at,
         COALESCE(s.connected, 0), s.last_heartbeat, COALESCE(s.open_connections, 0), s.agent_version, s.remote_addr, s.cert_not_after, n.http_mode,
-        COALESCE(m.mode, 'offline'), m.endpoint
+        COALESCE(m.mode, 'offline'), m.endpoint, m.since
     FROM nodes n LEFT JOIN node_status s ON s.name = n.name LEFT JOIN node_modes m ON m.name = n.name";
 
 fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
@@ -216,125 +357,213 @@ fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
         http_mode: row.get(10)?,
         mode: row.get(11)?,
         endpoint: row.get(12)?,
+        mode_since: row.get(13)?,
     })
 }
 
-fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+fn revision(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0)", [], |r| r.get(0))
 }
 
-fn bump_revision(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'", []).map(|_| ())
-}
-
-impl Store for SqliteStore {
-    fn add_node(&self, name: &str, hostnames: &[String], token_hash: &[u8; 32]) -> Result<NodeRecord, StoreError> {
-        let created_at = now();
-        let hostnames_json = serde_json::to_string(hostnames).unwrap_or_else(|_| "[]".into());
-        let inserted = self.with(|conn| {
-            let tx = conn.transaction()?;
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO nodes (name, hostnames, token_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![name, hostnames_json, token_hash.as_slice(), created_at],
+fn challenges(conn: &Connection, node: Option<&str>) -> rusqlite::Result<Vec<ChallengeRecord>> {
+    let map = |r: &rusqlite::Row<'_>| {
+        Ok(ChallengeRecord { node: r.get(0)?, name: r.get(1)?, value: r.get(2)?, created_at: r.get(3)? })
+    };
+    match node {
+        Some(node) => {
+            let mut stmt = conn.prepare_cached(
+                "SELECT node, name, value, created_at FROM acme_challenges WHERE node = ?1 ORDER BY name, value",
             )?;
-            if n == 1 {
-                bump_revision(&tx)?;
-            }
-            tx.commit()?;
-            Ok(n == 1)
-        })?;
-        if !inserted {
-            return Err(StoreError::NodeExists(name.to_string()));
-        }
-        Ok(NodeRecord {
-            name: name.to_string(),
-            hostnames: hostnames.to_vec(),
-            token_hash: *token_hash,
-            created_at,
-            status: NodeStatus::default(),
-            http_mode: "redirect".into(),
-            mode: "offline".into(),
-            endpoint: None,
-        })
-    }
-
-    fn remove_node(&self, name: &str) -> Result<bool, StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![name])?;
-            if n > 0 {
-                bump_revision(&tx)?;
-            }
-            tx.commit()?;
-            Ok(n > 0)
-        })
-    }
-
-    fn set_token_hash(&self, name: &str, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let n =
-                tx.execute("UPDATE nodes SET token_hash = ?2 WHERE name = ?1", params![name, token_hash.as_slice()])?;
-            if n > 0 {
-                bump_revision(&tx)?;
-            }
-            tx.commit()?;
-            Ok(n > 0)
-        })
-    }
-
-    fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
-        let raw = self.with(|conn| {
-            conn.query_row(&format!("{SELECT_NODES} WHERE n.name = ?1"), params![name], raw_node).optional()
-        })?;
-        raw.map(|r| self.row_to_node(r)).transpose()
-    }
-
-    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let raws = self.with(|conn| {
-            let mut stmt = conn.prepare(&format!("{SELECT_NODES} ORDER BY n.name"))?;
-            let rows = stmt.query_map([], raw_node)?.collect::<rusqlite::Result<Vec<_>>>();
+            let rows = stmt.query_map(params![node], map)?.collect();
             rows
-        })?;
-        raws.into_iter().map(|r| self.row_to_node(r)).collect()
+        }
+        None => {
+            let mut stmt =
+                conn.prepare_cached("SELECT node, name, value, created_at FROM acme_challenges ORDER BY name, value")?;
+            let rows = stmt.query_map([], map)?.collect();
+            rows
+        }
+    }
+}
+
+fn count(conn: &Connection, table: &str) -> rusqlite::Result<u64> {
+    conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(|n| n.max(0) as u64)
+}
+
+fn counts(conn: &Connection) -> rusqlite::Result<Counts> {
+    Ok(Counts {
+        nodes: count(conn, "nodes")?,
+        samples: count(conn, "probe_samples")?,
+        transitions: count(conn, "mode_transitions")?,
+        challenges: count(conn, "acme_challenges")?,
+    })
+}
+
+fn upsert_status(tx: &Connection, name: &str, status: &NodeStatus) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, updated_at, cert_not_after)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)
+         ON CONFLICT(name) DO UPDATE SET connected = excluded.connected,
+            last_heartbeat = COALESCE(excluded.last_heartbeat, node_status.last_heartbeat),
+            open_connections = excluded.open_connections,
+            agent_version = COALESCE(excluded.agent_version, node_status.agent_version),
+            remote_addr = COALESCE(excluded.remote_addr, node_status.remote_addr),
+            updated_at = excluded.updated_at,
+            cert_not_after = COALESCE(excluded.cert_not_after, node_status.cert_not_after)",
+    )?;
+    stmt.execute(params![
+        name,
+        status.connected as i64,
+        status.last_heartbeat,
+        status.open_connections as i64,
+        status.agent_version,
+        status.remote_addr,
+        now(),
+        status.cert_not_after
+    ])
+    .map(|_| ())
+}
+
+fn own<T: ToOwned + ?Sized>(v: &T) -> T::Owned {
+    v.to_owned()
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    fn describe(&self) -> &str {
+        &self.db.describe
     }
 
-    fn revision(&self) -> Result<i64, StoreError> {
-        self.with(|conn| conn.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| r.get(0)))
+    async fn add_node(
+        &self,
+        name: &str,
+        hostnames: &[String],
+        token_hash: &[u8; 32],
+    ) -> Result<NodeRecord, StoreError> {
+        let record = NodeRecord::new(name, hostnames, token_hash, now());
+        let hostnames_json = serde_json::to_string(hostnames).unwrap_or_else(|_| "[]".into());
+        let row = record.clone();
+        let inserted = self
+            .run(move |db| {
+                db.write(|tx, events| {
+                    let n = tx.execute(
+                        "INSERT OR IGNORE INTO nodes (name, hostnames, token_hash, created_at, http_mode) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![row.name, hostnames_json, row.token_hash.as_slice(), row.created_at, row.http_mode.as_str()],
+                    )?;
+                    if n == 1 {
+                        db.log(tx, events, Change::NodeAdded(row.name.clone()))?;
+                    }
+                    Ok(n == 1)
+                })
+            })
+            .await?;
+        if !inserted {
+            return Err(StoreError::Conflict(format!("node {name:?} already exists")));
+        }
+        Ok(record)
     }
 
-    fn record_status(&self, name: &str, status: &NodeStatus) -> Result<(), StoreError> {
-        self.with(|conn| {
-            conn.execute(
-                "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, updated_at, cert_not_after)
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)
-                 ON CONFLICT(name) DO UPDATE SET connected = excluded.connected,
-                    last_heartbeat = COALESCE(excluded.last_heartbeat, node_status.last_heartbeat),
-                    open_connections = excluded.open_connections,
-                    agent_version = COALESCE(excluded.agent_version, node_status.agent_version),
-                    remote_addr = COALESCE(excluded.remote_addr, node_status.remote_addr),
-                    updated_at = excluded.updated_at,
-                    cert_not_after = COALESCE(excluded.cert_not_after, node_status.cert_not_after)",
-                params![
-                    name,
-                    status.connected as i64,
-                    status.last_heartbeat,
-                    status.open_connections as i64,
-                    status.agent_version,
-                    status.remote_addr,
-                    now(),
-                    status.cert_not_after
-                ],
-            )
-            .map(|_| ())
+    async fn remove_node(&self, name: &str) -> Result<bool, StoreError> {
+        let name = own(name);
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![name])?;
+                if n > 0 {
+                    db.log(tx, events, Change::NodeRemoved(name.clone()))?;
+                }
+                Ok(n > 0)
+            })
         })
+        .await
     }
 
-    fn reset_status(&self) -> Result<(), StoreError> {
-        self.with(|conn| conn.execute("UPDATE node_status SET connected = 0, open_connections = 0", []).map(|_| ()))
+    async fn set_token_hash(&self, name: &str, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
+        let (name, hash) = (own(name), *token_hash);
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n =
+                    tx.execute("UPDATE nodes SET token_hash = ?2 WHERE name = ?1", params![name, hash.as_slice()])?;
+                if n > 0 {
+                    db.log(tx, events, Change::TokenRotated(name.clone()))?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
     }
 
-    fn put_challenge(
+    async fn set_http_mode(&self, name: &str, http_mode: HttpMode) -> Result<bool, StoreError> {
+        let name = own(name);
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n =
+                    tx.execute("UPDATE nodes SET http_mode = ?2 WHERE name = ?1", params![name, http_mode.as_str()])?;
+                if n > 0 {
+                    db.log(tx, events, Change::NodeUpdated(name.clone()))?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
+    }
+
+    async fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let name = own(name);
+        self.run(move |db| {
+            let nodes = db.with(|conn| Ok(db.nodes(conn, Some(&name))))??;
+            Ok((nodes.into_iter().next(), Vec::new()))
+        })
+        .await
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.run(move |db| Ok((db.with(|conn| Ok(db.nodes(conn, None)))??, Vec::new()))).await
+    }
+
+    async fn revision(&self) -> Result<i64, StoreError> {
+        self.read(|conn| revision(conn)).await
+    }
+
+    async fn routing_state(&self) -> Result<RoutingState, StoreError> {
+        self.run(move |db| {
+            // One read transaction: the rows and the revision agree.
+            let state = db.with(|conn| {
+                let tx = conn.transaction()?;
+                let revision = revision(&tx)?;
+                let nodes = db.nodes(&tx, None);
+                let challenges = challenges(&tx, None)?;
+                tx.commit()?;
+                Ok(nodes.map(|nodes| RoutingState { revision, nodes, challenges }))
+            })??;
+            Ok((state, Vec::new()))
+        })
+        .await
+    }
+
+    async fn record_statuses(&self, statuses: &[(String, NodeStatus)]) -> Result<(), StoreError> {
+        if statuses.is_empty() {
+            return Ok(());
+        }
+        let statuses = statuses.to_vec();
+        self.run(move |db| {
+            db.write(|tx, _| {
+                for (name, status) in &statuses {
+                    upsert_status(tx, name, status)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn reset_status(&self) -> Result<(), StoreError> {
+        self.run(|db| {
+            db.write(|tx, _| tx.execute("UPDATE node_status SET connected = 0, open_connections = 0", []).map(|_| ()))
+        })
+        .await
+    }
+
+    async fn put_challenge(
         &self,
         node: &str,
         name: &str,
@@ -342,175 +571,408 @@ impl Store for SqliteStore {
         max_per_node: usize,
         stale_before: i64,
     ) -> Result<Published, StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let refreshed = tx.execute(
-                "UPDATE acme_challenges SET created_at = ?4 WHERE node = ?1 AND name = ?2 AND value = ?3",
-                params![node, name, value, now()],
-            )?;
-            if refreshed > 0 {
-                tx.commit()?;
-                return Ok(Published::Unchanged);
-            }
-            let count: i64 =
-                tx.query_row("SELECT COUNT(*) FROM acme_challenges WHERE node = ?1", params![node], |r| r.get(0))?;
-            if count as usize >= max_per_node {
-                // At the cap, the oldest value makes room if it is stale:
-                // what is left of an order that never finished (an agent or
-                // a server that died halfway) must not block the next order
-                // for an hour, but a running order's values are kept.
-                let evicted = tx.execute(
-                    "DELETE FROM acme_challenges WHERE rowid = (SELECT rowid FROM acme_challenges WHERE node = ?1
-                       AND created_at < ?2 ORDER BY created_at, rowid LIMIT 1)",
-                    params![node, stale_before],
+        let (node, name, value) = (own(node), own(name), own(value));
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let refreshed = tx.execute(
+                    "UPDATE acme_challenges SET created_at = ?4 WHERE node = ?1 AND name = ?2 AND value = ?3",
+                    params![node, name, value, now()],
                 )?;
-                if evicted == 0 || count as usize > max_per_node {
+                if refreshed > 0 {
+                    return Ok(Published::Unchanged);
+                }
+                let exists =
+                    tx.query_row("SELECT 1 FROM nodes WHERE name = ?1", params![node], |_| Ok(())).optional()?;
+                if exists.is_none() {
                     return Ok(Published::Full);
                 }
-            }
-            // (name, value) is unique and names are per node: another
-            // node's row here would be a bug upstream, and stays untouched.
-            tx.execute(
-                "INSERT INTO acme_challenges (node, name, value, created_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(name, value) DO NOTHING",
-                params![node, name, value, now()],
-            )?;
-            bump_revision(&tx)?;
-            tx.commit()?;
-            Ok(Published::Added)
-        })
-    }
-
-    fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let n = match value {
-                Some(v) => tx.execute(
-                    "DELETE FROM acme_challenges WHERE node = ?1 AND name = ?2 AND value = ?3",
-                    params![node, name, v],
-                )?,
-                None => tx.execute("DELETE FROM acme_challenges WHERE node = ?1 AND name = ?2", params![node, name])?,
-            };
-            if n > 0 {
-                bump_revision(&tx)?;
-            }
-            tx.commit()?;
-            Ok(n)
-        })
-    }
-
-    fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError> {
-        self.with(|conn| {
-            let mut stmt =
-                conn.prepare("SELECT node, name, value, created_at FROM acme_challenges ORDER BY name, value")?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok(ChallengeRecord { node: r.get(0)?, name: r.get(1)?, value: r.get(2)?, created_at: r.get(3)? })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>();
-            rows
-        })
-    }
-
-    fn set_http_mode(&self, name: &str, http_mode: &str) -> Result<bool, StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let n = tx.execute("UPDATE nodes SET http_mode = ?2 WHERE name = ?1", params![name, http_mode])?;
-            if n > 0 {
-                bump_revision(&tx)?;
-            }
-            tx.commit()?;
-            Ok(n > 0)
-        })
-    }
-
-    fn record_probe(&self, name: &str, sample: &ProbeSample, keep: usize) -> Result<(), StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            tx.execute(
-                "INSERT INTO probe_samples (name, at, endpoint, ok, detail)
-                 SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)",
-                params![name, sample.at, sample.endpoint, sample.ok as i64, sample.detail],
-            )?;
-            tx.execute(
-                "DELETE FROM probe_samples WHERE name = ?1 AND id NOT IN
-                   (SELECT id FROM probe_samples WHERE name = ?1 ORDER BY id DESC LIMIT ?2)",
-                params![name, keep as i64],
-            )?;
-            tx.commit()
-        })
-    }
-
-    fn record_transition(&self, name: &str, t: &ModeChange, endpoint: Option<&str>) -> Result<(), StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let exists: bool =
-                tx.query_row("SELECT 1 FROM nodes WHERE name = ?1", params![name], |_| Ok(())).optional()?.is_some();
-            if exists {
-                tx.execute(
-                    "INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![name, t.at, t.from, t.to, t.reason],
+                let count: i64 =
+                    tx.query_row("SELECT COUNT(*) FROM acme_challenges WHERE node = ?1", params![node], |r| r.get(0))?;
+                if count as usize >= max_per_node {
+                    // At the cap, the oldest value makes room if it is stale:
+                    // what is left of an order that never finished (an agent
+                    // or a server that died halfway) must not block the next
+                    // order for an hour, but a running order's values are kept.
+                    let evicted = tx.execute(
+                        "DELETE FROM acme_challenges WHERE rowid = (SELECT rowid FROM acme_challenges WHERE node = ?1
+                           AND created_at < ?2 ORDER BY created_at, rowid LIMIT 1)",
+                        params![node, stale_before],
+                    )?;
+                    if evicted == 0 || count as usize > max_per_node {
+                        return Ok(Published::Full);
+                    }
+                }
+                // (name, value) is unique and names are per node: another
+                // node's row here would be a bug upstream, and stays untouched.
+                let n = tx.execute(
+                    "INSERT INTO acme_challenges (node, name, value, created_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(name, value) DO NOTHING",
+                    params![node, name, value, now()],
                 )?;
-                tx.execute(
-                    "INSERT INTO node_modes (name, mode, endpoint, since) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(name) DO UPDATE SET mode = excluded.mode, endpoint = excluded.endpoint,
-                        since = excluded.since",
-                    params![name, t.to, endpoint, t.at],
-                )?;
-                bump_revision(&tx)?;
-            }
-            tx.commit()
-        })
-    }
-
-    fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError> {
-        self.with(|conn| {
-            let current = conn
-                .query_row("SELECT mode, endpoint, since FROM node_modes WHERE name = ?1", params![name], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, i64>(2)?))
-                })
-                .optional()?;
-            let mut stmt = conn.prepare(
-                "SELECT at, endpoint, ok, detail FROM probe_samples WHERE name = ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let samples = stmt
-                .query_map(params![name, limit as i64], |r| {
-                    Ok(ProbeSample {
-                        at: r.get(0)?,
-                        endpoint: r.get(1)?,
-                        ok: r.get::<_, i64>(2)? != 0,
-                        detail: r.get(3)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let mut stmt = conn.prepare(
-                "SELECT at, from_mode, to_mode, reason FROM mode_transitions WHERE name = ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let transitions = stmt
-                .query_map(params![name, limit as i64], |r| {
-                    Ok(ModeChange { at: r.get(0)?, from: r.get(1)?, to: r.get(2)?, reason: r.get(3)? })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(ModeHistory {
-                mode: current.as_ref().map(|c| c.0.clone()),
-                endpoint: current.as_ref().and_then(|c| c.1.clone()),
-                since: current.map(|c| c.2),
-                samples,
-                transitions,
+                if n == 0 {
+                    return Ok(Published::Full);
+                }
+                db.log(tx, events, Change::ChallengePut(node.clone()))?;
+                Ok(Published::Added)
             })
         })
+        .await
     }
 
-    fn expire_challenges(&self, created_before: i64) -> Result<usize, StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let n = tx.execute("DELETE FROM acme_challenges WHERE created_at < ?1", params![created_before])?;
-            if n > 0 {
-                bump_revision(&tx)?;
-            }
-            tx.commit()?;
-            Ok(n)
+    async fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError> {
+        let (node, name, value) = (own(node), own(name), value.map(own));
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n = match &value {
+                    Some(v) => tx.execute(
+                        "DELETE FROM acme_challenges WHERE node = ?1 AND name = ?2 AND value = ?3",
+                        params![node, name, v],
+                    )?,
+                    None => {
+                        tx.execute("DELETE FROM acme_challenges WHERE node = ?1 AND name = ?2", params![node, name])?
+                    }
+                };
+                if n > 0 {
+                    db.log(tx, events, Change::ChallengeRemoved(node.clone()))?;
+                }
+                Ok(n)
+            })
         })
+        .await
+    }
+
+    async fn node_challenges(&self, node: &str) -> Result<Vec<ChallengeRecord>, StoreError> {
+        let node = own(node);
+        self.read(move |conn| challenges(conn, Some(&node))).await
+    }
+
+    async fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError> {
+        self.read(|conn| challenges(conn, None)).await
+    }
+
+    async fn expire_challenges(&self, created_before: i64) -> Result<usize, StoreError> {
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let nodes: Vec<String> = {
+                    let mut stmt =
+                        tx.prepare("SELECT DISTINCT node FROM acme_challenges WHERE created_at < ?1 ORDER BY node")?;
+                    let rows =
+                        stmt.query_map(params![created_before], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                    rows
+                };
+                let n = tx.execute("DELETE FROM acme_challenges WHERE created_at < ?1", params![created_before])?;
+                for node in nodes {
+                    db.log(tx, events, Change::ChallengeRemoved(node))?;
+                }
+                Ok(n)
+            })
+        })
+        .await
+    }
+
+    async fn record_probe(&self, name: &str, sample: &ProbeSample, keep: usize) -> Result<(), StoreError> {
+        let (name, sample) = (own(name), sample.clone());
+        self.run(move |db| {
+            db.write(|tx, _| {
+                tx.execute(
+                    "INSERT INTO probe_samples (name, at, endpoint, ok, detail)
+                     SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)",
+                    params![name, sample.at, sample.endpoint, sample.ok as i64, sample.detail],
+                )?;
+                tx.execute(
+                    "DELETE FROM probe_samples WHERE name = ?1 AND id NOT IN
+                       (SELECT id FROM probe_samples WHERE name = ?1 ORDER BY id DESC LIMIT ?2)",
+                    params![name, keep as i64],
+                )?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn record_transition(&self, name: &str, t: &ModeChange, endpoint: Option<&str>) -> Result<(), StoreError> {
+        let (name, t, endpoint) = (own(name), t.clone(), endpoint.map(own));
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let exists = tx.query_row("SELECT 1 FROM nodes WHERE name = ?1", params![name], |_| Ok(())).optional()?;
+                if exists.is_some() {
+                    tx.execute(
+                        "INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![name, t.at, t.from.as_str(), t.to.as_str(), t.reason],
+                    )?;
+                    tx.execute(
+                        "INSERT INTO node_modes (name, mode, endpoint, since) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(name) DO UPDATE SET mode = excluded.mode, endpoint = excluded.endpoint,
+                            since = excluded.since",
+                        params![name, t.to.as_str(), endpoint, t.at],
+                    )?;
+                    db.log(tx, events, Change::ModeChanged(name.clone()))?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError> {
+        let name = own(name);
+        let store = self.db.describe.clone();
+        let raw = self
+            .read(move |conn| {
+                let current = conn
+                    .query_row("SELECT mode, endpoint, since FROM node_modes WHERE name = ?1", params![name], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, i64>(2)?))
+                    })
+                    .optional()?;
+                let mut stmt = conn.prepare_cached(
+                    "SELECT at, endpoint, ok, detail FROM probe_samples WHERE name = ?1 ORDER BY id DESC LIMIT ?2",
+                )?;
+                let samples = stmt
+                    .query_map(params![name, limit as i64], |r| {
+                        Ok(ProbeSample {
+                            at: r.get(0)?,
+                            endpoint: r.get(1)?,
+                            ok: r.get::<_, i64>(2)? != 0,
+                            detail: r.get(3)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut stmt = conn.prepare_cached(
+                    "SELECT at, from_mode, to_mode, reason FROM mode_transitions WHERE name = ?1 ORDER BY id DESC LIMIT ?2",
+                )?;
+                let transitions = stmt
+                    .query_map(params![name, limit as i64], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok((current, samples, transitions))
+            })
+            .await?;
+        let (current, samples, transitions) = raw;
+        let mode = |s: &str| {
+            Mode::parse(s).ok_or_else(|| StoreError::Corrupt { store: store.clone(), what: format!("mode {s:?}") })
+        };
+        Ok(ModeHistory {
+            mode: current.as_ref().map(|c| mode(&c.0)).transpose()?,
+            endpoint: current.as_ref().and_then(|c| c.1.clone()),
+            since: current.map(|c| c.2),
+            samples,
+            transitions: transitions
+                .into_iter()
+                .map(|(at, from, to, reason)| Ok(ModeChange { at, from: mode(&from)?, to: mode(&to)?, reason }))
+                .collect::<Result<_, StoreError>>()?,
+        })
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        self.read(|conn| counts(conn)).await
+    }
+
+    async fn export(&self) -> Result<Snapshot, StoreError> {
+        let store = self.db.describe.clone();
+        let (revision, nodes, samples, transitions, challenges) = self
+            .run(move |db| {
+                let out = db.with(|conn| {
+                    let tx = conn.transaction()?;
+                    let revision = revision(&tx)?;
+                    let nodes = db.nodes(&tx, None);
+                    let samples = {
+                        let mut stmt =
+                            tx.prepare("SELECT name, at, endpoint, ok, detail FROM probe_samples ORDER BY id")?;
+                        let rows = stmt
+                            .query_map([], |r| {
+                                Ok((
+                                    r.get::<_, String>(0)?,
+                                    ProbeSample {
+                                        at: r.get(1)?,
+                                        endpoint: r.get(2)?,
+                                        ok: r.get::<_, i64>(3)? != 0,
+                                        detail: r.get(4)?,
+                                    },
+                                ))
+                            })?
+                            .collect::<rusqlite::Result<Vec<_>>>()?;
+                        rows
+                    };
+                    let transitions = {
+                        let mut stmt = tx
+                            .prepare("SELECT name, at, from_mode, to_mode, reason FROM mode_transitions ORDER BY id")?;
+                        let rows = stmt
+                            .query_map([], |r| {
+                                Ok((
+                                    r.get::<_, String>(0)?,
+                                    r.get::<_, i64>(1)?,
+                                    r.get::<_, String>(2)?,
+                                    r.get::<_, String>(3)?,
+                                    r.get::<_, String>(4)?,
+                                ))
+                            })?
+                            .collect::<rusqlite::Result<Vec<_>>>()?;
+                        rows
+                    };
+                    let challenges = challenges(&tx, None)?;
+                    tx.commit()?;
+                    Ok((revision, nodes, samples, transitions, challenges))
+                })?;
+                Ok((out, Vec::new()))
+            })
+            .await?;
+        let mode = |s: &str| {
+            Mode::parse(s).ok_or_else(|| StoreError::Corrupt { store: store.clone(), what: format!("mode {s:?}") })
+        };
+        Ok(Snapshot {
+            revision,
+            nodes: nodes?,
+            samples,
+            transitions: transitions
+                .into_iter()
+                .map(|(n, at, from, to, reason)| Ok((n, ModeChange { at, from: mode(&from)?, to: mode(&to)?, reason })))
+                .collect::<Result<_, StoreError>>()?,
+            challenges,
+        })
+    }
+
+    async fn import(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let snapshot = snapshot.clone();
+        let store = self.db.describe.clone();
+        let refused = self
+            .run(move |db| {
+                db.write(|tx, events| {
+                    let found = counts(tx)?;
+                    if !found.is_empty() {
+                        return Ok(Some(found));
+                    }
+                    for n in &snapshot.nodes {
+                        let hostnames = serde_json::to_string(&n.hostnames).unwrap_or_else(|_| "[]".into());
+                        tx.execute(
+                            "INSERT INTO nodes (name, hostnames, token_hash, created_at, http_mode) VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![n.name, hostnames, n.token_hash.as_slice(), n.created_at, n.http_mode.as_str()],
+                        )?;
+                        upsert_status(tx, &n.name, &n.status)?;
+                        if let Some(since) = n.mode_since {
+                            tx.execute(
+                                "INSERT INTO node_modes (name, mode, endpoint, since) VALUES (?1, ?2, ?3, ?4)",
+                                params![n.name, n.mode.as_str(), n.endpoint, since],
+                            )?;
+                        }
+                    }
+                    for (name, s) in &snapshot.samples {
+                        tx.execute(
+                            "INSERT INTO probe_samples (name, at, endpoint, ok, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![name, s.at, s.endpoint, s.ok as i64, s.detail],
+                        )?;
+                    }
+                    for (name, t) in &snapshot.transitions {
+                        tx.execute(
+                            "INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![name, t.at, t.from.as_str(), t.to.as_str(), t.reason],
+                        )?;
+                    }
+                    for c in &snapshot.challenges {
+                        tx.execute(
+                            "INSERT INTO acme_challenges (node, name, value, created_at) VALUES (?1, ?2, ?3, ?4)",
+                            params![c.node, c.name, c.value, c.created_at],
+                        )?;
+                    }
+                    // Continue from the source's revision: serials never go back.
+                    tx.execute(
+                        "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'changes'",
+                        params![snapshot.revision],
+                    )?;
+                    db.log(tx, events, Change::Imported)?;
+                    Ok(None)
+                })
+            })
+            .await?;
+        match refused {
+            Some(found) => Err(StoreError::NotEmpty {
+                store,
+                what: format!(
+                    "{} nodes, {} TXT values, {} probe samples, {} transitions",
+                    found.nodes, found.challenges, found.samples, found.transitions
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
+        self.events.subscribe()
+    }
+
+    fn watch(&self, since: i64, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
+        let (db, events, poll) = (self.db.clone(), self.events.clone(), self.poll);
+        Box::pin(poll_changes(db, events, poll, since, shutdown))
+    }
+}
+
+/// Reads the change log every `poll` and announces other processes' rows.
+async fn poll_changes(
+    db: Arc<SqliteDb>,
+    events: broadcast::Sender<FeedEvent>,
+    poll: Duration,
+    since: i64,
+    shutdown: CancellationToken,
+) {
+    let mut cursor = since;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(poll) => {}
+        }
+        let reader = db.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            reader.with(|conn| {
+                let oldest: Option<i64> = conn.query_row("SELECT MIN(seq) FROM changes", [], |r| r.get(0))?;
+                let mut stmt = conn.prepare_cached(
+                    "SELECT seq, origin, kind, node FROM changes WHERE seq > ?1 ORDER BY seq LIMIT 1000",
+                )?;
+                let rows = stmt
+                    .query_map(params![cursor], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok((oldest, rows, revision(conn)?))
+            })
+        })
+        .await;
+        let (oldest, rows, latest) = match read {
+            Ok(Ok(read)) => {
+                if failing {
+                    tracing::info!(store = %db.describe, "reading the change log works again");
+                    failing = false;
+                }
+                read
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(store = %db.describe, error = %e, "reading the change log failed; retrying");
+                    failing = true;
+                }
+                continue;
+            }
+            Err(_) => continue,
+        };
+        // Rows between the cursor and the oldest kept were pruned: what
+        // they said is lost, so the subscriber reloads everything.
+        if oldest.is_some_and(|o| o > cursor + 1) && latest > cursor {
+            let _ = events.send(FeedEvent::Resync);
+            cursor = latest;
+            continue;
+        }
+        for (seq, origin, kind, node) in rows {
+            cursor = seq;
+            if origin != db.origin {
+                let change = Change::from_parts(&kind, &node);
+                let _ = events.send(FeedEvent::Change(ChangeEvent { revision: seq, change, origin }));
+            }
+        }
     }
 }
 
@@ -519,42 +981,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nodes_survive_reopen_and_revision_moves() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("edge.db");
-        let store = SqliteStore::open(&path).unwrap();
-        let r0 = store.revision().unwrap();
-        store.add_node("n1", &["n1.z.test".into(), "*.n1.z.test".into()], &[1; 32]).unwrap();
-        assert!(matches!(store.add_node("n1", &[], &[2; 32]), Err(StoreError::NodeExists(_))));
-        let r1 = store.revision().unwrap();
-        assert!(r1 > r0);
-        store
-            .record_status("n1", &NodeStatus { connected: true, last_heartbeat: Some(5), ..Default::default() })
-            .unwrap();
-        drop(store);
-
-        let store = SqliteStore::open(&path).unwrap();
-        let node = store.get_node("n1").unwrap().unwrap();
-        assert_eq!(node.token_hash, [1; 32]);
-        assert_eq!(node.hostnames.len(), 2);
-        assert!(node.status.connected);
-        store.reset_status().unwrap();
-        assert!(!store.get_node("n1").unwrap().unwrap().status.connected);
-        assert!(store.set_token_hash("n1", &[3; 32]).unwrap());
-        assert!(store.remove_node("n1").unwrap());
-        assert!(!store.remove_node("n1").unwrap());
-        assert!(store.get_node("n1").unwrap().is_none());
-        assert!(store.revision().unwrap() > r1);
-        // Status of a removed node is not recorded.
-        store.record_status("n1", &NodeStatus::default()).unwrap();
-        assert!(store.list_nodes().unwrap().is_empty());
-    }
-
-    #[test]
     fn many_openers_of_a_fresh_file_all_succeed() {
         // Processes racing on a fresh data_dir (systemd starting the server
         // while `node add` runs) used to fail with "table nodes already
         // exists". Threads with their own connections race the same way.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         for round in 0..5 {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("edge.db");
@@ -564,50 +995,45 @@ mod tests {
                     let (path, barrier) = (path.clone(), barrier.clone());
                     std::thread::spawn(move || {
                         barrier.wait();
-                        let store = SqliteStore::open(&path)?;
-                        store.add_node(&format!("n{i}"), &[], &[i as u8; 32]).map(|_| ())
+                        SqliteStore::open(&path, Duration::from_secs(1)).map(|_| i)
                     })
                 })
                 .collect();
             for (i, opener) in openers.into_iter().enumerate() {
                 opener.join().unwrap().unwrap_or_else(|e| panic!("round {round}, opener {i}: {e}"));
             }
-            let store = SqliteStore::open(&path).unwrap();
-            assert_eq!(store.list_nodes().unwrap().len(), 8);
+            let store = SqliteStore::open(&path, Duration::from_secs(1)).unwrap();
+            runtime.block_on(async {
+                for i in 0..8 {
+                    store.add_node(&format!("n{i}"), &[], &[i as u8; 32]).await.unwrap();
+                }
+                assert_eq!(store.list_nodes().await.unwrap().len(), 8);
+            });
         }
-    }
-
-    #[test]
-    fn republishing_a_value_changes_nothing_and_the_cap_holds() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("edge.db")).unwrap();
-        store.add_node("n1", &[], &[1; 32]).unwrap();
-        let at = "_acme-challenge.n1.z.test";
-        let fresh = now() - 600;
-        assert_eq!(store.put_challenge("n1", at, "v1", 2, fresh).unwrap(), Published::Added);
-        let r = store.revision().unwrap();
-        for _ in 0..100 {
-            assert_eq!(store.put_challenge("n1", at, "v1", 2, fresh).unwrap(), Published::Unchanged);
-        }
-        assert_eq!(store.revision().unwrap(), r, "an unchanged value moves no revision");
-        assert_eq!(store.put_challenge("n1", at, "v2", 2, fresh).unwrap(), Published::Added);
-        // A third value is refused while the two are fresh (a running order)...
-        assert_eq!(store.put_challenge("n1", at, "v3", 2, fresh).unwrap(), Published::Full);
-        // ...and replaces the oldest once they are stale.
-        let all_stale = now() + 1;
-        assert_eq!(store.put_challenge("n1", at, "v3", 2, all_stale).unwrap(), Published::Added);
-        let values: Vec<String> = store.list_challenges().unwrap().into_iter().map(|c| c.value).collect();
-        assert_eq!(values.len(), 2);
-        assert!(values.contains(&"v3".to_string()), "{values:?}");
     }
 
     #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("edge.db");
-        drop(SqliteStore::open(&path).unwrap());
+        drop(SqliteStore::open(&path, Duration::from_secs(1)).unwrap());
         Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
-        let err = SqliteStore::open(&path).unwrap_err();
+        let err = SqliteStore::open(&path, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }), "{err}");
+    }
+
+    #[test]
+    fn the_revision_continues_from_the_old_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.db");
+        drop(SqliteStore::open_at_version(&path, Duration::from_secs(1), 3).unwrap());
+        Connection::open(&path).unwrap().execute("UPDATE meta SET value = 41 WHERE key = 'revision'", []).unwrap();
+        let store = SqliteStore::open(&path, Duration::from_secs(1)).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            assert_eq!(store.revision().await.unwrap(), 41);
+            store.add_node("n1", &[], &[1; 32]).await.unwrap();
+            assert_eq!(store.revision().await.unwrap(), 42);
+        });
     }
 }

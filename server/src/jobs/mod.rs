@@ -1,0 +1,6 @@
+//! The server's background jobs, one per file: following the store's
+//! change feed, flushing live node status, expiring stale TXT values.
+
+pub mod challenge_expiry;
+pub mod change_feed;
+pub mod status_flush;

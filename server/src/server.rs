@@ -1,0 +1,383 @@
+//! Starting and running the server: [`Server::bind`] opens the store,
+//! loads the routing state and binds every listener; [`BoundServer::run`]
+//! runs the listeners and background jobs in one `JoinSet` until shutdown,
+//! noticing any task that stops early, then drains.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::state::{Admissions, Shared};
+use crate::store::StoreError;
+use crate::sync::RoutingSync;
+use crate::{api, certificates, detector, dns, http, identity, ingress, jobs, limits, scrape, token_hash, tunnel};
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        /// Which listener (`tls`, `quic`, `api`).
+        what: &'static str,
+        /// The address from the config.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A certificate or key could not be loaded or generated.
+    #[error(transparent)]
+    Cert(#[from] edge_certs::CertError),
+    /// TLS configuration failed.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The DNS zone could not be built from the config.
+    #[error("dns: {0}")]
+    Dns(String),
+    /// A task the server cannot run without stopped.
+    #[error("server task {0:?} stopped unexpectedly")]
+    TaskFailed(&'static str),
+    /// A file the server writes could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Addresses the server actually bound (port 0 in the config picks one).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct BoundAddrs {
+    /// Public TLS listener.
+    pub tls: SocketAddr,
+    /// QUIC listener for agents.
+    pub quic: SocketAddr,
+    /// Signal API.
+    pub api: SocketAddr,
+    /// DNS (UDP and TCP), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<SocketAddr>,
+    /// Plain HTTP, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
+    /// The metrics listener, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// File in the data directory where a running server records its bound
+/// addresses, so `node add` can print a join string for them.
+pub fn listening_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("listening.json")
+}
+
+/// A server whose listeners are bound, ready to run.
+pub struct BoundServer {
+    shared: Arc<Shared>,
+    api_state: Arc<api::ApiState>,
+    sync: Arc<RoutingSync>,
+    nudges: tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>,
+    feed: tokio::sync::broadcast::Receiver<crate::store::FeedEvent>,
+    revision: i64,
+    tls: TcpListener,
+    api: TcpListener,
+    endpoint: quinn::Endpoint,
+    api_tls: tokio_rustls::TlsAcceptor,
+    dns: Option<(dns::DnsSockets, Arc<dns::ZoneCell>)>,
+    http: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+    /// The bound addresses.
+    pub addrs: BoundAddrs,
+}
+
+/// Builder entry point.
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// Opens the store, loads or creates the identity, binds all listeners,
+    /// and loads the routing state.
+    pub async fn bind(config: ServerConfig) -> Result<BoundServer, ServerError> {
+        let store = crate::store::open(&config.store, &config.data_dir).await?;
+        store.reset_status().await?;
+        let identity = identity::load_or_create(&config)?;
+        let admin_token_hash = token_hash(&identity::admin_token(&config)?);
+
+        let tls = bind_tcp("tls", config.listen.tls).await?;
+        let api = bind_tcp("api", config.listen.api).await?;
+        let socket = edge_net::quic::udp_socket(config.listen.quic, config.tunnel.udp_buffer_bytes)
+            .map_err(|source| ServerError::Bind { what: "quic", addr: config.listen.quic, source })?;
+        let server_config = identity::quic_server_config(&identity, &config.tunnel)?;
+        let endpoint = edge_net::quic::endpoint(socket, Some(server_config), &config.tunnel)
+            .map_err(|source| ServerError::Bind { what: "quic", addr: config.listen.quic, source })?;
+        let api_tls = identity::api_acceptor(&identity)?;
+        let local = |l: &TcpListener, a| l.local_addr().unwrap_or(a);
+        let tls_addr = local(&tls, config.listen.tls);
+        let (dns_sockets, zone) = match &config.dns {
+            Some(d) => {
+                let sockets = dns::DnsSockets::bind(d.listen).await.map_err(|source| ServerError::Bind {
+                    what: "dns",
+                    addr: d.listen,
+                    source,
+                })?;
+                let caa = match &config.acme {
+                    Some(acme) => acme.caa_issuers().map_err(ServerError::Dns)?,
+                    None => Vec::new(),
+                };
+                let zone = dns::ZoneCell::from_config(d, config.zone(), tls_addr, &caa).map_err(ServerError::Dns)?;
+                (Some(sockets), Some(Arc::new(zone)))
+            }
+            None => (None, None),
+        };
+        let http = match config.listen.http {
+            Some(addr) => Some(bind_tcp("http", addr).await?),
+            None => None,
+        };
+        let metrics = match config.listen.metrics {
+            Some(addr) => Some(bind_tcp("metrics", addr).await?),
+            None => None,
+        };
+        let addrs = BoundAddrs {
+            http: http.as_ref().and_then(|l| l.local_addr().ok()),
+            tls: tls_addr,
+            quic: endpoint.local_addr().unwrap_or(config.listen.quic),
+            api: local(&api, config.listen.api),
+            dns: dns_sockets.as_ref().and_then(|s| s.local_addr().ok()),
+            metrics: metrics.as_ref().and_then(|l| l.local_addr().ok()),
+        };
+        let acme = config.acme.as_ref().map(|a| {
+            let mut client = edge_certs::acme::AcmeClient::new(a.settings.clone(), &config.data_dir.join("acme"));
+            client.order_timeout = Duration::from_secs(a.order_timeout_secs);
+            client
+        });
+        let admission = Admissions::new(&config.limits);
+        let auth_failures =
+            limits::AuthFailures::new(config.limits.auth_failures_per_minute, config.limits.source_table_size);
+        let scrape = Arc::new(scrape::Scrape::new(&config.limits));
+        let (nudge_tx, nudges) = tokio::sync::mpsc::unbounded_channel();
+        // Subscribed before the load: nothing written after it is missed.
+        let feed = store.subscribe();
+        let shared = Arc::new(Shared {
+            self_loops: Arc::default(),
+            own_addresses: std::sync::Mutex::new(None),
+            admission,
+            auth_failures,
+            refusals: limits::Refusals::default(),
+            config,
+            store,
+            registry: Registry::default(),
+            metrics: Metrics::default(),
+            admin_token_hash,
+            nudges: nudge_tx,
+            status_changed: tokio::sync::Notify::new(),
+            own_listeners: [Some(addrs.tls), addrs.http, Some(addrs.api), addrs.metrics]
+                .into_iter()
+                .flatten()
+                .collect(),
+        });
+        let sync = Arc::new(RoutingSync::new(shared.clone(), zone.clone()));
+        let started = std::time::Instant::now();
+        let revision = sync.full_reload().await?;
+        tracing::info!(
+            store = shared.store.describe(),
+            nodes = shared.registry.len(),
+            revision,
+            ms = started.elapsed().as_millis() as u64,
+            "loaded routing state"
+        );
+        let certs = certificates::CertService::new(zone.clone(), acme);
+        let api_state = Arc::new(api::ApiState { shared: shared.clone(), certs, scrape });
+        Ok(BoundServer {
+            shared,
+            api_state,
+            sync,
+            nudges,
+            feed,
+            revision,
+            tls,
+            api,
+            endpoint,
+            api_tls,
+            dns: dns_sockets.zip(zone),
+            http,
+            metrics,
+            addrs,
+        })
+    }
+}
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+impl std::fmt::Debug for BoundServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundServer").field("addrs", &self.addrs).finish_non_exhaustive()
+    }
+}
+
+/// Named tasks: a task that ends before shutdown is a failure.
+struct Tasks {
+    set: JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, name: &'static str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next task to end, by name, with how it ended.
+    async fn next(&mut self) -> Option<(&'static str, Result<(), tokio::task::JoinError>)> {
+        let (id, result) = match self.set.join_next_with_id().await? {
+            Ok((id, ())) => (id, Ok(())),
+            Err(e) => (e.id(), Err(e)),
+        };
+        Some((self.names.remove(&id).unwrap_or("unknown"), result))
+    }
+}
+
+impl BoundServer {
+    /// Shared state (for tests and embedding).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains: stops accepting,
+    /// lets client connections finish up to the drain timeout, then closes
+    /// the tunnels. A task that stops on its own (a listener failing, a
+    /// panic) is logged and stops the server with [`ServerError::TaskFailed`].
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let BoundServer {
+            shared,
+            api_state,
+            sync,
+            nudges,
+            feed,
+            revision,
+            tls,
+            api,
+            endpoint,
+            api_tls,
+            dns,
+            http,
+            metrics,
+            addrs,
+        } = self;
+        let path = listening_file(&shared.config.data_dir);
+        let json = serde_json::to_vec_pretty(&addrs).unwrap_or_default();
+        edge_certs::store::write_atomic(&path, &json, edge_certs::store::Sensitivity::Public)
+            .map_err(|e| ServerError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        tracing::info!(tls = %addrs.tls, quic = %addrs.quic, api = %addrs.api, dns = ?addrs.dns,
+            zone = shared.config.zone(), store = shared.store.describe(), "edge-server listening");
+
+        let clients = TaskTracker::new();
+        let agents = TaskTracker::new();
+        let close_tunnels = CancellationToken::new();
+        let mut tasks = Tasks { set: JoinSet::new(), names: HashMap::new() };
+
+        tasks.spawn("tls listener", ingress::serve(tls, shared.clone(), shutdown.clone(), clients.clone()));
+        tasks.spawn(
+            "api listener",
+            api::serve(
+                api,
+                Some(api_tls),
+                api::router(api_state.clone()),
+                shared.clone(),
+                |s| &s.admission.api,
+                shutdown.clone(),
+                clients.clone(),
+            ),
+        );
+        if let Some(listener) = metrics {
+            tasks.spawn(
+                "metrics listener",
+                api::serve(
+                    listener,
+                    None,
+                    api::metrics_router(api_state.clone()),
+                    shared.clone(),
+                    |s| &s.admission.metrics,
+                    shutdown.clone(),
+                    clients.clone(),
+                ),
+            );
+        }
+        tasks.spawn(
+            "quic listener",
+            tunnel::serve(endpoint.clone(), shared.clone(), shutdown.clone(), close_tunnels.clone(), agents.clone()),
+        );
+        tasks.spawn("store watch", shared.store.watch(revision, shutdown.clone()));
+        tasks.spawn("change feed", jobs::change_feed::run(shared.clone(), sync, feed, nudges, shutdown.clone()));
+        tasks.spawn("status flush", jobs::status_flush::run(shared.clone(), shutdown.clone()));
+        tasks.spawn("challenge expiry", jobs::challenge_expiry::run(shared.clone(), shutdown.clone()));
+        tasks.spawn("mode detector", detector::run(shared.clone(), shutdown.clone()));
+        if let Some(listener) = http {
+            tasks.spawn("http listener", http::serve(listener, shared.clone(), shutdown.clone(), clients.clone()));
+        }
+        if let Some((sockets, zone)) = dns {
+            tasks.spawn("dns listener", dns::serve(sockets, zone, shared.clone(), shutdown.clone()));
+        }
+
+        let failed = tokio::select! {
+            // Shutdown first: tasks end because of it, which is no failure.
+            biased;
+            _ = shutdown.cancelled() => None,
+            Some((name, result)) = tasks.next() => {
+                match result {
+                    Err(e) if e.is_panic() => tracing::error!(task = name, "server task panicked; shutting down"),
+                    _ => tracing::error!(task = name, "server task stopped unexpectedly; shutting down"),
+                }
+                shutdown.cancel();
+                Some(name)
+            }
+        };
+        let drain = Duration::from_secs(shared.config.limits.drain_timeout_secs);
+        let open = clients.len();
+        tracing::info!(open_connections = open, drain_secs = drain.as_secs(), "shutting down: draining connections");
+        clients.close();
+        if tokio::time::timeout(drain, clients.wait()).await.is_err() {
+            tracing::warn!(remaining = clients.len(), "drain timeout passed; closing remaining connections");
+        }
+        close_tunnels.cancel();
+        agents.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), agents.wait()).await;
+        endpoint.close(quinn::VarInt::from_u32(edge_proto::tunnel::codes::CLOSE_SHUTDOWN), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        let finish = async {
+            while let Some((name, result)) = tasks.next().await {
+                if let Err(e) = result {
+                    if e.is_panic() {
+                        tracing::error!(task = name, "server task panicked while stopping");
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(2), finish).await.is_err() {
+            tracing::warn!("background tasks did not stop in time; aborting them");
+            tasks.set.abort_all();
+        }
+        let _ = std::fs::remove_file(&path);
+        tracing::info!("edge-server stopped");
+        match failed {
+            Some(name) => Err(ServerError::TaskFailed(name)),
+            None => Ok(()),
+        }
+    }
+}

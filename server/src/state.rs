@@ -1,0 +1,175 @@
+//! What the server's tasks share: configuration, the store handle, the
+//! registry, counters and admission state. No API, DNS or certificate types
+//! live here; those belong to their listeners.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{self, ServerConfig};
+use crate::metrics::Metrics;
+use crate::registry::{NodeHandle, Registry};
+use crate::store::{Change, Store};
+use crate::{endpoints, limits, self_loop, token_hash};
+
+/// State shared by all tasks of one server.
+#[derive(Debug)]
+pub struct Shared {
+    /// Validated configuration.
+    pub config: ServerConfig,
+    /// Persistent state.
+    pub store: Arc<dyn Store>,
+    /// Routes and tunnels.
+    pub registry: Registry,
+    /// Counters.
+    pub metrics: Metrics,
+    /// SHA-256 of the admin token.
+    pub admin_token_hash: [u8; 32],
+    /// Bound addresses of the TCP listeners (TLS, HTTP, API, metrics): an
+    /// endpoint there would make the server probe or splice to itself.
+    pub own_listeners: Vec<SocketAddr>,
+    /// Admission checks of each listener.
+    pub admission: Admissions,
+    /// Failed-authentication budgets per source.
+    pub auth_failures: limits::AuthFailures,
+    /// Refusal counters and their throttled log.
+    pub refusals: limits::Refusals,
+    /// Our own probes and fallback splices in flight, to refuse them if
+    /// they come back to us.
+    pub self_loops: Arc<self_loop::SelfLoops>,
+    /// Wakes the status flush job early (an agent connected or left).
+    pub status_changed: tokio::sync::Notify,
+    /// Changes made in memory (a node's direct address) that the zone
+    /// must follow; the change feed job applies them with the store's.
+    pub nudges: tokio::sync::mpsc::UnboundedSender<Change>,
+    /// The last reading of [`Shared::own_addresses`].
+    pub(crate) own_addresses: std::sync::Mutex<Option<(std::time::Instant, Arc<endpoints::OwnAddresses>)>>,
+}
+
+static AUTH_STORE_LOG: std::sync::LazyLock<edge_net::logging::Throttle> =
+    std::sync::LazyLock::new(|| edge_net::logging::Throttle::new(limits::LOG_EVERY));
+
+/// How long a reading of the host's own addresses is used.
+pub const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
+
+/// The admission check of each listener; TLS and HTTP share one cap.
+#[derive(Debug)]
+pub struct Admissions {
+    /// Public TLS.
+    pub tls: limits::Admission,
+    /// Plain HTTP.
+    pub http: limits::Admission,
+    /// Signal API.
+    pub api: limits::Admission,
+    /// QUIC handshakes of agents.
+    pub quic: limits::Admission,
+    /// DNS queries.
+    pub dns: limits::Admission,
+    /// The separate metrics listener.
+    pub metrics: limits::Admission,
+}
+
+impl Admissions {
+    /// Admission state from `[limits]`.
+    pub fn new(l: &config::LimitsConfig) -> Self {
+        use limits::{Admission, Listener, OpenPerSource, SourceRates};
+        let slots = Some(Arc::new(tokio::sync::Semaphore::new(l.max_connections as usize)));
+        let rates = || SourceRates::new(l.per_source_rate, l.per_source_burst, l.source_table_size);
+        // :443 and :80 share the per-source cap as they share the global one.
+        let clients = OpenPerSource::new(l.per_source_max_open);
+        let unlimited = OpenPerSource::new(0);
+        Self {
+            tls: Admission::new(Listener::Tls, rates(), slots.clone(), clients.clone()),
+            http: Admission::new(Listener::Http, rates(), slots, clients),
+            api: Admission::new(Listener::Api, rates(), None, OpenPerSource::new(l.per_source_max_open)),
+            metrics: Admission::new(Listener::Metrics, rates(), None, OpenPerSource::new(l.per_source_max_open)),
+            // QUIC handshakes and DNS queries hold no connection slot.
+            quic: Admission::new(Listener::Quic, rates(), None, unlimited.clone()),
+            dns: Admission::new(
+                Listener::Dns,
+                SourceRates::new(l.dns_per_source_rate, l.dns_per_source_burst, l.source_table_size),
+                None,
+                unlimited,
+            ),
+        }
+    }
+}
+
+impl Shared {
+    /// The node a bearer token belongs to, if the token is valid. Hashes are
+    /// compared in constant time. The in-memory registry answers first; on a
+    /// miss the store is asked for that one node (a node added or re-keyed
+    /// a moment ago whose change has not arrived yet), and a match updates
+    /// the registry. This runs per agent connection or heartbeat, never per
+    /// client connection.
+    pub async fn authenticate(&self, token: &str) -> Option<Arc<NodeHandle>> {
+        let name = edge_proto::join::node_of_token(token)?;
+        let hash = token_hash(token);
+        if let Some(node) = self.registry.node(name).filter(|n| n.token_matches(&hash)) {
+            return Some(node);
+        }
+        let record = match self.store.get_node(name).await {
+            Ok(record) => record?,
+            Err(e) => {
+                if let Some(suppressed) = AUTH_STORE_LOG.due() {
+                    tracing::warn!(error = %e, suppressed, "store lookup during authentication failed");
+                }
+                return None;
+            }
+        };
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&record.token_hash[..], &hash[..])) {
+            return None;
+        }
+        let node = self.registry.upsert(&record);
+        // The zone follows (the change itself may still be on its way).
+        self.nudge(Change::NodeAdded(record.name.clone()));
+        Some(node)
+    }
+
+    /// Has the change feed job bring the zone in line with `change`.
+    pub fn nudge(&self, change: Change) {
+        let _ = self.nudges.send(change);
+    }
+
+    /// What the server knows of its own addresses: its listeners, and the
+    /// host's interface addresses, `dns.addresses` and the `public.*` hosts
+    /// that are IP literals. Interfaces change, so the list is read again
+    /// when it is older than [`OWN_ADDRESSES_TTL`]; in between it is shared
+    /// (the fallback splice asks once per client connection).
+    pub fn own_addresses(&self) -> Arc<endpoints::OwnAddresses> {
+        let mut cache = self.own_addresses.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, own)) = cache.as_ref() {
+            if at.elapsed() < OWN_ADDRESSES_TTL {
+                return own.clone();
+            }
+        }
+        let own = Arc::new(self.read_own_addresses());
+        *cache = Some((std::time::Instant::now(), own.clone()));
+        own
+    }
+
+    fn read_own_addresses(&self) -> endpoints::OwnAddresses {
+        let mut host_ips: Vec<std::net::IpAddr> = match if_addrs::get_if_addrs() {
+            Ok(interfaces) => interfaces.into_iter().map(|i| i.ip()).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list network interfaces");
+                Vec::new()
+            }
+        };
+        if let Some(dns) = &self.config.dns {
+            host_ips.extend(dns.ingress_addresses(self.config.listen.tls));
+        }
+        for public in [&self.config.public.quic, &self.config.public.api].into_iter().flatten() {
+            let host = public.rsplit_once(':').map_or(public.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+            if let Ok(ip) = host.parse() {
+                host_ips.push(ip);
+            }
+        }
+        endpoints::OwnAddresses { listeners: self.own_listeners.clone(), host_ips }
+    }
+
+    /// Whether `addr` reaches one of this server's own listeners.
+    pub fn is_own_address(&self, addr: SocketAddr) -> bool {
+        self.own_addresses().contains(addr)
+    }
+}

@@ -1,0 +1,1109 @@
+//! PostgreSQL implementation of [`Store`], shared by several servers:
+//! a pool of connections (deadpool-postgres), TLS by rustls, migrations
+//! under an advisory lock, and a change feed by `LISTEN`/`NOTIFY` on one
+//! more connection that reconnects by itself and asks for a resync after
+//! every reconnect (notifications sent while it was away are lost).
+//!
+//! Every write that emits an event bumps `meta.revision` in its
+//! transaction: the row lock orders writers, so revisions follow commit
+//! order, and `pg_notify` in the same transaction is delivered on commit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Transaction;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::future::BoxFuture;
+use tokio::sync::broadcast;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::{IsolationLevel, Row};
+use tokio_util::sync::CancellationToken;
+
+use super::changes::new_origin;
+use super::location::{PostgresOptions, StoreTls};
+use super::{
+    now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, HttpMode, Mode, ModeChange, ModeHistory, NodeRecord,
+    NodeStatus, ProbeSample, Published, RoutingState, Snapshot, Store, StoreError, FEED_CAPACITY,
+};
+
+/// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: nodes, status, TXT values, modes, probes, transitions, revision.
+    "CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        hostnames TEXT[] NOT NULL,
+        token_hash BYTEA NOT NULL,
+        created_at BIGINT NOT NULL,
+        http_mode TEXT NOT NULL DEFAULT 'redirect'
+    );
+    CREATE TABLE node_status (
+        name TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        connected BOOLEAN NOT NULL DEFAULT false,
+        last_heartbeat BIGINT,
+        open_connections BIGINT NOT NULL DEFAULT 0,
+        agent_version TEXT,
+        remote_addr TEXT,
+        cert_not_after BIGINT,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE TABLE acme_challenges (
+        id BIGSERIAL,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (name, value)
+    );
+    CREATE TABLE node_modes (
+        name TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        mode TEXT NOT NULL,
+        endpoint TEXT,
+        since BIGINT NOT NULL
+    );
+    CREATE TABLE probe_samples (
+        id BIGSERIAL PRIMARY KEY,
+        name TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        at BIGINT NOT NULL,
+        endpoint TEXT NOT NULL,
+        ok BOOLEAN NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX probe_samples_by_node ON probe_samples(name, id);
+    CREATE TABLE mode_transitions (
+        id BIGSERIAL PRIMARY KEY,
+        name TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        at BIGINT NOT NULL,
+        from_mode TEXT NOT NULL,
+        to_mode TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX mode_transitions_by_node ON mode_transitions(name, id);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('revision', 0);",
+    // 2: the database refuses values no server would write, and a node's
+    // TXT values are found without a scan.
+    "ALTER TABLE nodes ADD CONSTRAINT nodes_http_mode CHECK (http_mode IN ('redirect', 'proxy'));
+    ALTER TABLE node_modes ADD CONSTRAINT node_modes_mode CHECK (mode IN ('direct', 'proxy', 'offline'));
+    CREATE INDEX acme_challenges_by_node ON acme_challenges(node);",
+];
+
+/// The `NOTIFY` channel of change events.
+const CHANNEL: &str = "edge_changes";
+
+/// Key of the advisory lock migrations run under ("edgemigr").
+const MIGRATION_LOCK: i64 = 0x6564_6765_6d69_6772;
+
+/// How often the feed connection is checked when nothing arrives.
+const FEED_CHECK: Duration = Duration::from_secs(5);
+
+/// First wait before reconnecting the change feed.
+const FEED_BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// Longest wait between reconnect attempts of the change feed.
+const FEED_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The shared store.
+pub struct PostgresStore {
+    pool: Pool,
+    options: PostgresOptions,
+    tls: Tls,
+    origin: String,
+    events: broadcast::Sender<FeedEvent>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("store", &self.options.describe).finish_non_exhaustive()
+    }
+}
+
+/// TLS for the pool and the feed connection.
+#[derive(Clone)]
+enum Tls {
+    Off,
+    On(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+fn tls_config(options: &PostgresOptions) -> Result<Tls, StoreError> {
+    if options.tls == StoreTls::Disable {
+        return Ok(Tls::Off);
+    }
+    let invalid = |what: String| StoreError::Invalid(what);
+    let mut roots = rustls::RootCertStore::empty();
+    match &options.ca_file {
+        Some(file) => {
+            let pem = std::fs::read(file).map_err(|e| invalid(format!("store.ca_file {}: {e}", file.display())))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| invalid(format!("store.ca_file {}: {e}", file.display())))?;
+                roots.add(cert).map_err(|e| invalid(format!("store.ca_file {}: {e}", file.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(invalid(format!("store.ca_file {}: no PEM certificates in it", file.display())));
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(invalid("store.tls: no system root certificates found; set store.ca_file".into()));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(format!("store.tls: {e}")))?;
+    let roots = Arc::new(roots);
+    let config = match options.tls {
+        StoreTls::VerifyFull => builder.with_root_certificates(roots).with_no_client_auth(),
+        _ => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|e| invalid(format!("store.tls: {e}")))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyName(inner))).with_no_client_auth()
+        }
+    };
+    Ok(Tls::On(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+}
+
+/// `verify-ca`: the chain must verify; the name in it may differ.
+#[derive(Debug)]
+struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::{CertificateError, Error};
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(Error::InvalidCertificate(CertificateError::NotValidForName))
+            | Err(Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// Maps a driver error: connection trouble is [`StoreError::Unavailable`].
+fn pg_err(store: &str, e: tokio_postgres::Error) -> StoreError {
+    let unavailable = || StoreError::Unavailable { store: store.to_string(), reason: error_text(&e) };
+    match e.code() {
+        Some(code) if *code == SqlState::UNIQUE_VIOLATION => StoreError::Conflict(error_text(&e)),
+        Some(code)
+            if code.code().starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS =>
+        {
+            unavailable()
+        }
+        Some(_) => StoreError::Backend { store: store.to_string(), message: error_text(&e) },
+        None => unavailable(),
+    }
+}
+
+/// The driver's message with the server's detail and the I/O cause.
+fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    edge_net::error_chain(std::iter::successors(Some(e as &dyn std::error::Error), |e| e.source()))
+}
+
+fn pool_err(store: &str, e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_err(store, e),
+        deadpool_postgres::PoolError::Timeout(_) => StoreError::Unavailable {
+            store: store.to_string(),
+            reason: "no database connection within the connect timeout".into(),
+        },
+        other => StoreError::Unavailable { store: store.to_string(), reason: other.to_string() },
+    }
+}
+
+/// A column, or [`StoreError::Corrupt`] if it does not decode (never a panic).
+fn col<'a, T: FromSql<'a>>(store: &str, row: &'a Row, i: usize) -> Result<T, StoreError> {
+    row.try_get(i).map_err(|e| StoreError::Corrupt { store: store.to_string(), what: format!("column {i}: {e}") })
+}
+
+const SELECT_NODES: &str = "SELECT n.name, n.hostnames, n.token_hash, n.created_at,
+        COALESCE(s.connected, false), s.last_heartbeat, COALESCE(s.open_connections, 0), s.agent_version,
+        s.remote_addr, s.cert_not_after, n.http_mode, COALESCE(m.mode, 'offline'), m.endpoint, m.since
+    FROM nodes n LEFT JOIN node_status s ON s.name = n.name LEFT JOIN node_modes m ON m.name = n.name";
+
+fn node_row(store: &str, row: &Row) -> Result<NodeRecord, StoreError> {
+    let name: String = col(store, row, 0)?;
+    let corrupt = |what: &str| StoreError::Corrupt { store: store.to_string(), what: format!("node {name:?}: {what}") };
+    let hash: Vec<u8> = col(store, row, 2)?;
+    let http_mode: String = col(store, row, 10)?;
+    let mode: String = col(store, row, 11)?;
+    Ok(NodeRecord {
+        hostnames: col(store, row, 1)?,
+        token_hash: hash.as_slice().try_into().map_err(|_| corrupt("token_hash"))?,
+        created_at: col(store, row, 3)?,
+        status: NodeStatus {
+            connected: col(store, row, 4)?,
+            last_heartbeat: col(store, row, 5)?,
+            open_connections: col::<i64>(store, row, 6)?.max(0) as u64,
+            agent_version: col(store, row, 7)?,
+            remote_addr: col(store, row, 8)?,
+            cert_not_after: col(store, row, 9)?,
+        },
+        http_mode: HttpMode::parse(&http_mode).ok_or_else(|| corrupt("http_mode"))?,
+        mode: Mode::parse(&mode).ok_or_else(|| corrupt("mode"))?,
+        endpoint: col(store, row, 12)?,
+        mode_since: col(store, row, 13)?,
+        name: name.clone(),
+    })
+}
+
+fn challenge_row(store: &str, row: &Row) -> Result<ChallengeRecord, StoreError> {
+    Ok(ChallengeRecord {
+        node: col(store, row, 0)?,
+        name: col(store, row, 1)?,
+        value: col(store, row, 2)?,
+        created_at: col(store, row, 3)?,
+    })
+}
+
+/// A probe sample from columns `at, endpoint, ok, detail` starting at `i`.
+fn sample_row(store: &str, row: &Row, i: usize) -> Result<ProbeSample, StoreError> {
+    Ok(ProbeSample {
+        at: col(store, row, i)?,
+        endpoint: col(store, row, i + 1)?,
+        ok: col(store, row, i + 2)?,
+        detail: col(store, row, i + 3)?,
+    })
+}
+
+/// A transition from columns `at, from_mode, to_mode, reason` starting at `i`.
+fn transition_row(store: &str, row: &Row, i: usize) -> Result<ModeChange, StoreError> {
+    Ok(ModeChange {
+        at: col(store, row, i)?,
+        from: mode_col(store, row, i + 1)?,
+        to: mode_col(store, row, i + 2)?,
+        reason: col(store, row, i + 3)?,
+    })
+}
+
+fn mode_col(store: &str, row: &Row, i: usize) -> Result<Mode, StoreError> {
+    let s: String = col(store, row, i)?;
+    Mode::parse(&s).ok_or_else(|| StoreError::Corrupt { store: store.to_string(), what: format!("mode {s:?}") })
+}
+
+impl PostgresStore {
+    /// Connects (failing fast if the database is unreachable) and migrates.
+    pub async fn connect(options: PostgresOptions) -> Result<Self, StoreError> {
+        Self::connect_at_version(options, MIGRATIONS.len()).await
+    }
+
+    /// Connects with migrations applied up to `version` only (tests of
+    /// upgrades from an older schema).
+    #[doc(hidden)]
+    pub async fn connect_at_version(options: PostgresOptions, version: usize) -> Result<Self, StoreError> {
+        let tls = tls_config(&options)?;
+        let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match &tls {
+            Tls::Off => Manager::from_config(options.config.clone(), tokio_postgres::NoTls, manager_config),
+            Tls::On(tls) => Manager::from_config(options.config.clone(), tls.clone(), manager_config),
+        };
+        let timeout = Some(options.connect_timeout);
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("store: {e}")))?;
+        let (events, _) = broadcast::channel(FEED_CAPACITY);
+        let store = Self { pool, options, tls, origin: new_origin(), events };
+        store.migrate(version).await?;
+        Ok(store)
+    }
+
+    fn store(&self) -> &str {
+        &self.options.describe
+    }
+
+    fn err(&self, e: tokio_postgres::Error) -> StoreError {
+        pg_err(self.store(), e)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| pool_err(self.store(), e))
+    }
+
+    /// Applies pending migrations under an advisory lock held for the
+    /// transaction: of several servers starting at once, one migrates and
+    /// the others wait, then find nothing left to do.
+    async fn migrate(&self, target: usize) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(|e| self.err(e))?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS edge_schema (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await
+        .map_err(|e| self.err(e))?;
+        let row =
+            tx.query_one("SELECT COALESCE(MAX(version), 0) FROM edge_schema", &[]).await.map_err(|e| self.err(e))?;
+        let version = i64::from(col::<i32>(self.store(), &row, 0)?);
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(StoreError::SchemaTooNew { store: self.store().to_string(), found: version, supported });
+        }
+        let target = target.min(MIGRATIONS.len());
+        for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(version as usize) {
+            tx.batch_execute(sql).await.map_err(|e| self.err(e))?;
+            let v = i as i32 + 1;
+            tx.execute("INSERT INTO edge_schema (version, applied_at) VALUES ($1, $2)", &[&v, &now()])
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        if (version as usize) < target {
+            tracing::info!(store = self.store(), from = version, to = target, "applied database migrations");
+        }
+        Ok(())
+    }
+
+    /// Moves the revision and queues the notification (sent on commit).
+    async fn log(&self, tx: &Transaction<'_>, change: Change) -> Result<ChangeEvent, StoreError> {
+        let row = tx
+            .query_one("UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value", &[])
+            .await
+            .map_err(|e| self.err(e))?;
+        let event = ChangeEvent { revision: col(self.store(), &row, 0)?, change, origin: self.origin.clone() };
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &event.encode()]).await.map_err(|e| self.err(e))?;
+        Ok(event)
+    }
+
+    /// Commits and announces the events to this process's subscribers.
+    async fn commit(&self, tx: Transaction<'_>, events: Vec<ChangeEvent>) -> Result<(), StoreError> {
+        tx.commit().await.map_err(|e| self.err(e))?;
+        for event in events {
+            let _ = self.events.send(FeedEvent::Change(event));
+        }
+        Ok(())
+    }
+
+    async fn exists_locked(&self, tx: &Transaction<'_>, name: &str) -> Result<bool, StoreError> {
+        let rows =
+            tx.query("SELECT 1 FROM nodes WHERE name = $1 FOR UPDATE", &[&name]).await.map_err(|e| self.err(e))?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn counts_in(&self, client: &impl deadpool_postgres::GenericClient) -> Result<Counts, StoreError> {
+        let row = client
+            .query_one(
+                "SELECT (SELECT COUNT(*) FROM nodes), (SELECT COUNT(*) FROM probe_samples),
+                        (SELECT COUNT(*) FROM mode_transitions), (SELECT COUNT(*) FROM acme_challenges)",
+                &[],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let n = |i| col::<i64>(self.store(), &row, i).map(|v| v.max(0) as u64);
+        Ok(Counts { nodes: n(0)?, samples: n(1)?, transitions: n(2)?, challenges: n(3)? })
+    }
+
+    async fn nodes_in(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        name: Option<&str>,
+    ) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = match name {
+            Some(name) => client.query(&format!("{SELECT_NODES} WHERE n.name = $1"), &[&name]).await,
+            None => client.query(&format!("{SELECT_NODES} ORDER BY n.name"), &[]).await,
+        }
+        .map_err(|e| self.err(e))?;
+        rows.iter().map(|r| node_row(self.store(), r)).collect()
+    }
+
+    async fn challenges_in(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        node: Option<&str>,
+    ) -> Result<Vec<ChallengeRecord>, StoreError> {
+        let rows = match node {
+            Some(node) => client
+                .query(
+                    "SELECT node, name, value, created_at FROM acme_challenges WHERE node = $1 ORDER BY name, value",
+                    &[&node],
+                )
+                .await,
+            None => {
+                client
+                    .query("SELECT node, name, value, created_at FROM acme_challenges ORDER BY name, value", &[])
+                    .await
+            }
+        }
+        .map_err(|e| self.err(e))?;
+        rows.iter().map(|r| challenge_row(self.store(), r)).collect()
+    }
+
+    async fn revision_in(&self, client: &impl deadpool_postgres::GenericClient) -> Result<i64, StoreError> {
+        let row =
+            client.query_one("SELECT value FROM meta WHERE key = 'revision'", &[]).await.map_err(|e| self.err(e))?;
+        col(self.store(), &row, 0)
+    }
+
+    async fn upsert_statuses(&self, tx: &Transaction<'_>, statuses: &[(String, NodeStatus)]) -> Result<(), StoreError> {
+        let names: Vec<&str> = statuses.iter().map(|(n, _)| n.as_str()).collect();
+        let connected: Vec<bool> = statuses.iter().map(|(_, s)| s.connected).collect();
+        let heartbeat: Vec<Option<i64>> = statuses.iter().map(|(_, s)| s.last_heartbeat).collect();
+        let open: Vec<i64> = statuses.iter().map(|(_, s)| s.open_connections.min(i64::MAX as u64) as i64).collect();
+        let version: Vec<Option<&str>> = statuses.iter().map(|(_, s)| s.agent_version.as_deref()).collect();
+        let remote: Vec<Option<&str>> = statuses.iter().map(|(_, s)| s.remote_addr.as_deref()).collect();
+        let cert: Vec<Option<i64>> = statuses.iter().map(|(_, s)| s.cert_not_after).collect();
+        // One statement for the whole batch: a status flush of thousands of
+        // nodes is one round trip.
+        tx.execute(
+            "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, cert_not_after, updated_at)
+             SELECT u.name, u.connected, u.last_heartbeat, u.open_connections, u.agent_version, u.remote_addr, u.cert_not_after, $8
+             FROM UNNEST($1::text[], $2::bool[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[])
+                AS u(name, connected, last_heartbeat, open_connections, agent_version, remote_addr, cert_not_after)
+             WHERE EXISTS (SELECT 1 FROM nodes n WHERE n.name = u.name)
+             ON CONFLICT (name) DO UPDATE SET connected = excluded.connected,
+                last_heartbeat = COALESCE(excluded.last_heartbeat, node_status.last_heartbeat),
+                open_connections = excluded.open_connections,
+                agent_version = COALESCE(excluded.agent_version, node_status.agent_version),
+                remote_addr = COALESCE(excluded.remote_addr, node_status.remote_addr),
+                cert_not_after = COALESCE(excluded.cert_not_after, node_status.cert_not_after),
+                updated_at = excluded.updated_at",
+            &[&names, &connected, &heartbeat, &open, &version, &remote, &cert, &now()],
+        )
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Updates a node row by name and logs `change` if it existed.
+    async fn update_node(
+        &self,
+        sql: &str,
+        name: &str,
+        value: &(dyn tokio_postgres::types::ToSql + Sync),
+        change: Change,
+    ) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx.execute(sql, &[&name, value]).await.map_err(|e| self.err(e))?;
+        let mut events = Vec::new();
+        if n > 0 {
+            events.push(self.log(&tx, change).await?);
+        }
+        self.commit(tx, events).await?;
+        Ok(n > 0)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PostgresStore {
+    fn describe(&self) -> &str {
+        self.store()
+    }
+
+    async fn add_node(
+        &self,
+        name: &str,
+        hostnames: &[String],
+        token_hash: &[u8; 32],
+    ) -> Result<NodeRecord, StoreError> {
+        let record = NodeRecord::new(name, hostnames, token_hash, now());
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx
+            .execute(
+                "INSERT INTO nodes (name, hostnames, token_hash, created_at, http_mode) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (name) DO NOTHING",
+                &[
+                    &record.name,
+                    &record.hostnames,
+                    &record.token_hash.as_slice(),
+                    &record.created_at,
+                    &record.http_mode.as_str(),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!("node {name:?} already exists")));
+        }
+        let event = self.log(&tx, Change::NodeAdded(name.to_string())).await?;
+        self.commit(tx, vec![event]).await?;
+        Ok(record)
+    }
+
+    async fn remove_node(&self, name: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx.execute("DELETE FROM nodes WHERE name = $1", &[&name]).await.map_err(|e| self.err(e))?;
+        let mut events = Vec::new();
+        if n > 0 {
+            events.push(self.log(&tx, Change::NodeRemoved(name.to_string())).await?);
+        }
+        self.commit(tx, events).await?;
+        Ok(n > 0)
+    }
+
+    async fn set_token_hash(&self, name: &str, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
+        let hash = token_hash.as_slice();
+        self.update_node(
+            "UPDATE nodes SET token_hash = $2 WHERE name = $1",
+            name,
+            &hash,
+            Change::TokenRotated(name.into()),
+        )
+        .await
+    }
+
+    async fn set_http_mode(&self, name: &str, http_mode: HttpMode) -> Result<bool, StoreError> {
+        let mode = http_mode.as_str();
+        self.update_node(
+            "UPDATE nodes SET http_mode = $2 WHERE name = $1",
+            name,
+            &mode,
+            Change::NodeUpdated(name.into()),
+        )
+        .await
+    }
+
+    async fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let client = self.client().await?;
+        Ok(self.nodes_in(&client, Some(name)).await?.into_iter().next())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let client = self.client().await?;
+        self.nodes_in(&client, None).await
+    }
+
+    async fn revision(&self) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        self.revision_in(&client).await
+    }
+
+    async fn routing_state(&self) -> Result<RoutingState, StoreError> {
+        let mut client = self.client().await?;
+        // One snapshot: the rows and the revision agree.
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| self.err(e))?;
+        let revision = self.revision_in(&tx).await?;
+        let nodes = self.nodes_in(&tx, None).await?;
+        let challenges = self.challenges_in(&tx, None).await?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(RoutingState { revision, nodes, challenges })
+    }
+
+    async fn record_statuses(&self, statuses: &[(String, NodeStatus)]) -> Result<(), StoreError> {
+        if statuses.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        self.upsert_statuses(&tx, statuses).await?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    async fn reset_status(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE node_status SET connected = false, open_connections = 0", &[])
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn put_challenge(
+        &self,
+        node: &str,
+        name: &str,
+        value: &str,
+        max_per_node: usize,
+        stale_before: i64,
+    ) -> Result<Published, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        // The node's row lock orders concurrent publishers of one node, so
+        // the cap holds across servers.
+        if !self.exists_locked(&tx, node).await? {
+            return Ok(Published::Full);
+        }
+        let refreshed = tx
+            .execute(
+                "UPDATE acme_challenges SET created_at = $4 WHERE node = $1 AND name = $2 AND value = $3",
+                &[&node, &name, &value, &now()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        if refreshed > 0 {
+            tx.commit().await.map_err(|e| self.err(e))?;
+            return Ok(Published::Unchanged);
+        }
+        let row = tx
+            .query_one("SELECT COUNT(*) FROM acme_challenges WHERE node = $1", &[&node])
+            .await
+            .map_err(|e| self.err(e))?;
+        let count = col::<i64>(self.store(), &row, 0)?.max(0) as usize;
+        if count >= max_per_node {
+            // As in SQLite: the oldest stale value makes room.
+            let evicted = tx
+                .execute(
+                    "DELETE FROM acme_challenges WHERE id = (SELECT id FROM acme_challenges WHERE node = $1
+                       AND created_at < $2 ORDER BY created_at, id LIMIT 1)",
+                    &[&node, &stale_before],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            if evicted == 0 || count > max_per_node {
+                return Ok(Published::Full);
+            }
+        }
+        let n = tx
+            .execute(
+                "INSERT INTO acme_challenges (node, name, value, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name, value) DO NOTHING",
+                &[&node, &name, &value, &now()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Ok(Published::Full);
+        }
+        let event = self.log(&tx, Change::ChallengePut(node.to_string())).await?;
+        self.commit(tx, vec![event]).await?;
+        Ok(Published::Added)
+    }
+
+    async fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = match value {
+            Some(v) => {
+                tx.execute(
+                    "DELETE FROM acme_challenges WHERE node = $1 AND name = $2 AND value = $3",
+                    &[&node, &name, &v],
+                )
+                .await
+            }
+            None => tx.execute("DELETE FROM acme_challenges WHERE node = $1 AND name = $2", &[&node, &name]).await,
+        }
+        .map_err(|e| self.err(e))?;
+        let mut events = Vec::new();
+        if n > 0 {
+            events.push(self.log(&tx, Change::ChallengeRemoved(node.to_string())).await?);
+        }
+        self.commit(tx, events).await?;
+        Ok(n as usize)
+    }
+
+    async fn node_challenges(&self, node: &str) -> Result<Vec<ChallengeRecord>, StoreError> {
+        let client = self.client().await?;
+        self.challenges_in(&client, Some(node)).await
+    }
+
+    async fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError> {
+        let client = self.client().await?;
+        self.challenges_in(&client, None).await
+    }
+
+    async fn expire_challenges(&self, created_before: i64) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let rows = tx
+            .query("DELETE FROM acme_challenges WHERE created_at < $1 RETURNING node", &[&created_before])
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut nodes = rows.iter().map(|r| col::<String>(self.store(), r, 0)).collect::<Result<Vec<_>, _>>()?;
+        nodes.sort();
+        nodes.dedup();
+        let mut events = Vec::new();
+        for node in nodes {
+            events.push(self.log(&tx, Change::ChallengeRemoved(node)).await?);
+        }
+        self.commit(tx, events).await?;
+        Ok(rows.len())
+    }
+
+    async fn record_probe(&self, name: &str, sample: &ProbeSample, keep: usize) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO probe_samples (name, at, endpoint, ok, detail)
+             SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = $1)",
+            &[&name, &sample.at, &sample.endpoint, &sample.ok, &sample.detail],
+        )
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "DELETE FROM probe_samples WHERE name = $1 AND id NOT IN
+               (SELECT id FROM probe_samples WHERE name = $1 ORDER BY id DESC LIMIT $2)",
+            &[&name, &(keep as i64)],
+        )
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    async fn record_transition(&self, name: &str, t: &ModeChange, endpoint: Option<&str>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let mut events = Vec::new();
+        if self.exists_locked(&tx, name).await? {
+            tx.execute(
+                "INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES ($1, $2, $3, $4, $5)",
+                &[&name, &t.at, &t.from.as_str(), &t.to.as_str(), &t.reason],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+            tx.execute(
+                "INSERT INTO node_modes (name, mode, endpoint, since) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET mode = excluded.mode, endpoint = excluded.endpoint, since = excluded.since",
+                &[&name, &t.to.as_str(), &endpoint, &t.at],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+            events.push(self.log(&tx, Change::ModeChanged(name.to_string())).await?);
+        }
+        self.commit(tx, events).await
+    }
+
+    async fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError> {
+        let client = self.client().await?;
+        let store = self.store();
+        let limit = limit as i64;
+        let current = client
+            .query_opt("SELECT mode, endpoint, since FROM node_modes WHERE name = $1", &[&name])
+            .await
+            .map_err(|e| self.err(e))?;
+        let samples = client
+            .query(
+                "SELECT at, endpoint, ok, detail FROM probe_samples WHERE name = $1 ORDER BY id DESC LIMIT $2",
+                &[&name, &limit],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let transitions = client
+            .query(
+                "SELECT at, from_mode, to_mode, reason FROM mode_transitions WHERE name = $1 ORDER BY id DESC LIMIT $2",
+                &[&name, &limit],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(ModeHistory {
+            mode: current.as_ref().map(|r| mode_col(store, r, 0)).transpose()?,
+            endpoint: current.as_ref().map(|r| col(store, r, 1)).transpose()?.flatten(),
+            since: current.as_ref().map(|r| col(store, r, 2)).transpose()?,
+            samples: samples.iter().map(|r| sample_row(store, r, 0)).collect::<Result<_, StoreError>>()?,
+            transitions: transitions.iter().map(|r| transition_row(store, r, 0)).collect::<Result<_, StoreError>>()?,
+        })
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let client = self.client().await?;
+        self.counts_in(&client).await
+    }
+
+    async fn export(&self) -> Result<Snapshot, StoreError> {
+        let mut client = self.client().await?;
+        let store = self.store();
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| self.err(e))?;
+        let revision = self.revision_in(&tx).await?;
+        let nodes = self.nodes_in(&tx, None).await?;
+        let samples = tx
+            .query("SELECT name, at, endpoint, ok, detail FROM probe_samples ORDER BY id", &[])
+            .await
+            .map_err(|e| self.err(e))?
+            .iter()
+            .map(|r| Ok((col(store, r, 0)?, sample_row(store, r, 1)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let transitions = tx
+            .query("SELECT name, at, from_mode, to_mode, reason FROM mode_transitions ORDER BY id", &[])
+            .await
+            .map_err(|e| self.err(e))?
+            .iter()
+            .map(|r| Ok((col(store, r, 0)?, transition_row(store, r, 1)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let challenges = self.challenges_in(&tx, None).await?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(Snapshot { revision, nodes, samples, transitions, challenges })
+    }
+
+    async fn import(&self, s: &Snapshot) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        // Two copies into one target at once: the second waits, then
+        // finds the first's rows and refuses.
+        tx.batch_execute("LOCK TABLE nodes IN EXCLUSIVE MODE").await.map_err(|e| self.err(e))?;
+        let found = self.counts_in(&tx).await?;
+        if !found.is_empty() {
+            return Err(StoreError::NotEmpty {
+                store: self.store().to_string(),
+                what: format!(
+                    "{} nodes, {} TXT values, {} probe samples, {} transitions",
+                    found.nodes, found.challenges, found.samples, found.transitions
+                ),
+            });
+        }
+        let insert_node = tx
+            .prepare(
+                "INSERT INTO nodes (name, hostnames, token_hash, created_at, http_mode) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let insert_mode = tx
+            .prepare("INSERT INTO node_modes (name, mode, endpoint, since) VALUES ($1, $2, $3, $4)")
+            .await
+            .map_err(|e| self.err(e))?;
+        for n in &s.nodes {
+            tx.execute(
+                &insert_node,
+                &[&n.name, &n.hostnames, &n.token_hash.as_slice(), &n.created_at, &n.http_mode.as_str()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+            if let Some(since) = n.mode_since {
+                tx.execute(&insert_mode, &[&n.name, &n.mode.as_str(), &n.endpoint, &since])
+                    .await
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        let statuses: Vec<(String, NodeStatus)> = s.nodes.iter().map(|n| (n.name.clone(), n.status.clone())).collect();
+        self.upsert_statuses(&tx, &statuses).await?;
+        let insert_sample = tx
+            .prepare("INSERT INTO probe_samples (name, at, endpoint, ok, detail) VALUES ($1, $2, $3, $4, $5)")
+            .await
+            .map_err(|e| self.err(e))?;
+        for (name, p) in &s.samples {
+            tx.execute(&insert_sample, &[name, &p.at, &p.endpoint, &p.ok, &p.detail]).await.map_err(|e| self.err(e))?;
+        }
+        let insert_transition = tx
+            .prepare("INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES ($1, $2, $3, $4, $5)")
+            .await
+            .map_err(|e| self.err(e))?;
+        for (name, t) in &s.transitions {
+            tx.execute(&insert_transition, &[name, &t.at, &t.from.as_str(), &t.to.as_str(), &t.reason])
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        let insert_challenge = tx
+            .prepare("INSERT INTO acme_challenges (node, name, value, created_at) VALUES ($1, $2, $3, $4)")
+            .await
+            .map_err(|e| self.err(e))?;
+        for c in &s.challenges {
+            tx.execute(&insert_challenge, &[&c.node, &c.name, &c.value, &c.created_at])
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        // Continue from the source's revision: serials never go back.
+        tx.execute("UPDATE meta SET value = GREATEST(value, $1) WHERE key = 'revision'", &[&s.revision])
+            .await
+            .map_err(|e| self.err(e))?;
+        let event = self.log(&tx, Change::Imported).await?;
+        self.commit(tx, vec![event]).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
+        self.events.subscribe()
+    }
+
+    fn watch(&self, since: i64, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
+        let feed = Feed {
+            config: self.options.config.clone(),
+            describe: self.options.describe.clone(),
+            tls: self.tls.clone(),
+            origin: self.origin.clone(),
+            events: self.events.clone(),
+        };
+        Box::pin(feed.run(since, shutdown))
+    }
+}
+
+/// The `LISTEN` connection.
+struct Feed {
+    config: tokio_postgres::Config,
+    describe: String,
+    tls: Tls,
+    origin: String,
+    events: broadcast::Sender<FeedEvent>,
+}
+
+/// Why a feed connection ended.
+enum FeedEnd {
+    Shutdown,
+    Lost(String),
+}
+
+impl Feed {
+    async fn run(self, since: i64, shutdown: CancellationToken) {
+        let mut backoff = FEED_BACKOFF_MIN;
+        let mut ever_listened = false;
+        let mut warned = false;
+        loop {
+            let mut listened = false;
+            match self.session(since, !ever_listened, &shutdown, &mut listened).await {
+                FeedEnd::Shutdown => return,
+                // One warning per outage, not one per attempt.
+                FeedEnd::Lost(why) if listened || !warned => {
+                    tracing::warn!(store = %self.describe, error = %why,
+                        "change feed unavailable; serving from memory and reconnecting");
+                    warned = true;
+                }
+                FeedEnd::Lost(why) => {
+                    tracing::debug!(store = %self.describe, error = %why, "change feed reconnect failed")
+                }
+            }
+            ever_listened |= listened;
+            backoff = if listened { FEED_BACKOFF_MIN } else { (backoff * 2).min(FEED_BACKOFF_MAX) };
+            let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff + jitter) => {}
+            }
+        }
+    }
+
+    /// One connection: connect, `LISTEN`, then forward notifications until
+    /// the connection fails or `shutdown`.
+    async fn session(&self, since: i64, first: bool, shutdown: &CancellationToken, listened: &mut bool) -> FeedEnd {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        let connected = match &self.tls {
+            Tls::Off => self
+                .config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map(|(c, conn)| (c, Box::pin(drive(conn, tx)) as Driver)),
+            Tls::On(tls) => {
+                self.config.connect(tls.clone()).await.map(|(c, conn)| (c, Box::pin(drive(conn, tx)) as Driver))
+            }
+        };
+        let (client, driver) = match connected {
+            Ok(pair) => pair,
+            Err(e) => return FeedEnd::Lost(error_text(&e)),
+        };
+        let driver = tokio::spawn(driver);
+        let _abort = AbortOnDrop(driver);
+        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+            return FeedEnd::Lost(error_text(&e));
+        }
+        // Listening now, so nothing from here on is missed. What happened
+        // before: after a reconnect anything may have; at first, only what
+        // came after the subscriber's load at `since`.
+        let revision = match client.query_one("SELECT value FROM meta WHERE key = 'revision'", &[]).await {
+            Ok(row) => row.try_get::<_, i64>(0).unwrap_or(i64::MAX),
+            Err(e) => return FeedEnd::Lost(error_text(&e)),
+        };
+        if !first || revision != since {
+            let _ = self.events.send(FeedEvent::Resync);
+        }
+        *listened = true;
+        tracing::info!(store = %self.describe, revision, "change feed listening");
+        let mut check = tokio::time::interval(FEED_CHECK);
+        check.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return FeedEnd::Shutdown,
+                payload = rx.recv() => match payload {
+                    Some(Ok(payload)) => match ChangeEvent::decode(&payload) {
+                        Some(event) if event.origin == self.origin => {}
+                        Some(event) => { let _ = self.events.send(FeedEvent::Change(event)); }
+                        None => {
+                            tracing::warn!(store = %self.describe, payload = %edge_net::logging::Untrusted(&payload),
+                                "unreadable change notification; resyncing");
+                            let _ = self.events.send(FeedEvent::Resync);
+                        }
+                    },
+                    Some(Err(why)) => return FeedEnd::Lost(why),
+                    None => return FeedEnd::Lost("connection closed".into()),
+                },
+                _ = check.tick() => {
+                    // A silent network failure shows up here, not in the driver.
+                    match tokio::time::timeout(FEED_CHECK, client.simple_query("SELECT 1")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return FeedEnd::Lost(error_text(&e)),
+                        Err(_) => return FeedEnd::Lost("no answer to a liveness check".into()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Polls the connection, passing notifications (and the error that ends
+/// it) to the session.
+async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    out: tokio::sync::mpsc::UnboundedSender<Result<String, String>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    use futures_util::StreamExt;
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) if n.channel() == CHANNEL => {
+                if out.send(Ok(n.payload().to_string())).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = out.send(Err(error_text(&e)));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Store → registry and zone: the one place the routing state is brought in
+//! line with the store. A full load at start and after a resync; otherwise
+//! a batch of change events, each re-read from the store for just what it
+//! names (so events may repeat or arrive out of order).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::dns::ZoneCell;
+use crate::state::Shared;
+use crate::store::{Change, StoreError};
+
+/// Applies the store's state to the registry and the zone.
+#[derive(Debug)]
+pub struct RoutingSync {
+    shared: Arc<Shared>,
+    zone: Option<Arc<ZoneCell>>,
+}
+
+/// What a batch of changes needs re-read.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Work {
+    /// Nodes whose record is re-read (added, removed, re-keyed, settings).
+    pub nodes: BTreeSet<String>,
+    /// Nodes whose TXT values are re-read.
+    pub challenges: BTreeSet<String>,
+    /// Nodes whose DNS address is recomputed from the registry.
+    pub addresses: BTreeSet<String>,
+    /// Everything must be reloaded.
+    pub everything: bool,
+}
+
+impl Work {
+    /// Sorts `changes` into what must be re-read (pure, for tests).
+    pub fn of(changes: &[Change]) -> Self {
+        let mut work = Work::default();
+        for change in changes {
+            match change {
+                Change::NodeAdded(n) | Change::NodeRemoved(n) | Change::NodeUpdated(n) | Change::TokenRotated(n) => {
+                    work.nodes.insert(n.clone());
+                    work.addresses.insert(n.clone());
+                    work.challenges.insert(n.clone());
+                }
+                Change::ChallengePut(n) | Change::ChallengeRemoved(n) => {
+                    work.challenges.insert(n.clone());
+                }
+                Change::ModeChanged(n) => {
+                    work.addresses.insert(n.clone());
+                }
+                Change::Imported => work.everything = true,
+            }
+        }
+        work
+    }
+}
+
+impl RoutingSync {
+    /// For `shared`'s registry and `zone` (when DNS runs).
+    pub fn new(shared: Arc<Shared>, zone: Option<Arc<ZoneCell>>) -> Self {
+        Self { shared, zone }
+    }
+
+    /// Loads everything; returns the revision loaded.
+    pub async fn full_reload(&self) -> Result<i64, StoreError> {
+        let state = self.shared.store.routing_state().await?;
+        self.shared.registry.reload(&state.nodes);
+        if let Some(zone) = &self.zone {
+            // Direct-mode nodes answer their own endpoint; the others the cluster.
+            let names: Vec<(String, Option<IpAddr>)> = self
+                .shared
+                .registry
+                .nodes()
+                .iter()
+                .map(|n| (n.name.clone(), n.direct_address().map(|e| e.ip())))
+                .collect();
+            let mut values: HashMap<String, Vec<String>> = HashMap::new();
+            for c in state.challenges {
+                values.entry(c.node).or_default().push(c.value);
+            }
+            let serial = zone.current().serial().wrapping_add(1).max(state.revision.clamp(0, u32::MAX as i64) as u32);
+            zone.update(serial, &names, values);
+        }
+        Ok(state.revision)
+    }
+
+    /// Applies a batch of changes seen up to `revision`.
+    pub async fn apply(&self, changes: &[Change], revision: i64) -> Result<(), StoreError> {
+        let mut work = Work::of(changes);
+        if work.everything {
+            return self.full_reload().await.map(|_| ());
+        }
+        let store = &self.shared.store;
+        let registry = &self.shared.registry;
+        for name in &work.nodes {
+            match store.get_node(name).await? {
+                Some(record) => {
+                    registry.upsert(&record);
+                }
+                None => {
+                    registry.remove(name);
+                }
+            }
+        }
+        let Some(zone) = &self.zone else { return Ok(()) };
+        let addresses: Vec<(String, Option<Option<IpAddr>>)> = std::mem::take(&mut work.addresses)
+            .into_iter()
+            .map(|name| {
+                let entry = registry.node(&name).map(|n| n.direct_address().map(|e| e.ip()));
+                (name, entry)
+            })
+            .collect();
+        let mut challenges = Vec::with_capacity(work.challenges.len());
+        for name in std::mem::take(&mut work.challenges) {
+            let values = if registry.node(&name).is_some() {
+                store.node_challenges(&name).await?.into_iter().map(|c| c.value).collect()
+            } else {
+                Vec::new()
+            };
+            challenges.push((name, values));
+        }
+        zone.edit(revision, addresses, challenges);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_sort_into_work() {
+        let w = Work::of(&[
+            Change::ChallengePut("a".into()),
+            Change::ModeChanged("b".into()),
+            Change::ChallengeRemoved("a".into()),
+            Change::TokenRotated("c".into()),
+        ]);
+        assert_eq!(w.nodes, BTreeSet::from(["c".to_string()]));
+        assert_eq!(w.challenges, BTreeSet::from(["a".to_string(), "c".to_string()]));
+        assert_eq!(w.addresses, BTreeSet::from(["b".to_string(), "c".to_string()]));
+        assert!(!w.everything);
+        assert!(Work::of(&[Change::NodeAdded("a".into()), Change::Imported]).everything);
+    }
+}
