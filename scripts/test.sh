@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests use
 # (curl as a real TLS client, dig for real DNS queries, Pebble as the ACME
-# CA), then builds once in release and runs every
+# CA, PostgreSQL for the shared store; the tests start private clusters of
+# it themselves), then builds once in release and runs every
 # test. Release only: the end-to-end tests move gigabytes through TLS and
 # QUIC, and one profile keeps the build to one pass.
 set -euo pipefail
@@ -12,6 +13,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
 command -v pebble >/dev/null 2>&1 || need+=(pebble)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

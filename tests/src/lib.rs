@@ -11,6 +11,7 @@ pub mod clients;
 pub mod dns;
 pub mod faults;
 pub mod pebble;
+pub mod postgres;
 pub mod upstreams;
 
 use std::io::{Read, Write};

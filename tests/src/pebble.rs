@@ -56,8 +56,9 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Writes a CA and a leaf for 127.0.0.1/localhost into `dir`.
-fn listener_certs(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+/// Writes a CA and a leaf for 127.0.0.1/localhost into `dir`: (CA, leaf,
+/// key) paths.
+pub fn listener_certs(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
