@@ -136,6 +136,16 @@ impl Zone {
         zone
     }
 
+    /// The same zone with `statics` as its static records (the
+    /// configured ones and those in the store, together).
+    pub fn with_statics(&self, statics: Vec<Record>) -> Self {
+        let mut by_name: BTreeMap<Name, Vec<Record>> = BTreeMap::new();
+        for r in statics {
+            by_name.entry(r.name.to_lowercase()).or_default().push(r);
+        }
+        Self { statics: by_name, ..self.clone() }
+    }
+
     /// Whether `node` has names in the zone.
     pub fn has_node(&self, node: &str) -> bool {
         self.nodes.contains_key(node)
@@ -350,6 +360,16 @@ mod tests {
 
     fn data(a: &Answer) -> Vec<String> {
         a.answers.iter().map(|r| r.data.to_string()).collect()
+    }
+
+    #[test]
+    fn statics_are_replaced_as_a_whole() {
+        let z = zone();
+        let txt = Record::from_rdata(name("_x.edge.test."), 60, RData::TXT(TXT::new(vec!["hello".into()])));
+        let z2 = z.with_statics(vec![txt]);
+        assert!(z2.serves_txt("_x.edge.test", "hello"));
+        assert_eq!(ask(&z2, "www.edge.test.", RecordType::A).rcode, ResponseCode::NXDomain, "www was replaced");
+        assert_eq!(data(&ask(&z, "www.edge.test.", RecordType::A)), vec!["192.0.2.80"]);
     }
 
     #[test]

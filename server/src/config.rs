@@ -168,19 +168,15 @@ fn default_static_ttl() -> u32 {
     300
 }
 
-/// Types allowed in static records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum StaticKind {
-    /// IPv4 address.
-    A,
-    /// IPv6 address.
-    AAAA,
-    /// Text.
-    TXT,
-    /// CA authorization: `<flags> issue|issuewild "<ca>[; key=value]..."`,
-    /// e.g. `0 issue "letsencrypt.org; validationmethods=dns-01"`. A CAA
-    /// record at the apex replaces the ones derived from `[acme]`.
-    CAA,
+pub use crate::store::StaticKind;
+
+/// Which part of a static record is wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordField {
+    /// The name is not in the zone.
+    Name,
+    /// The value does not fit the type.
+    Value,
 }
 
 /// A parsed static CAA value.
@@ -323,16 +319,13 @@ impl DnsConfig {
     /// nameservers: no node may take them (its certificate would cover an
     /// operator's name).
     pub fn reserved_labels(&self, zone: &str) -> Vec<String> {
-        let suffix = format!(".{zone}");
         let names = self
             .records
             .iter()
             .map(|r| Self::absolute(&r.name, zone))
             .chain(self.nameservers.iter().map(|n| n.trim_end_matches('.').to_ascii_lowercase()))
             .chain(self.nameservers.is_empty().then(|| format!("ns.{zone}")));
-        let mut labels: Vec<String> = names
-            .filter_map(|n| n.strip_suffix(&suffix).map(|rest| rest.rsplit('.').next().unwrap_or(rest).to_string()))
-            .collect();
+        let mut labels: Vec<String> = names.filter_map(|n| Self::label_under(&n, zone)).collect();
         labels.sort();
         labels.dedup();
         labels
@@ -366,22 +359,44 @@ impl DnsConfig {
             }
         }
         for (i, r) in self.records.iter().enumerate() {
-            let abs = Self::absolute(&r.name, zone);
-            let label_ok = edge_proto::names::normalize_hostname(&abs).is_some() || abs.starts_with("_");
-            if !label_ok || !(abs == zone || abs.ends_with(&format!(".{zone}"))) {
-                return Err(format!("dns.records[{i}].name = {:?} is not a name in the zone {zone}", r.name));
-            }
-            let ok = match r.kind {
-                StaticKind::A => r.value.parse::<std::net::Ipv4Addr>().is_ok(),
-                StaticKind::AAAA => r.value.parse::<std::net::Ipv6Addr>().is_ok(),
-                StaticKind::TXT => r.value.len() <= 255,
-                StaticKind::CAA => CaaValue::parse(&r.value).is_some(),
-            };
-            if !ok {
-                return Err(format!("dns.records[{i}].value = {:?} is not a valid {:?} value", r.value, r.kind));
+            match Self::check_record(zone, &Self::absolute(&r.name, zone), r.kind, &r.value) {
+                Err(RecordField::Name) => {
+                    return Err(format!("dns.records[{i}].name = {:?} is not a name in the zone {zone}", r.name))
+                }
+                Err(RecordField::Value) => {
+                    return Err(format!("dns.records[{i}].value = {:?} is not a valid {:?} value", r.value, r.kind))
+                }
+                Ok(()) => {}
             }
         }
         Ok(())
+    }
+
+    /// Checks a static record (from the config or for the store): `name`
+    /// absolute in `zone`, `value` of the type's shape.
+    pub fn check_record(zone: &str, name: &str, kind: StaticKind, value: &str) -> Result<(), RecordField> {
+        let label_ok = edge_proto::names::normalize_hostname(name).is_some() || name.starts_with('_');
+        if !label_ok || !(name == zone || name.ends_with(&format!(".{zone}"))) {
+            return Err(RecordField::Name);
+        }
+        let ok = match kind {
+            StaticKind::A => value.parse::<std::net::Ipv4Addr>().is_ok(),
+            StaticKind::AAAA => value.parse::<std::net::Ipv6Addr>().is_ok(),
+            StaticKind::TXT => value.len() <= 255,
+            StaticKind::CAA => CaaValue::parse(value).is_some(),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(RecordField::Value)
+        }
+    }
+
+    /// The first label under `zone` of an absolute name in it (what a node
+    /// named so would own), if any.
+    pub fn label_under(name: &str, zone: &str) -> Option<String> {
+        let rest = name.strip_suffix(&format!(".{zone}"))?;
+        Some(rest.rsplit('.').next().unwrap_or(rest).to_string())
     }
 }
 

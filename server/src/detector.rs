@@ -109,15 +109,22 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                     Err(why) => tracker.probe_failed(now, &ep, why, cfg.failures_to_proxy),
                 }
             };
-            if let Err(e) = shared.store.record_probe(&node.name, &sample, cfg.samples_kept).await {
+            // The transition first: DNS must not wait on the store.
+            if let Some(t) = change {
+                apply(&shared, &node, t).await;
+            }
+            let recorded = shared.store.record_probe(&node.name, &sample, cfg.samples_kept);
+            let failed = match tokio::time::timeout(STORE_WRITE_TIMEOUT, recorded).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("the store did not answer in time".to_string()),
+            };
+            if let Some(e) = failed {
                 // Every probe of every node fails while the store is down:
                 // one line per period, not one per probe.
                 if let Some(suppressed) = PROBE_STORE_LOG.due() {
                     tracing::warn!(node = %node.name, error = %e, suppressed, "recording a probe sample failed");
                 }
-            }
-            if let Some(t) = change {
-                apply(&shared, &node, t).await;
             }
         }
     }
@@ -136,13 +143,21 @@ async fn apply(shared: &Arc<Shared>, node: &Arc<NodeHandle>, t: Transition) {
     shared.metrics.mode_transition(t.to);
     let change = ModeChange { at: t.at, from: t.from, to: t.to, reason: t.reason };
     let endpoint = node.direct_address().map(|e| e.to_string());
-    // The zone follows the in-memory mode at once, whether or not the
-    // store takes the record (it may be unreachable).
+    // The store's change event moves the zone (and its serial, with the
+    // revision). When the store does not take the record in time, the
+    // zone follows the in-memory mode anyway.
+    let recorded = shared.store.record_transition(&node.name, &change, endpoint.as_deref());
+    let failed = match tokio::time::timeout(STORE_WRITE_TIMEOUT, recorded).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "the store did not answer in time".to_string(),
+    };
+    tracing::error!(node = %node.name, error = %failed, "recording a mode transition failed; DNS follows it anyway");
     shared.nudge(crate::store::Change::ModeChanged(node.name.clone()));
-    if let Err(e) = shared.store.record_transition(&node.name, &change, endpoint.as_deref()).await {
-        tracing::error!(node = %node.name, error = %e, "recording a mode transition failed");
-    }
 }
+
+/// How long the detector waits for the store before going on without it.
+const STORE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One probe round for a node: from here and from every configured
 /// location, each with its own nonce; every answer must verify.

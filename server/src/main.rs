@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use edge_proto::join::JoinTicket;
-use edge_server::config::ServerConfig;
-use edge_server::store::{HttpMode, StoreConfig, StoreError, StoreTls};
+use edge_server::config::{DnsConfig, RecordField, ServerConfig};
+use edge_server::store::{HttpMode, StaticKind, StaticRecord, StoreConfig, StoreError, StoreTls};
 use edge_server::{listening_file, token_hash, BoundAddrs, Server};
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +45,40 @@ enum Command {
     /// Work on the store as a whole.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Static DNS records kept in the store (every server on the store
+    /// serves them; records in [dns] of a config file serve only there).
+    #[command(subcommand)]
+    Dns(DnsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DnsCommand {
+    /// Add a record, e.g. `dns add www A 192.0.2.80` or
+    /// `dns add @ TXT "v=spf1 -all"`.
+    Add {
+        /// Name relative to the zone (`www`, `@` for the apex) or absolute
+        /// (ending in `.`). Not a node's name or below it.
+        name: String,
+        /// A, AAAA, TXT or CAA.
+        kind: StaticKind,
+        /// Address, text, or a CAA value (`0 issue "letsencrypt.org"`).
+        value: String,
+        /// TTL in seconds.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+        ttl: u32,
+    },
+    /// Remove the records at a name (only of one type, or one value, when
+    /// given).
+    Remove {
+        /// Name, as for `add`.
+        name: String,
+        /// Only this type.
+        kind: Option<StaticKind>,
+        /// Only this value.
+        value: Option<String>,
+    },
+    /// List the stored records.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +192,7 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Node(cmd) => cli_runtime()?.block_on(node(config, &cli.config, cmd)),
+        Command::Dns(cmd) => cli_runtime()?.block_on(dns(config, cmd)),
         Command::Store(StoreCommand::Copy { to, password_file, tls, ca_file }) => {
             let target = StoreConfig { url: Some(to), password_file, tls, ca_file, ..StoreConfig::default() };
             target.validate().map_err(anyhow::Error::msg).context("--to")?;
@@ -170,6 +205,47 @@ fn cli_runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio runtime")
 }
 
+async fn dns(config: ServerConfig, cmd: DnsCommand) -> Result<()> {
+    let zone = config.zone().to_string();
+    let store = edge_server::store::open(&config.store, &config.data_dir).await?;
+    if config.dns.is_none() {
+        eprintln!("note: this config has no [dns] section; servers with one serve the stored records");
+    }
+    match cmd {
+        DnsCommand::Add { name, kind, value, ttl } => {
+            let name = DnsConfig::absolute(&name, &zone);
+            match DnsConfig::check_record(&zone, &name, kind, &value) {
+                Err(RecordField::Name) => bail!("name {name:?} is not a name in the zone {zone}"),
+                Err(RecordField::Value) => bail!("value {value:?} is not a valid {kind} value"),
+                Ok(()) => {}
+            }
+            if let Some(label) = DnsConfig::label_under(&name, &zone) {
+                if store.get_node(&label).await?.is_some() {
+                    bail!("{name} is a name of node {label:?}: its names are its own");
+                }
+            }
+            store
+                .add_dns_record(&StaticRecord { name: name.clone(), kind, value: value.clone(), ttl_secs: ttl })
+                .await?;
+            eprintln!("added {name} {ttl} {kind} {value}");
+        }
+        DnsCommand::Remove { name, kind, value } => {
+            let name = DnsConfig::absolute(&name, &zone);
+            let n = store.remove_dns_records(&name, kind, value.as_deref()).await?;
+            if n == 0 {
+                bail!("no such record at {name}");
+            }
+            eprintln!("removed {n} record(s) at {name}");
+        }
+        DnsCommand::List => {
+            for r in store.list_dns_records().await? {
+                println!("{} {} {} {}", r.name, r.ttl_secs, r.kind, r.value);
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn store_copy(config: ServerConfig, target: StoreConfig) -> Result<()> {
     let source = edge_server::store::open(&config.store, &config.data_dir).await?;
     let to = edge_server::store::open(&target, &config.data_dir).await?;
@@ -179,10 +255,7 @@ async fn store_copy(config: ServerConfig, target: StoreConfig) -> Result<()> {
     eprintln!("reading {} ...", source.describe());
     let snapshot = source.export().await?;
     let expected = edge_server::store::Counts::of(&snapshot);
-    eprintln!(
-        "read {} nodes, {} TXT values, {} probe samples, {} mode transitions (revision {})",
-        expected.nodes, expected.challenges, expected.samples, expected.transitions, snapshot.revision
-    );
+    eprintln!("read {expected} (revision {})", snapshot.revision);
     eprintln!("writing {} in one transaction ...", to.describe());
     to.import(&snapshot).await?;
     let found = to.counts().await?;
@@ -230,6 +303,11 @@ async fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeComm
                         "node name {taken:?} is taken by a DNS name of the operator (dns.records or dns.nameservers)"
                     );
                 }
+            }
+            let zone = config.zone();
+            let stored = store.list_dns_records().await?;
+            if let Some(r) = stored.iter().find(|r| DnsConfig::label_under(&r.name, zone).as_deref() == Some(&name)) {
+                bail!("node name {name:?} is taken by the DNS record {} {} (edge-server dns list)", r.name, r.kind);
             }
             let hostnames = edge_proto::names::node_hostnames(&name, config.zone());
             let token = edge_proto::join::make_token(&name, &rand::random());

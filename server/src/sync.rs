@@ -27,6 +27,8 @@ pub struct Work {
     pub challenges: BTreeSet<String>,
     /// Nodes whose DNS address is recomputed from the registry.
     pub addresses: BTreeSet<String>,
+    /// The stored static DNS records are re-read.
+    pub dns_records: bool,
     /// Everything must be reloaded.
     pub everything: bool,
 }
@@ -48,6 +50,7 @@ impl Work {
                 Change::ModeChanged(n) => {
                     work.addresses.insert(n.clone());
                 }
+                Change::DnsRecordsChanged => work.dns_records = true,
                 Change::Imported => work.everything = true,
             }
         }
@@ -78,8 +81,9 @@ impl RoutingSync {
             for c in state.challenges {
                 values.entry(c.node).or_default().push(c.value);
             }
-            let serial = zone.current().serial().wrapping_add(1).max(state.revision.clamp(0, u32::MAX as i64) as u32);
+            let serial = crate::dns::next_serial(zone.current().serial(), Some(state.revision));
             zone.update(serial, &names, values);
+            zone.set_stored_records(&state.dns_records);
         }
         Ok(state.revision)
     }
@@ -119,8 +123,31 @@ impl RoutingSync {
             };
             challenges.push((name, values));
         }
-        zone.edit(revision, addresses, challenges);
+        if work.dns_records {
+            zone.set_stored_records(&store.list_dns_records().await?);
+        }
+        // Last: the serial moves once the whole batch is in.
+        zone.edit((revision > 0).then_some(revision), addresses, challenges);
         Ok(())
+    }
+
+    /// The part of `changes` that needs no store: DNS answers of nodes
+    /// whose mode changed in memory (applied even while a resync waits for
+    /// an unreachable store).
+    pub fn apply_in_memory(&self, changes: &[Change]) {
+        let Some(zone) = &self.zone else { return };
+        let registry = &self.shared.registry;
+        let addresses: Vec<(String, Option<Option<IpAddr>>)> = Work::of(changes)
+            .addresses
+            .into_iter()
+            .filter_map(|name| {
+                let node = registry.node(&name)?;
+                Some((name, Some(node.direct_address().map(|e| e.ip()))))
+            })
+            .collect();
+        if !addresses.is_empty() {
+            zone.edit(None, addresses, Vec::new());
+        }
     }
 }
 
@@ -141,5 +168,7 @@ mod tests {
         assert_eq!(w.addresses, BTreeSet::from(["b".to_string(), "c".to_string()]));
         assert!(!w.everything);
         assert!(Work::of(&[Change::NodeAdded("a".into()), Change::Imported]).everything);
+        let w = Work::of(&[Change::DnsRecordsChanged]);
+        assert!(w.dns_records && w.nodes.is_empty() && !w.everything);
     }
 }

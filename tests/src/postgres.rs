@@ -199,6 +199,8 @@ impl Postgres {
     pub fn sql(&self, db: &str, sql: &str) -> Result<String> {
         let out = Command::new(self.bin.join("psql"))
             .env("PGPASSWORD", PASSWORD)
+            // Plain: psql's own session must not count as the server's TLS.
+            .env("PGSSLMODE", "disable")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "edge", "-d", db])
             .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
             .output()?;

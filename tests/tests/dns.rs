@@ -175,3 +175,51 @@ fn large_udp_answers_are_truncated_and_complete_over_tcp() {
     assert!(!flags(&tcp).contains(" tc"), "{}", flags(&tcp));
     assert_eq!(tcp.matches("\tTXT\t").count(), 12, "{tcp}");
 }
+
+/// Records kept in the store (`edge-server dns add`) join the configured
+/// ones without a restart, the SOA serial moves, and names are kept apart
+/// from nodes' both ways.
+#[test]
+fn stored_records_are_served_without_restart_and_never_shadow_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &format!("[store]\npoll_ms = 100\n{DNS}")).unwrap();
+    let dns = server.addrs.dns.unwrap();
+    let serial = || -> u64 {
+        let soa = dig(dns, "edge.test", "SOA", false).unwrap().data("SOA");
+        soa[0].split(' ').nth(2).unwrap().parse().unwrap()
+    };
+    let before = serial();
+    server.cli(&["dns", "add", "api", "A", "192.0.2.90", "--ttl", "120"]).unwrap();
+    server.cli(&["dns", "add", "@", "TXT", "v=spf1 -all"]).unwrap();
+    let answer = wait_for("the stored A record", Duration::from_secs(5), || {
+        let a = dig(dns, "api.edge.test", "A", false).ok()?;
+        (a.status == "NOERROR" && !a.answers.is_empty()).then_some(a)
+    })
+    .unwrap();
+    assert_eq!(answer.data("A"), vec!["192.0.2.90"]);
+    assert_eq!(answer.answers[0].1, 120, "the record's TTL");
+    wait_for("the stored TXT record", Duration::from_secs(5), || {
+        dig(dns, "edge.test", "TXT", false).ok()?.data("TXT").iter().any(|t| t.contains("v=spf1")).then_some(())
+    })
+    .unwrap();
+    assert!(serial() > before, "the serial moved");
+    assert_eq!(dig(dns, "www.edge.test", "A", false).unwrap().data("A"), vec!["192.0.2.80"], "configured ones stay");
+    let list = server.cli(&["dns", "list"]).unwrap();
+    assert!(list.contains("api.edge.test 120 A 192.0.2.90"), "{list}");
+
+    // A node may not take a stored record's name, nor a record a node's.
+    let err = server.cli(&["node", "add", "api"]).unwrap_err().to_string();
+    assert!(err.contains("taken by the DNS record"), "{err}");
+    server.add_node("web").unwrap();
+    let err = server.cli(&["dns", "add", "x.web", "A", "192.0.2.1"]).unwrap_err().to_string();
+    assert!(err.contains("node \"web\""), "{err}");
+    let err = server.cli(&["dns", "add", "bad", "A", "::1"]).unwrap_err().to_string();
+    assert!(err.contains("not a valid A value"), "{err}");
+
+    server.cli(&["dns", "remove", "api"]).unwrap();
+    wait_for("the removed record gone", Duration::from_secs(5), || {
+        (dig(dns, "api.edge.test", "A", false).ok()?.status == "NXDOMAIN").then_some(())
+    })
+    .unwrap();
+    assert!(server.cli(&["dns", "remove", "api"]).is_err(), "nothing left to remove");
+}

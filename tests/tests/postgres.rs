@@ -256,3 +256,30 @@ async fn store_copy_moves_a_thousand_nodes_from_sqlite_to_postgres() {
     .unwrap();
     assert_eq!(pg_store.get_node("n500").await.unwrap().unwrap().token_hash, edge_server::token_hash("n500"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_record_added_through_one_server_is_served_by_every_server() {
+    let pg = Postgres::start().unwrap();
+    pg.create_db("edge").unwrap();
+    let extra = format!("{}[dns]\nlisten = \"127.0.0.1:0\"\n", pg.store_section("edge"));
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Server::start(&tmp.path().join("a"), &extra).unwrap();
+    let b = Server::start(&tmp.path().join("b"), &extra).unwrap();
+    let added = Instant::now();
+    a.cli(&["dns", "add", "www", "A", "192.0.2.80"]).unwrap();
+    for server in [&a, &b] {
+        let dns = server.addrs.dns.unwrap();
+        wait_for("the record on every server", Duration::from_secs(1), || {
+            (edge_tests::dns::dig(dns, &format!("www.{ZONE}"), "A", false).ok()?.data("A") == ["192.0.2.80"])
+                .then_some(())
+        })
+        .unwrap();
+    }
+    eprintln!("postgres: a DNS record added through one server served by both after {:?}", added.elapsed());
+    b.cli(&["dns", "remove", "www"]).unwrap();
+    let dns = a.addrs.dns.unwrap();
+    wait_for("the record removed everywhere", Duration::from_secs(1), || {
+        (edge_tests::dns::dig(dns, &format!("www.{ZONE}"), "A", false).ok()?.status == "NXDOMAIN").then_some(())
+    })
+    .unwrap();
+}

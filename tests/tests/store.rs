@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edge_server::store::{
-    self, Change, FeedEvent, HttpMode, Mode, ModeChange, NodeStatus, ProbeSample, Published, Store, StoreConfig,
-    StoreError, StoreLocation,
+    self, Change, FeedEvent, HttpMode, Mode, ModeChange, NodeStatus, ProbeSample, Published, StaticKind, StaticRecord,
+    Store, StoreConfig, StoreError, StoreLocation,
 };
 use edge_tests::postgres::Postgres;
 use tokio::sync::broadcast;
@@ -202,6 +202,32 @@ async fn modes(b: &Backend<'_>) {
     assert_eq!(s.mode_history("ghost", 5).await.unwrap(), Default::default());
 }
 
+async fn dns_records(b: &Backend<'_>) {
+    let (cfg, dir) = b.fresh("dns_records");
+    let s = open(&cfg, &dir).await;
+    let mut feed = s.subscribe();
+    let www =
+        StaticRecord { name: "www.edge.test".into(), kind: StaticKind::A, value: "192.0.2.80".into(), ttl_secs: 300 };
+    s.add_dns_record(&www).await.unwrap();
+    let err = s.add_dns_record(&www).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{}: {err}", b.name());
+    let www6 = StaticRecord { kind: StaticKind::AAAA, value: "2001:db8::80".into(), ..www.clone() };
+    s.add_dns_record(&www6).await.unwrap();
+    let spf =
+        StaticRecord { name: "edge.test".into(), kind: StaticKind::TXT, value: "v=spf1 -all".into(), ttl_secs: 60 };
+    s.add_dns_record(&spf).await.unwrap();
+    assert_eq!(s.list_dns_records().await.unwrap(), vec![spf.clone(), www.clone(), www6.clone()]);
+    assert_eq!(s.routing_state().await.unwrap().dns_records.len(), 3);
+    assert_eq!(s.remove_dns_records("www.edge.test", Some(StaticKind::TXT), None).await.unwrap(), 0);
+    assert_eq!(s.remove_dns_records("www.edge.test", Some(StaticKind::A), Some("192.0.2.1")).await.unwrap(), 0);
+    assert_eq!(s.remove_dns_records("www.edge.test", Some(StaticKind::A), None).await.unwrap(), 1);
+    assert_eq!(s.remove_dns_records("www.edge.test", None, None).await.unwrap(), 1);
+    assert_eq!(s.list_dns_records().await.unwrap(), vec![spf]);
+    assert_eq!(s.counts().await.unwrap().dns_records, 1);
+    let seen = changes(&mut feed, 5, Duration::from_secs(2)).await;
+    assert_eq!(seen, vec![Change::DnsRecordsChanged; 5], "{}: one event per effective write", b.name());
+}
+
 /// Every kind of change, seen by this handle's subscribers at once and by
 /// another handle's (another process) through its watch.
 async fn events(b: &Backend<'_>) {
@@ -227,6 +253,8 @@ async fn events(b: &Backend<'_>) {
     writer.expire_challenges(i64::MAX).await.unwrap();
     writer.record_statuses(&[("n1".into(), NodeStatus::default())]).await.unwrap(); // no event
     writer.remove_node("n1").await.unwrap();
+    let txt = StaticRecord { name: "_x.edge.test".into(), kind: StaticKind::TXT, value: "v".into(), ttl_secs: 60 };
+    writer.add_dns_record(&txt).await.unwrap();
     let n = |s: &str| s.to_string();
     let want = vec![
         Change::NodeAdded(n("n1")),
@@ -238,6 +266,7 @@ async fn events(b: &Backend<'_>) {
         Change::ChallengePut(n("n1")),
         Change::ChallengeRemoved(n("n1")),
         Change::NodeRemoved(n("n1")),
+        Change::DnsRecordsChanged,
     ];
     assert_eq!(changes(&mut local, want.len(), Duration::from_secs(2)).await, want, "{}: local", b.name());
     assert!(next_change(&mut local, Duration::from_millis(200)).await.is_none(), "nothing more locally");
@@ -370,6 +399,9 @@ async fn copy_into(b: &Backend<'_>, other: &Backend<'_>) {
     let t = ModeChange { at: 6, from: Mode::Offline, to: Mode::Direct, reason: "r".into() };
     src.record_transition("c2", &t, Some("192.0.2.9:443")).await.unwrap();
     src.record_statuses(&[("c4".into(), NodeStatus { last_heartbeat: Some(9), ..Default::default() })]).await.unwrap();
+    let www =
+        StaticRecord { name: "www.edge.test".into(), kind: StaticKind::A, value: "192.0.2.80".into(), ttl_secs: 300 };
+    src.add_dns_record(&www).await.unwrap();
     let snapshot = src.export().await.unwrap();
     let (tcfg, tdir) = other.fresh(&format!("copy_from_{}", b.name()));
     let dst = open(&tcfg, &tdir).await;
@@ -382,6 +414,7 @@ async fn copy_into(b: &Backend<'_>, other: &Backend<'_>) {
         (snapshot.samples.clone(), snapshot.transitions.clone())
     );
     assert_eq!(copied.challenges, snapshot.challenges);
+    assert_eq!(copied.dns_records, vec![www]);
     assert!(dst.revision().await.unwrap() > snapshot.revision, "serials never go back");
     let err = dst.import(&snapshot).await.unwrap_err();
     assert!(matches!(err, StoreError::NotEmpty { .. }), "{err}");
@@ -397,6 +430,7 @@ async fn conformance(b: &Backend<'_>) {
     nodes_and_conflicts(b).await;
     status(b).await;
     challenges(b).await;
+    dns_records(b).await;
     modes(b).await;
     events(b).await;
     concurrent_writers(b).await;
@@ -463,11 +497,14 @@ fn postgres_outage_fails_fast_and_recovers() {
     });
 }
 
-/// TLS to PostgreSQL: verify-full against the test CA works; the system
-/// roots (which do not hold the test CA) are refused with a clear error.
+/// TLS to PostgreSQL: verify-full and verify-ca against the test CA work
+/// (and the sessions are TLS); the system roots, which do not hold the test
+/// CA, are refused at the handshake; a server without TLS is refused rather
+/// than spoken to in plain text.
 #[test]
 fn postgres_over_verified_tls() {
     let pg = Postgres::start_tls().unwrap();
+    let plain = Postgres::start().unwrap();
     runtime().block_on(async {
         let url = pg.create_db("tls").unwrap();
         let dir = std::env::temp_dir();
@@ -480,10 +517,29 @@ fn postgres_over_verified_tls() {
         };
         let s = store::open(&verified, &dir).await.unwrap();
         s.add_node("n1", &[], &[1; 32]).await.unwrap();
-        let ssl = pg.sql("tls", "SELECT count(*) FROM pg_stat_ssl WHERE ssl").unwrap();
-        assert!(ssl.parse::<u32>().unwrap() >= 1, "a TLS session is open: {ssl}");
-        let wrong_roots = StoreConfig { ca_file: None, ..verified };
+        let sessions = "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s
+            JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'edge-server'";
+        let counts = pg.sql("tls", sessions).unwrap();
+        let (tls, all) = counts.split_once('|').unwrap();
+        assert!(all.parse::<u32>().unwrap() >= 1 && tls == all, "every session of the store is TLS: {counts}");
+        let ca_only = StoreConfig { tls: Some(store::StoreTls::VerifyCa), ..verified.clone() };
+        store::open(&ca_only, &dir).await.unwrap().get_node("n1").await.unwrap().unwrap();
+        let wrong_roots = StoreConfig { ca_file: None, ..verified.clone() };
         let err = store::open(&wrong_roots, &dir).await.unwrap_err();
-        assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("UnknownIssuer") || text.contains("invalid peer certificate"), "{text}");
+        assert!(!err.is_unavailable(), "a bad certificate is no outage to wait out: {err}");
+        // The same settings against a server that offers no TLS.
+        let no_tls = StoreConfig {
+            url: Some(plain.create_db("tls").unwrap()),
+            password_file: Some(plain.password_file()),
+            ..verified
+        };
+        let err = store::open(&no_tls, &dir).await.unwrap_err();
+        assert!(err.to_string().to_lowercase().contains("tls") || err.to_string().contains("ssl"), "{err}");
+        let seen = plain
+            .sql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'edge-server'")
+            .unwrap();
+        assert_eq!(seen, "0", "no plaintext session was opened");
     });
 }

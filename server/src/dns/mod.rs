@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CaaValue, DnsConfig, StaticKind};
+use crate::store::StaticRecord as StoreRecord;
 use edge_proto::dns_zone::{Zone, ZoneSettings};
 
 /// The current zone snapshot, swapped as a whole on every change; waiters
@@ -28,6 +29,8 @@ use edge_proto::dns_zone::{Zone, ZoneSettings};
 #[derive(Debug)]
 pub struct ZoneCell {
     current: tokio::sync::watch::Sender<Arc<Zone>>,
+    /// Static records from `[dns]`, kept to merge with the stored ones.
+    configured: Vec<Record>,
 }
 
 impl ZoneCell {
@@ -52,29 +55,27 @@ impl ZoneCell {
         };
         let mut statics = Vec::new();
         for (i, r) in dns.records.iter().enumerate() {
-            let name = fqdn(&DnsConfig::absolute(&r.name, zone))?;
-            let bad = || format!("dns.records[{i}].value = {:?}", r.value);
-            let data = match r.kind {
-                StaticKind::A => RData::A(A(r.value.parse().map_err(|_| bad())?)),
-                StaticKind::AAAA => RData::AAAA(AAAA(r.value.parse().map_err(|_| bad())?)),
-                StaticKind::TXT => RData::TXT(TXT::new(vec![r.value.clone()])),
-                StaticKind::CAA => {
-                    let v = CaaValue::parse(&r.value).ok_or_else(bad)?;
-                    // On the wire without the root dot (RFC 8659 section 4.2).
-                    let issuer = v.issuer.as_deref().map(Name::from_ascii).transpose().map_err(|_| bad())?;
-                    let parameters =
-                        v.parameters.iter().map(|(k, val)| KeyValue::new(k.as_str(), val.as_str())).collect();
-                    RData::CAA(if v.wildcard {
-                        CAA::new_issuewild(v.critical, issuer, parameters)
-                    } else {
-                        CAA::new_issue(v.critical, issuer, parameters)
-                    })
-                }
-            };
-            statics.push(Record::from_rdata(name, r.ttl_secs, data));
+            let record = static_record(&DnsConfig::absolute(&r.name, zone), r.kind, &r.value, r.ttl_secs)
+                .map_err(|_| format!("dns.records[{i}].value = {:?}", r.value))?;
+            statics.push(record);
         }
-        let zone = Zone::new(origin, settings, dns.ingress_addresses(tls), statics);
-        Ok(Self { current: tokio::sync::watch::Sender::new(Arc::new(zone)) })
+        let zone = Zone::new(origin, settings, dns.ingress_addresses(tls), statics.clone());
+        Ok(Self { current: tokio::sync::watch::Sender::new(Arc::new(zone)), configured: statics })
+    }
+
+    /// Replaces the records kept in the store (the configured ones stay).
+    /// A stored record that no longer converts (edited in the database by
+    /// hand) is skipped with a warning.
+    pub fn set_stored_records(&self, records: &[StoreRecord]) {
+        let mut statics = self.configured.clone();
+        for r in records {
+            match static_record(&r.name, r.kind, &r.value, r.ttl_secs) {
+                Ok(record) => statics.push(record),
+                Err(e) => tracing::warn!(name = %edge_net::logging::Untrusted(&r.name), error = %e,
+                    "skipping a stored DNS record that is not valid"),
+            }
+        }
+        self.current.send_modify(|zone| *zone = Arc::new(zone.with_statics(statics)));
     }
 
     /// The snapshot answering queries now.
@@ -96,18 +97,18 @@ impl ZoneCell {
 
     /// Applies a batch of changes: nodes set (`Some(own address or None
     /// for the cluster's)`) or removed (`None`), and nodes' TXT values
-    /// replaced. The serial moves past both the old one and `revision`, so
-    /// it moves with every batch, including changes made while the store
-    /// was unreachable.
+    /// replaced. The serial moves with every batch: to the store's
+    /// `revision` when that is ahead (so it survives restarts), else by one
+    /// (a change made in memory, the store unreachable or not yet caught up).
     pub fn edit(
         &self,
-        revision: i64,
+        revision: Option<i64>,
         nodes: Vec<(String, Option<Option<IpAddr>>)>,
         challenges: Vec<(String, Vec<String>)>,
     ) {
         self.current.send_modify(|zone| {
             let cluster = zone.cluster_addresses().to_vec();
-            let serial = zone.serial().wrapping_add(1).max(revision.clamp(0, u32::MAX as i64) as u32);
+            let serial = next_serial(zone.serial(), revision);
             let nodes = nodes
                 .into_iter()
                 .map(|(n, set)| (n, set.map(|own| own.map_or_else(|| cluster.clone(), |ip| vec![ip]))));
@@ -121,6 +122,38 @@ impl ZoneCell {
         let ready = matches!(tokio::time::timeout(limit, rx.wait_for(ready)).await, Ok(Ok(_)));
         ready
     }
+}
+
+/// The serial after a change: the store's revision when it is ahead, else
+/// one more than now.
+pub fn next_serial(current: u32, revision: Option<i64>) -> u32 {
+    match revision.map(|r| r.clamp(0, u32::MAX as i64) as u32) {
+        Some(r) if r > current => r,
+        _ => current.wrapping_add(1).max(1),
+    }
+}
+
+/// One static record as DNS data: `name` absolute (no trailing dot).
+pub fn static_record(name: &str, kind: StaticKind, value: &str, ttl: u32) -> Result<Record, String> {
+    let owner = fqdn(name)?;
+    let bad = || format!("{value:?} is not a valid {kind} value");
+    let data = match kind {
+        StaticKind::A => RData::A(A(value.parse().map_err(|_| bad())?)),
+        StaticKind::AAAA => RData::AAAA(AAAA(value.parse().map_err(|_| bad())?)),
+        StaticKind::TXT => RData::TXT(TXT::new(vec![value.to_string()])),
+        StaticKind::CAA => {
+            let v = CaaValue::parse(value).ok_or_else(bad)?;
+            // On the wire without the root dot (RFC 8659 section 4.2).
+            let issuer = v.issuer.as_deref().map(Name::from_ascii).transpose().map_err(|_| bad())?;
+            let parameters = v.parameters.iter().map(|(k, val)| KeyValue::new(k.as_str(), val.as_str())).collect();
+            RData::CAA(if v.wildcard {
+                CAA::new_issuewild(v.critical, issuer, parameters)
+            } else {
+                CAA::new_issue(v.critical, issuer, parameters)
+            })
+        }
+    };
+    Ok(Record::from_rdata(owner, ttl, data))
 }
 
 fn fqdn(name: &str) -> Result<Name, String> {

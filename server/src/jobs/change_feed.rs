@@ -58,6 +58,7 @@ pub async fn run(
             changes.push(change);
         }
         let result = if resync {
+            sync.apply_in_memory(&changes);
             let started = std::time::Instant::now();
             match sync.full_reload().await {
                 Ok(revision) => {
@@ -79,7 +80,9 @@ pub async fn run(
             if applied.is_ok() {
                 shared.metrics.store_changes_applied.fetch_add(n, Ordering::Relaxed);
             } else {
-                // What the batch named is re-read with everything else.
+                // What the batch named is re-read with everything else;
+                // what needs no store applies now.
+                sync.apply_in_memory(&changes);
                 resync = true;
             }
             applied

@@ -20,6 +20,8 @@ pub enum Change {
     ChallengeRemoved(String),
     /// A node's mode changed (its DNS answer may change).
     ModeChanged(String),
+    /// Static DNS records were added or removed.
+    DnsRecordsChanged,
     /// A whole store was written by `store copy`: reload everything.
     Imported,
 }
@@ -35,7 +37,7 @@ impl Change {
             | Change::ChallengePut(n)
             | Change::ChallengeRemoved(n)
             | Change::ModeChanged(n) => Some(n),
-            Change::Imported => None,
+            Change::DnsRecordsChanged | Change::Imported => None,
         }
     }
 
@@ -49,6 +51,7 @@ impl Change {
             Change::ChallengePut(_) => "challenge_put",
             Change::ChallengeRemoved(_) => "challenge_removed",
             Change::ModeChanged(_) => "mode_changed",
+            Change::DnsRecordsChanged => "dns_records_changed",
             Change::Imported => "imported",
         }
     }
@@ -65,6 +68,7 @@ impl Change {
             "challenge_put" => Change::ChallengePut(n),
             "challenge_removed" => Change::ChallengeRemoved(n),
             "mode_changed" => Change::ModeChanged(n),
+            "dns_records_changed" => Change::DnsRecordsChanged,
             _ => Change::Imported,
         }
     }
@@ -130,6 +134,9 @@ mod tests {
             let event = ChangeEvent { revision: 7, change, origin: "o".into() };
             assert_eq!(ChangeEvent::decode(&event.encode()), Some(event));
         }
+        assert_eq!(Change::from_parts("dns_records_changed", ""), Change::DnsRecordsChanged);
+        let event = ChangeEvent { revision: 1, change: Change::DnsRecordsChanged, origin: "o".into() };
+        assert_eq!(ChangeEvent::decode(&event.encode()), Some(event));
         assert_eq!(Change::from_parts("route_added", "a"), Change::Imported);
         assert_eq!(ChangeEvent::decode("{\"revision\":1}"), None);
         assert_eq!(ChangeEvent::decode("not json"), None);

@@ -166,6 +166,20 @@ impl StoreConfig {
         if self.tls == Some(StoreTls::Disable) && self.ca_file.is_some() {
             return Err("store.ca_file is set but store.tls = \"disable\"".into());
         }
+        // Any publicly trusted certificate chains to the system roots, and
+        // verify-ca ignores the name: only the operator's own CA means
+        // anything there.
+        if self.tls == Some(StoreTls::VerifyCa) && self.ca_file.is_none() {
+            return Err(
+                "store.tls = \"verify-ca\" needs store.ca_file (the CA that signs the database's certificate)".into()
+            );
+        }
+        if postgres && self.tls.is_some_and(|t| t != StoreTls::Disable) {
+            let config = parse_postgres(self.url.as_deref().unwrap_or_default())?;
+            if config.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Unix(_))) {
+                return Err("store.tls: TLS does not apply to a Unix socket host; use tls = \"disable\"".into());
+            }
+        }
         if !(1..=256).contains(&self.pool_size) {
             return Err(format!("store.pool_size = {}: must be 1 to 256", self.pool_size));
         }
@@ -205,8 +219,20 @@ impl StoreConfig {
                 let connect_timeout = Duration::from_secs(self.connect_timeout_secs);
                 config.connect_timeout(connect_timeout);
                 config.application_name("edge-server");
-                // The pool's health rests on noticing dead peers.
-                config.keepalives_idle(Duration::from_secs(30));
+                // TLS is required, never "preferred": a server (or a man in
+                // the middle) answering "no TLS" must not get a plaintext
+                // session and the password.
+                config.ssl_mode(match tls {
+                    StoreTls::Disable => tokio_postgres::config::SslMode::Disable,
+                    StoreTls::VerifyCa | StoreTls::VerifyFull => tokio_postgres::config::SslMode::Require,
+                });
+                // A database that vanishes without closing (a partition)
+                // must fail statements within seconds, not after the
+                // kernel's retransmission timeout of many minutes.
+                config.keepalives_idle(Duration::from_secs(10));
+                config.keepalives_interval(Duration::from_secs(2));
+                config.keepalives_retries(3);
+                config.tcp_user_timeout(connect_timeout * 2);
                 Ok(StoreLocation::Postgres(Box::new(PostgresOptions {
                     describe: describe_postgres(&config),
                     config,
@@ -236,16 +262,16 @@ pub fn describe_postgres(config: &tokio_postgres::Config) -> String {
     )
 }
 
-/// The URL with any password replaced by `***`.
+/// The URL with any password replaced by `***`. The credentials end at
+/// the first `@`, as the driver reads them, so a password holding `/`, `?`
+/// or `:` is masked whole.
 pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    match rest.split_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
             None => url.to_string(),
         },
         None => url.to_string(),
@@ -263,7 +289,8 @@ mod tests {
     #[test]
     fn passwords_are_masked() {
         assert_eq!(mask_url("postgres://edge:s3cret@db:5432/edge"), "postgres://edge:***@db:5432/edge");
-        assert_eq!(mask_url("postgres://edge:p@ss@db/edge?x=1"), "postgres://edge:***@db/edge?x=1");
+        assert_eq!(mask_url("postgres://edge:pa/ss?x@db/edge"), "postgres://edge:***@db/edge");
+        assert_eq!(mask_url("postgres://edge:a:b@db/edge?x=1"), "postgres://edge:***@db/edge?x=1");
         assert_eq!(mask_url("postgres://edge@db/edge"), "postgres://edge@db/edge");
         assert_eq!(mask_url("sqlite:///var/lib/edge.db"), "sqlite:///var/lib/edge.db");
         let c = config("postgres://edge:s3cret@db/edge");
@@ -319,6 +346,11 @@ mod tests {
             (
                 StoreConfig { tls: Some(StoreTls::Disable), ca_file: Some("ca".into()), ..config("postgres://e@db/e") },
                 "store.ca_file",
+            ),
+            (StoreConfig { tls: Some(StoreTls::VerifyCa), ..config("postgres://e@db/e") }, "store.ca_file"),
+            (
+                StoreConfig { tls: Some(StoreTls::VerifyFull), ..config("postgres://e@%2Frun%2Fpostgresql/e") },
+                "store.tls",
             ),
         ] {
             let err = c.validate().unwrap_err();

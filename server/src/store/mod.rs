@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub use changes::{Change, ChangeEvent, FeedEvent};
 pub use error::StoreError;
 pub use location::{StoreConfig, StoreLocation, StoreTls};
-pub use values::{HttpMode, Mode};
+pub use values::{HttpMode, Mode, StaticKind, StaticRecord};
 
 /// A node as stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -171,6 +171,8 @@ pub struct RoutingState {
     pub nodes: Vec<NodeRecord>,
     /// All TXT values.
     pub challenges: Vec<ChallengeRecord>,
+    /// Static DNS records kept in the store.
+    pub dns_records: Vec<StaticRecord>,
 }
 
 /// Everything a store holds, for `edge-server store copy`.
@@ -187,6 +189,8 @@ pub struct Snapshot {
     pub transitions: Vec<(String, ModeChange)>,
     /// TXT values.
     pub challenges: Vec<ChallengeRecord>,
+    /// Static DNS records.
+    pub dns_records: Vec<StaticRecord>,
 }
 
 /// Row counts, to verify a copy.
@@ -200,6 +204,8 @@ pub struct Counts {
     pub transitions: u64,
     /// TXT values.
     pub challenges: u64,
+    /// Static DNS records.
+    pub dns_records: u64,
 }
 
 impl Counts {
@@ -210,6 +216,7 @@ impl Counts {
             samples: snapshot.samples.len() as u64,
             transitions: snapshot.transitions.len() as u64,
             challenges: snapshot.challenges.len() as u64,
+            dns_records: snapshot.dns_records.len() as u64,
         }
     }
 
@@ -219,10 +226,20 @@ impl Counts {
     }
 }
 
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} nodes, {} TXT values, {} probe samples, {} transitions, {} DNS records",
+            self.nodes, self.challenges, self.samples, self.transitions, self.dns_records
+        )
+    }
+}
+
 /// Persistent state of the server.
 ///
 /// Every write that changes what is routed or served (nodes, tokens, HTTP
-/// modes, TXT values, mode transitions) moves the revision and emits a
+/// modes, TXT values, mode transitions, static DNS records) moves the revision and emits a
 /// [`ChangeEvent`] to this process's subscribers at once; writes by other
 /// processes arrive through [`Store::watch`]. Status, probes and history
 /// are recorded without events.
@@ -285,6 +302,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
     /// Current mode and the newest `limit` samples and transitions.
     async fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError>;
+    /// Static DNS records, by name, type and value.
+    async fn list_dns_records(&self) -> Result<Vec<StaticRecord>, StoreError>;
+    /// Adds a static DNS record; [`StoreError::Conflict`] if the same name,
+    /// type and value exist.
+    async fn add_dns_record(&self, record: &StaticRecord) -> Result<(), StoreError>;
+    /// Removes the records at `name` (of `kind`, with `value`, when given);
+    /// returns how many.
+    async fn remove_dns_records(
+        &self,
+        name: &str,
+        kind: Option<StaticKind>,
+        value: Option<&str>,
+    ) -> Result<usize, StoreError>;
     /// Row counts.
     async fn counts(&self) -> Result<Counts, StoreError>;
     /// Everything, for a copy.

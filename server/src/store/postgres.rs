@@ -24,7 +24,8 @@ use super::changes::new_origin;
 use super::location::{PostgresOptions, StoreTls};
 use super::{
     now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, HttpMode, Mode, ModeChange, ModeHistory, NodeRecord,
-    NodeStatus, ProbeSample, Published, RoutingState, Snapshot, Store, StoreError, FEED_CAPACITY,
+    NodeStatus, ProbeSample, Published, RoutingState, Snapshot, StaticKind, StaticRecord, Store, StoreError,
+    FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -86,6 +87,15 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE nodes ADD CONSTRAINT nodes_http_mode CHECK (http_mode IN ('redirect', 'proxy'));
     ALTER TABLE node_modes ADD CONSTRAINT node_modes_mode CHECK (mode IN ('direct', 'proxy', 'offline'));
     CREATE INDEX acme_challenges_by_node ON acme_challenges(node);",
+    // 3: static DNS records kept in the store (`edge-server dns add`).
+    "CREATE TABLE dns_records (
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('A', 'AAAA', 'TXT', 'CAA')),
+        value TEXT NOT NULL,
+        ttl BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (name, kind, value)
+    );",
 ];
 
 /// The `NOTIFY` channel of change events.
@@ -229,8 +239,30 @@ fn pg_err(store: &str, e: tokio_postgres::Error) -> StoreError {
             unavailable()
         }
         Some(_) => StoreError::Backend { store: store.to_string(), message: error_text(&e) },
-        None => unavailable(),
+        // No SQLSTATE: the connection failed. I/O trouble (refused, reset,
+        // timed out, closed) may pass; a TLS verification failure, a bad
+        // password prompt or a protocol error will not, and saying
+        // "retry later" would mislead.
+        None if e.is_closed()
+            || io_cause(&e).is_some_and(|io| io.get_ref().is_none_or(|inner| !inner.is::<rustls::Error>())) =>
+        {
+            unavailable()
+        }
+        None if error_text(&e).contains("timed out") => unavailable(),
+        None => StoreError::Backend { store: store.to_string(), message: error_text(&e) },
     }
+}
+
+/// The I/O error under a driver error, if that is what it is.
+fn io_cause(e: &tokio_postgres::Error) -> Option<&std::io::Error> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// The driver's message with the server's detail and the I/O cause.
@@ -314,6 +346,18 @@ fn transition_row(store: &str, row: &Row, i: usize) -> Result<ModeChange, StoreE
         from: mode_col(store, row, i + 1)?,
         to: mode_col(store, row, i + 2)?,
         reason: col(store, row, i + 3)?,
+    })
+}
+
+fn dns_record_row(store: &str, row: &Row) -> Result<StaticRecord, StoreError> {
+    let kind: String = col(store, row, 1)?;
+    let ttl: i64 = col(store, row, 3)?;
+    Ok(StaticRecord {
+        name: col(store, row, 0)?,
+        kind: StaticKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt { store: store.to_string(), what: format!("record type {kind:?}") })?,
+        value: col(store, row, 2)?,
+        ttl_secs: ttl.clamp(0, u32::MAX as i64) as u32,
     })
 }
 
@@ -429,13 +473,14 @@ impl PostgresStore {
         let row = client
             .query_one(
                 "SELECT (SELECT COUNT(*) FROM nodes), (SELECT COUNT(*) FROM probe_samples),
-                        (SELECT COUNT(*) FROM mode_transitions), (SELECT COUNT(*) FROM acme_challenges)",
+                        (SELECT COUNT(*) FROM mode_transitions), (SELECT COUNT(*) FROM acme_challenges),
+                        (SELECT COUNT(*) FROM dns_records)",
                 &[],
             )
             .await
             .map_err(|e| self.err(e))?;
         let n = |i| col::<i64>(self.store(), &row, i).map(|v| v.max(0) as u64);
-        Ok(Counts { nodes: n(0)?, samples: n(1)?, transitions: n(2)?, challenges: n(3)? })
+        Ok(Counts { nodes: n(0)?, samples: n(1)?, transitions: n(2)?, challenges: n(3)?, dns_records: n(4)? })
     }
 
     async fn nodes_in(
@@ -471,6 +516,17 @@ impl PostgresStore {
         }
         .map_err(|e| self.err(e))?;
         rows.iter().map(|r| challenge_row(self.store(), r)).collect()
+    }
+
+    async fn dns_records_in(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+    ) -> Result<Vec<StaticRecord>, StoreError> {
+        let rows = client
+            .query("SELECT name, kind, value, ttl FROM dns_records ORDER BY name, kind, value", &[])
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.iter().map(|r| dns_record_row(self.store(), r)).collect()
     }
 
     async fn revision_in(&self, client: &impl deadpool_postgres::GenericClient) -> Result<i64, StoreError> {
@@ -628,8 +684,9 @@ impl Store for PostgresStore {
         let revision = self.revision_in(&tx).await?;
         let nodes = self.nodes_in(&tx, None).await?;
         let challenges = self.challenges_in(&tx, None).await?;
+        let dns_records = self.dns_records_in(&tx).await?;
         tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(RoutingState { revision, nodes, challenges })
+        Ok(RoutingState { revision, nodes, challenges, dns_records })
     }
 
     async fn record_statuses(&self, statuses: &[(String, NodeStatus)]) -> Result<(), StoreError> {
@@ -836,6 +893,57 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn list_dns_records(&self) -> Result<Vec<StaticRecord>, StoreError> {
+        let client = self.client().await?;
+        self.dns_records_in(&client).await
+    }
+
+    async fn add_dns_record(&self, record: &StaticRecord) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx
+            .execute(
+                "INSERT INTO dns_records (name, kind, value, ttl, created_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING",
+                &[&record.name, &record.kind.as_str(), &record.value, &i64::from(record.ttl_secs), &now()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!(
+                "a {} record {:?} with this value exists already",
+                record.kind, record.name
+            )));
+        }
+        let event = self.log(&tx, Change::DnsRecordsChanged).await?;
+        self.commit(tx, vec![event]).await
+    }
+
+    async fn remove_dns_records(
+        &self,
+        name: &str,
+        kind: Option<StaticKind>,
+        value: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let kind = kind.map(|k| k.as_str());
+        let n = tx
+            .execute(
+                "DELETE FROM dns_records WHERE name = $1 AND ($2::text IS NULL OR kind = $2)
+                   AND ($3::text IS NULL OR value = $3)",
+                &[&name, &kind, &value],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut events = Vec::new();
+        if n > 0 {
+            events.push(self.log(&tx, Change::DnsRecordsChanged).await?);
+        }
+        self.commit(tx, events).await?;
+        Ok(n as usize)
+    }
+
     async fn counts(&self) -> Result<Counts, StoreError> {
         let client = self.client().await?;
         self.counts_in(&client).await
@@ -868,8 +976,9 @@ impl Store for PostgresStore {
             .map(|r| Ok((col(store, r, 0)?, transition_row(store, r, 1)?)))
             .collect::<Result<_, StoreError>>()?;
         let challenges = self.challenges_in(&tx, None).await?;
+        let dns_records = self.dns_records_in(&tx).await?;
         tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(Snapshot { revision, nodes, samples, transitions, challenges })
+        Ok(Snapshot { revision, nodes, samples, transitions, challenges, dns_records })
     }
 
     async fn import(&self, s: &Snapshot) -> Result<(), StoreError> {
@@ -880,13 +989,7 @@ impl Store for PostgresStore {
         tx.batch_execute("LOCK TABLE nodes IN EXCLUSIVE MODE").await.map_err(|e| self.err(e))?;
         let found = self.counts_in(&tx).await?;
         if !found.is_empty() {
-            return Err(StoreError::NotEmpty {
-                store: self.store().to_string(),
-                what: format!(
-                    "{} nodes, {} TXT values, {} probe samples, {} transitions",
-                    found.nodes, found.challenges, found.samples, found.transitions
-                ),
-            });
+            return Err(StoreError::NotEmpty { store: self.store().to_string(), what: found.to_string() });
         }
         let insert_node = tx
             .prepare(
@@ -938,6 +1041,14 @@ impl Store for PostgresStore {
                 .await
                 .map_err(|e| self.err(e))?;
         }
+        for r in &s.dns_records {
+            tx.execute(
+                "INSERT INTO dns_records (name, kind, value, ttl, created_at) VALUES ($1, $2, $3, $4, $5)",
+                &[&r.name, &r.kind.as_str(), &r.value, &i64::from(r.ttl_secs), &now()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        }
         // Continue from the source's revision: serials never go back.
         tx.execute("UPDATE meta SET value = GREATEST(value, $1) WHERE key = 'revision'", &[&s.revision])
             .await
@@ -955,7 +1066,6 @@ impl Store for PostgresStore {
             config: self.options.config.clone(),
             describe: self.options.describe.clone(),
             tls: self.tls.clone(),
-            origin: self.origin.clone(),
             events: self.events.clone(),
         };
         Box::pin(feed.run(since, shutdown))
@@ -967,7 +1077,6 @@ struct Feed {
     config: tokio_postgres::Config,
     describe: String,
     tls: Tls,
-    origin: String,
     events: broadcast::Sender<FeedEvent>,
 }
 
@@ -1048,8 +1157,10 @@ impl Feed {
             tokio::select! {
                 _ = shutdown.cancelled() => return FeedEnd::Shutdown,
                 payload = rx.recv() => match payload {
+                    // Our own events come back too: a write whose caller
+                    // stopped waiting (or whose commit reply was lost) was
+                    // never announced locally. A repeat costs a re-read.
                     Some(Ok(payload)) => match ChangeEvent::decode(&payload) {
-                        Some(event) if event.origin == self.origin => {}
                         Some(event) => { let _ = self.events.send(FeedEvent::Change(event)); }
                         None => {
                             tracing::warn!(store = %self.describe, payload = %edge_net::logging::Untrusted(&payload),

@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use super::changes::new_origin;
 use super::{
     now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, HttpMode, Mode, ModeChange, ModeHistory, NodeRecord,
-    NodeStatus, ProbeSample, Published, RoutingState, Snapshot, Store, StoreError, FEED_CAPACITY,
+    NodeStatus, ProbeSample, Published, RoutingState, Snapshot, StaticKind, StaticRecord, Store, StoreError,
+    FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -89,6 +90,15 @@ pub const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO sqlite_sequence (name, seq) SELECT 'changes', value FROM meta WHERE key = 'revision';
     CREATE INDEX acme_challenges_by_node ON acme_challenges(node);",
+    // 5: static DNS records kept in the store (`edge-server dns add`).
+    "CREATE TABLE dns_records (
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        ttl INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (name, kind, value)
+    );",
 ];
 
 /// Change log rows kept; a poller further behind resyncs.
@@ -157,19 +167,23 @@ impl SqliteStore {
         Ok(Self { db: Arc::new(db), events, poll })
     }
 
-    /// Runs `f` on the blocking pool, then announces the changes it made.
+    /// Runs `f` on the blocking pool and announces the changes it made
+    /// from there, right after the commit: a caller that stops waiting (a
+    /// client hung up) cancels neither the write nor its announcement.
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&SqliteDb) -> Result<(T, Vec<ChangeEvent>), StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        let (value, events) = tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| StoreError::Backend { store: self.db.describe.clone(), message: e.to_string() })??;
-        for event in events {
-            let _ = self.events.send(FeedEvent::Change(event));
-        }
-        Ok(value)
+        let (db, announce) = (self.db.clone(), self.events.clone());
+        tokio::task::spawn_blocking(move || {
+            let (value, events) = f(&db)?;
+            for event in events {
+                let _ = announce.send(FeedEvent::Change(event));
+            }
+            Ok(value)
+        })
+        .await
+        .map_err(|e| StoreError::Backend { store: self.db.describe.clone(), message: e.to_string() })?
     }
 
     /// [`SqliteStore::run`] for reads.
@@ -189,7 +203,10 @@ fn map_err(store: &str, e: rusqlite::Error) -> StoreError {
         {
             StoreError::Unavailable { store: store.to_string(), reason: e.to_string() }
         }
-        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
             StoreError::Conflict(format!("store {store}: {e}"))
         }
         rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, ErrorCode::CannotOpen | ErrorCode::ReadOnly) => {
@@ -386,6 +403,25 @@ fn challenges(conn: &Connection, node: Option<&str>) -> rusqlite::Result<Vec<Cha
     }
 }
 
+fn dns_records(conn: &Connection, store: &str) -> rusqlite::Result<Result<Vec<StaticRecord>, StoreError>> {
+    let mut stmt = conn.prepare_cached("SELECT name, kind, value, ttl FROM dns_records ORDER BY name, kind, value")?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, kind, value, ttl)| {
+            let kind = StaticKind::parse(&kind).ok_or_else(|| StoreError::Corrupt {
+                store: store.to_string(),
+                what: format!("record type {kind:?}"),
+            })?;
+            Ok(StaticRecord { name, kind, value, ttl_secs: ttl.clamp(0, u32::MAX as i64) as u32 })
+        })
+        .collect())
+}
+
 fn count(conn: &Connection, table: &str) -> rusqlite::Result<u64> {
     conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(|n| n.max(0) as u64)
 }
@@ -396,6 +432,7 @@ fn counts(conn: &Connection) -> rusqlite::Result<Counts> {
         samples: count(conn, "probe_samples")?,
         transitions: count(conn, "mode_transitions")?,
         challenges: count(conn, "acme_challenges")?,
+        dns_records: count(conn, "dns_records")?,
     })
 }
 
@@ -415,7 +452,7 @@ fn upsert_status(tx: &Connection, name: &str, status: &NodeStatus) -> rusqlite::
         name,
         status.connected as i64,
         status.last_heartbeat,
-        status.open_connections as i64,
+        status.open_connections.min(i64::MAX as u64) as i64,
         status.agent_version,
         status.remote_addr,
         now(),
@@ -532,8 +569,9 @@ impl Store for SqliteStore {
                 let revision = revision(&tx)?;
                 let nodes = db.nodes(&tx, None);
                 let challenges = challenges(&tx, None)?;
+                let records = dns_records(&tx, &db.describe)?;
                 tx.commit()?;
-                Ok(nodes.map(|nodes| RoutingState { revision, nodes, challenges }))
+                Ok(nodes.and_then(|nodes| Ok(RoutingState { revision, nodes, challenges, dns_records: records? })))
             })??;
             Ok((state, Vec::new()))
         })
@@ -764,13 +802,64 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn list_dns_records(&self) -> Result<Vec<StaticRecord>, StoreError> {
+        self.run(|db| Ok((db.with(|conn| dns_records(conn, &db.describe))??, Vec::new()))).await
+    }
+
+    async fn add_dns_record(&self, record: &StaticRecord) -> Result<(), StoreError> {
+        let r = record.clone();
+        let added = self
+            .run(move |db| {
+                db.write(|tx, events| {
+                    let n = tx.execute(
+                        "INSERT OR IGNORE INTO dns_records (name, kind, value, ttl, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![r.name, r.kind.as_str(), r.value, r.ttl_secs, now()],
+                    )?;
+                    if n == 1 {
+                        db.log(tx, events, Change::DnsRecordsChanged)?;
+                    }
+                    Ok(n == 1)
+                })
+            })
+            .await?;
+        if !added {
+            return Err(StoreError::Conflict(format!(
+                "a {} record {:?} with this value exists already",
+                record.kind, record.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn remove_dns_records(
+        &self,
+        name: &str,
+        kind: Option<StaticKind>,
+        value: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        let (name, kind, value) = (own(name), kind.map(|k| k.as_str()), value.map(own));
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n = tx.execute(
+                    "DELETE FROM dns_records WHERE name = ?1 AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR value = ?3)",
+                    params![name, kind, value],
+                )?;
+                if n > 0 {
+                    db.log(tx, events, Change::DnsRecordsChanged)?;
+                }
+                Ok(n)
+            })
+        })
+        .await
+    }
+
     async fn counts(&self) -> Result<Counts, StoreError> {
         self.read(|conn| counts(conn)).await
     }
 
     async fn export(&self) -> Result<Snapshot, StoreError> {
         let store = self.db.describe.clone();
-        let (revision, nodes, samples, transitions, challenges) = self
+        let (revision, nodes, samples, transitions, challenges, records) = self
             .run(move |db| {
                 let out = db.with(|conn| {
                     let tx = conn.transaction()?;
@@ -811,8 +900,9 @@ impl Store for SqliteStore {
                         rows
                     };
                     let challenges = challenges(&tx, None)?;
+                    let records = dns_records(&tx, &db.describe)?;
                     tx.commit()?;
-                    Ok((revision, nodes, samples, transitions, challenges))
+                    Ok((revision, nodes, samples, transitions, challenges, records))
                 })?;
                 Ok((out, Vec::new()))
             })
@@ -829,6 +919,7 @@ impl Store for SqliteStore {
                 .map(|(n, at, from, to, reason)| Ok((n, ModeChange { at, from: mode(&from)?, to: mode(&to)?, reason })))
                 .collect::<Result<_, StoreError>>()?,
             challenges,
+            dns_records: records?,
         })
     }
 
@@ -874,6 +965,12 @@ impl Store for SqliteStore {
                             params![c.node, c.name, c.value, c.created_at],
                         )?;
                     }
+                    for r in &snapshot.dns_records {
+                        tx.execute(
+                            "INSERT INTO dns_records (name, kind, value, ttl, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![r.name, r.kind.as_str(), r.value, r.ttl_secs, now()],
+                        )?;
+                    }
                     // Continue from the source's revision: serials never go back.
                     tx.execute(
                         "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'changes'",
@@ -885,13 +982,7 @@ impl Store for SqliteStore {
             })
             .await?;
         match refused {
-            Some(found) => Err(StoreError::NotEmpty {
-                store,
-                what: format!(
-                    "{} nodes, {} TXT values, {} probe samples, {} transitions",
-                    found.nodes, found.challenges, found.samples, found.transitions
-                ),
-            }),
+            Some(found) => Err(StoreError::NotEmpty { store, what: found.to_string() }),
             None => Ok(()),
         }
     }

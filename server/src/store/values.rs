@@ -85,6 +85,70 @@ impl std::str::FromStr for HttpMode {
     }
 }
 
+/// Types of static DNS records (in `[dns]` or in the store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum StaticKind {
+    /// IPv4 address.
+    A,
+    /// IPv6 address.
+    AAAA,
+    /// Text.
+    TXT,
+    /// CA authorization: `<flags> issue|issuewild "<ca>[; key=value]..."`,
+    /// e.g. `0 issue "letsencrypt.org; validationmethods=dns-01"`. A CAA
+    /// record at the apex replaces the ones derived from `[acme]`.
+    CAA,
+}
+
+impl StaticKind {
+    /// The type's name, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaticKind::A => "A",
+            StaticKind::AAAA => "AAAA",
+            StaticKind::TXT => "TXT",
+            StaticKind::CAA => "CAA",
+        }
+    }
+
+    /// Parses [`StaticKind::as_str`] (any case).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_uppercase().as_str() {
+            "A" => Some(StaticKind::A),
+            "AAAA" => Some(StaticKind::AAAA),
+            "TXT" => Some(StaticKind::TXT),
+            "CAA" => Some(StaticKind::CAA),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for StaticKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StaticKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s).ok_or_else(|| format!("{s:?} is not a record type (A, AAAA, TXT or CAA)"))
+    }
+}
+
+/// A static DNS record kept in the store (added with `edge-server dns add`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct StaticRecord {
+    /// Absolute owner name, lowercase, no trailing dot.
+    pub name: String,
+    /// Type.
+    pub kind: StaticKind,
+    /// Address or text.
+    pub value: String,
+    /// TTL in seconds.
+    pub ttl_secs: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +163,10 @@ mod tests {
             assert_eq!(m.as_str().parse::<HttpMode>(), Ok(m));
         }
         assert!(Mode::parse("Direct").is_none());
+        for k in [StaticKind::A, StaticKind::AAAA, StaticKind::TXT, StaticKind::CAA] {
+            assert_eq!(k.as_str().to_lowercase().parse::<StaticKind>(), Ok(k));
+        }
+        assert!("MX".parse::<StaticKind>().is_err());
         assert!("tunnel".parse::<HttpMode>().is_err());
     }
 }
