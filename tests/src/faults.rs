@@ -262,3 +262,61 @@ pub fn busiest_window(times: &[f64], width: f64) -> usize {
     }
     best
 }
+
+/// A TCP relay that can stop forwarding without closing anything: a peer
+/// that hangs (a partition behind a proxy, a stuck server). The kernel keeps
+/// acknowledging what is sent, so only the sender's own deadlines notice.
+#[derive(Debug)]
+pub struct TcpRelay {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TcpRelay {
+    /// Relays every connection on a new loopback port to `target`.
+    pub fn start(target: SocketAddr) -> Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let paused = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = paused.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(target) else { continue };
+                for (mut from, mut to) in
+                    [(client.try_clone(), server.try_clone()), (server.try_clone(), client.try_clone())]
+                        .into_iter()
+                        .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            // Hold the bytes while paused (bounded: the test
+                            // that pauses also resumes, or the process ends).
+                            while flag.load(Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Ok(Self { addr, paused })
+    }
+
+    /// Stops (`true`) or resumes forwarding on every connection.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, std::sync::atomic::Ordering::Relaxed);
+    }
+}

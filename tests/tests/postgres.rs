@@ -283,3 +283,71 @@ async fn a_dns_record_added_through_one_server_is_served_by_every_server() {
     })
     .unwrap();
 }
+
+/// The database hangs without closing anything (every byte to and from it
+/// held by a relay): writes fail within seconds as unavailable, clients are
+/// still served, and the server recovers by itself when it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_fails_writes_within_seconds_and_serving_goes_on() {
+    let pg = Postgres::start().unwrap();
+    pg.create_db("edge").unwrap();
+    let relay = edge_tests::faults::TcpRelay::start(([127, 0, 0, 1], pg.port).into()).unwrap();
+    let store = format!(
+        "[store]\nurl = \"postgres://edge@127.0.0.1:{}/edge\"\npassword_file = \"{}\"\nconnect_timeout_secs = 1\n\
+         [dns]\nlisten = \"127.0.0.1:0\"\n",
+        relay.addr.port(),
+        pg.password_file().display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&tmp.path().join("server"), &store).unwrap();
+    let join = server.add_node("web").unwrap();
+    let upstream = upstreams::http("served").await;
+    let agent = Agent::start(&tmp.path().join("agent"), &join, upstream, &[]).unwrap();
+    let (ca, host) = (agent.local_ca("web"), format!("web.{ZONE}"));
+    assert_eq!(fetch(&server, &ca, &host).await.unwrap(), "served");
+
+    relay.set_paused(true);
+    let hung = Instant::now();
+    let out = Command::new(bin("edge-server"))
+        .arg("--config")
+        .arg(&server.config)
+        .args(["node", "add", "late"])
+        .output()
+        .unwrap();
+    let took = hung.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("unavailable"), "{stderr}");
+    assert!(took < Duration::from_secs(6), "node add gave up after {took:?}");
+    eprintln!("postgres: with the database hung, node add failed after {took:?}");
+    // A write by the running server itself, on a pooled connection that
+    // now hangs: the store's deadline (twice the connect timeout) answers.
+    let token = edge_proto::join::JoinTicket::parse(&join).unwrap().token;
+    let body = format!("{{\"name\":\"_acme-challenge.web.{ZONE}\",\"value\":\"{}\"}}", "a".repeat(43));
+    let asked = Instant::now();
+    let (code, answer) = server.api_call("PUT", "/api/signal/acme-challenge", Some(&token), Some(&body)).unwrap();
+    let took = asked.elapsed();
+    assert_eq!(code, 503, "{answer}");
+    let error: edge_proto::signal::ErrorResponse = serde_json::from_str(&answer).unwrap();
+    assert!(error.error.contains("unavailable") && error.error.contains("postgres://"), "{answer}");
+    assert!(took < Duration::from_secs(5), "the API answered after {took:?}");
+    eprintln!("postgres: with the database hung, a server-side write answered 503 after {took:?}: {}", error.error);
+    for _ in 0..20 {
+        assert_eq!(fetch(&server, &ca, &host).await.unwrap(), "served", "clients are served from memory");
+    }
+
+    relay.set_paused(false);
+    wait_for("a write through the recovered store", Duration::from_secs(30), || {
+        Command::new(bin("edge-server"))
+            .arg("--config")
+            .arg(&server.config)
+            .args(["node", "add", "later"])
+            .output()
+            .ok()
+            // A try whose answer was lost may have committed.
+            .filter(|o| o.status.success() || String::from_utf8_lossy(&o.stderr).contains("already exists"))
+    })
+    .unwrap();
+    time_until(&server, "later", true, Duration::from_secs(15));
+    assert!(server.proc.alive());
+}

@@ -7,6 +7,7 @@
 //! store's change feed ([`Store::subscribe`], [`Store::watch`]).
 
 pub mod changes;
+pub mod deadline;
 pub mod error;
 pub mod location;
 pub mod postgres;
@@ -340,7 +341,20 @@ pub async fn open(config: &StoreConfig, data_dir: &std::path::Path) -> Result<Ar
             let poll = std::time::Duration::from_millis(config.poll_ms);
             Ok(Arc::new(sqlite::SqliteStore::open_async(path, poll).await?))
         }
-        StoreLocation::Postgres(options) => Ok(Arc::new(postgres::PostgresStore::connect(*options).await?)),
+        StoreLocation::Postgres(options) => {
+            // A statement in flight may wait on top of getting a connection.
+            let point = options.connect_timeout * 2;
+            let bulk = point.max(std::time::Duration::from_secs(60));
+            let describe = options.describe.clone();
+            let store = match tokio::time::timeout(bulk, postgres::PostgresStore::connect(*options)).await {
+                Ok(store) => store?,
+                Err(_) => {
+                    let reason = format!("no answer within {} s while connecting and migrating", bulk.as_secs());
+                    return Err(StoreError::Unavailable { store: describe, reason });
+                }
+            };
+            Ok(Arc::new(deadline::WithDeadline::new(store, point, bulk)))
+        }
     }
 }
 

@@ -1,0 +1,146 @@
+//! A deadline on every operation of a store that lives across a network.
+//!
+//! A database that stops answering without closing (a partition, a hung
+//! server, a proxy in front of it) leaves a statement waiting for as long as
+//! TCP keeps the connection: acknowledged bytes never trip the kernel's
+//! timers. Here every operation fails as [`StoreError::Unavailable`] when
+//! its deadline passes: point operations quickly, whole-table reads (the
+//! load at start and after a resync) later. `store copy` has none: it is an
+//! operator's one transaction and prints its progress.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ChallengeRecord, Counts, FeedEvent, HttpMode, ModeChange, ModeHistory, NodeRecord, NodeStatus, ProbeSample,
+    Published, RoutingState, Snapshot, StaticKind, StaticRecord, Store, StoreError,
+};
+
+/// `inner` with deadlines.
+#[derive(Debug)]
+pub struct WithDeadline<S> {
+    inner: S,
+    point: Duration,
+    bulk: Duration,
+}
+
+impl<S: Store> WithDeadline<S> {
+    /// `point` for single rows and writes, `bulk` for whole-table reads.
+    pub fn new(inner: S, point: Duration, bulk: Duration) -> Self {
+        Self { inner, point, bulk }
+    }
+
+    async fn within<T>(
+        &self,
+        limit: Duration,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, op).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable {
+                store: self.inner.describe().to_string(),
+                reason: format!("no answer within {} ms", limit.as_millis()),
+            }),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: Store> Store for WithDeadline<S> {
+    fn describe(&self) -> &str {
+        self.inner.describe()
+    }
+    async fn add_node(&self, name: &str, hostnames: &[String], hash: &[u8; 32]) -> Result<NodeRecord, StoreError> {
+        self.within(self.point, self.inner.add_node(name, hostnames, hash)).await
+    }
+    async fn remove_node(&self, name: &str) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.remove_node(name)).await
+    }
+    async fn set_token_hash(&self, name: &str, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.set_token_hash(name, hash)).await
+    }
+    async fn set_http_mode(&self, name: &str, mode: HttpMode) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.set_http_mode(name, mode)).await
+    }
+    async fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        self.within(self.point, self.inner.get_node(name)).await
+    }
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.within(self.bulk, self.inner.list_nodes()).await
+    }
+    async fn revision(&self) -> Result<i64, StoreError> {
+        self.within(self.point, self.inner.revision()).await
+    }
+    async fn routing_state(&self) -> Result<RoutingState, StoreError> {
+        self.within(self.bulk, self.inner.routing_state()).await
+    }
+    async fn record_statuses(&self, statuses: &[(String, NodeStatus)]) -> Result<(), StoreError> {
+        self.within(self.bulk, self.inner.record_statuses(statuses)).await
+    }
+    async fn reset_status(&self) -> Result<(), StoreError> {
+        self.within(self.bulk, self.inner.reset_status()).await
+    }
+    async fn put_challenge(
+        &self,
+        node: &str,
+        name: &str,
+        value: &str,
+        max: usize,
+        stale_before: i64,
+    ) -> Result<Published, StoreError> {
+        self.within(self.point, self.inner.put_challenge(node, name, value, max, stale_before)).await
+    }
+    async fn remove_challenge(&self, node: &str, name: &str, value: Option<&str>) -> Result<usize, StoreError> {
+        self.within(self.point, self.inner.remove_challenge(node, name, value)).await
+    }
+    async fn node_challenges(&self, node: &str) -> Result<Vec<ChallengeRecord>, StoreError> {
+        self.within(self.point, self.inner.node_challenges(node)).await
+    }
+    async fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError> {
+        self.within(self.bulk, self.inner.list_challenges()).await
+    }
+    async fn expire_challenges(&self, before: i64) -> Result<usize, StoreError> {
+        self.within(self.point, self.inner.expire_challenges(before)).await
+    }
+    async fn record_probe(&self, name: &str, sample: &ProbeSample, keep: usize) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.record_probe(name, sample, keep)).await
+    }
+    async fn record_transition(&self, name: &str, t: &ModeChange, endpoint: Option<&str>) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.record_transition(name, t, endpoint)).await
+    }
+    async fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError> {
+        self.within(self.point, self.inner.mode_history(name, limit)).await
+    }
+    async fn list_dns_records(&self) -> Result<Vec<StaticRecord>, StoreError> {
+        self.within(self.point, self.inner.list_dns_records()).await
+    }
+    async fn add_dns_record(&self, record: &StaticRecord) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.add_dns_record(record)).await
+    }
+    async fn remove_dns_records(
+        &self,
+        name: &str,
+        kind: Option<StaticKind>,
+        value: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        self.within(self.point, self.inner.remove_dns_records(name, kind, value)).await
+    }
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        self.within(self.bulk, self.inner.counts()).await
+    }
+    async fn export(&self) -> Result<Snapshot, StoreError> {
+        self.inner.export().await
+    }
+    async fn import(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        self.inner.import(snapshot).await
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FeedEvent> {
+        self.inner.subscribe()
+    }
+    fn watch(&self, since: i64, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
+        self.inner.watch(since, shutdown)
+    }
+}
