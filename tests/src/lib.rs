@@ -236,6 +236,12 @@ impl Server {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// Runs `edge-server --config <config> <args>` and returns its output,
+    /// whatever the exit code (for tests of failures).
+    pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(bin("edge-server")).arg("--config").arg(&self.config).args(args).output()?)
+    }
+
     /// `node add NAME` → join string.
     pub fn add_node(&self, name: &str) -> Result<String> {
         Ok(self.cli(&["node", "add", name])?.trim().to_string())

@@ -160,12 +160,7 @@ async fn postgres_stopped_for_ten_seconds_under_load_fails_no_request() {
     let down = Instant::now();
 
     // Writes fail fast with a clear message and their own exit code.
-    let out = Command::new(bin("edge-server"))
-        .arg("--config")
-        .arg(&server.config)
-        .args(["node", "add", "late"])
-        .output()
-        .unwrap();
+    let out = server.cli_output(&["node", "add", "late"]).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{stderr}");
     assert!(stderr.contains("unavailable") && stderr.contains(&pg.url("edge")), "{stderr}");
@@ -308,12 +303,7 @@ async fn a_hung_database_fails_writes_within_seconds_and_serving_goes_on() {
 
     relay.set_paused(true);
     let hung = Instant::now();
-    let out = Command::new(bin("edge-server"))
-        .arg("--config")
-        .arg(&server.config)
-        .args(["node", "add", "late"])
-        .output()
-        .unwrap();
+    let out = server.cli_output(&["node", "add", "late"]).unwrap();
     let took = hung.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{stderr}");
@@ -338,11 +328,8 @@ async fn a_hung_database_fails_writes_within_seconds_and_serving_goes_on() {
 
     relay.set_paused(false);
     wait_for("a write through the recovered store", Duration::from_secs(30), || {
-        Command::new(bin("edge-server"))
-            .arg("--config")
-            .arg(&server.config)
-            .args(["node", "add", "later"])
-            .output()
+        server
+            .cli_output(&["node", "add", "later"])
             .ok()
             // A try whose answer was lost may have committed.
             .filter(|o| o.status.success() || String::from_utf8_lossy(&o.stderr).contains("already exists"))
