@@ -81,9 +81,11 @@ impl RoutingSync {
             for c in state.challenges {
                 values.entry(c.node).or_default().push(c.value);
             }
+            // Records first: each step leaves a whole zone (the update keeps
+            // the statics), so a query in between never misses a record.
+            zone.set_stored_records(&state.dns_records);
             let serial = crate::dns::next_serial(zone.current().serial(), Some(state.revision));
             zone.update(serial, &names, values);
-            zone.set_stored_records(&state.dns_records);
         }
         Ok(state.revision)
     }

@@ -236,6 +236,15 @@ impl Server {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// `GET /` for `host` through the TLS listener, trusting `ca`; the body
+    /// of a 200, an error otherwise.
+    pub async fn fetch(&self, ca: &Path, host: &str) -> Result<String> {
+        let config = clients::client_config(ca)?;
+        let (status, body) = clients::https_get(self.addrs.tls, host, config, "/").await?;
+        anyhow::ensure!(status == 200, "status {status}");
+        Ok(body)
+    }
+
     /// Runs `edge-server --config <config> <args>` and returns its output,
     /// whatever the exit code (for tests of failures).
     pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {

@@ -17,12 +17,6 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
-async fn fetch(server: &Server, ca: &Path, host: &str) -> anyhow::Result<String> {
-    let (status, body) = clients::https_get(server.addrs.tls, host, clients::client_config(ca)?, "/").await?;
-    anyhow::ensure!(status == 200, "status {status}");
-    Ok(body)
-}
-
 fn ready(agent: &Agent) -> u16 {
     http_get(agent.status, "/ready").map(|(code, _)| code).unwrap_or(0)
 }
@@ -42,7 +36,7 @@ async fn udp_blackhole_is_noticed_and_the_agent_reconnects() {
     let mut agent = Agent::spawn_with_config(&tmp.path().join("agent"), &join, upstream, &agent_config).unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
     let (ca, host) = (agent.local_ca("web"), format!("web.{ZONE}"));
-    assert_eq!(fetch(&server, &ca, &host).await.unwrap(), "through the relay");
+    assert_eq!(server.fetch(&ca, &host).await.unwrap(), "through the relay");
 
     // Black hole: nothing passes either way. The agent notices within the
     // idle timeout (3 s) plus a margin, and so does the server.
@@ -63,14 +57,14 @@ async fn udp_blackhole_is_noticed_and_the_agent_reconnects() {
     wait_for("failed attempts while dark", Duration::from_secs(20), || (attempts(&agent) >= before + 2).then_some(()))
         .unwrap();
     assert_eq!(ready(&agent), 503);
-    assert!(fetch(&server, &ca, &host).await.is_err(), "no tunnel, no answer");
+    assert!(server.fetch(&ca, &host).await.is_err(), "no tunnel, no answer");
 
     relay.set_paused(false);
     let resumed = Instant::now();
     agent.wait_ready(Duration::from_secs(15)).unwrap();
     let back = resumed.elapsed();
     let body = wait_for("a request through the new tunnel", Duration::from_secs(10), || {
-        block_on(fetch(&server, &ca, &host)).ok()
+        block_on(server.fetch(&ca, &host)).ok()
     })
     .unwrap();
     assert_eq!(body, "through the relay");
@@ -90,7 +84,7 @@ async fn udp_blackhole_is_noticed_and_the_agent_reconnects() {
     assert_eq!(relay.clients(), 2, "one relay mapping per agent socket");
     let ca = agent.local_ca("web");
     let body = wait_for("a request through the second agent", Duration::from_secs(10), || {
-        block_on(fetch(&server, &ca, &host)).ok()
+        block_on(server.fetch(&ca, &host)).ok()
     })
     .unwrap();
     assert_eq!(body, "through the relay");
@@ -331,7 +325,7 @@ async fn a_full_disk_keeps_the_current_certificate_in_service() {
     assert_eq!(renewals(&agent), installed, "nothing installed while the disk is full");
     let serial = served_serial(&server, &root, &host).await.unwrap();
     assert_eq!(serial, s1, "the current certificate stays in service");
-    assert_eq!(fetch(&server, &root, &host).await.unwrap(), "hello from n1");
+    assert_eq!(server.fetch(&root, &host).await.unwrap(), "hello from n1");
     let failures = metric(&agent.metrics().unwrap(), "edge_agent_certificate_failures_total").unwrap_or(0.0);
     assert!(failures >= 2.0, "failures counted: {failures}");
     let stray: Vec<_> = std::fs::read_dir(agent.data_dir.join("certs/acme"))

@@ -5,13 +5,6 @@ use std::time::{Duration, Instant};
 
 use edge_tests::{clients, metric, upstreams, wait_for, Agent, Server, ZONE};
 
-async fn fetch(server: &Server, agent_ca: &std::path::Path, host: &str) -> anyhow::Result<String> {
-    let config = clients::client_config(agent_ca)?;
-    let (status, body) = clients::https_get(server.addrs.tls, host, config, "/").await?;
-    anyhow::ensure!(status == 200, "status {status}");
-    Ok(body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agent_comes_back_and_server_restart_keeps_nodes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -23,7 +16,7 @@ async fn killed_agent_comes_back_and_server_restart_keeps_nodes() {
     let mut agent = Agent::start(&agent_dir, &join, upstream, &[]).unwrap();
     let ca = agent.local_ca("web");
     let host = format!("web.{ZONE}");
-    assert_eq!(fetch(&server, &ca, &host).await.unwrap(), "web says hi");
+    assert_eq!(server.fetch(&ca, &host).await.unwrap(), "web says hi");
 
     // SIGKILL: no goodbye. The restarted agent's new tunnel serves at once,
     // even though the server has not yet noticed the old one is dead.
@@ -32,7 +25,7 @@ async fn killed_agent_comes_back_and_server_restart_keeps_nodes() {
     let restarted = Instant::now();
     agent = Agent::start(&agent_dir, &join, upstream, &[]).unwrap();
     let body = wait_for("traffic after agent restart", Duration::from_secs(15), || {
-        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(fetch(&server, &ca, &host))).ok()
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(server.fetch(&ca, &host))).ok()
     })
     .unwrap();
     assert_eq!(body, "web says hi");
@@ -46,7 +39,7 @@ async fn killed_agent_comes_back_and_server_restart_keeps_nodes() {
     assert!(status.success(), "clean exit after drain: {status:?}");
     server = Server::start_on(&server_dir, "[limits]\ndrain_timeout_secs = 2", Some(addrs)).unwrap();
     let body = wait_for("traffic after server restart", Duration::from_secs(30), || {
-        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(fetch(&server, &ca, &host))).ok()
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(server.fetch(&ca, &host))).ok()
     })
     .unwrap();
     assert_eq!(body, "web says hi");

@@ -11,13 +11,6 @@ use edge_server::store::Store;
 use edge_tests::postgres::Postgres;
 use edge_tests::{bin, clients, metric, upstreams, wait_for, Agent, Server, ZONE};
 
-async fn fetch(server: &Server, agent_ca: &std::path::Path, host: &str) -> anyhow::Result<String> {
-    let config = clients::client_config(agent_ca)?;
-    let (status, body) = clients::https_get(server.addrs.tls, host, config, "/").await?;
-    anyhow::ensure!(status == 200, "status {status}");
-    Ok(body)
-}
-
 fn block<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
@@ -67,15 +60,15 @@ async fn the_core_data_path_runs_on_postgres() {
         .expect("curl is installed");
     assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "i am alpha");
-    assert_eq!(fetch(&server, &ca_a, &format!("alpha.{ZONE}")).await.unwrap(), "i am alpha");
-    assert_eq!(fetch(&server, &ca_b, &format!("x.beta.{ZONE}")).await.unwrap(), "i am beta");
+    assert_eq!(server.fetch(&ca_a, &format!("alpha.{ZONE}")).await.unwrap(), "i am alpha");
+    assert_eq!(server.fetch(&ca_b, &format!("x.beta.{ZONE}")).await.unwrap(), "i am beta");
     assert_eq!(pg.sql("edge", "SELECT count(*) FROM nodes").unwrap(), "2", "the rows are in PostgreSQL");
 
     // Removal cuts the tunnel and the route.
     server.cli(&["node", "remove", "beta"]).unwrap();
     let status = agents[1].proc.wait_exit(Duration::from_secs(10)).expect("agent exits after removal");
     assert_eq!(status.code(), Some(2));
-    assert!(fetch(&server, &ca_b, &format!("beta.{ZONE}")).await.is_err());
+    assert!(server.fetch(&ca_b, &format!("beta.{ZONE}")).await.is_err());
 
     // A restart keeps the nodes: the agent comes back by itself.
     let addrs = server.addrs;
@@ -83,7 +76,7 @@ async fn the_core_data_path_runs_on_postgres() {
     assert!(server.proc.wait_exit(Duration::from_secs(15)).expect("exits on SIGTERM").success());
     server = Server::start_on(&dir, &store, Some(addrs)).unwrap();
     let body = wait_for("traffic after the restart", Duration::from_secs(30), || {
-        block(fetch(&server, &ca_a, &format!("alpha.{ZONE}"))).ok()
+        block(server.fetch(&ca_a, &format!("alpha.{ZONE}"))).ok()
     })
     .unwrap();
     assert_eq!(body, "i am alpha");
@@ -115,7 +108,7 @@ async fn two_servers_on_one_postgres_follow_each_others_writes_within_a_second()
     // node with B's CLI cuts it within a second.
     let upstream = upstreams::http("web").await;
     let mut agent = Agent::start(&tmp.path().join("agent"), &join, upstream, &[]).unwrap();
-    assert_eq!(fetch(&a, &agent.local_ca("web"), &format!("web.{ZONE}")).await.unwrap(), "web");
+    assert_eq!(a.fetch(&agent.local_ca("web"), &format!("web.{ZONE}")).await.unwrap(), "web");
     let removed = Instant::now();
     b.cli(&["node", "remove", "web"]).unwrap();
     let status = agent.proc.wait_exit(Duration::from_secs(1)).expect("the tunnel on A was cut within 1 s");
@@ -136,7 +129,7 @@ async fn postgres_stopped_for_ten_seconds_under_load_fails_no_request() {
     let agent = Agent::start(&tmp.path().join("agent"), &join, upstream, &[]).unwrap();
     let ca = agent.local_ca("web");
     let host = format!("web.{ZONE}");
-    assert_eq!(fetch(&server, &ca, &host).await.unwrap(), "still here");
+    assert_eq!(server.fetch(&ca, &host).await.unwrap(), "still here");
 
     // Continuous client load, each request a new TLS connection.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -238,7 +231,7 @@ async fn store_copy_moves_a_thousand_nodes_from_sqlite_to_postgres() {
     assert_eq!(nodes.as_array().map(Vec::len), Some(1000));
     let upstream = upstreams::http("moved").await;
     let agent = Agent::start(&tmp.path().join("agent"), &join, upstream, &[]).unwrap();
-    assert_eq!(fetch(&server, &agent.local_ca("web"), &format!("web.{ZONE}")).await.unwrap(), "moved");
+    assert_eq!(server.fetch(&agent.local_ca("web"), &format!("web.{ZONE}")).await.unwrap(), "moved");
     let pg_store = edge_server::store::open(
         &edge_server::store::StoreConfig {
             url: Some(url.clone()),
@@ -299,7 +292,7 @@ async fn a_hung_database_fails_writes_within_seconds_and_serving_goes_on() {
     let upstream = upstreams::http("served").await;
     let agent = Agent::start(&tmp.path().join("agent"), &join, upstream, &[]).unwrap();
     let (ca, host) = (agent.local_ca("web"), format!("web.{ZONE}"));
-    assert_eq!(fetch(&server, &ca, &host).await.unwrap(), "served");
+    assert_eq!(server.fetch(&ca, &host).await.unwrap(), "served");
 
     relay.set_paused(true);
     let hung = Instant::now();
@@ -323,7 +316,7 @@ async fn a_hung_database_fails_writes_within_seconds_and_serving_goes_on() {
     assert!(took < Duration::from_secs(5), "the API answered after {took:?}");
     eprintln!("postgres: with the database hung, a server-side write answered 503 after {took:?}: {}", error.error);
     for _ in 0..20 {
-        assert_eq!(fetch(&server, &ca, &host).await.unwrap(), "served", "clients are served from memory");
+        assert_eq!(server.fetch(&ca, &host).await.unwrap(), "served", "clients are served from memory");
     }
 
     relay.set_paused(false);
