@@ -4,6 +4,7 @@
 //! key nor the plaintext ever reaches the cluster.
 //!
 //! - [`config`]: configuration file and validation.
+//! - [`cluster`]: which servers to hold tunnels to (every live server).
 //! - [`session`]: dial, authenticate, heartbeat, reconnect with backoff.
 //! - [`streams`]: one client connection per QUIC stream.
 //! - [`direct`]: clients connecting to the node itself, without the tunnel.
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acme;
+pub mod cluster;
 pub mod config;
 pub mod direct;
 pub mod metrics;
@@ -82,6 +84,8 @@ pub struct AgentShared {
     /// for it, so a refused token is one refused attempt, not one per
     /// connection racing the others.
     welcomed: tokio::sync::watch::Sender<bool>,
+    /// The cluster's live servers as a server last listed them.
+    servers: tokio::sync::watch::Sender<Vec<edge_proto::tunnel::ClusterServer>>,
     /// Facts of the certificate being served.
     certificate: Mutex<Option<edge_certs::info::CertInfo>>,
     /// Set once the ACME manager runs.
@@ -119,6 +123,28 @@ impl Node {
 }
 
 impl AgentShared {
+    /// Takes a server list from a welcome or notice (ill-formed entries
+    /// dropped; an empty list says nothing).
+    pub fn learn_servers(&self, servers: Vec<edge_proto::tunnel::ClusterServer>) {
+        let servers = cluster::valid(servers);
+        if servers.is_empty() {
+            return;
+        }
+        self.servers.send_if_modified(|current| {
+            let changed = *current != servers;
+            if changed {
+                *current = servers;
+            }
+            changed
+        });
+    }
+
+    /// The servers last listed (for the signal API when the join string's
+    /// server is down).
+    pub fn known_servers(&self) -> Vec<edge_proto::tunnel::ClusterServer> {
+        self.servers.borrow().clone()
+    }
+
     /// The node as last welcomed by the server, once known.
     pub fn current_node(&self) -> Option<Arc<Node>> {
         self.node.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -278,6 +304,7 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         node: Mutex::new(None),
         node_setup: tokio::sync::Mutex::new(()),
         welcomed: tokio::sync::watch::Sender::new(false),
+        servers: tokio::sync::watch::Sender::new(Vec::new()),
         certificate: Mutex::new(None),
         acme_started: std::sync::atomic::AtomicBool::new(false),
         shutdown: shutdown.clone(),
@@ -293,38 +320,9 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         tokio::spawn(direct::serve(listener, shared.clone(), shutdown.clone()));
     }
     let heartbeats = tokio::spawn(signal::run(shared.clone(), shutdown.clone()));
-    // One reconnecting session per connection; a fatal error in any of them
-    // (token refused, node removed) stops the agent.
-    let mut sessions = tokio::task::JoinSet::new();
-    for index in 0..shared.config.connections {
-        let (endpoint, shared, shutdown) = (endpoint.clone(), shared.clone(), shutdown.clone());
-        sessions.spawn(async move {
-            if index > 0 {
-                let mut welcomed = shared.welcomed.subscribe();
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    r = welcomed.wait_for(|w| *w) => if r.is_err() { return Ok(()) },
-                }
-            }
-            session::run(endpoint, shared, shutdown).await
-        });
-    }
-    let mut result = Ok(());
-    while let Some(ended) = sessions.join_next().await {
-        match ended {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                if result.is_ok() {
-                    result = Err(e);
-                }
-                shutdown.cancel();
-            }
-            Err(e) => {
-                result = Err(AgentError::Fatal(format!("session task failed: {e}")));
-                shutdown.cancel();
-            }
-        }
-    }
+    // Reconnecting sessions to every server of the cluster; a fatal error
+    // in any of them (token refused, node removed) stops the agent.
+    let result = cluster::run(endpoint.clone(), shared.clone(), shutdown.clone()).await;
     shutdown.cancel();
     let _ = heartbeats.await;
     endpoint.close(quinn::VarInt::from_u32(0), b"agent stopped");

@@ -12,6 +12,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Target;
 use crate::{AgentError, AgentShared};
 
 /// Deadline for the QUIC handshake.
@@ -23,6 +24,9 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// After the server acknowledged `leaving`, streams it opened just before
 /// may still arrive for this long.
 const LEAVE_LINGER: Duration = Duration::from_millis(500);
+/// A server that does not acknowledge `leaving` this long after it was sent
+/// is gone (killed, partitioned): with no stream open, nothing is waited for.
+const LEAVE_ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// How a session ended.
 #[derive(Debug)]
@@ -43,6 +47,7 @@ enum End {
 pub async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<AgentShared>,
+    target: Arc<Target>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let initial = Duration::from_millis(shared.config.reconnect.initial_ms);
@@ -50,7 +55,7 @@ pub async fn run(
     let mut backoff = initial;
     loop {
         let started = Instant::now();
-        let end = session(&endpoint, &shared, &shutdown).await;
+        let end = session(&endpoint, &shared, &target, &shutdown).await;
         if started.elapsed() >= STABLE_SESSION {
             backoff = initial;
         }
@@ -69,7 +74,7 @@ pub async fn run(
                 (reason, spread.mul_f64(rand::random_range(0.0..=1.0)))
             }
         };
-        tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
+        tracing::warn!(server = %target.name, %reason, retry_in_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
@@ -80,7 +85,11 @@ pub async fn run(
 
 /// Features this agent offers, as reported in hello and heartbeats.
 pub fn capabilities(config: &crate::config::AgentConfig) -> Vec<String> {
-    let mut capabilities = vec!["tls_termination".to_string(), "passthrough".to_string()];
+    let mut capabilities = vec![
+        "tls_termination".to_string(),
+        "passthrough".to_string(),
+        edge_proto::tunnel::CAPABILITY_CLUSTER.to_string(),
+    ];
     if config.proxy_protocol {
         capabilities.push("proxy_v2".into());
     }
@@ -113,21 +122,26 @@ fn classify_close(error: &quinn::ConnectionError) -> End {
     }
 }
 
-async fn session(endpoint: &quinn::Endpoint, shared: &Arc<AgentShared>, shutdown: &CancellationToken) -> End {
-    let ticket = &shared.ticket;
-    let addr = match tokio::net::lookup_host(&ticket.server).await.map(|mut a| a.next()) {
+async fn session(
+    endpoint: &quinn::Endpoint,
+    shared: &Arc<AgentShared>,
+    target: &Target,
+    shutdown: &CancellationToken,
+) -> End {
+    let server = &target.address;
+    let addr = match tokio::net::lookup_host(server).await.map(|mut a| a.next()) {
         Ok(Some(addr)) => addr,
-        Ok(None) => return End::Retry(format!("{} resolved to no address", ticket.server)),
-        Err(e) => return End::Retry(format!("resolving {}: {e}", ticket.server)),
+        Ok(None) => return End::Retry(format!("{server} resolved to no address")),
+        Err(e) => return End::Retry(format!("resolving {server}: {e}")),
     };
-    let tls = shared.trust.client_config(ALPN);
+    let tls = target.trust.client_config(ALPN);
     let crypto = match quinn::crypto::rustls::QuicClientConfig::try_from(tls) {
         Ok(c) => c,
         Err(e) => return End::Fatal(format!("QUIC TLS config: {e}")),
     };
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(shared.config.tunnel.transport(shared.config.tunnel.max_streams)));
-    let connecting = match endpoint.connect_with(client, addr, &crate::tls::server_name(&ticket.server)) {
+    let connecting = match endpoint.connect_with(client, addr, &crate::tls::server_name(server)) {
         Ok(c) => c,
         Err(e) => return End::Retry(format!("connecting to {addr}: {e}")),
     };
@@ -137,8 +151,10 @@ async fn session(endpoint: &quinn::Endpoint, shared: &Arc<AgentShared>, shutdown
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => {
                 shared.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
-                if let Some(message) = shared.trust.mismatch_message() {
-                    return End::Fatal(message);
+                if let Some(message) = target.trust.mismatch_message() {
+                    // The join string's pin is the operator's word; a listed
+                    // server's may just be stale (it got a new identity).
+                    return if target.is_join { End::Fatal(message) } else { End::Retry(message) };
                 }
                 return match classify_close(&e) {
                     End::Retry(m) => End::Retry(format!("connecting to {addr}: {m}")),
@@ -151,7 +167,7 @@ async fn session(endpoint: &quinn::Endpoint, shared: &Arc<AgentShared>, shutdown
             }
         }
     };
-    let end = tunnel(&conn, shared, shutdown).await;
+    let end = tunnel(&conn, shared, target, shutdown).await;
     if let End::Shutdown = end {
         conn.close(VarInt::from_u32(codes::CLOSE_NORMAL), b"agent shutting down");
     }
@@ -190,7 +206,8 @@ async fn handshake(
             .map_or_else(|| End::Retry(format!("sending hello: {e}")), |r| classify_close(&r)));
     }
     match tokio::time::timeout(WELCOME_DEADLINE, reader.next()).await {
-        Ok(Some(Ok(ServerMessage::Welcome { node, hostnames, heartbeat_secs, .. }))) => {
+        Ok(Some(Ok(ServerMessage::Welcome { node, hostnames, heartbeat_secs, servers, .. }))) => {
+            shared.learn_servers(servers);
             Ok((reader, writer, node, hostnames, heartbeat_secs.clamp(1, 300)))
         }
         Ok(Some(Ok(ServerMessage::Rejected { code, reason }))) => Err(verdict(u64::from(code), &reason)),
@@ -206,7 +223,12 @@ async fn handshake(
     }
 }
 
-async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &CancellationToken) -> End {
+async fn tunnel(
+    conn: &quinn::Connection,
+    shared: &Arc<AgentShared>,
+    target: &Target,
+    shutdown: &CancellationToken,
+) -> End {
     let (mut reader, mut writer, node_name, hostnames, heartbeat_secs) = match handshake(conn, shared).await {
         Ok(h) => h,
         Err(end) => return end,
@@ -227,7 +249,8 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
     let tuning = &shared.config.tunnel;
     let stalls = edge_net::stall::StallBudget::for_windows(tuning.connection_window, tuning.stream_window);
     shared.metrics.tunnels_up.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(node = %node_name, hostnames = ?hostnames, server = %conn.remote_address(), "tunnel up");
+    tracing::info!(node = %node_name, hostnames = ?hostnames, server = %target.name, address = %conn.remote_address(),
+        "tunnel up");
 
     let streams = TaskTracker::new();
     let interval = Duration::from_secs(heartbeat_secs);
@@ -256,7 +279,9 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
                 }
             }
             _ = drain_check.tick(), if leaving.is_some() => {
-                let settled = leave_acked.is_some_and(|at| at.elapsed() >= LEAVE_LINGER) && streams.is_empty();
+                let unanswered = leave_acked.is_none() && leaving.is_some_and(|at| at.elapsed() >= LEAVE_ACK_WAIT);
+                let settled = (leave_acked.is_some_and(|at| at.elapsed() >= LEAVE_LINGER) || unanswered)
+                    && streams.is_empty();
                 if settled || leaving.is_some_and(|at| at.elapsed() >= drain) {
                     break End::Shutdown;
                 }
@@ -294,6 +319,7 @@ async fn tunnel(conn: &quinn::Connection, shared: &Arc<AgentShared>, shutdown: &
                     tracing::info!(drain_secs, "server is shutting down; its open streams finish, then this tunnel reconnects");
                 }
                 Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),
+                Some(Ok(ServerMessage::Servers { servers })) => shared.learn_servers(servers),
                 Some(Ok(ServerMessage::Rejected { code, reason })) => break verdict(u64::from(code), &reason),
                 Some(Ok(ServerMessage::Welcome { .. })) => break End::Retry("unexpected second welcome".into()),
                 Some(Err(e)) => break ended(conn, format!("control stream: {e}")),

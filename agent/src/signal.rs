@@ -80,5 +80,41 @@ pub async fn request(
     let api = &shared.ticket.api;
     let tls = shared.trust.client_config(b"http/1.1");
     let name = crate::tls::server_name(api);
-    edge_net::https::json_request(api, &name, tls, method, path, &shared.ticket.token, body, max_response).await
+    let first =
+        edge_net::https::json_request(api, &name, tls, method.clone(), path, &shared.ticket.token, body, max_response)
+            .await;
+    // The join string's server unreachable: any other live server of the
+    // cluster serves the same API (pinned by the fingerprint it was listed
+    // with). Only connection failures move on: an answer is an answer.
+    let unreachable = |e: &String| e.starts_with("connect:") || e.starts_with("TLS:");
+    let Err(e) = &first else { return first };
+    if !unreachable(e) {
+        return first;
+    }
+    let join_fp = shared.ticket.fingerprint.map(|fp| edge_proto::join::hex(&fp));
+    let mut last = first;
+    for server in shared.known_servers() {
+        if join_fp.as_deref().is_some_and(|fp| fp.eq_ignore_ascii_case(&server.fingerprint)) {
+            continue;
+        }
+        let Some(pin) = edge_proto::join::parse_fingerprint(&server.fingerprint) else { continue };
+        let tls = edge_net::https::pinned_client_config(pin, b"http/1.1");
+        let name = crate::tls::server_name(&server.api);
+        last = edge_net::https::json_request(
+            &server.api,
+            &name,
+            tls,
+            method.clone(),
+            path,
+            &shared.ticket.token,
+            body,
+            max_response,
+        )
+        .await;
+        match &last {
+            Err(e) if unreachable(e) => continue,
+            _ => return last,
+        }
+    }
+    last
 }

@@ -95,10 +95,7 @@ impl ServerTrust {
 
     /// A client config with this trust and the given ALPN.
     pub fn client_config(&self, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap_or_else(|_| rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13]));
+        let builder = edge_net::https::tls13_client_builder();
         let mut config = match self {
             ServerTrust::Pinned(verifier) => {
                 builder.dangerous().with_custom_certificate_verifier(verifier.clone()).with_no_client_auth()

@@ -102,10 +102,22 @@ pub struct Issued {
     pub renewal_window: Option<(i64, i64)>,
 }
 
+/// Where a cluster keeps its ACME accounts, so every server orders with the
+/// same one. Values are the account's JSON (with its private key: keep the
+/// vault as secret as the key files).
+pub trait AccountVault: Send + Sync {
+    /// The account stored under `key`, if any.
+    fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, String>>;
+    /// Stores `json` under `key` unless an account is there already;
+    /// returns the one stored (of servers racing, one account wins).
+    fn store_if_absent<'a>(&'a self, key: &'a str, json: &'a str) -> BoxFuture<'a, Result<String, String>>;
+}
+
 /// An ACME client with persisted accounts.
 pub struct AcmeClient {
     settings: AcmeSettings,
     account_dir: PathBuf,
+    vault: Option<std::sync::Arc<dyn AccountVault>>,
     accounts: tokio::sync::Mutex<HashMap<String, Account>>,
     /// How long to wait for an order to become ready or valid.
     pub order_timeout: Duration,
@@ -131,9 +143,17 @@ impl AcmeClient {
         Self {
             settings,
             account_dir: account_dir.to_path_buf(),
+            vault: None,
             accounts: tokio::sync::Mutex::new(HashMap::new()),
             order_timeout: Duration::from_secs(180),
         }
+    }
+
+    /// Keeps accounts in `vault` instead of `account_dir` (a cluster's
+    /// store: one account for all its servers).
+    pub fn with_vault(mut self, vault: std::sync::Arc<dyn AccountVault>) -> Self {
+        self.vault = Some(vault);
+        self
     }
 
     fn account_file(&self, directory: &str) -> PathBuf {
@@ -158,7 +178,23 @@ impl AcmeClient {
             return Ok(account.clone());
         }
         let path = self.account_file(directory);
-        let stored = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<StoredAccount>(&b).ok());
+        let key = format!("acme-account:{directory}");
+        let from_file = || std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<StoredAccount>(&b).ok());
+        let stored = match &self.vault {
+            Some(vault) => match vault.load(&key).await.map_err(ca)? {
+                Some(json) => serde_json::from_str::<StoredAccount>(&json).ok(),
+                // An account this server kept in its file before it used a
+                // vault moves there, so its orders keep their account.
+                None => match std::fs::read_to_string(&path) {
+                    Ok(json) if from_file().is_some() => {
+                        let kept = vault.store_if_absent(&key, &json).await.map_err(ca)?;
+                        serde_json::from_str::<StoredAccount>(&kept).ok()
+                    }
+                    _ => None,
+                },
+            },
+            None => from_file(),
+        };
         let account = match stored.filter(|s| s.directory == directory) {
             Some(stored) => {
                 self.builder().map_err(ca)?.from_credentials(stored.credentials).await.map_err(|e| ca(e.to_string()))?
@@ -179,11 +215,32 @@ impl AcmeClient {
                     .create(&new, directory.to_string(), None)
                     .await
                     .map_err(|e| ca(format!("creating account: {e}")))?;
-                let json = serde_json::to_vec_pretty(&StoredAccount { directory: directory.to_string(), credentials })
-                    .map_err(|e| ca(e.to_string()))?;
-                write_atomic(&path, &json, Sensitivity::Secret)?;
-                tracing::info!(%directory, account = %path.display(), "ACME account created");
-                account
+                let json =
+                    serde_json::to_string_pretty(&StoredAccount { directory: directory.to_string(), credentials })
+                        .map_err(|e| ca(e.to_string()))?;
+                match &self.vault {
+                    Some(vault) => {
+                        let kept = vault.store_if_absent(&key, &json).await.map_err(ca)?;
+                        if kept == json {
+                            tracing::info!(%directory, "ACME account created and stored for the cluster");
+                            account
+                        } else {
+                            // Another server created one first: use that one.
+                            let theirs: StoredAccount =
+                                serde_json::from_str(&kept).map_err(|e| ca(format!("stored account: {e}")))?;
+                            self.builder()
+                                .map_err(ca)?
+                                .from_credentials(theirs.credentials)
+                                .await
+                                .map_err(|e| ca(e.to_string()))?
+                        }
+                    }
+                    None => {
+                        write_atomic(&path, json.as_bytes(), Sensitivity::Secret)?;
+                        tracing::info!(%directory, account = %path.display(), "ACME account created");
+                        account
+                    }
+                }
             }
         };
         accounts.insert(directory.to_string(), account.clone());
@@ -250,7 +307,7 @@ impl AcmeClient {
                 // Recorded first: a publish that fails half-way is removed too.
                 published.push((name.clone(), value.clone()));
                 sink.publish(&name, &value).await.map_err(|e| ca(format!("publishing TXT {name}: {e}")))?;
-                tracing::info!(%name, "ACME: TXT published and served by our DNS");
+                tracing::info!(%name, "ACME: TXT published and served; asking the CA to validate");
                 challenge.set_ready().await.map_err(|e| ca(format!("challenge ready: {e}")))?;
             }
             let retry = RetryPolicy::new().timeout(self.order_timeout);

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use edge_proto::dns_zone::{Answer, Zone, ZoneSettings};
+use edge_proto::dns_zone::{Answer, NodeAddresses, Zone, ZoneSettings};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
@@ -51,9 +51,12 @@ fn zone() -> &'static Zone {
             Record::from_rdata(name("edge.test."), 300, RData::TXT(TXT::new(vec!["v=spf1 -all".into()]))),
         ];
         let cluster: Vec<IpAddr> = vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
-        let base = Zone::new(name("edge.test."), settings, cluster.clone(), statics);
+        let base = Zone::new(name("edge.test."), settings, cluster, statics);
         let nodes =
-            HashMap::from([("n1".to_string(), cluster), ("n2".to_string(), vec!["198.51.100.7".parse().unwrap()])]);
+            HashMap::from([
+            ("n1".to_string(), NodeAddresses::Cluster),
+            ("n2".to_string(), NodeAddresses::Own(vec!["198.51.100.7".parse().unwrap()])),
+        ]);
         let challenges = HashMap::from([(
             "n1".to_string(),
             vec!["LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0".to_string(), "v2".to_string()],

@@ -52,14 +52,19 @@ pub async fn json_request(
     result
 }
 
+/// A TLS 1.3-only client config builder on aws-lc-rs (every client of the
+/// tunnel, the signal API and peer servers uses it).
+pub fn tls13_client_builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap_or_else(|_| rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13]))
+}
+
 /// A TLS 1.3 client config that accepts exactly the certificate with
 /// SHA-256 `fingerprint`, offering `alpn`.
 pub fn pinned_client_config(fingerprint: [u8; 32], alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap_or_else(|_| rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13]));
-    let mut config = builder
+    let mut config = tls13_client_builder()
         .dangerous()
         .with_custom_certificate_verifier(crate::pinned::PinnedVerifier::new(fingerprint))
         .with_no_client_auth();

@@ -187,6 +187,59 @@ pub async fn splice_tcp(
     }
 }
 
+/// Copies both ways between two QUIC streams (a peer server's stream and
+/// a tunnel's; `outer` → `inner` counts as `tcp_to_quic`): a FIN becomes
+/// a FIN, a reset or lost connection on either side resets the other with
+/// `abort_code`, and nothing moving for `idle_timeout` resets both.
+pub async fn splice_quic(
+    outer: (SendStream, RecvStream),
+    inner: (SendStream, RecvStream),
+    abort_code: u32,
+    counters: &ByteCounters,
+    idle_timeout: Duration,
+) -> SpliceEnd {
+    let ((mut outer_send, mut outer_recv), (mut inner_send, mut inner_recv)) = (outer, inner);
+    let moved = AtomicU64::new(0);
+    async fn pump(r: &mut RecvStream, w: &mut SendStream, count: &AtomicU64, moved: &AtomicU64) -> Result<(), Abort> {
+        loop {
+            match r.read_chunk(BUF_LEN, true).await {
+                Ok(Some(chunk)) => {
+                    let n = chunk.bytes.len() as u64;
+                    w.write_chunk(chunk.bytes).await.map_err(|_| Abort::Quic)?;
+                    count.fetch_add(n, Ordering::Relaxed);
+                    moved.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(None) => {
+                    let _ = w.finish();
+                    return Ok(());
+                }
+                Err(_) => return Err(Abort::Quic),
+            }
+        }
+    }
+    let watchdog = idle_watchdog(&moved, idle_timeout);
+    let outcome = tokio::select! {
+        both = async {
+            tokio::try_join!(
+                pump(&mut outer_recv, &mut inner_send, &counters.tcp_to_quic, &moved),
+                pump(&mut inner_recv, &mut outer_send, &counters.quic_to_tcp, &moved),
+            )
+        } => both.map(|_| ()),
+        idle = watchdog => Err(idle),
+    };
+    match outcome {
+        Ok(()) => SpliceEnd::Clean,
+        Err(_) => {
+            let code = VarInt::from_u32(abort_code);
+            let _ = outer_send.reset(code);
+            let _ = outer_recv.stop(code);
+            let _ = inner_send.reset(code);
+            let _ = inner_recv.stop(code);
+            SpliceEnd::QuicAborted
+        }
+    }
+}
+
 /// Resolves once `moved` stayed the same for a whole `idle_timeout`.
 async fn idle_watchdog(moved: &AtomicU64, idle_timeout: Duration) -> Abort {
     let mut seen = moved.load(Ordering::Relaxed);

@@ -12,10 +12,12 @@
 //!   server can answer it, so an address a node left behind cannot be
 //!   turned into a certificate by HTTP-01 or TLS-ALPN-01), plus static
 //!   records;
-//! - in-zone nameserver names (`ns.z` by default): A/AAAA of the cluster,
-//!   unless static records say otherwise;
-//! - `<node>.z` and any `<label>.<node>.z`: A/AAAA of the node (the cluster
-//!   ingress for now; direct mode will make this per node);
+//! - in-zone nameserver names (`ns.z` by default): A/AAAA of the server
+//!   that declared the name (its glue), else of the cluster, unless static
+//!   records say otherwise;
+//! - `<node>.z` and any `<label>.<node>.z`: A/AAAA of the node: its own
+//!   address in direct mode, else the cluster's (every live server's)
+//!   ingress addresses ([`NodeAddresses`]);
 //! - `_acme-challenge.<node>.z`: TXT with the published DNS-01 values;
 //! - names given as static records.
 //!
@@ -51,6 +53,16 @@ pub struct ZoneSettings {
     pub caa_issuers: Vec<Name>,
 }
 
+/// What a node's names answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAddresses {
+    /// The cluster's ingress addresses, whatever they are now: a server
+    /// that joins or leaves changes every such node at once.
+    Cluster,
+    /// The node's own addresses (direct mode).
+    Own(Vec<IpAddr>),
+}
+
 /// One answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
@@ -71,8 +83,11 @@ pub struct Zone {
     settings: ZoneSettings,
     serial: u32,
     cluster: Vec<IpAddr>,
+    /// Addresses of in-zone nameserver names, by lowercase name; a name
+    /// without glue answers the cluster's addresses.
+    glue: HashMap<Name, Vec<IpAddr>>,
     /// Node label → the addresses its names answer.
-    nodes: HashMap<String, Vec<IpAddr>>,
+    nodes: HashMap<String, NodeAddresses>,
     /// Node label → TXT values at `_acme-challenge.<node>`.
     challenges: HashMap<String, Vec<String>>,
     /// Static records by lowercase owner name.
@@ -94,6 +109,7 @@ impl Zone {
             settings,
             serial: 1,
             cluster,
+            glue: HashMap::new(),
             nodes: HashMap::new(),
             challenges: HashMap::new(),
             statics: by_name,
@@ -104,10 +120,48 @@ impl Zone {
     pub fn with_state(
         &self,
         serial: u32,
-        nodes: HashMap<String, Vec<IpAddr>>,
+        nodes: HashMap<String, NodeAddresses>,
         challenges: HashMap<String, Vec<String>>,
     ) -> Self {
         Self { serial, nodes, challenges, ..self.clone() }
+    }
+
+    /// The same zone with the cluster's servers replaced: the apex NS set
+    /// (the first is the SOA MNAME), the glue of in-zone nameserver names,
+    /// and the ingress addresses that proxied nodes answer.
+    pub fn with_servers(
+        &self,
+        serial: u32,
+        nameservers: Vec<Name>,
+        glue: HashMap<Name, Vec<IpAddr>>,
+        cluster: Vec<IpAddr>,
+    ) -> Self {
+        let mut zone = Self { serial, cluster, ..self.clone() };
+        zone.settings.nameservers = nameservers;
+        zone.glue = glue.into_iter().map(|(n, a)| (n.to_lowercase(), a)).collect();
+        zone
+    }
+
+    /// What `node`'s names answer, if it is in the zone.
+    pub fn node_addresses(&self, node: &str) -> Option<&NodeAddresses> {
+        self.nodes.get(node)
+    }
+
+    /// The TXT values published for `node` (empty if none).
+    pub fn challenge_values(&self, node: &str) -> &[String] {
+        self.challenges.get(node).map_or(&[], Vec::as_slice)
+    }
+
+    /// The apex NS names.
+    pub fn nameservers(&self) -> &[Name] {
+        &self.settings.nameservers
+    }
+
+    fn addresses_of<'a>(&'a self, node: &'a NodeAddresses) -> &'a [IpAddr] {
+        match node {
+            NodeAddresses::Cluster => &self.cluster,
+            NodeAddresses::Own(own) => own,
+        }
     }
 
     /// The same zone with some entries replaced: a node set to `Some`
@@ -116,7 +170,7 @@ impl Zone {
     pub fn edited(
         &self,
         serial: u32,
-        nodes: impl IntoIterator<Item = (String, Option<Vec<IpAddr>>)>,
+        nodes: impl IntoIterator<Item = (String, Option<NodeAddresses>)>,
         challenges: impl IntoIterator<Item = (String, Vec<String>)>,
     ) -> Self {
         let mut zone = Self { serial, ..self.clone() };
@@ -230,14 +284,17 @@ impl Zone {
             }
             return self.positive(answers);
         }
-        // In-zone nameservers, at any depth, answer the cluster's addresses.
-        if depth > 0 && self.settings.nameservers.contains(&qname) {
-            return self.positive(self.address_records(&qname, &self.cluster, qtype, self.settings.zone_ttl));
+        // In-zone nameservers, at any depth, answer their glue (or the
+        // cluster's addresses).
+        if depth > 0 && self.settings.nameservers.iter().any(|n| n.to_lowercase() == qname) {
+            let addrs = self.glue.get(&qname).map_or(self.cluster.as_slice(), Vec::as_slice);
+            return self.positive(self.address_records(&qname, addrs, qtype, self.settings.zone_ttl));
         }
         match labels.as_slice() {
             [] => self.positive(self.apex_records(&qname, qtype)),
             [label] if self.nodes.contains_key(label) => {
-                self.positive(self.address_records(&qname, &self.nodes[label], qtype, self.settings.address_ttl))
+                let addrs = self.addresses_of(&self.nodes[label]);
+                self.positive(self.address_records(&qname, addrs, qtype, self.settings.address_ttl))
             }
             [first, node] if first == ACME_LABEL && self.nodes.contains_key(node) => {
                 let answers = match qtype {
@@ -259,7 +316,8 @@ impl Zone {
                 self.positive(answers)
             }
             [_, node] if self.nodes.contains_key(node) => {
-                self.positive(self.address_records(&qname, &self.nodes[node], qtype, self.settings.address_ttl))
+                let addrs = self.addresses_of(&self.nodes[node]);
+                self.positive(self.address_records(&qname, addrs, qtype, self.settings.address_ttl))
             }
             // A name with static or nameserver names below it exists (an
             // empty non-terminal): NODATA, not NXDOMAIN, or resolvers that
@@ -349,7 +407,7 @@ mod tests {
             vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
             statics,
         );
-        let nodes = HashMap::from([("n1".to_string(), base.cluster_addresses().to_vec())]);
+        let nodes = HashMap::from([("n1".to_string(), NodeAddresses::Cluster)]);
         let challenges = HashMap::from([("n1".to_string(), vec!["v1".to_string(), "v2".to_string()])]);
         base.with_state(42, nodes, challenges)
     }
@@ -376,7 +434,11 @@ mod tests {
     fn edits_replace_only_what_they_name() {
         let z = zone();
         let own: IpAddr = "198.51.100.7".parse().unwrap();
-        let e = z.edited(43, [("n2".to_string(), Some(vec![own]))], [("n1".to_string(), vec!["v3".to_string()])]);
+        let e = z.edited(
+            43,
+            [("n2".to_string(), Some(NodeAddresses::Own(vec![own])))],
+            [("n1".to_string(), vec!["v3".to_string()])],
+        );
         assert_eq!(e.serial(), 43);
         assert_eq!(data(&ask(&e, "n2.edge.test.", RecordType::A)), vec!["198.51.100.7"]);
         assert_eq!(data(&ask(&e, "n1.edge.test.", RecordType::A)), vec!["192.0.2.1"], "n1 untouched");
@@ -505,5 +567,29 @@ mod tests {
         let gone = z.with_state(44, HashMap::new(), HashMap::new());
         assert_eq!(ask(&gone, "n1.edge.test.", RecordType::A).rcode, ResponseCode::NXDomain);
         assert_eq!(ask(&gone, "x.n1.edge.test.", RecordType::A).rcode, ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn servers_set_ns_glue_and_proxied_addresses() {
+        let z = zone();
+        let own: IpAddr = "198.51.100.7".parse().unwrap();
+        let z = z.edited(43, [("n2".to_string(), Some(NodeAddresses::Own(vec![own])))], []);
+        let glue = HashMap::from([
+            (name("NS1.edge.test."), vec!["192.0.2.11".parse().unwrap()]),
+            (name("ns2.edge.test."), vec!["192.0.2.12".parse().unwrap()]),
+        ]);
+        let cluster = vec!["192.0.2.11".parse().unwrap(), "192.0.2.12".parse().unwrap()];
+        let c = z.with_servers(44, vec![name("ns1.edge.test."), name("ns2.edge.test.")], glue, cluster);
+        assert_eq!(data(&ask(&c, "edge.test.", RecordType::NS)), vec!["ns1.edge.test.", "ns2.edge.test."]);
+        assert_eq!(data(&ask(&c, "ns1.edge.test.", RecordType::A)), vec!["192.0.2.11"]);
+        assert_eq!(data(&ask(&c, "ns2.edge.test.", RecordType::A)), vec!["192.0.2.12"]);
+        assert_eq!(ask(&c, "ns.edge.test.", RecordType::A).rcode, ResponseCode::NXDomain, "no longer a nameserver");
+        assert_eq!(data(&ask(&c, "n1.edge.test.", RecordType::A)), vec!["192.0.2.11", "192.0.2.12"]);
+        assert_eq!(data(&ask(&c, "n2.edge.test.", RecordType::A)), vec!["198.51.100.7"], "direct stays");
+        let RData::SOA(soa) = &ask(&c, "edge.test.", RecordType::SOA).answers[0].data else { panic!() };
+        assert_eq!((soa.serial, soa.mname.to_string().as_str()), (44, "ns1.edge.test."));
+        assert_eq!(c.node_addresses("n1"), Some(&NodeAddresses::Cluster));
+        assert_eq!(c.challenge_values("n1"), ["v1", "v2"]);
+        assert!(c.challenge_values("n2").is_empty());
     }
 }

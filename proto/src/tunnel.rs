@@ -21,6 +21,19 @@ use tokio_util::codec::{Decoder, Encoder};
 
 /// ALPN of the tunnel protocol, version 1.
 pub const ALPN: &[u8] = b"edge-tunnel/1";
+/// ALPN of server-to-server connections in a cluster: the dialing server
+/// opens one bidirectional stream per client connection it forwards, in
+/// the data-stream format ([`StreamHeader`], then the raw bytes), and the
+/// peer places it on its own tunnel to the node. Both ends present their
+/// identity certificate; each checks the other's fingerprint against the
+/// store's list of live servers.
+pub const PEER_ALPN: &[u8] = b"edge-peer/1";
+/// Capability an agent sends in its hello when it follows the cluster:
+/// the welcome then lists the live servers, and [`ServerMessage::Servers`]
+/// tells of changes.
+pub const CAPABILITY_CLUSTER: &str = "cluster";
+/// Most servers listed to an agent.
+pub const MAX_CLUSTER_SERVERS: usize = 64;
 /// Protocol version carried in [`AgentMessage::Hello`].
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest control frame accepted, in bytes (length prefix excluded).
@@ -56,6 +69,9 @@ pub mod codes {
     pub const STREAM_TLS_FAILED: u32 = 0x4;
     /// Data stream reset: shutting down.
     pub const STREAM_SHUTDOWN: u32 = 0x5;
+    /// Peer stream reset: the peer has no tunnel to the node (it does not
+    /// forward further: one hop at most).
+    pub const STREAM_NO_TUNNEL: u32 = 0x6;
 }
 
 /// Messages the agent sends on the control stream.
@@ -116,6 +132,17 @@ pub enum ServerMessage {
         heartbeat_secs: u64,
         /// Server software version.
         server_version: String,
+        /// The cluster's live servers, this one included (only to agents
+        /// that sent [`CAPABILITY_CLUSTER`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        servers: Vec<ClusterServer>,
+    },
+    /// The cluster's live servers changed (only to agents that sent
+    /// [`CAPABILITY_CLUSTER`]): the agent connects to new ones and leaves
+    /// those no longer listed.
+    Servers {
+        /// Every live server, this one included.
+        servers: Vec<ClusterServer>,
     },
     /// Authentication or version check failed; the connection closes next.
     Rejected {
@@ -149,6 +176,41 @@ pub enum ServerMessage {
         /// The server's drain timeout, in seconds.
         drain_secs: u64,
     },
+}
+
+/// A server of the cluster as agents learn it from a server they trust:
+/// trust in the others chains from the join string's pin.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterServer {
+    /// The server's persistent id.
+    pub id: String,
+    /// Its name, for operators.
+    pub name: String,
+    /// Where agents dial it, `host:port`.
+    pub quic: String,
+    /// Its signal API, `host:port`.
+    pub api: String,
+    /// SHA-256 of its identity certificate, 64 hex digits.
+    pub fingerprint: String,
+}
+
+impl ClusterServer {
+    /// Whether every field is plain and bounded (the list reaches logs and
+    /// the agent's data directory).
+    pub fn is_valid(&self) -> bool {
+        let id = |s: &str| {
+            !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        let addr = |s: &str| {
+            !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:[]".contains(&b))
+        };
+        id(&self.id)
+            && id(&self.name)
+            && addr(&self.quic)
+            && addr(&self.api)
+            && crate::join::parse_fingerprint(&self.fingerprint).is_some()
+    }
 }
 
 /// Header at the start of every data stream.
@@ -332,5 +394,36 @@ mod tests {
         assert!(matches!(down.decode(&mut huge), Err(TunnelError::TooLong { .. })));
         let mut junk = BytesMut::from(&b"\x00\x00\x00\x02{}"[..]);
         assert!(matches!(down.decode(&mut junk), Err(TunnelError::Json(_))));
+    }
+
+    #[test]
+    fn welcome_lists_servers_only_when_there_are_some() {
+        let welcome = |servers| ServerMessage::Welcome {
+            node: "n1".into(),
+            hostnames: vec!["n1.edge.test".into()],
+            heartbeat_secs: 15,
+            server_version: "0.1.0".into(),
+            servers,
+        };
+        let json = serde_json::to_string(&welcome(Vec::new())).unwrap();
+        assert!(!json.contains("servers"), "agents without the cluster capability still read it: {json}");
+        let server = ClusterServer {
+            id: "a1b2".into(),
+            name: "edge-b".into(),
+            quic: "127.0.0.2:4433".into(),
+            api: "[::1]:8443".into(),
+            fingerprint: "ab".repeat(32),
+        };
+        assert!(server.is_valid());
+        let json = serde_json::to_string(&welcome(vec![server.clone()])).unwrap();
+        assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), welcome(vec![server.clone()]));
+        for bad in [
+            ClusterServer { name: "a\nb".into(), ..server.clone() },
+            ClusterServer { quic: String::new(), ..server.clone() },
+            ClusterServer { quic: "x".repeat(300), ..server.clone() },
+            ClusterServer { fingerprint: "zz".into(), ..server.clone() },
+        ] {
+            assert!(!bad.is_valid(), "{bad:?}");
+        }
     }
 }

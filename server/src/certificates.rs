@@ -210,11 +210,54 @@ pub async fn publish(
             return Err(CertRequestError::Failed(format!("the zone does not serve the value at {name}")));
         }
     }
+    // Every other live server's DNS must serve it too: a CA may ask any.
+    let peers: Vec<(String, std::net::SocketAddr)> = shared
+        .cluster
+        .members()
+        .live()
+        .filter(|s| s.record.id != shared.cluster.id)
+        .filter_map(|s| Some((s.record.name.clone(), s.record.dns.as_deref()?.parse().ok()?)))
+        .collect();
+    if !peers.is_empty() {
+        let limit = std::time::Duration::from_millis(shared.config.cluster.publish_timeout_ms);
+        let missing = crate::dns::query::wait_all_serve(&peers, &name, value, limit).await;
+        if !missing.is_empty() {
+            if published == Published::Added {
+                let _ = remove(shared, certs, node, &name, Some(value)).await;
+            }
+            return Err(CertRequestError::Failed(format!(
+                "not every live server's DNS serves the value at {name} within {} ms: {}",
+                limit.as_millis(),
+                missing.join("; ")
+            )));
+        }
+    }
     if published == Published::Added {
-        tracing::info!(node = %node.name, %name, "DNS-01 TXT value published");
+        tracing::info!(node = %node.name, %name, servers = peers.len() + 1, "DNS-01 TXT value published");
     }
     Ok(())
 }
+
+/// The store as the cluster's ACME account vault.
+#[derive(Debug)]
+pub struct StoreVault(pub Arc<dyn crate::store::Store>);
+
+impl edge_certs::acme::AccountVault for StoreVault {
+    fn load<'a>(&'a self, key: &'a str) -> edge_certs::acme::BoxFuture<'a, Result<Option<String>, String>> {
+        Box::pin(async move { self.0.setting(key).await.map_err(|e| e.to_string()) })
+    }
+
+    fn store_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        json: &'a str,
+    ) -> edge_certs::acme::BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move { self.0.init_setting(key, json).await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// How long a CSR request waits for another server's order of the same node.
+const CLUSTER_ORDER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Removes one value (or all at `name`) of `node`.
 pub async fn remove(
@@ -302,6 +345,12 @@ pub async fn issue_for_csr(
     let lock = certs.order_locks.for_node(&node.name);
     let Ok(_guard) = lock.try_lock() else {
         return Err(CertRequestError::Busy);
+    };
+    // And across the cluster: two servers never order for one node at once.
+    let _cluster_guard = match shared.store.lock_order(&node.name, CLUSTER_ORDER_WAIT).await {
+        Ok(guard) => guard,
+        Err(crate::store::StoreError::Conflict(_)) => return Err(CertRequestError::Busy),
+        Err(e) => return Err(e.into()),
     };
     tracing::info!(node = %node.name, names = ?names, "certificate requested (CSR flow)");
     let sink = ZoneSink { shared, certs, node };

@@ -52,6 +52,95 @@ pub struct ServerConfig {
     /// Direct/proxy mode detection.
     #[serde(default)]
     pub modes: ModesConfig,
+    /// How this server takes part in a cluster of servers sharing one
+    /// store (PostgreSQL). A single server registers itself too.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// This server as a member of the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Name for operators (`cluster status`, logs); default: the host of
+    /// `public.quic`, else `edge-<id>`.
+    pub name: Option<String>,
+    /// `host:port` other servers dial to forward client connections to
+    /// this one (QUIC, the agents' port); default `public.quic`.
+    pub peer: Option<String>,
+    /// Address of this server's DNS other servers query to check that a
+    /// DNS-01 value is served everywhere; default the DNS listener, when
+    /// it is not a wildcard.
+    pub dns: Option<SocketAddr>,
+    /// Liveness lease: a server that has not renewed it for this long
+    /// counts as gone (drops out of DNS answers and agents' lists).
+    pub lease_ms: u64,
+    /// How often the lease is renewed (and the cluster re-read).
+    pub renew_ms: u64,
+    /// Lease of the mode decider: how long a stalled decider blocks
+    /// another from taking over.
+    pub decider_lease_ms: u64,
+    /// Every live server probes nodes' endpoints too (with
+    /// `modes.probe_locations`): a node is direct only if every location
+    /// reaches it.
+    pub probe_from_peers: bool,
+    /// How long a DNS-01 value may take to be served by every live server.
+    pub publish_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            peer: None,
+            dns: None,
+            lease_ms: 6_000,
+            renew_ms: 2_000,
+            decider_lease_ms: 6_000,
+            probe_from_peers: true,
+            publish_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), String> {
+        if let Some(name) = &self.name {
+            let plain = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
+            if name.is_empty() || name.len() > 64 || !name.bytes().all(plain) {
+                return Err(format!("cluster.name = {name:?} must be 1 to 64 of A-Z a-z 0-9 - _ ."));
+            }
+        }
+        if let Some(peer) = &self.peer {
+            let ok =
+                peer.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+            if !ok {
+                return Err(format!("cluster.peer = {peer:?} must be host:port"));
+            }
+        }
+        if !(100..=60_000).contains(&self.renew_ms) {
+            return Err(format!("cluster.renew_ms = {} must be between 100 and 60000", self.renew_ms));
+        }
+        if self.lease_ms < 2 * self.renew_ms || self.lease_ms > 600_000 {
+            return Err(format!(
+                "cluster.lease_ms = {} must be at least twice cluster.renew_ms ({}) and at most 600000",
+                self.lease_ms, self.renew_ms
+            ));
+        }
+        if self.decider_lease_ms < 2 * self.renew_ms || self.decider_lease_ms > 600_000 {
+            return Err(format!(
+                "cluster.decider_lease_ms = {} must be at least twice cluster.renew_ms ({}) and at most 600000",
+                self.decider_lease_ms, self.renew_ms
+            ));
+        }
+        if !(500..=300_000).contains(&self.publish_timeout_ms) {
+            return Err(format!(
+                "cluster.publish_timeout_ms = {} must be between 500 and 300000",
+                self.publish_timeout_ms
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How the detector decides direct or proxy mode.
@@ -568,6 +657,7 @@ impl fmt::Debug for ServerConfig {
             .field("dns", &self.dns)
             .field("acme", &self.acme)
             .field("modes", &self.modes)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -638,6 +728,7 @@ impl ServerConfig {
             return Err("data_dir must not be empty".into());
         }
         self.store.validate()?;
+        self.cluster.validate()?;
         for (field, value) in [("public.quic", &self.public.quic), ("public.api", &self.public.api)] {
             if let Some(v) = value {
                 let ok =

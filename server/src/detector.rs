@@ -42,9 +42,16 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = tunnels.tick() => false,
             _ = probes.tick() => true,
         };
+        // One server decides for the cluster; the others follow the store.
+        if !shared.cluster.is_decider() {
+            continue;
+        }
         let nodes = shared.registry.nodes();
+        let members = shared.cluster.members();
         for node in &nodes {
-            let up = node.tunnel_count() > 0;
+            // A tunnel to any live server counts: the node is reachable
+            // through the cluster.
+            let up = node.tunnel_count() > 0 || members.peer_has_tunnel(&shared.cluster.id, &node.name);
             if !up && tokio::time::Instant::now() < grace {
                 continue;
             }
@@ -58,6 +65,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
         let mut round = tokio::task::JoinSet::new();
         let own = shared.own_addresses();
+        let locations = Arc::new(probe_locations(&shared, &members));
         for node in nodes {
             // An endpoint restored from the store was checked by an older
             // version, or before the host's addresses changed: checked again.
@@ -78,7 +86,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             };
             let (tls, sni, timeout) =
                 (tls.clone(), format!("{}.{}", node.name, shared.config.zone()), cfg.probe_timeout_ms);
-            let locations = cfg.probe_locations.clone();
+            let locations = locations.clone();
             let loops = shared.self_loops.clone();
             round.spawn(async move {
                 // Each location gets `timeout` too.
@@ -137,21 +145,84 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Persists a transition, logs it once, counts it, and rebuilds the zone.
+/// Where a probe round runs besides this server.
+#[derive(Debug, Clone)]
+pub enum ProbeLocation {
+    /// From `modes.probe_locations`, with its admin token.
+    Configured(crate::config::ProbeLocation),
+    /// A live server of the cluster, asked with this server's identity.
+    Peer {
+        /// Its name, for messages.
+        name: String,
+        /// Its signal API.
+        api: String,
+        /// TLS pinned to it, presenting our identity.
+        tls: Arc<rustls::ClientConfig>,
+    },
+}
+
+impl ProbeLocation {
+    fn label(&self) -> &str {
+        match self {
+            ProbeLocation::Configured(l) => &l.api,
+            ProbeLocation::Peer { name, .. } => name,
+        }
+    }
+}
+
+/// The configured locations, and every other live server unless
+/// `cluster.probe_from_peers` is off.
+fn probe_locations(shared: &Shared, members: &crate::cluster::Members) -> Vec<ProbeLocation> {
+    let mut locations: Vec<ProbeLocation> =
+        shared.config.modes.probe_locations.iter().cloned().map(ProbeLocation::Configured).collect();
+    if shared.config.cluster.probe_from_peers {
+        for peer in members.live().filter(|s| s.record.id != shared.cluster.id) {
+            let Some(pin) = edge_proto::join::parse_fingerprint(&peer.record.fingerprint) else { continue };
+            locations.push(ProbeLocation::Peer {
+                name: peer.record.name.clone(),
+                api: peer.record.api.clone(),
+                tls: shared.peers.api_tls(pin),
+            });
+        }
+    }
+    locations
+}
+
+/// Persists a transition (fenced by the decider lease), logs it once,
+/// counts it, and rebuilds the zone.
 async fn apply(shared: &Arc<Shared>, node: &Arc<NodeHandle>, t: Transition) {
-    tracing::info!(node = %node.name, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "node mode changed");
-    shared.metrics.mode_transition(t.to);
+    let Some(fence) = shared.cluster.decider_fence() else { return };
     let change = ModeChange { at: t.at, from: t.from, to: t.to, reason: t.reason };
     let endpoint = node.direct_address().map(|e| e.to_string());
     // The store's change event moves the zone (and its serial, with the
     // revision). When the store does not take the record in time, the
     // zone follows the in-memory mode anyway.
-    let recorded = shared.store.record_transition(&node.name, &change, endpoint.as_deref());
+    let recorded = shared.store.record_transition_fenced(&node.name, &change, endpoint.as_deref(), &fence);
     let failed = match tokio::time::timeout(STORE_WRITE_TIMEOUT, recorded).await {
-        Ok(Ok(())) => return,
+        Ok(Ok(true)) => {
+            tracing::info!(node = %node.name, from = change.from.as_str(), to = change.to.as_str(),
+                reason = %change.reason, "node mode changed");
+            shared.metrics.mode_transition(change.to);
+            shared.metrics.decider_transitions.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Ok(Ok(false)) => {
+            // The lease moved on, or the stored mode is not what this
+            // tracker started from: the store wins.
+            tracing::info!(node = %node.name, to = change.to.as_str(),
+                "not writing a mode transition: the stored mode or the decider changed; following the store");
+            if let Ok(Some(record)) = shared.store.get_node(&node.name).await {
+                node.adopt_mode(record.mode, record.endpoint.as_deref().and_then(|e| e.parse().ok()));
+            }
+            shared.nudge(crate::store::Change::ModeChanged(node.name.clone()));
+            return;
+        }
         Ok(Err(e)) => e.to_string(),
         Err(_) => "the store did not answer in time".to_string(),
     };
+    tracing::info!(node = %node.name, from = change.from.as_str(), to = change.to.as_str(), reason = %change.reason,
+        "node mode changed (not recorded)");
+    shared.metrics.mode_transition(change.to);
     tracing::error!(node = %node.name, error = %failed, "recording a mode transition failed; DNS follows it anyway");
     shared.nudge(crate::store::Change::ModeChanged(node.name.clone()));
 }
@@ -167,7 +238,7 @@ async fn probe(
     node: &NodeHandle,
     sni: &str,
     tls: Arc<rustls::ClientConfig>,
-    locations: &[crate::config::ProbeLocation],
+    locations: &[ProbeLocation],
     timeout_ms: u64,
 ) -> Result<(), String> {
     let check =
@@ -181,9 +252,9 @@ async fn probe(
         let nonce: [u8; probe::NONCE_LEN] = rand::random();
         let answer = remote_probe(location, endpoint, sni, &nonce, timeout_ms)
             .await
-            .map_err(|e| format!("from {}: {e}", location.api))?;
+            .map_err(|e| format!("from {}: {e}", location.label()))?;
         if !check(&nonce, &answer) {
-            return Err(format!("from {}: wrong answer: not this node", location.api));
+            return Err(format!("from {}: wrong answer: not this node", location.label()));
         }
     }
     Ok(())
@@ -192,31 +263,29 @@ async fn probe(
 /// Asks another edge-server to probe `endpoint` with `nonce`; returns the
 /// answer it got (verified here: the other server does not hold the key).
 async fn remote_probe(
-    location: &crate::config::ProbeLocation,
+    location: &ProbeLocation,
     endpoint: SocketAddr,
     sni: &str,
     nonce: &[u8; probe::NONCE_LEN],
     timeout_ms: u64,
 ) -> Result<Vec<u8>, String> {
-    let fingerprint = edge_proto::join::parse_fingerprint(&location.fingerprint).ok_or("bad fingerprint")?;
-    let tls = edge_net::https::pinned_client_config(fingerprint, b"http/1.1");
+    let (api, tls, bearer) = match location {
+        ProbeLocation::Configured(l) => {
+            let fingerprint = edge_proto::join::parse_fingerprint(&l.fingerprint).ok_or("bad fingerprint")?;
+            (l.api.as_str(), edge_net::https::pinned_client_config(fingerprint, b"http/1.1"), l.admin_token.0.as_str())
+        }
+        // The client certificate is the credential.
+        ProbeLocation::Peer { api, tls, .. } => (api.as_str(), tls.clone(), ""),
+    };
     let body = edge_proto::signal::ProbeRequest {
         endpoint,
         sni: sni.to_string(),
         nonce: edge_proto::join::hex(nonce),
         timeout_ms: Some(timeout_ms),
     };
-    let (status, bytes) = edge_net::https::json_request(
-        &location.api,
-        "edge-server",
-        tls,
-        hyper::Method::POST,
-        "/api/probe",
-        &location.admin_token.0,
-        &body,
-        4096,
-    )
-    .await?;
+    let (status, bytes) =
+        edge_net::https::json_request(api, "edge-server", tls, hyper::Method::POST, "/api/probe", bearer, &body, 4096)
+            .await?;
     if !status.is_success() {
         let error: Option<edge_proto::signal::ErrorResponse> = serde_json::from_slice(&bytes).ok();
         return Err(error.map_or_else(|| format!("{status}"), |e| e.error));

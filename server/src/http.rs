@@ -3,7 +3,8 @@
 //!
 //! - unknown Host: 404; malformed request: 400;
 //! - direct-mode node: 307 to the same URL over https;
-//! - node with no tunnel (and not direct): 503;
+//! - node with no tunnel here or on a live peer (and not direct): 503; a
+//!   node whose only tunnels are on a peer is proxied through that peer;
 //! - proxy-mode node, `http_mode = redirect` (default): 307 to https;
 //! - proxy-mode node, `http_mode = proxy`: the request and everything after
 //!   it go to the agent, which hands the bytes to its upstream unchanged;
@@ -133,10 +134,13 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared.metrics.http_answer("redirect");
         return respond(&mut tcp, "307 Temporary Redirect", &location, "served over https\n").await;
     }
-    let Some(tunnel) = node.pick_tunnel(&[]) else {
+    let tunnel = node.pick_tunnel(&[]);
+    // No tunnel here, but a peer server has one: the request goes through it.
+    let via_peer = tunnel.is_none() && shared.peers.peer_has_tunnel(&shared, &node.name).await;
+    if tunnel.is_none() && !via_peer {
         shared.metrics.http_answer("offline");
         return respond(&mut tcp, "503 Service Unavailable", "", &format!("{} is offline\n", head.host)).await;
-    };
+    }
     if *node.http_mode.lock().unwrap_or_else(|p| p.into_inner()) != crate::store::HttpMode::Proxy {
         shared.metrics.http_answer("redirect");
         return respond(&mut tcp, "307 Temporary Redirect", &location, "served over https\n").await;
@@ -149,41 +153,59 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         return respond(&mut tcp, "503 Service Unavailable", "", "the node is at its connection limit\n").await;
     }
     let _active = crate::ingress::GaugeGuard::new(&node.metrics.active);
-    let open = tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), tunnel.conn.open_bi()).await;
-    let Ok(Ok((mut send, mut recv))) = open else {
-        shared.metrics.http_answer("bad_gateway");
-        return respond(&mut tcp, "502 Bad Gateway", "", "could not reach the node\n").await;
-    };
     let mut first = StreamHeader { client: peer, local, sni: head.host.clone(), plain: true }.encode();
     // One request per connection: the head goes out with `Connection: close`,
     // so a later request for another host on the same connection can never
     // reach this node (the upstream stops reading after this one).
     first.extend_from_slice(&close_after(&buf[..end]));
     first.extend_from_slice(&buf[end + 4..]);
-    if send.write_all(&first).await.is_err() {
-        shared.metrics.http_answer("bad_gateway");
-        return respond(&mut tcp, "502 Bad Gateway", "", "could not reach the node\n").await;
-    }
-    // The first bytes decide between a proxied answer and our 502: an agent
-    // that cannot reach its upstream resets the stream before sending any.
-    let mut chunk = vec![0u8; 16 * 1024];
-    let n = match tokio::time::timeout(FIRST_BYTE_DEADLINE, recv.read(&mut chunk)).await {
-        Ok(Ok(Some(n))) if n > 0 => n,
-        _ => {
-            let _ = send.reset(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
-            shared.metrics.http_answer("bad_gateway");
-            return respond(&mut tcp, "502 Bad Gateway", "", "the node's upstream did not answer\n").await;
+    let (mut send, recv, answer, stalls) = match tunnel {
+        Some(tunnel) => {
+            let open =
+                tokio::time::timeout(Duration::from_millis(limits.open_stream_timeout_ms), tunnel.conn.open_bi()).await;
+            let Ok(Ok((mut send, mut recv))) = open else {
+                shared.metrics.http_answer("bad_gateway");
+                return respond(&mut tcp, "502 Bad Gateway", "", "could not reach the node\n").await;
+            };
+            if send.write_all(&first).await.is_err() {
+                shared.metrics.http_answer("bad_gateway");
+                return respond(&mut tcp, "502 Bad Gateway", "", "could not reach the node\n").await;
+            }
+            // The first bytes decide between a proxied answer and our 502: an
+            // agent that cannot reach its upstream resets the stream before
+            // sending any.
+            let mut chunk = vec![0u8; 16 * 1024];
+            let n = match tokio::time::timeout(FIRST_BYTE_DEADLINE, recv.read(&mut chunk)).await {
+                Ok(Ok(Some(n))) if n > 0 => n,
+                _ => {
+                    let _ = send.reset(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+                    shared.metrics.http_answer("bad_gateway");
+                    return respond(&mut tcp, "502 Bad Gateway", "", "the node's upstream did not answer\n").await;
+                }
+            };
+            chunk.truncate(n);
+            (send, recv, bytes::Bytes::from(chunk), tunnel.stalls.clone())
         }
+        None => match tokio::time::timeout(FIRST_BYTE_DEADLINE, shared.peers.place(&shared, &node, &first)).await {
+            Ok(Ok(answered)) if !answered.first_bytes.is_empty() => {
+                shared.metrics.peer_forwarded.fetch_add(1, Ordering::Relaxed);
+                (answered.send, answered.recv, answered.first_bytes, shared.peers.stalls())
+            }
+            _ => {
+                shared.metrics.http_answer("bad_gateway");
+                return respond(&mut tcp, "502 Bad Gateway", "", "the node's upstream did not answer\n").await;
+            }
+        },
     };
-    if tcp.write_all(&chunk[..n]).await.is_err() {
+    if tcp.write_all(&answer).await.is_err() {
         let _ = send.reset(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
         return;
     }
     shared.metrics.http_answer("proxied");
     node.metrics.total.fetch_add(1, Ordering::Relaxed);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
-    let (bytes, stalls) = (&node.metrics.bytes, &tunnel.stalls);
-    let end = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, bytes, idle, stalls).await;
+    let bytes = &node.metrics.bytes;
+    let end = edge_net::splice::splice(tcp, send, recv, codes::STREAM_CLIENT_ABORTED, bytes, idle, &stalls).await;
     if end == edge_net::splice::SpliceEnd::Shed {
         node.metrics.shed.fetch_add(1, Ordering::Relaxed);
     }

@@ -84,23 +84,28 @@ impl rustls::server::ResolvesServerCert for FixedCert {
     }
 }
 
-fn tls_config(identity: &Identity, alpn: &[u8]) -> Result<rustls::ServerConfig, ServerError> {
+/// The identity's TLS config offering `alpn`. A client certificate is
+/// asked for but not required: agents send none; peer servers send their
+/// identity, which is checked against the store's live servers.
+fn tls_config(identity: &Identity, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, ServerError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(crate::cluster::peers::AnyClientCert::new())
         .with_cert_resolver(Arc::new(FixedCert(identity.key.clone())));
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(config)
 }
 
-/// QUIC server config: tunnel ALPN, tuned transport. Agents may open one
-/// bidirectional stream (the control stream).
+/// QUIC server config: the tunnel ALPN for agents and the peer ALPN for
+/// other servers, tuned transport. Agents may open one bidirectional
+/// stream (the control stream); a peer's connection is granted more once
+/// it is known.
 pub fn quic_server_config(
     identity: &Identity,
     tuning: &edge_net::quic::TunnelTuning,
 ) -> Result<quinn::ServerConfig, ServerError> {
-    let tls = tls_config(identity, edge_proto::tunnel::ALPN)?;
+    let tls = tls_config(identity, &[edge_proto::tunnel::ALPN, edge_proto::tunnel::PEER_ALPN])?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| ServerError::Tls(rustls::Error::General(e.to_string())))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -115,5 +120,5 @@ pub fn quic_server_config(
 
 /// TLS acceptor for the signal API.
 pub fn api_acceptor(identity: &Identity) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(identity, b"http/1.1")?)))
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(identity, &[b"http/1.1"])?)))
 }

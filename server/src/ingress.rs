@@ -148,16 +148,21 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         if let Some(endpoint) = node.direct_address().filter(|e| !shared.is_own_address(*e)) {
             return splice_to_endpoint(tcp, &hello, endpoint, &shared, &node).await;
         }
-        shared.metrics.reject("node_offline");
-        tracing::debug!(%peer, %sni, node = %node.name, "node has no tunnel");
-        send_alert(&mut tcp, AlertDescription::InternalError).await;
-        return;
+        // Else a peer server with a tunnel to the node (its agent has not
+        // reached this server yet, or cannot): one hop through that peer.
+        if !shared.peers.peer_has_tunnel(&shared, &node.name).await {
+            shared.metrics.reject("node_offline");
+            tracing::debug!(%peer, %sni, node = %node.name, "node has no tunnel");
+            send_alert(&mut tcp, AlertDescription::InternalError).await;
+            return;
+        }
     }
+    let via_peer = tunnels == 0;
     // Cap client connections per node: the configured cap, and at most
     // max_streams per live tunnel (the agent grants that many streams per
     // connection), so a flood to one name fails fast instead of queueing
     // on stream credit.
-    let per_tunnel = u64::from(shared.config.tunnel.max_streams) * tunnels as u64;
+    let per_tunnel = u64::from(shared.config.tunnel.max_streams) * tunnels.max(1) as u64;
     let cap = per_tunnel.min(limits.max_connections_per_node);
     if node.metrics.active.load(Ordering::Relaxed) >= cap {
         shared.metrics.reject("node_busy");
@@ -168,7 +173,17 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _active = GaugeGuard::new(&node.metrics.active);
     let mut first = StreamHeader { client: peer, local, sni: sni.clone(), plain: false }.encode();
     first.extend_from_slice(&hello);
-    let answered = match place(&node, &first, &shared).await {
+    let placed = if via_peer {
+        shared
+            .peers
+            .place(&shared, &node, &first)
+            .await
+            .map(|a| a.into_answered(shared.peers.stalls()))
+            .map_err(PlaceError::Peer)
+    } else {
+        place(&node, &first, &shared).await
+    };
+    let answered = match placed {
         Ok(answered) => answered,
         Err(e) => {
             shared.metrics.reject("tunnel_failed");
@@ -186,6 +201,9 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
     };
+    if via_peer {
+        shared.metrics.peer_forwarded.fetch_add(1, Ordering::Relaxed);
+    }
     node.metrics.total.fetch_add(1, Ordering::Relaxed);
     node.metrics.bytes.tcp_to_quic.fetch_add(hello.len() as u64, Ordering::Relaxed);
     drop(hello);
@@ -213,17 +231,17 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 }
 
 /// A data stream the agent has answered on, with its first bytes.
-struct Answered {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    first_bytes: bytes::Bytes,
+pub(crate) struct Answered {
+    pub(crate) send: quinn::SendStream,
+    pub(crate) recv: quinn::RecvStream,
+    pub(crate) first_bytes: bytes::Bytes,
     /// The stall budget of the tunnel the stream is on.
-    stalls: std::sync::Arc<edge_net::stall::StallBudget>,
+    pub(crate) stalls: std::sync::Arc<edge_net::stall::StallBudget>,
 }
 
 /// Why no tunnel took a client connection.
 #[derive(Debug, thiserror::Error)]
-enum PlaceError {
+pub(crate) enum PlaceError {
     /// Every tunnel tried failed at the connection level, or none is left.
     #[error("no usable tunnel after {tried} attempt(s)")]
     NoTunnel { tried: usize },
@@ -234,11 +252,22 @@ enum PlaceError {
     /// Nothing came back within the idle timeout.
     #[error("agent did not answer within the idle timeout")]
     Silent,
+    /// Through a peer server (this one had no tunnel).
+    #[error("through a peer: {0}")]
+    Peer(crate::cluster::peers::PeerError),
 }
 
 impl PlaceError {
     fn agent_answered(&self) -> bool {
-        matches!(self, PlaceError::AgentReset(_))
+        matches!(self, PlaceError::AgentReset(_) | PlaceError::Peer(crate::cluster::peers::PeerError::AgentReset(_)))
+    }
+
+    /// The agent's reset code, when the agent gave a verdict.
+    pub(crate) fn agent_code(&self) -> Option<u64> {
+        match self {
+            PlaceError::AgentReset(code) => Some(*code),
+            _ => None,
+        }
     }
 }
 
@@ -256,7 +285,7 @@ const AVOID_MS: u64 = 10_000;
 /// timed out yet), the same bytes go to the next tunnel: losing one tunnel
 /// or one replica loses no new client connection. Replaying a ClientHello
 /// is harmless; agents accept no 0-RTT data.
-async fn place(node: &NodeHandle, first: &[u8], shared: &Shared) -> Result<Answered, PlaceError> {
+pub(crate) async fn place(node: &NodeHandle, first: &[u8], shared: &Shared) -> Result<Answered, PlaceError> {
     let limits = &shared.config.limits;
     let mut excluded: Vec<u64> = Vec::new();
     // One bound for the whole placement, however many tunnels are tried.

@@ -8,6 +8,8 @@
 //! ([`dns`]) → the listeners.
 //!
 //! - [`config`]: TOML configuration and validation.
+//! - [`cluster`]: servers sharing one store: membership leases, forwarding
+//!   to a peer that has the node's tunnel, and the one mode decider.
 //! - [`store`]: persistent state (SQLite or PostgreSQL) behind one trait,
 //!   with a change feed.
 //! - [`sync`]: applies the store's state and changes to the registry and the
@@ -32,6 +34,7 @@
 
 pub mod api;
 pub mod certificates;
+pub mod cluster;
 pub mod config;
 pub mod detector;
 pub mod dns;

@@ -45,10 +45,32 @@ enum Command {
     /// Work on the store as a whole.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// The servers sharing this store: who is live, which nodes each holds
+    /// tunnels to, and who decides nodes' modes.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Static DNS records kept in the store (every server on the store
     /// serves them; records in [dns] of a config file serve only there).
     #[command(subcommand)]
     Dns(DnsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// List the servers: liveness and lease, addresses, tunnels and nodes
+    /// per server, and the current mode decider.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a server that will not come back (retired): it leaves DNS
+    /// answers and agents' lists at once. A server that still runs
+    /// registers itself again at its next renewal.
+    Remove {
+        /// The server's id (see `cluster status`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +215,7 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Node(cmd) => cli_runtime()?.block_on(node(config, &cli.config, cmd)),
         Command::Dns(cmd) => cli_runtime()?.block_on(dns(config, cmd)),
+        Command::Cluster(cmd) => cli_runtime()?.block_on(cluster(config, cmd)),
         Command::Store(StoreCommand::Copy { to, password_file, tls, ca_file }) => {
             let target = StoreConfig { url: Some(to), password_file, tls, ca_file, ..StoreConfig::default() };
             target.validate().map_err(anyhow::Error::msg).context("--to")?;
@@ -203,6 +226,64 @@ fn real_main(cli: Cli) -> Result<()> {
 
 fn cli_runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio runtime")
+}
+
+/// `cluster status --json`.
+#[derive(serde::Serialize)]
+struct ClusterStatus {
+    servers: Vec<edge_server::store::ServerEntry>,
+    decider: Option<edge_server::store::Lease>,
+    nodes: usize,
+}
+
+async fn cluster(config: ServerConfig, cmd: ClusterCommand) -> Result<()> {
+    let store = edge_server::store::open(&config.store, &config.data_dir).await?;
+    match cmd {
+        ClusterCommand::Status { json } => {
+            let servers = store.list_servers().await?;
+            let decider = store.lease(edge_server::store::MODE_DECIDER).await?.filter(|l| l.left_ms >= 0);
+            let nodes = store.list_nodes().await?.len();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ClusterStatus { servers, decider, nodes })?);
+                return Ok(());
+            }
+            println!("store: {}  nodes: {nodes}", store.describe());
+            match &decider {
+                Some(lease) => {
+                    let name = servers.iter().find(|s| s.record.id == lease.holder).map_or("?", |s| &s.record.name);
+                    println!(
+                        "mode decider: {name} ({}), lease token {}, {} ms left",
+                        lease.holder, lease.token, lease.left_ms
+                    );
+                }
+                None => println!("mode decider: none (no live server holds the lease)"),
+            }
+            println!(
+                "{:<18} {:<16} {:<6} {:>9} {:<22} {:<22} {:>7}  NODES",
+                "NAME", "ID", "LIVE", "LEASE MS", "QUIC", "API", "TUNNELS"
+            );
+            for s in &servers {
+                println!(
+                    "{:<18} {:<16} {:<6} {:>9} {:<22} {:<22} {:>7}  {}",
+                    s.record.name,
+                    s.record.id,
+                    if s.alive { "yes" } else { "gone" },
+                    s.lease_left_ms,
+                    s.record.quic,
+                    s.record.api,
+                    s.tunnels.len(),
+                    s.tunnels.join(" ")
+                );
+            }
+        }
+        ClusterCommand::Remove { id } => {
+            if !store.remove_server(&id).await? {
+                anyhow::bail!("no server with id {id:?} (see `cluster status`)");
+            }
+            eprintln!("forgot server {id}");
+        }
+    }
+    Ok(())
 }
 
 async fn dns(config: ServerConfig, cmd: DnsCommand) -> Result<()> {

@@ -50,6 +50,16 @@ pub struct Metrics {
     pub store_changes_applied: AtomicU64,
     /// Full reloads of the routing state after the change feed resynced.
     pub store_resyncs: AtomicU64,
+    /// Client connections this server forwarded to a peer server (it had
+    /// no tunnel to the node).
+    pub peer_forwarded: AtomicU64,
+    /// Client connections peer servers forwarded here, placed on a tunnel.
+    pub peer_accepted: AtomicU64,
+    /// Connections or streams from peers refused (unknown identity, no
+    /// tunnel to the node).
+    pub peer_refused: AtomicU64,
+    /// Mode transitions this server wrote as the decider.
+    pub decider_transitions: AtomicU64,
     /// Plain HTTP requests on :80, by answer.
     http_answers: [AtomicU64; HTTP_ANSWERS.len()],
 }
@@ -149,6 +159,26 @@ impl Metrics {
                 "edge_store_resyncs_total",
                 "Full reloads of routes and the zone after the store's change feed resynced.",
                 &self.store_resyncs,
+            ),
+            (
+                "edge_peer_forwarded_total",
+                "Client connections forwarded to a peer server that had the node's tunnel.",
+                &self.peer_forwarded,
+            ),
+            (
+                "edge_peer_accepted_total",
+                "Client connections peer servers forwarded here and placed on a tunnel.",
+                &self.peer_accepted,
+            ),
+            (
+                "edge_peer_refused_total",
+                "Peer connections or streams refused (unknown identity, or no tunnel to the node).",
+                &self.peer_refused,
+            ),
+            (
+                "edge_decider_transitions_total",
+                "Mode transitions written by this server as the cluster's mode decider.",
+                &self.decider_transitions,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");

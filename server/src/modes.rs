@@ -125,6 +125,15 @@ impl ModeTracker {
         self.go(to, at, "the node declares no public endpoint".into())
     }
 
+    /// Takes the mode the store holds (written by the cluster's decider):
+    /// no transition, the failure count starts over, and a direct node's
+    /// stored endpoint counts as verified.
+    pub fn adopt(&mut self, mode: Mode, endpoint: Option<std::net::SocketAddr>) {
+        self.mode = mode;
+        self.failures = 0;
+        self.verified = if mode == Mode::Direct { endpoint } else { None };
+    }
+
     /// The node's tunnel count changed to `up` (some) or not.
     pub fn tunnel(&mut self, at: i64, up: bool) -> Option<Transition> {
         self.tunnel_up = up;
@@ -201,6 +210,18 @@ mod tests {
         assert!(t.tunnel(7, false).is_none());
         assert_eq!(t.mode(), Mode::Direct);
         assert_eq!(t.no_endpoint(8).unwrap().to, Mode::Offline);
+    }
+
+    #[test]
+    fn adopting_the_stored_mode_is_no_transition() {
+        let mut t = ModeTracker::new(Mode::Offline);
+        t.tunnel(0, true);
+        t.adopt(Mode::Direct, Some(ep()));
+        assert_eq!((t.mode(), t.verified()), (Mode::Direct, Some(ep())));
+        assert!(t.probe_ok(1, ep()).is_none(), "already direct at this endpoint");
+        t.adopt(Mode::Proxy, Some(ep()));
+        assert_eq!((t.mode(), t.verified()), (Mode::Proxy, None));
+        assert!(t.tunnel(2, true).is_none());
     }
 
     #[test]

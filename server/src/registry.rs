@@ -154,6 +154,18 @@ impl NodeHandle {
         }
     }
 
+    /// Takes the mode and endpoint the store holds (a follower of the
+    /// cluster's decider, or a server that just became the decider).
+    pub fn adopt_mode(&self, mode: crate::modes::Mode, endpoint: Option<SocketAddr>) {
+        lock(&self.mode).adopt(mode, endpoint);
+        if endpoint.is_some() {
+            let mut declared = lock(&self.endpoint);
+            if declared.is_none() {
+                *declared = endpoint;
+            }
+        }
+    }
+
     /// The declared endpoint, if any.
     pub fn current_endpoint(&self) -> Option<SocketAddr> {
         *lock(&self.endpoint)

@@ -89,6 +89,7 @@ pub fn listening_file(data_dir: &Path) -> PathBuf {
 /// A server whose listeners are bound, ready to run.
 pub struct BoundServer {
     shared: Arc<Shared>,
+    record: crate::store::ServerRecord,
     api_state: Arc<api::ApiState>,
     sync: Arc<RoutingSync>,
     nudges: tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>,
@@ -114,8 +115,9 @@ impl Server {
     /// and loads the routing state.
     pub async fn bind(config: ServerConfig) -> Result<BoundServer, ServerError> {
         let store = crate::store::open(&config.store, &config.data_dir).await?;
-        store.reset_status().await?;
         let identity = identity::load_or_create(&config)?;
+        let server_id = crate::cluster::server_id(&config.data_dir)
+            .map_err(|source| ServerError::Io { path: config.data_dir.join("server.id"), source })?;
         let admin_token_hash = token_hash(&identity::admin_token(&config)?);
 
         let tls = bind_tcp("tls", config.listen.tls).await?;
@@ -161,7 +163,9 @@ impl Server {
             metrics: metrics.as_ref().and_then(|l| l.local_addr().ok()),
         };
         let acme = config.acme.as_ref().map(|a| {
-            let mut client = edge_certs::acme::AcmeClient::new(a.settings.clone(), &config.data_dir.join("acme"));
+            let vault = Arc::new(certificates::StoreVault(store.clone()));
+            let mut client =
+                edge_certs::acme::AcmeClient::new(a.settings.clone(), &config.data_dir.join("acme")).with_vault(vault);
             client.order_timeout = Duration::from_secs(a.order_timeout_secs);
             client
         });
@@ -172,7 +176,21 @@ impl Server {
         let (nudge_tx, nudges) = tokio::sync::mpsc::unbounded_channel();
         // Subscribed before the load: nothing written after it is missed.
         let feed = store.subscribe();
+        let fingerprint = edge_proto::join::hex(&identity.fingerprint);
+        let record = crate::cluster::own_record(&config, &server_id, &fingerprint, &addrs);
+        store.register_server(&record, config.cluster.lease_ms as i64).await?;
+        let servers = store.list_servers().await?;
+        // Connected flags are one per node: only a server alone may clear
+        // those a previous run left.
+        if !servers.iter().any(|s| s.alive && s.record.id != server_id) {
+            store.reset_status().await?;
+        }
+        let cluster = crate::cluster::ClusterView::new(server_id, record.name.clone(), fingerprint);
+        cluster.set_members(servers);
+        let peers = crate::cluster::peers::PeerLinks::new(endpoint.clone(), identity.key.clone(), &config.tunnel);
         let shared = Arc::new(Shared {
+            cluster,
+            peers,
             self_loops: Arc::default(),
             own_addresses: std::sync::Mutex::new(None),
             admission,
@@ -204,6 +222,7 @@ impl Server {
         let api_state = Arc::new(api::ApiState { shared: shared.clone(), certs, scrape });
         Ok(BoundServer {
             shared,
+            record,
             api_state,
             sync,
             nudges,
@@ -266,6 +285,7 @@ impl BoundServer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
         let BoundServer {
             shared,
+            record,
             api_state,
             sync,
             nudges,
@@ -328,6 +348,8 @@ impl BoundServer {
         tasks.spawn("status flush", jobs::status_flush::run(shared.clone(), shutdown.clone()));
         tasks.spawn("challenge expiry", jobs::challenge_expiry::run(shared.clone(), shutdown.clone()));
         tasks.spawn("mode detector", detector::run(shared.clone(), shutdown.clone()));
+        tasks.spawn("cluster membership", crate::cluster::membership::run(shared.clone(), record, shutdown.clone()));
+        tasks.spawn("mode decider lease", crate::cluster::decider::run(shared.clone(), shutdown.clone()));
         if let Some(listener) = http {
             tasks.spawn("http listener", http::serve(listener, shared.clone(), shutdown.clone(), clients.clone()));
         }
@@ -356,6 +378,7 @@ impl BoundServer {
             tracing::warn!(remaining = clients.len(), "drain timeout passed; closing remaining connections");
         }
         close_tunnels.cancel();
+        shared.peers.close_all();
         agents.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), agents.wait()).await;
         endpoint.close(quinn::VarInt::from_u32(edge_proto::tunnel::codes::CLOSE_SHUTDOWN), b"server shutting down");

@@ -42,6 +42,10 @@ pub struct Shared {
     /// Changes made in memory (a node's direct address) that the zone
     /// must follow; the change feed job applies them with the store's.
     pub nudges: tokio::sync::mpsc::UnboundedSender<Change>,
+    /// The cluster's servers as last read, and this server's part in it.
+    pub cluster: crate::cluster::ClusterView,
+    /// Connections to peer servers, for forwarding.
+    pub peers: crate::cluster::peers::PeerLinks,
     /// The last reading of [`Shared::own_addresses`].
     pub(crate) own_addresses: std::sync::Mutex<Option<(std::time::Instant, Arc<endpoints::OwnAddresses>)>>,
 }

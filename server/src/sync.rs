@@ -29,6 +29,11 @@ pub struct Work {
     pub addresses: BTreeSet<String>,
     /// The stored static DNS records are re-read.
     pub dns_records: bool,
+    /// Nodes whose mode is re-read (followers of the cluster's decider
+    /// take it from the store).
+    pub modes: BTreeSet<String>,
+    /// The cluster's servers are re-read.
+    pub servers: bool,
     /// Everything must be reloaded.
     pub everything: bool,
 }
@@ -48,9 +53,11 @@ impl Work {
                     work.challenges.insert(n.clone());
                 }
                 Change::ModeChanged(n) => {
+                    work.modes.insert(n.clone());
                     work.addresses.insert(n.clone());
                 }
                 Change::DnsRecordsChanged => work.dns_records = true,
+                Change::ServersChanged => work.servers = true,
                 Change::Imported => work.everything = true,
             }
         }
@@ -67,8 +74,18 @@ impl RoutingSync {
     /// Loads everything; returns the revision loaded.
     pub async fn full_reload(&self) -> Result<i64, StoreError> {
         let state = self.shared.store.routing_state().await?;
+        let servers = self.shared.store.list_servers().await?;
         self.shared.registry.reload(&state.nodes);
+        if !self.shared.cluster.is_decider() {
+            for record in &state.nodes {
+                if let Some(node) = self.shared.registry.node(&record.name) {
+                    node.adopt_mode(record.mode, record.endpoint.as_deref().and_then(|e| e.parse().ok()));
+                }
+            }
+        }
+        self.shared.cluster.set_members(servers);
         if let Some(zone) = &self.zone {
+            zone.set_servers(None, self.shared.cluster.members().zone_servers().as_ref());
             // Direct-mode nodes answer their own endpoint; the others the cluster.
             let names: Vec<(String, Option<IpAddr>)> = self
                 .shared
@@ -108,7 +125,21 @@ impl RoutingSync {
                 }
             }
         }
+        if !self.shared.cluster.is_decider() {
+            for name in work.modes.iter().filter(|n| !work.nodes.contains(*n)) {
+                if let (Some(record), Some(node)) = (store.get_node(name).await?, registry.node(name)) {
+                    node.adopt_mode(record.mode, record.endpoint.as_deref().and_then(|e| e.parse().ok()));
+                }
+            }
+        }
+        if work.servers {
+            self.shared.cluster.set_members(store.list_servers().await?);
+        }
         let Some(zone) = &self.zone else { return Ok(()) };
+        let revision = (revision > 0).then_some(revision);
+        if work.servers {
+            zone.set_servers(revision, self.shared.cluster.members().zone_servers().as_ref());
+        }
         let addresses: Vec<(String, Option<Option<IpAddr>>)> = std::mem::take(&mut work.addresses)
             .into_iter()
             .map(|name| {
@@ -129,7 +160,7 @@ impl RoutingSync {
             zone.set_stored_records(&store.list_dns_records().await?);
         }
         // Last: the serial moves once the whole batch is in.
-        zone.edit((revision > 0).then_some(revision), addresses, challenges);
+        zone.edit(revision, addresses, challenges);
         Ok(())
     }
 

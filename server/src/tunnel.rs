@@ -88,6 +88,10 @@ async fn session(
     close_tunnels: CancellationToken,
 ) -> Result<(), SessionError> {
     let conn = step(async { incoming.await }).await?;
+    if crate::cluster::peers::is_peer_connection(&conn) {
+        crate::cluster::peers::serve(conn, shared, close_tunnels).await;
+        return Ok(());
+    }
     let remote = conn.remote_address();
     let (send, recv) = step(conn.accept_bi()).await?;
     let mut reader = FramedRead::new(recv, ControlCodec::<AgentMessage, ServerMessage>::default());
@@ -168,11 +172,17 @@ async fn session(
         reject(&conn, &mut writer, codes::CLOSE_RATE_LIMITED, reason).await;
         return Err(close_with(&conn, codes::CLOSE_RATE_LIMITED, SessionError::Protocol("tunnel cap of the node")));
     }
+    // Agents that follow the cluster get its live servers now and each
+    // change later; older agents get the welcome they know.
+    let mut servers =
+        capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_CLUSTER).then(|| shared.cluster.agent_list());
+    let listed = servers.as_mut().map(|rx| rx.borrow_and_update().as_ref().clone()).unwrap_or_default();
     step(writer.send(ServerMessage::Welcome {
         node: node.name.clone(),
         hostnames: node.hostnames.clone(),
         heartbeat_secs: HEARTBEAT_SECS,
         server_version: env!("CARGO_PKG_VERSION").to_string(),
+        servers: listed,
     }))
     .await?;
 
@@ -197,6 +207,7 @@ async fn session(
         status.last_heartbeat = Some(crate::unix_now());
     }
     shared.status_changed.notify_one();
+    shared.cluster.note_tunnels_changed();
     tracing::info!(node = %node.name, %remote, agent_version, %replica, tunnel = tunnel_id, "agent connected");
 
     let control = Control {
@@ -207,10 +218,12 @@ async fn session(
         declared: endpoint.as_deref(),
         draining: &draining,
         close_tunnels: &close_tunnels,
+        servers,
     };
     let result = control_loop(control, &mut reader, &mut writer, shared.config.limits.drain_timeout_secs).await;
     let remaining = node.remove_tunnel(tunnel_id);
     shared.status_changed.notify_one();
+    shared.cluster.note_tunnels_changed();
     tracing::info!(node = %node.name, %remote, tunnel = tunnel_id, remaining, "agent disconnected");
     result
 }
@@ -230,6 +243,8 @@ struct Control<'a> {
     draining: &'a CancellationToken,
     /// Cancelled when the drain is over: tunnels close.
     close_tunnels: &'a CancellationToken,
+    /// The cluster's server list, for agents that follow it.
+    servers: Option<tokio::sync::watch::Receiver<Arc<Vec<edge_proto::tunnel::ClusterServer>>>>,
 }
 
 async fn control_loop(
@@ -238,7 +253,7 @@ async fn control_loop(
     writer: &mut Writer,
     drain_secs: u64,
 ) -> Result<(), SessionError> {
-    let Control { shared, conn, node, state, declared, draining, close_tunnels } = control;
+    let Control { shared, conn, node, state, declared, draining, close_tunnels, mut servers } = control;
     let mut told_draining: Option<std::time::Instant> = None;
     let mut remote = conn.remote_address();
     let mut address_check = tokio::time::interval(ADDRESS_CHECK);
@@ -261,6 +276,14 @@ async fn control_loop(
                 tokio::time::sleep(NOTICE_FLIGHT.saturating_sub(since)).await;
                 conn.close(VarInt::from_u32(codes::CLOSE_SHUTDOWN), b"server shutting down");
                 return Ok(());
+            }
+            changed = async { servers.as_mut()?.changed().await.ok() }, if servers.is_some() => {
+                let Some(()) = changed else {
+                    servers = None;
+                    continue;
+                };
+                let list = servers.as_mut().map(|rx| rx.borrow_and_update().as_ref().clone()).unwrap_or_default();
+                step(writer.send(ServerMessage::Servers { servers: list })).await?;
             }
             _ = address_check.tick() => {
                 let now = conn.remote_address();

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CaaValue, DnsConfig, StaticKind};
 use crate::store::StaticRecord as StoreRecord;
-use edge_proto::dns_zone::{Zone, ZoneSettings};
+use edge_proto::dns_zone::{NodeAddresses, Zone, ZoneSettings};
+
+pub mod query;
 
 /// The current zone snapshot, swapped as a whole on every change; waiters
 /// can watch for a state (a TXT value served).
@@ -88,10 +90,34 @@ impl ZoneCell {
     /// addresses), challenge values per node, and the serial.
     pub fn update(&self, serial: u32, nodes: &[(String, Option<IpAddr>)], challenges: HashMap<String, Vec<String>>) {
         self.current.send_modify(|zone| {
-            let cluster = zone.cluster_addresses().to_vec();
-            let nodes: HashMap<String, Vec<IpAddr>> =
-                nodes.iter().map(|(n, own)| (n.clone(), own.map_or_else(|| cluster.clone(), |ip| vec![ip]))).collect();
+            let nodes: HashMap<String, NodeAddresses> =
+                nodes.iter().map(|(n, own)| (n.clone(), node_addresses(*own))).collect();
             *zone = Arc::new(zone.with_state(serial, nodes, challenges));
+        });
+    }
+
+    /// Takes the live servers' nameservers, glue and ingress addresses
+    /// (proxied nodes answer every live server). `None` keeps what the
+    /// zone has (no live server declared an address).
+    pub fn set_servers(&self, revision: Option<i64>, servers: Option<&crate::cluster::ZoneServers>) {
+        let Some(servers) = servers else { return };
+        let names: Result<Vec<Name>, String> = servers.nameservers.iter().map(|n| fqdn(n)).collect();
+        let glue: Result<HashMap<Name, Vec<IpAddr>>, String> =
+            servers.glue.iter().map(|(n, a)| fqdn(n).map(|n| (n, a.clone()))).collect();
+        let (Ok(names), Ok(glue)) = (names, glue) else {
+            tracing::warn!("a live server declared a nameserver name that is not a DNS name; keeping the zone's");
+            return;
+        };
+        self.current.send_if_modified(|zone| {
+            let same =
+                zone.cluster_addresses() == servers.addresses.as_slice() && zone.nameservers() == names.as_slice();
+            let serial =
+                if same { next_serial_at_least(zone.serial(), revision) } else { next_serial(zone.serial(), revision) };
+            if same && serial == zone.serial() {
+                return false;
+            }
+            *zone = Arc::new(zone.with_servers(serial, names.clone(), glue.clone(), servers.addresses.clone()));
+            true
         });
     }
 
@@ -106,13 +132,23 @@ impl ZoneCell {
         nodes: Vec<(String, Option<Option<IpAddr>>)>,
         challenges: Vec<(String, Vec<String>)>,
     ) {
-        self.current.send_modify(|zone| {
-            let cluster = zone.cluster_addresses().to_vec();
-            let serial = next_serial(zone.serial(), revision);
-            let nodes = nodes
-                .into_iter()
-                .map(|(n, set)| (n, set.map(|own| own.map_or_else(|| cluster.clone(), |ip| vec![ip]))));
+        self.current.send_if_modified(|zone| {
+            let nodes: Vec<(String, Option<NodeAddresses>)> =
+                nodes.into_iter().map(|(n, set)| (n, set.map(node_addresses))).collect();
+            // An edit made in memory that changes nothing keeps the serial:
+            // servers of a cluster agree on it for the same content.
+            let unchanged = nodes.iter().all(|(n, set)| zone.node_addresses(n) == set.as_ref())
+                && challenges.iter().all(|(n, values)| zone.challenge_values(n) == values.as_slice());
+            if unchanged && revision.is_none_or(|r| r <= i64::from(zone.serial())) {
+                return false;
+            }
+            let serial = if unchanged {
+                next_serial_at_least(zone.serial(), revision)
+            } else {
+                next_serial(zone.serial(), revision)
+            };
             *zone = Arc::new(zone.edited(serial, nodes, challenges));
+            true
         });
     }
 
@@ -121,6 +157,20 @@ impl ZoneCell {
         let mut rx = self.current.subscribe();
         let ready = matches!(tokio::time::timeout(limit, rx.wait_for(ready)).await, Ok(Ok(_)));
         ready
+    }
+}
+
+/// What a node's names answer: its own address, or the cluster's.
+fn node_addresses(own: Option<IpAddr>) -> NodeAddresses {
+    own.map_or(NodeAddresses::Cluster, |ip| NodeAddresses::Own(vec![ip]))
+}
+
+/// `current`, or the store's revision when that is ahead (nothing changed
+/// in the content, but the serial follows the revision).
+fn next_serial_at_least(current: u32, revision: Option<i64>) -> u32 {
+    match revision.map(|r| r.clamp(0, u32::MAX as i64) as u32) {
+        Some(r) if r > current => r,
+        _ => current,
     }
 }
 

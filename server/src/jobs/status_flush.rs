@@ -32,9 +32,13 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
         };
         let nodes = shared.registry.nodes();
+        let members = shared.cluster.members();
         let changed: Vec<(String, NodeStatus)> = nodes
             .iter()
             .map(|n| (n.name.clone(), n.stored_status()))
+            // The status row is one per node: a server without a tunnel to
+            // it leaves the row to a peer that has one.
+            .filter(|(name, status)| status.connected || !members.peer_has_tunnel(&shared.cluster.id, name))
             .filter(|(name, status)| written.get(name) != Some(status))
             .collect();
         match shared.store.record_statuses(&changed).await {

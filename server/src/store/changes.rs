@@ -22,6 +22,8 @@ pub enum Change {
     ModeChanged(String),
     /// Static DNS records were added or removed.
     DnsRecordsChanged,
+    /// A server joined the cluster, left it, or was declared gone.
+    ServersChanged,
     /// A whole store was written by `store copy`: reload everything.
     Imported,
 }
@@ -37,7 +39,7 @@ impl Change {
             | Change::ChallengePut(n)
             | Change::ChallengeRemoved(n)
             | Change::ModeChanged(n) => Some(n),
-            Change::DnsRecordsChanged | Change::Imported => None,
+            Change::DnsRecordsChanged | Change::ServersChanged | Change::Imported => None,
         }
     }
 
@@ -52,6 +54,7 @@ impl Change {
             Change::ChallengeRemoved(_) => "challenge_removed",
             Change::ModeChanged(_) => "mode_changed",
             Change::DnsRecordsChanged => "dns_records_changed",
+            Change::ServersChanged => "servers_changed",
             Change::Imported => "imported",
         }
     }
@@ -69,6 +72,7 @@ impl Change {
             "challenge_removed" => Change::ChallengeRemoved(n),
             "mode_changed" => Change::ModeChanged(n),
             "dns_records_changed" => Change::DnsRecordsChanged,
+            "servers_changed" => Change::ServersChanged,
             _ => Change::Imported,
         }
     }

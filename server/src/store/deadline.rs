@@ -15,8 +15,9 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ChallengeRecord, Counts, FeedEvent, HttpMode, ModeChange, ModeHistory, NodeRecord, NodeStatus, ProbeSample,
-    Published, RoutingState, Snapshot, StaticKind, StaticRecord, Store, StoreError,
+    ChallengeRecord, Counts, FeedEvent, Fence, HttpMode, Lease, ModeChange, ModeHistory, NodeRecord, NodeStatus,
+    OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerRecord, Snapshot, StaticKind, StaticRecord,
+    Store, StoreError,
 };
 
 /// `inner` with deadlines.
@@ -110,6 +111,52 @@ impl<S: Store> Store for WithDeadline<S> {
     }
     async fn record_transition(&self, name: &str, t: &ModeChange, endpoint: Option<&str>) -> Result<(), StoreError> {
         self.within(self.point, self.inner.record_transition(name, t, endpoint)).await
+    }
+    async fn record_transition_fenced(
+        &self,
+        name: &str,
+        t: &ModeChange,
+        endpoint: Option<&str>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.record_transition_fenced(name, t, endpoint, fence)).await
+    }
+    async fn register_server(&self, record: &ServerRecord, lease_ms: i64) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.register_server(record, lease_ms)).await
+    }
+    async fn renew_server(&self, id: &str, lease_ms: i64, tunnels: &[String]) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.renew_server(id, lease_ms, tunnels)).await
+    }
+    async fn expire_servers(&self) -> Result<usize, StoreError> {
+        self.within(self.point, self.inner.expire_servers()).await
+    }
+    async fn leave_server(&self, id: &str) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.leave_server(id)).await
+    }
+    async fn remove_server(&self, id: &str) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.remove_server(id)).await
+    }
+    async fn list_servers(&self) -> Result<Vec<ServerEntry>, StoreError> {
+        self.within(self.point, self.inner.list_servers()).await
+    }
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<Option<i64>, StoreError> {
+        self.within(self.point, self.inner.acquire_lease(name, holder, ttl_ms)).await
+    }
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.release_lease(name, holder)).await
+    }
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
+        self.within(self.point, self.inner.lease(name)).await
+    }
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.within(self.point, self.inner.setting(key)).await
+    }
+    async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        self.within(self.point, self.inner.init_setting(key, value)).await
+    }
+    async fn lock_order(&self, node: &str, wait: Duration) -> Result<OrderLock, StoreError> {
+        // The wait is the caller's; the deadline covers getting a connection.
+        self.within(wait + self.point, self.inner.lock_order(node, wait)).await
     }
     async fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError> {
         self.within(self.point, self.inner.mode_history(name, limit)).await

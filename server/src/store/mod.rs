@@ -7,6 +7,7 @@
 //! store's change feed ([`Store::subscribe`], [`Store::watch`]).
 
 pub mod changes;
+pub mod cluster;
 pub mod deadline;
 pub mod error;
 pub mod location;
@@ -20,6 +21,7 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 pub use changes::{Change, ChangeEvent, FeedEvent};
+pub use cluster::{Fence, Lease, OrderLock, ServerEntry, ServerRecord, MODE_DECIDER};
 pub use error::StoreError;
 pub use location::{StoreConfig, StoreLocation, StoreTls};
 pub use values::{HttpMode, Mode, StaticKind, StaticRecord};
@@ -301,6 +303,51 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         change: &ModeChange,
         endpoint: Option<&str>,
     ) -> Result<(), StoreError>;
+    /// [`Store::record_transition`] by the holder of a lease: written only
+    /// while `fence` still holds and the stored mode is still
+    /// `change.from` (no stored mode counts as offline), so a transition is
+    /// written once even when a new decider saw the same flip. `false`:
+    /// not written (the lease moved on, or the mode already changed).
+    async fn record_transition_fenced(
+        &self,
+        name: &str,
+        change: &ModeChange,
+        endpoint: Option<&str>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError>;
+    /// Registers (or re-registers) a server as live with a lease of
+    /// `lease_ms`; the live set changes ([`Change::ServersChanged`]).
+    async fn register_server(&self, record: &ServerRecord, lease_ms: i64) -> Result<(), StoreError>;
+    /// Renews a live server's lease and records the nodes it holds tunnels
+    /// to. `false`: it is not registered or was declared gone (it must
+    /// register again).
+    async fn renew_server(&self, id: &str, lease_ms: i64, tunnels: &[String]) -> Result<bool, StoreError>;
+    /// Declares gone every live server whose lease ran out; returns how
+    /// many. Several servers may call it at once: each server is declared
+    /// gone by exactly one write.
+    async fn expire_servers(&self) -> Result<usize, StoreError>;
+    /// A server leaves (shutdown): declared gone at once.
+    async fn leave_server(&self, id: &str) -> Result<(), StoreError>;
+    /// Forgets a server (retired by an operator). `false` if unknown.
+    async fn remove_server(&self, id: &str) -> Result<bool, StoreError>;
+    /// Every registered server, live or gone, by name.
+    async fn list_servers(&self) -> Result<Vec<ServerEntry>, StoreError>;
+    /// Takes or renews lease `name` for `holder` for `ttl_ms`: the fencing
+    /// token when held (a new one when it changed hands), `None` while
+    /// another holder's lease runs.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<Option<i64>, StoreError>;
+    /// Gives lease `name` up if `holder` has it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+    /// Lease `name` as it stands.
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError>;
+    /// A cluster-wide setting.
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Stores `value` under `key` unless a value is there; returns the one
+    /// that is (so servers racing to create it all end up with one).
+    async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError>;
+    /// Holds the cluster-wide lock of `node`'s certificate order, waiting
+    /// up to `wait` for another server to release it.
+    async fn lock_order(&self, node: &str, wait: std::time::Duration) -> Result<OrderLock, StoreError>;
     /// Current mode and the newest `limit` samples and transitions.
     async fn mode_history(&self, name: &str, limit: usize) -> Result<ModeHistory, StoreError>;
     /// Static DNS records, by name, type and value.

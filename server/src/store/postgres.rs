@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use super::changes::new_origin;
 use super::location::{PostgresOptions, StoreTls};
 use super::{
-    now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, HttpMode, Mode, ModeChange, ModeHistory, NodeRecord,
-    NodeStatus, ProbeSample, Published, RoutingState, Snapshot, StaticKind, StaticRecord, Store, StoreError,
-    FEED_CAPACITY,
+    now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode, ModeChange,
+    ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerRecord,
+    Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -96,7 +96,72 @@ pub const MIGRATIONS: &[&str] = &[
         created_at BIGINT NOT NULL,
         PRIMARY KEY (name, kind, value)
     );",
+    // 4: servers with their liveness leases, named leases (the mode
+    // decider), and cluster-wide settings (the ACME account).
+    "CREATE TABLE servers (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        quic TEXT NOT NULL,
+        api TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        dns TEXT,
+        nameservers TEXT[] NOT NULL,
+        addresses TEXT[] NOT NULL,
+        version TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        gone BOOLEAN NOT NULL DEFAULT false,
+        tunnels TEXT[] NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at BIGINT NOT NULL);
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
+
+/// The database's clock in milliseconds: every server's lease is timed by
+/// one clock.
+const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+const SELECT_SERVERS: &str = "SELECT id, name, quic, api, peer, fingerprint, dns, nameservers, addresses, version,
+    started_at, expires_at - (extract(epoch from clock_timestamp()) * 1000)::bigint, gone, tunnels FROM servers";
+
+fn server_row(store: &str, row: &Row) -> Result<ServerEntry, StoreError> {
+    Ok(ServerEntry {
+        record: ServerRecord {
+            id: col(store, row, 0)?,
+            name: col(store, row, 1)?,
+            quic: col(store, row, 2)?,
+            api: col(store, row, 3)?,
+            peer: col(store, row, 4)?,
+            fingerprint: col(store, row, 5)?,
+            dns: col(store, row, 6)?,
+            nameservers: col(store, row, 7)?,
+            addresses: col(store, row, 8)?,
+            version: col(store, row, 9)?,
+        },
+        started_at: col::<i64>(store, row, 10)? / 1000,
+        lease_left_ms: col(store, row, 11)?,
+        alive: !col::<bool>(store, row, 12)?,
+        tunnels: col(store, row, 13)?,
+    })
+}
+
+/// How often a waiting order lock asks again.
+const ORDER_LOCK_RETRY: Duration = Duration::from_millis(200);
+
+/// A pooled connection holding a transaction-level advisory lock. Dropped,
+/// the connection is taken out of the pool and closed, which ends the
+/// transaction and frees the lock: nothing can return it to the pool with
+/// the lock still held.
+struct HeldConnection(Option<deadpool_postgres::Object>);
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(deadpool_postgres::Object::take(object));
+        }
+    }
+}
 
 /// The `NOTIFY` channel of change events.
 const CHANNEL: &str = "edge_changes";
@@ -460,6 +525,30 @@ impl PostgresStore {
         for event in events {
             let _ = self.events.send(FeedEvent::Change(event));
         }
+        Ok(())
+    }
+
+    /// Records a transition and the node's new mode.
+    async fn write_transition(
+        &self,
+        tx: &Transaction<'_>,
+        name: &str,
+        t: &ModeChange,
+        endpoint: Option<&str>,
+    ) -> Result<(), StoreError> {
+        tx.execute(
+            "INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES ($1, $2, $3, $4, $5)",
+            &[&name, &t.at, &t.from.as_str(), &t.to.as_str(), &t.reason],
+        )
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO node_modes (name, mode, endpoint, since) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET mode = excluded.mode, endpoint = excluded.endpoint, since = excluded.since",
+            &[&name, &t.to.as_str(), &endpoint, &t.at],
+        )
+        .await
+        .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -844,19 +933,7 @@ impl Store for PostgresStore {
         let tx = client.transaction().await.map_err(|e| self.err(e))?;
         let mut events = Vec::new();
         if self.exists_locked(&tx, name).await? {
-            tx.execute(
-                "INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES ($1, $2, $3, $4, $5)",
-                &[&name, &t.at, &t.from.as_str(), &t.to.as_str(), &t.reason],
-            )
-            .await
-            .map_err(|e| self.err(e))?;
-            tx.execute(
-                "INSERT INTO node_modes (name, mode, endpoint, since) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (name) DO UPDATE SET mode = excluded.mode, endpoint = excluded.endpoint, since = excluded.since",
-                &[&name, &t.to.as_str(), &endpoint, &t.at],
-            )
-            .await
-            .map_err(|e| self.err(e))?;
+            self.write_transition(&tx, name, t, endpoint).await?;
             events.push(self.log(&tx, Change::ModeChanged(name.to_string())).await?);
         }
         self.commit(tx, events).await
@@ -1055,6 +1132,229 @@ impl Store for PostgresStore {
             .map_err(|e| self.err(e))?;
         let event = self.log(&tx, Change::Imported).await?;
         self.commit(tx, vec![event]).await
+    }
+
+    async fn record_transition_fenced(
+        &self,
+        name: &str,
+        t: &ModeChange,
+        endpoint: Option<&str>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        // The lease row locked: a successor taking it waits for this write,
+        // and this write sees a successor that already took it.
+        let held = tx
+            .query(
+                &format!(
+                    "SELECT 1 FROM leases WHERE name = $1 AND holder = $2 AND token = $3 AND expires_at >= {NOW_MS}
+                     FOR UPDATE"
+                ),
+                &[&fence.lease, &fence.holder, &fence.token],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        if held.is_empty() || !self.exists_locked(&tx, name).await? {
+            return Ok(false);
+        }
+        let stored =
+            tx.query("SELECT mode FROM node_modes WHERE name = $1", &[&name]).await.map_err(|e| self.err(e))?;
+        let current = match stored.first() {
+            Some(row) => mode_col(self.store(), row, 0)?,
+            None => Mode::Offline,
+        };
+        if current != t.from {
+            return Ok(false);
+        }
+        self.write_transition(&tx, name, t, endpoint).await?;
+        let event = self.log(&tx, Change::ModeChanged(name.to_string())).await?;
+        self.commit(tx, vec![event]).await?;
+        Ok(true)
+    }
+
+    async fn register_server(&self, r: &ServerRecord, lease_ms: i64) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO servers (id, name, quic, api, peer, fingerprint, dns, nameservers, addresses, version,
+                    started_at, expires_at, gone, tunnels)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, {NOW_MS}, {NOW_MS} + $11, false, '{{}}')
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, quic = excluded.quic, api = excluded.api,
+                    peer = excluded.peer, fingerprint = excluded.fingerprint, dns = excluded.dns,
+                    nameservers = excluded.nameservers, addresses = excluded.addresses, version = excluded.version,
+                    started_at = excluded.started_at, expires_at = excluded.expires_at, gone = false, tunnels = '{{}}'"
+            ),
+            &[
+                &r.id,
+                &r.name,
+                &r.quic,
+                &r.api,
+                &r.peer,
+                &r.fingerprint,
+                &r.dns,
+                &r.nameservers,
+                &r.addresses,
+                &r.version,
+                &lease_ms,
+            ],
+        )
+        .await
+        .map_err(|e| self.err(e))?;
+        let event = self.log(&tx, Change::ServersChanged).await?;
+        self.commit(tx, vec![event]).await
+    }
+
+    async fn renew_server(&self, id: &str, lease_ms: i64, tunnels: &[String]) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let tunnels = tunnels.to_vec();
+        let n = client
+            .execute(
+                &format!("UPDATE servers SET expires_at = {NOW_MS} + $2, tunnels = $3 WHERE id = $1 AND NOT gone"),
+                &[&id, &lease_ms, &tunnels],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    async fn expire_servers(&self) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        // Row locks make two servers' calls take turns: a row declared gone
+        // by the first no longer matches for the second.
+        let n = tx
+            .execute(&format!("UPDATE servers SET gone = true WHERE NOT gone AND expires_at < {NOW_MS}"), &[])
+            .await
+            .map_err(|e| self.err(e))?;
+        let events = if n > 0 { vec![self.log(&tx, Change::ServersChanged).await?] } else { Vec::new() };
+        self.commit(tx, events).await?;
+        Ok(n as usize)
+    }
+
+    async fn leave_server(&self, id: &str) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx
+            .execute(
+                &format!("UPDATE servers SET gone = true, expires_at = LEAST(expires_at, {NOW_MS}) WHERE id = $1 AND NOT gone"),
+                &[&id],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        tx.execute("DELETE FROM leases WHERE holder = $1", &[&id]).await.map_err(|e| self.err(e))?;
+        let events = if n > 0 { vec![self.log(&tx, Change::ServersChanged).await?] } else { Vec::new() };
+        self.commit(tx, events).await
+    }
+
+    async fn remove_server(&self, id: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx.execute("DELETE FROM servers WHERE id = $1", &[&id]).await.map_err(|e| self.err(e))?;
+        let events = if n > 0 { vec![self.log(&tx, Change::ServersChanged).await?] } else { Vec::new() };
+        self.commit(tx, events).await?;
+        Ok(n > 0)
+    }
+
+    async fn list_servers(&self) -> Result<Vec<ServerEntry>, StoreError> {
+        let client = self.client().await?;
+        let rows = client.query(&format!("{SELECT_SERVERS} ORDER BY name, id"), &[]).await.map_err(|e| self.err(e))?;
+        rows.iter().map(|r| server_row(self.store(), r)).collect()
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<Option<i64>, StoreError> {
+        let client = self.client().await?;
+        // One statement: taken when free or run out, renewed by its holder;
+        // the token moves only when the holder changes or its lease ran out.
+        let rows = client
+            .query(
+                &format!(
+                    "INSERT INTO leases AS l (name, holder, token, expires_at) VALUES ($1, $2, 1, {NOW_MS} + $3)
+                     ON CONFLICT (name) DO UPDATE SET
+                        token = CASE WHEN l.holder = excluded.holder AND l.expires_at >= {NOW_MS}
+                            THEN l.token ELSE l.token + 1 END,
+                        holder = excluded.holder, expires_at = excluded.expires_at
+                     WHERE l.holder = excluded.holder OR l.expires_at < {NOW_MS}
+                     RETURNING token"
+                ),
+                &[&name, &holder, &ttl_ms],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        match rows.first() {
+            Some(row) => Ok(Some(col(self.store(), row, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                &format!("UPDATE leases SET expires_at = {NOW_MS} - 1 WHERE name = $1 AND holder = $2"),
+                &[&name, &holder],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(&format!("SELECT name, holder, token, expires_at - {NOW_MS} FROM leases WHERE name = $1"), &[&name])
+            .await
+            .map_err(|e| self.err(e))?;
+        let store = self.store();
+        rows.first()
+            .map(|r| {
+                Ok(Lease {
+                    name: col(store, r, 0)?,
+                    holder: col(store, r, 1)?,
+                    token: col(store, r, 2)?,
+                    left_ms: col(store, r, 3)?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = client.query("SELECT value FROM settings WHERE key = $1", &[&key]).await.map_err(|e| self.err(e))?;
+        rows.first().map(|r| col(self.store(), r, 0)).transpose()
+    }
+
+    async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING", &[&key, &value])
+            .await
+            .map_err(|e| self.err(e))?;
+        let row =
+            client.query_one("SELECT value FROM settings WHERE key = $1", &[&key]).await.map_err(|e| self.err(e))?;
+        col(self.store(), &row, 0)
+    }
+
+    async fn lock_order(&self, node: &str, wait: Duration) -> Result<OrderLock, StoreError> {
+        let key = super::cluster::order_lock_key(node);
+        let client = self.client().await?;
+        let held = HeldConnection(Some(client));
+        let Some(conn) = held.0.as_ref() else { unreachable!("just set") };
+        conn.batch_execute("BEGIN").await.map_err(|e| self.err(e))?;
+        let give_up = tokio::time::Instant::now() + wait;
+        loop {
+            let row = conn.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&key]).await.map_err(|e| self.err(e))?;
+            if col::<bool>(self.store(), &row, 0)? {
+                return Ok(OrderLock::held(Box::new(held)));
+            }
+            if tokio::time::Instant::now() + ORDER_LOCK_RETRY > give_up {
+                return Err(StoreError::Conflict(format!(
+                    "another server is ordering a certificate for node {node:?}; try again later"
+                )));
+            }
+            tokio::time::sleep(ORDER_LOCK_RETRY).await;
+        }
     }
 
     fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {

@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::changes::new_origin;
 use super::{
-    now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, HttpMode, Mode, ModeChange, ModeHistory, NodeRecord,
-    NodeStatus, ProbeSample, Published, RoutingState, Snapshot, StaticKind, StaticRecord, Store, StoreError,
-    FEED_CAPACITY,
+    now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode, ModeChange,
+    ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerRecord,
+    Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -99,7 +99,80 @@ pub const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         PRIMARY KEY (name, kind, value)
     );",
+    // 6: servers with their liveness leases, named leases (the mode
+    // decider), and cluster-wide settings (the ACME account).
+    "CREATE TABLE servers (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        quic TEXT NOT NULL,
+        api TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        dns TEXT,
+        nameservers TEXT NOT NULL,
+        addresses TEXT NOT NULL,
+        version TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        gone INTEGER NOT NULL DEFAULT 0,
+        tunnels TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
+
+/// Records a transition and the node's new mode.
+fn write_transition(tx: &Connection, name: &str, t: &ModeChange, endpoint: Option<&str>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![name, t.at, t.from.as_str(), t.to.as_str(), t.reason],
+    )?;
+    tx.execute(
+        "INSERT INTO node_modes (name, mode, endpoint, since) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(name) DO UPDATE SET mode = excluded.mode, endpoint = excluded.endpoint, since = excluded.since",
+        params![name, t.to.as_str(), endpoint, t.at],
+    )?;
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch: lease times (one host's clock).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn json_list(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+fn json_text(list: &[String]) -> String {
+    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
+}
+
+fn server_row(row: &rusqlite::Row<'_>, now: i64) -> rusqlite::Result<ServerEntry> {
+    let nameservers: String = row.get(7)?;
+    let addresses: String = row.get(8)?;
+    let expires_at: i64 = row.get(11)?;
+    let gone: bool = row.get(12)?;
+    let tunnels: String = row.get(13)?;
+    Ok(ServerEntry {
+        record: ServerRecord {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            quic: row.get(2)?,
+            api: row.get(3)?,
+            peer: row.get(4)?,
+            fingerprint: row.get(5)?,
+            dns: row.get(6)?,
+            nameservers: json_list(&nameservers),
+            addresses: json_list(&addresses),
+            version: row.get(9)?,
+        },
+        started_at: row.get::<_, i64>(10)? / 1000,
+        alive: !gone,
+        lease_left_ms: expires_at - now,
+        tunnels: json_list(&tunnels),
+    })
+}
 
 /// Change log rows kept; a poller further behind resyncs.
 const CHANGES_KEPT: i64 = 10_000;
@@ -732,18 +805,10 @@ impl Store for SqliteStore {
         let (name, t, endpoint) = (own(name), t.clone(), endpoint.map(own));
         self.run(move |db| {
             db.write(|tx, events| {
-                let exists = tx.query_row("SELECT 1 FROM nodes WHERE name = ?1", params![name], |_| Ok(())).optional()?;
+                let exists =
+                    tx.query_row("SELECT 1 FROM nodes WHERE name = ?1", params![name], |_| Ok(())).optional()?;
                 if exists.is_some() {
-                    tx.execute(
-                        "INSERT INTO mode_transitions (name, at, from_mode, to_mode, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![name, t.at, t.from.as_str(), t.to.as_str(), t.reason],
-                    )?;
-                    tx.execute(
-                        "INSERT INTO node_modes (name, mode, endpoint, since) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT(name) DO UPDATE SET mode = excluded.mode, endpoint = excluded.endpoint,
-                            since = excluded.since",
-                        params![name, t.to.as_str(), endpoint, t.at],
-                    )?;
+                    write_transition(tx, &name, &t, endpoint.as_deref())?;
                     db.log(tx, events, Change::ModeChanged(name.clone()))?;
                 }
                 Ok(())
@@ -985,6 +1050,234 @@ impl Store for SqliteStore {
             Some(found) => Err(StoreError::NotEmpty { store, what: found.to_string() }),
             None => Ok(()),
         }
+    }
+
+    async fn record_transition_fenced(
+        &self,
+        name: &str,
+        t: &ModeChange,
+        endpoint: Option<&str>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
+        let (name, t, endpoint, fence) = (own(name), t.clone(), endpoint.map(own), fence.clone());
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let held = tx
+                    .query_row(
+                        "SELECT 1 FROM leases WHERE name = ?1 AND holder = ?2 AND token = ?3 AND expires_at >= ?4",
+                        params![fence.lease, fence.holder, fence.token, now_ms()],
+                        |_| Ok(()),
+                    )
+                    .optional()?;
+                let exists =
+                    tx.query_row("SELECT 1 FROM nodes WHERE name = ?1", params![name], |_| Ok(())).optional()?;
+                let stored: Option<String> = tx
+                    .query_row("SELECT mode FROM node_modes WHERE name = ?1", params![name], |r| r.get(0))
+                    .optional()?;
+                let current = stored.as_deref().and_then(Mode::parse).unwrap_or(Mode::Offline);
+                if held.is_none() || exists.is_none() || current != t.from {
+                    return Ok(false);
+                }
+                write_transition(tx, &name, &t, endpoint.as_deref())?;
+                db.log(tx, events, Change::ModeChanged(name.clone()))?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn register_server(&self, r: &ServerRecord, lease_ms: i64) -> Result<(), StoreError> {
+        let r = r.clone();
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let now = now_ms();
+                tx.execute(
+                    "INSERT INTO servers (id, name, quic, api, peer, fingerprint, dns, nameservers, addresses, version,
+                        started_at, expires_at, gone, tunnels)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0, '[]')
+                     ON CONFLICT(id) DO UPDATE SET name = excluded.name, quic = excluded.quic, api = excluded.api,
+                        peer = excluded.peer, fingerprint = excluded.fingerprint, dns = excluded.dns,
+                        nameservers = excluded.nameservers, addresses = excluded.addresses,
+                        version = excluded.version, started_at = excluded.started_at,
+                        expires_at = excluded.expires_at, gone = 0, tunnels = '[]'",
+                    params![
+                        r.id,
+                        r.name,
+                        r.quic,
+                        r.api,
+                        r.peer,
+                        r.fingerprint,
+                        r.dns,
+                        json_text(&r.nameservers),
+                        json_text(&r.addresses),
+                        r.version,
+                        now,
+                        now + lease_ms
+                    ],
+                )?;
+                db.log(tx, events, Change::ServersChanged)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn renew_server(&self, id: &str, lease_ms: i64, tunnels: &[String]) -> Result<bool, StoreError> {
+        let (id, tunnels) = (own(id), json_text(tunnels));
+        self.run(move |db| {
+            db.with(|conn| {
+                conn.execute(
+                    "UPDATE servers SET expires_at = ?2, tunnels = ?3 WHERE id = ?1 AND gone = 0",
+                    params![id, now_ms() + lease_ms, tunnels],
+                )
+            })
+            .map(|n| (n > 0, Vec::new()))
+        })
+        .await
+    }
+
+    async fn expire_servers(&self) -> Result<usize, StoreError> {
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n =
+                    tx.execute("UPDATE servers SET gone = 1 WHERE gone = 0 AND expires_at < ?1", params![now_ms()])?;
+                if n > 0 {
+                    db.log(tx, events, Change::ServersChanged)?;
+                }
+                Ok(n)
+            })
+        })
+        .await
+    }
+
+    async fn leave_server(&self, id: &str) -> Result<(), StoreError> {
+        let id = own(id);
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n = tx.execute(
+                    "UPDATE servers SET gone = 1, expires_at = MIN(expires_at, ?2) WHERE id = ?1 AND gone = 0",
+                    params![id, now_ms()],
+                )?;
+                tx.execute("DELETE FROM leases WHERE holder = ?1", params![id])?;
+                if n > 0 {
+                    db.log(tx, events, Change::ServersChanged)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn remove_server(&self, id: &str) -> Result<bool, StoreError> {
+        let id = own(id);
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n = tx.execute("DELETE FROM servers WHERE id = ?1", params![id])?;
+                if n > 0 {
+                    db.log(tx, events, Change::ServersChanged)?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
+    }
+
+    async fn list_servers(&self) -> Result<Vec<ServerEntry>, StoreError> {
+        self.read(|conn| {
+            let now = now_ms();
+            let mut stmt = conn.prepare(
+                "SELECT id, name, quic, api, peer, fingerprint, dns, nameservers, addresses, version, started_at,
+                    expires_at, gone, tunnels FROM servers ORDER BY name, id",
+            )?;
+            let rows = stmt.query_map([], |row| server_row(row, now))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<Option<i64>, StoreError> {
+        let (name, holder) = (own(name), own(holder));
+        self.run(move |db| {
+            db.write(|tx, _| {
+                let now = now_ms();
+                let current: Option<(String, i64, i64)> = tx
+                    .query_row("SELECT holder, token, expires_at FROM leases WHERE name = ?1", params![name], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()?;
+                let token = match current {
+                    Some((h, token, expires)) if h == holder && expires >= now => token,
+                    Some((_, _, expires)) if expires >= now => return Ok(None),
+                    Some((_, token, _)) => token + 1,
+                    None => 1,
+                };
+                tx.execute(
+                    "INSERT INTO leases (name, holder, token, expires_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, token = excluded.token,
+                        expires_at = excluded.expires_at",
+                    params![name, holder, token, now + ttl_ms],
+                )?;
+                Ok(Some(token))
+            })
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let (name, holder) = (own(name), own(holder));
+        self.run(move |db| {
+            db.with(|conn| {
+                conn.execute(
+                    "UPDATE leases SET expires_at = ?3 - 1 WHERE name = ?1 AND holder = ?2",
+                    params![name, holder, now_ms()],
+                )
+            })
+            .map(|_| ((), Vec::new()))
+        })
+        .await
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
+        let name = own(name);
+        self.read(move |conn| {
+            conn.query_row("SELECT name, holder, token, expires_at FROM leases WHERE name = ?1", params![name], |r| {
+                Ok(Lease {
+                    name: r.get(0)?,
+                    holder: r.get(1)?,
+                    token: r.get(2)?,
+                    left_ms: r.get::<_, i64>(3)? - now_ms(),
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = own(key);
+        self.read(move |conn| {
+            conn.query_row("SELECT value FROM settings WHERE key = ?1", params![key], |r| r.get(0)).optional()
+        })
+        .await
+    }
+
+    async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        let (key, value) = (own(key), own(value));
+        self.run(move |db| {
+            db.write(|tx, _| {
+                tx.execute(
+                    "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO NOTHING",
+                    params![key, value],
+                )?;
+                tx.query_row("SELECT value FROM settings WHERE key = ?1", params![key], |r| r.get(0))
+            })
+        })
+        .await
+    }
+
+    async fn lock_order(&self, _node: &str, _wait: Duration) -> Result<OrderLock, StoreError> {
+        // One server per SQLite file: its in-process lock is enough.
+        Ok(OrderLock::local())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
