@@ -93,6 +93,15 @@ mod tests {
         let req: ProbeRequest = serde_json::from_str(body).unwrap();
         let again: ProbeRequest = serde_json::from_slice(&serde_json::to_vec(&req).unwrap()).unwrap();
         assert_eq!(req, again);
+        let outcomes = ProbeBatchAnswer {
+            outcomes: vec![
+                ProbeOutcome::Answer { answer: "ab".repeat(32) },
+                ProbeOutcome::Failed { error: "connect: refused".into() },
+            ],
+        };
+        let json = serde_json::to_string(&outcomes).unwrap();
+        assert!(json.contains(r#""result":"failed""#), "{json}");
+        assert_eq!(serde_json::from_str::<ProbeBatchAnswer>(&json).unwrap(), outcomes);
     }
 
     #[test]
@@ -143,6 +152,44 @@ pub struct ChallengePublished {
 pub struct ChallengesRemoved {
     /// How many values were removed.
     pub removed: usize,
+}
+
+/// Most probes in one [`ProbeBatchRequest`].
+pub const MAX_PROBE_BATCH: usize = 1000;
+
+/// Body of `POST /api/probe/batch`: a cluster's mode decider asks each peer
+/// once per round for every node, instead of once per node (which a peer's
+/// per-source connection rate would refuse at a few hundred nodes).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeBatchRequest {
+    /// At most [`MAX_PROBE_BATCH`] probes.
+    pub probes: Vec<ProbeRequest>,
+}
+
+/// Answer of `POST /api/probe/batch`: one outcome per probe, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeBatchAnswer {
+    /// As many as were asked for.
+    pub outcomes: Vec<ProbeOutcome>,
+}
+
+/// How one probe of a batch went.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProbeOutcome {
+    /// The node's answer to the nonce, 64 hex digits (unchecked: the asking
+    /// server holds the key).
+    Answer {
+        /// Hex.
+        answer: String,
+    },
+    /// No answer: why.
+    Failed {
+        /// What went wrong.
+        error: String,
+    },
 }
 
 /// Answer of `POST /api/probe`: the node's answer to the nonce, hex.

@@ -61,6 +61,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{name}", get(node))
         .route("/api/probe", post(probe_for_peer))
+        .route("/api/probe/batch", post(probe_batch_for_peer))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -446,6 +447,43 @@ pub fn node_view(node: &NodeHandle) -> NodeView {
     }
 }
 
+/// `Some(refusal)` unless the caller is a live server of the cluster (by
+/// its identity client certificate) or presents the admin token.
+fn probe_refusal(shared: &Shared, peer: Peer, identity: &ClientIdentity, headers: &HeaderMap) -> Option<Response> {
+    let from_server =
+        identity.0.as_deref().is_some_and(|fp| shared.cluster.members().live_peer(&shared.cluster.id, fp).is_some());
+    if from_server {
+        return None;
+    }
+    admin_refusal(shared, peer, headers)
+}
+
+/// Reads a JSON body of at most `limit` bytes within the client deadline.
+async fn json_body<T: serde::de::DeserializeOwned>(body: axum::body::Body, limit: usize) -> Result<T, Response> {
+    let bytes = match tokio::time::timeout(CLIENT_DEADLINE, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return Err(error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {limit} bytes"))),
+        Err(_) => return Err(error(StatusCode::REQUEST_TIMEOUT, "body not received in time")),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid request body: {e}")))
+}
+
+/// Runs one probe asked for by another server; the node's answer, unchecked.
+async fn run_probe(shared: &Shared, req: &ProbeRequest) -> Result<[u8; 32], String> {
+    let nonce = edge_proto::join::parse_fingerprint(&req.nonce);
+    let (Some(nonce), Some(sni)) = (nonce, edge_proto::names::normalize_hostname(&req.sni)) else {
+        return Err("nonce must be 64 hex digits and sni a DNS name".into());
+    };
+    let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(3000).clamp(100, 10_000));
+    let tls = crate::detector::probe_client_config();
+    match tokio::time::timeout(timeout, crate::detector::raw_probe(req.endpoint, &sni, &nonce, tls, &shared.self_loops))
+        .await
+    {
+        Ok(result) => result,
+        Err(_) => Err("no answer in time".into()),
+    }
+}
+
 async fn probe_for_peer(
     State(api): State<Arc<ApiState>>,
     Extension(peer): Extension<Peer>,
@@ -454,39 +492,62 @@ async fn probe_for_peer(
     body: axum::body::Body,
 ) -> Response {
     let shared = &api.shared;
-    // A live server of the cluster is known by its identity; anyone else
-    // needs the admin token.
-    let from_server =
-        identity.0.as_deref().is_some_and(|fp| shared.cluster.members().live_peer(&shared.cluster.id, fp).is_some());
-    if !from_server {
-        if let Some(refused) = admin_refusal(shared, peer, &headers) {
-            return refused;
-        }
+    if let Some(refused) = probe_refusal(shared, peer, &identity, &headers) {
+        return refused;
     }
-    let bytes = match tokio::time::timeout(CLIENT_DEADLINE, axum::body::to_bytes(body, 4096)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than 4 KiB"),
-        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
-    };
-    let req: ProbeRequest = match serde_json::from_slice(&bytes) {
+    let req: ProbeRequest = match json_body(body, 4096).await {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid request body: {e}")),
+        Err(refused) => return refused,
     };
-    let nonce = edge_proto::join::parse_fingerprint(&req.nonce);
-    let (Some(nonce), Some(sni)) = (nonce, edge_proto::names::normalize_hostname(&req.sni)) else {
-        return error(StatusCode::BAD_REQUEST, "nonce must be 64 hex digits and sni a DNS name");
-    };
-    let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(3000).clamp(100, 10_000));
-    let tls = crate::detector::probe_client_config();
-    match tokio::time::timeout(timeout, crate::detector::raw_probe(req.endpoint, &sni, &nonce, tls, &shared.self_loops))
-        .await
+    if edge_proto::join::parse_fingerprint(&req.nonce).is_none()
+        || edge_proto::names::normalize_hostname(&req.sni).is_none()
     {
-        Ok(Ok(answer)) => {
-            Json(edge_proto::signal::ProbeAnswer { answer: edge_proto::join::hex(&answer) }).into_response()
-        }
-        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, &e),
-        Err(_) => error(StatusCode::BAD_GATEWAY, "no answer in time"),
+        return error(StatusCode::BAD_REQUEST, "nonce must be 64 hex digits and sni a DNS name");
     }
+    match run_probe(shared, &req).await {
+        Ok(answer) => Json(edge_proto::signal::ProbeAnswer { answer: edge_proto::join::hex(&answer) }).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, &e),
+    }
+}
+
+/// Probes of one batch in flight at once.
+const PROBE_BATCH_CONCURRENCY: usize = 64;
+
+/// `POST /api/probe/batch`: every probe of a round in one request.
+async fn probe_batch_for_peer(
+    State(api): State<Arc<ApiState>>,
+    Extension(peer): Extension<Peer>,
+    Extension(identity): Extension<ClientIdentity>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    use edge_proto::signal::{ProbeBatchAnswer, ProbeBatchRequest, ProbeOutcome, MAX_PROBE_BATCH};
+    use futures_util::StreamExt;
+    let shared = &api.shared;
+    if let Some(refused) = probe_refusal(shared, peer, &identity, &headers) {
+        return refused;
+    }
+    let batch: ProbeBatchRequest = match json_body(body, MAX_PROBE_BATCH * 512).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
+    if batch.probes.len() > MAX_PROBE_BATCH {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("at most {MAX_PROBE_BATCH} probes per batch"));
+    }
+    let outcomes: Vec<ProbeOutcome> = futures_util::stream::iter(batch.probes)
+        .map(|req| {
+            let shared = shared.clone();
+            async move {
+                match run_probe(&shared, &req).await {
+                    Ok(answer) => ProbeOutcome::Answer { answer: edge_proto::join::hex(&answer) },
+                    Err(error) => ProbeOutcome::Failed { error },
+                }
+            }
+        })
+        .buffered(PROBE_BATCH_CONCURRENCY)
+        .collect()
+        .await;
+    Json(ProbeBatchAnswer { outcomes }).into_response()
 }
 
 /// `/metrics` on the public API: admin token required (the separate

@@ -63,9 +63,8 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         if !probe_now {
             continue;
         }
-        let mut round = tokio::task::JoinSet::new();
         let own = shared.own_addresses();
-        let locations = Arc::new(probe_locations(&shared, &members));
+        let mut jobs: Vec<(Arc<NodeHandle>, SocketAddr, String)> = Vec::new();
         for node in nodes {
             // An endpoint restored from the store was checked by an older
             // version, or before the host's addresses changed: checked again.
@@ -84,22 +83,53 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 }
                 continue;
             };
-            let (tls, sni, timeout) =
-                (tls.clone(), format!("{}.{}", node.name, shared.config.zone()), cfg.probe_timeout_ms);
-            let locations = locations.clone();
+            let sni = format!("{}.{}", node.name, shared.config.zone());
+            jobs.push((node, endpoint, sni));
+        }
+        // From here and each configured location, per node; from each live
+        // peer, one batch for all nodes.
+        let configured = Arc::new(cfg.probe_locations.clone());
+        let mut round = tokio::task::JoinSet::new();
+        for (i, (node, endpoint, sni)) in jobs.iter().cloned().enumerate() {
+            let (tls, timeout, configured) = (tls.clone(), cfg.probe_timeout_ms, configured.clone());
             let loops = shared.self_loops.clone();
             round.spawn(async move {
                 // Each location gets `timeout` too.
-                let total = Duration::from_millis(timeout * (1 + locations.len() as u64));
+                let total = Duration::from_millis(timeout * (1 + configured.len() as u64));
                 let result =
-                    tokio::time::timeout(total, probe(endpoint, &loops, &node, &sni, tls, &locations, timeout))
+                    tokio::time::timeout(total, probe(endpoint, &loops, &node, &sni, tls, &configured, timeout))
                         .await
                         .unwrap_or_else(|_| Err(format!("no answer within {timeout} ms")));
-                (node, endpoint, result)
+                (i, result)
             });
         }
-        while let Some(done) = round.join_next().await {
-            let Ok((node, endpoint, result)) = done else { continue };
+        let peers = peer_locations(&shared, &members);
+        let from_peers =
+            futures_util::future::join_all(peers.iter().map(|peer| batch_probe(peer, &jobs, cfg.probe_timeout_ms)));
+        let mut results: Vec<Result<(), String>> = vec![Err("not probed".into()); jobs.len()];
+        let collect_local = async {
+            while let Some(done) = round.join_next().await {
+                if let Ok((i, result)) = done {
+                    results[i] = result;
+                }
+            }
+        };
+        let ((), from_peers) = tokio::join!(collect_local, from_peers);
+        for (peer, answers) in peers.iter().zip(from_peers) {
+            for (i, answer) in answers.into_iter().enumerate() {
+                if results[i].is_ok() {
+                    let (node, _, _) = &jobs[i];
+                    results[i] = answer
+                        .and_then(|(nonce, answer)| {
+                            probe::verify(&node.probe_key(), &node.name, &nonce, &answer)
+                                .then_some(())
+                                .ok_or_else(|| "wrong answer: not this node".to_string())
+                        })
+                        .map_err(|e| format!("from {}: {e}", peer.name));
+                }
+            }
+        }
+        for ((node, endpoint, _), result) in jobs.into_iter().zip(results) {
             let now = crate::unix_now();
             let ep = endpoint.to_string();
             let sample = ProbeSample {
@@ -145,47 +175,115 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where a probe round runs besides this server.
+/// A live server of the cluster asked to probe too, with this server's
+/// identity as the credential.
 #[derive(Debug, Clone)]
-pub enum ProbeLocation {
-    /// From `modes.probe_locations`, with its admin token.
-    Configured(crate::config::ProbeLocation),
-    /// A live server of the cluster, asked with this server's identity.
-    Peer {
-        /// Its name, for messages.
-        name: String,
-        /// Its signal API.
-        api: String,
-        /// TLS pinned to it, presenting our identity.
-        tls: Arc<rustls::ClientConfig>,
-    },
+struct PeerLocation {
+    /// Its name, for messages.
+    name: String,
+    /// Its signal API.
+    api: String,
+    /// TLS pinned to it, presenting our identity.
+    tls: Arc<rustls::ClientConfig>,
 }
 
-impl ProbeLocation {
-    fn label(&self) -> &str {
-        match self {
-            ProbeLocation::Configured(l) => &l.api,
-            ProbeLocation::Peer { name, .. } => name,
-        }
+/// Every other live server, unless `cluster.probe_from_peers` is off.
+fn peer_locations(shared: &Shared, members: &crate::cluster::Members) -> Vec<PeerLocation> {
+    if !shared.config.cluster.probe_from_peers {
+        return Vec::new();
     }
-}
-
-/// The configured locations, and every other live server unless
-/// `cluster.probe_from_peers` is off.
-fn probe_locations(shared: &Shared, members: &crate::cluster::Members) -> Vec<ProbeLocation> {
-    let mut locations: Vec<ProbeLocation> =
-        shared.config.modes.probe_locations.iter().cloned().map(ProbeLocation::Configured).collect();
-    if shared.config.cluster.probe_from_peers {
-        for peer in members.live().filter(|s| s.record.id != shared.cluster.id) {
-            let Some(pin) = edge_proto::join::parse_fingerprint(&peer.record.fingerprint) else { continue };
-            locations.push(ProbeLocation::Peer {
+    members
+        .live()
+        .filter(|s| s.record.id != shared.cluster.id)
+        .filter_map(|peer| {
+            let pin = edge_proto::join::parse_fingerprint(&peer.record.fingerprint)?;
+            Some(PeerLocation {
                 name: peer.record.name.clone(),
                 api: peer.record.api.clone(),
                 tls: shared.peers.api_tls(pin),
-            });
+            })
+        })
+        .collect()
+}
+
+/// A nonce and the answer a peer got with it.
+type PeerAnswer = Result<([u8; probe::NONCE_LEN], Vec<u8>), String>;
+
+/// Asks `peer` to probe every job, in batches; one result per job.
+async fn batch_probe(
+    peer: &PeerLocation,
+    jobs: &[(Arc<NodeHandle>, SocketAddr, String)],
+    timeout_ms: u64,
+) -> Vec<PeerAnswer> {
+    use edge_proto::signal::{ProbeBatchAnswer, ProbeBatchRequest, ProbeOutcome, ProbeRequest, MAX_PROBE_BATCH};
+    let mut out = Vec::with_capacity(jobs.len());
+    for chunk in jobs.chunks(MAX_PROBE_BATCH) {
+        let nonces: Vec<[u8; probe::NONCE_LEN]> = chunk.iter().map(|_| rand::random()).collect();
+        let body = ProbeBatchRequest {
+            probes: chunk
+                .iter()
+                .zip(&nonces)
+                .map(|((_, endpoint, sni), nonce)| ProbeRequest {
+                    endpoint: *endpoint,
+                    sni: sni.clone(),
+                    nonce: edge_proto::join::hex(nonce),
+                    timeout_ms: Some(timeout_ms),
+                })
+                .collect(),
+        };
+        // The peer runs 64 at a time, each within `timeout_ms`.
+        let waves = chunk.len().div_ceil(64) as u64;
+        let deadline = Duration::from_millis(timeout_ms * (waves + 1) + 2_000);
+        let request = edge_net::https::json_request(
+            &peer.api,
+            "edge-server",
+            peer.tls.clone(),
+            hyper::Method::POST,
+            "/api/probe/batch",
+            "",
+            &body,
+            MAX_PROBE_BATCH * 256,
+        );
+        let answer: Result<ProbeBatchAnswer, String> = match tokio::time::timeout(deadline, request).await {
+            Ok(Ok((status, bytes))) if status.is_success() => {
+                serde_json::from_slice(&bytes).map_err(|_| format!("{status}: not a probe batch answer"))
+            }
+            Ok(Ok((status, bytes))) => {
+                let error: Option<edge_proto::signal::ErrorResponse> = serde_json::from_slice(&bytes).ok();
+                Err(error.map_or_else(|| format!("{status}"), |e| e.error))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("no answer within {} ms", deadline.as_millis())),
+        };
+        match answer {
+            Ok(answer) if answer.outcomes.len() == chunk.len() => {
+                for (outcome, nonce) in answer.outcomes.into_iter().zip(nonces) {
+                    out.push(match outcome {
+                        ProbeOutcome::Answer { answer } => parse_answer(&answer).map(|a| (nonce, a)),
+                        ProbeOutcome::Failed { error } => Err(error),
+                    });
+                }
+            }
+            Ok(answer) => {
+                let e = format!("{} outcomes for {} probes", answer.outcomes.len(), chunk.len());
+                out.extend(chunk.iter().map(|_| Err(e.clone())));
+            }
+            Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
         }
     }
-    locations
+    out
+}
+
+/// 64 hex digits to the answer's bytes.
+fn parse_answer(hex: &str) -> Result<Vec<u8>, String> {
+    if hex.len() != 2 * probe::ANSWER_LEN {
+        return Err("bad answer".into());
+    }
+    (0..probe::ANSWER_LEN)
+        .map(|i| {
+            u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16).map_err(|_| "bad answer".to_string())
+        })
+        .collect()
 }
 
 /// Persists a transition (fenced by the decider lease), logs it once,
@@ -238,7 +336,7 @@ async fn probe(
     node: &NodeHandle,
     sni: &str,
     tls: Arc<rustls::ClientConfig>,
-    locations: &[ProbeLocation],
+    locations: &[crate::config::ProbeLocation],
     timeout_ms: u64,
 ) -> Result<(), String> {
     let check =
@@ -252,9 +350,9 @@ async fn probe(
         let nonce: [u8; probe::NONCE_LEN] = rand::random();
         let answer = remote_probe(location, endpoint, sni, &nonce, timeout_ms)
             .await
-            .map_err(|e| format!("from {}: {e}", location.label()))?;
+            .map_err(|e| format!("from {}: {e}", location.api))?;
         if !check(&nonce, &answer) {
-            return Err(format!("from {}: wrong answer: not this node", location.label()));
+            return Err(format!("from {}: wrong answer: not this node", location.api));
         }
     }
     Ok(())
@@ -263,20 +361,15 @@ async fn probe(
 /// Asks another edge-server to probe `endpoint` with `nonce`; returns the
 /// answer it got (verified here: the other server does not hold the key).
 async fn remote_probe(
-    location: &ProbeLocation,
+    location: &crate::config::ProbeLocation,
     endpoint: SocketAddr,
     sni: &str,
     nonce: &[u8; probe::NONCE_LEN],
     timeout_ms: u64,
 ) -> Result<Vec<u8>, String> {
-    let (api, tls, bearer) = match location {
-        ProbeLocation::Configured(l) => {
-            let fingerprint = edge_proto::join::parse_fingerprint(&l.fingerprint).ok_or("bad fingerprint")?;
-            (l.api.as_str(), edge_net::https::pinned_client_config(fingerprint, b"http/1.1"), l.admin_token.0.as_str())
-        }
-        // The client certificate is the credential.
-        ProbeLocation::Peer { api, tls, .. } => (api.as_str(), tls.clone(), ""),
-    };
+    let fingerprint = edge_proto::join::parse_fingerprint(&location.fingerprint).ok_or("bad fingerprint")?;
+    let tls = edge_net::https::pinned_client_config(fingerprint, b"http/1.1");
+    let (api, bearer) = (location.api.as_str(), location.admin_token.0.as_str());
     let body = edge_proto::signal::ProbeRequest {
         endpoint,
         sni: sni.to_string(),
@@ -292,15 +385,7 @@ async fn remote_probe(
     }
     let answer: edge_proto::signal::ProbeAnswer =
         serde_json::from_slice(&bytes).map_err(|_| format!("{status}: not a probe answer"))?;
-    let hex = answer.answer.as_str();
-    if hex.len() != 2 * probe::ANSWER_LEN {
-        return Err("bad answer".into());
-    }
-    (0..probe::ANSWER_LEN)
-        .map(|i| {
-            u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16).map_err(|_| "bad answer".to_string())
-        })
-        .collect()
+    parse_answer(&answer.answer)
 }
 
 /// TLS with the probe ALPN to `endpoint`, `nonce` out, the answer back

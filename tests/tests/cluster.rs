@@ -20,9 +20,13 @@ use edge_tests::{clients, metric, upstreams, wait_for, Agent, Server, ServerAddr
 
 /// Config of server `n` (1..=3) of the cluster on `store`.
 fn cluster_config(store: &str, n: u8, extra: &str) -> String {
+    cluster_config_with_lease(store, n, 3000, extra)
+}
+
+fn cluster_config_with_lease(store: &str, n: u8, lease_ms: u64, extra: &str) -> String {
     format!(
         "{store}\n[dns]\nlisten = \"127.0.0.{n}:0\"\nnameservers = [\"ns{n}.{ZONE}\"]\n\
-         [cluster]\nname = \"edge-{n}\"\nlease_ms = 3000\nrenew_ms = 500\ndecider_lease_ms = 3000\n{extra}"
+         [cluster]\nname = \"edge-{n}\"\nlease_ms = {lease_ms}\nrenew_ms = 500\ndecider_lease_ms = 3000\n{extra}"
     )
 }
 
@@ -450,6 +454,23 @@ async fn one_decider_writes_each_transition_once_and_fails_over() {
     for pair in steps.windows(2) {
         assert_eq!(pair[0].1, pair[1].0, "transitions chain: {rows}");
     }
+
+    // The batch probe endpoint peers use: a live server's identity or the
+    // admin token, and a bounded batch.
+    let probe = r#"{"endpoint":"127.0.0.1:9","sni":"n1.edge.test","nonce":"NONCE"}"#.replace("NONCE", &"00".repeat(32));
+    let batch = |n: usize| format!("{{\"probes\":[{}]}}", vec![probe.as_str(); n].join(","));
+    let server = &servers[other];
+    let (code, _) = server.api_call("POST", "/api/probe/batch", None, Some(&batch(1))).unwrap();
+    assert_eq!(code, 401, "no credential, no probe");
+    let (code, body) =
+        server.api_call("POST", "/api/probe/batch", Some(&server.admin_token()), Some(&batch(2))).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["outcomes"].as_array().map(Vec::len), Some(2), "{body}");
+    assert_eq!(answer["outcomes"][0]["result"], "failed", "nothing listens on port 9: {body}");
+    let (code, _) =
+        server.api_call("POST", "/api/probe/batch", Some(&server.admin_token()), Some(&batch(1001))).unwrap();
+    assert_eq!(code, 413, "at most 1000 probes per batch");
 }
 
 #[test]
@@ -469,7 +490,9 @@ fn a_certificate_ordered_through_one_server_is_validated_against_another() {
     );
     let servers: Vec<Server> = (1..=3)
         .map(|n| {
-            let config = format!("{}\n{acme}", cluster_config(&store, n, ""));
+            // A lease longer than B is frozen below: B stays live.
+            let cluster = cluster_config_with_lease(&store, n, 10_000, "publish_timeout_ms = 1500\n");
+            let config = format!("{cluster}\n{acme}");
             Server::start_at(&tmp.path().join(format!("s{n}")), &config, host(n)).unwrap()
         })
         .collect();
@@ -480,7 +503,28 @@ fn a_certificate_ordered_through_one_server_is_validated_against_another() {
     let join = servers[2].add_node("n1").unwrap();
     assert!(edge_proto::join::JoinTicket::parse(&join).unwrap().server.starts_with("127.0.0.3:"));
 
-    // Every server's DNS, polled for the challenge value from now on.
+    // B frozen (still live: its lease runs 10 s, the publish wait 1.5 s): C
+    // does not tell the CA anything while B's DNS does not serve the value.
+    servers[1].proc.signal("STOP");
+    let upstream = rt.block_on(upstreams::http("hello from n1"));
+    let agent = Agent::spawn_with_config(
+        &tmp.path().join("agent"),
+        &join,
+        upstream,
+        "[acme.renewal]\nretry_initial_secs = 2\n",
+    )
+    .unwrap();
+    wait_for("C's publish refused while B does not serve", Duration::from_secs(30), || {
+        servers[2].proc.log_text().contains("not every live server's DNS serves the value").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\nC:\n{}", servers[2].proc.log_text()));
+    let log = servers[2].proc.log_text();
+    assert!(log.contains("edge-2"), "the refusal names the server that does not serve it");
+    assert!(!log.contains("ACME: TXT published"), "the CA was not told to validate");
+    servers[1].proc.signal("CONT");
+
+    // Every server's DNS, polled for the challenge value from now on: the
+    // time each query that first saw it was sent.
     let stop = Arc::new(AtomicBool::new(false));
     let pollers: Vec<_> = servers
         .iter()
@@ -488,18 +532,17 @@ fn a_certificate_ordered_through_one_server_is_validated_against_another() {
             let (dns, stop) = (dns_of(s), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
+                    let sent = std::time::SystemTime::now();
                     let answer = dig(dns, &format!("_acme-challenge.n1.{ZONE}"), "TXT", false);
                     if answer.is_ok_and(|a| !a.data("TXT").is_empty()) {
-                        return Some(std::time::SystemTime::now());
+                        return Some(sent);
                     }
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(Duration::from_millis(5));
                 }
                 None
             })
         })
         .collect();
-    let upstream = rt.block_on(upstreams::http("hello from n1"));
-    let agent = Agent::spawn_with_config(&tmp.path().join("agent"), &join, upstream, "").unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
     wait_for("the certificate issued", Duration::from_secs(90), || {
         metric(&agent.metrics().ok()?, "edge_agent_certificate_renewals_total").filter(|r| *r >= 1.0)
@@ -519,7 +562,9 @@ fn a_certificate_ordered_through_one_server_is_validated_against_another() {
     for (i, at) in seen.iter().enumerate() {
         let at = at.unwrap_or_else(|| panic!("server {} never served the TXT value", i + 1));
         let at = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-        assert!(at <= told + 0.05, "server {} served the value {:.3} s after the CA was told", i + 1, at - told);
+        // A query sent before the CA was told already found it (within
+        // the scheduling slack of a loaded machine).
+        assert!(at <= told + 0.1, "server {} served the value {:.3} s after the CA was told", i + 1, at - told);
     }
     assert!(log.contains("ACME: certificate issued"), "the order ran on C");
     let accounts = pg.sql("edge", "SELECT count(*) FROM settings WHERE key LIKE 'acme-account:%'").unwrap();

@@ -24,13 +24,22 @@ pub async fn run(shared: Arc<Shared>, record: ServerRecord, shutdown: Cancellati
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.renew_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    // Others are declared gone only by a server that has itself renewed for
+    // a whole lease: after an outage of the store every lease has run out,
+    // and the first server back must not declare the others gone before
+    // they had a chance to renew.
+    let mut renewing_since = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
             _ = shared.cluster.tunnels_changed() => tokio::time::sleep(TUNNEL_DEBOUNCE).await,
         }
-        let result = renew(&shared, &record, lease).await;
+        let may_expire = renewing_since.elapsed() >= Duration::from_millis(cfg.lease_ms);
+        let result = renew(&shared, &record, lease, may_expire).await;
+        if result.is_err() {
+            renewing_since = tokio::time::Instant::now();
+        }
         match result {
             Ok(()) if failing => {
                 tracing::info!("cluster lease renewed again");
@@ -54,7 +63,12 @@ pub async fn run(shared: Arc<Shared>, record: ServerRecord, shutdown: Cancellati
     }
 }
 
-async fn renew(shared: &Shared, record: &ServerRecord, lease: i64) -> Result<(), crate::store::StoreError> {
+async fn renew(
+    shared: &Shared,
+    record: &ServerRecord,
+    lease: i64,
+    may_expire: bool,
+) -> Result<(), crate::store::StoreError> {
     let mut tunnels: Vec<String> =
         shared.registry.nodes().iter().filter(|n| n.tunnel_count() > 0).map(|n| n.name.clone()).collect();
     tunnels.sort();
@@ -64,9 +78,11 @@ async fn renew(shared: &Shared, record: &ServerRecord, lease: i64) -> Result<(),
         shared.store.register_server(record, lease).await?;
         shared.store.renew_server(&record.id, lease, &tunnels).await?;
     }
-    let expired = shared.store.expire_servers().await?;
-    if expired > 0 {
-        tracing::info!(expired, "declared servers whose lease ran out gone");
+    if may_expire {
+        let expired = shared.store.expire_servers().await?;
+        if expired > 0 {
+            tracing::info!(expired, "declared servers whose lease ran out gone");
+        }
     }
     shared.cluster.set_members(shared.store.list_servers().await?);
     Ok(())

@@ -153,6 +153,11 @@ impl ClusterView {
         self.members.borrow().clone()
     }
 
+    /// The members and their changes.
+    pub fn watch_members(&self) -> watch::Receiver<Arc<Members>> {
+        self.members.subscribe()
+    }
+
     /// Replaces the members with a fresh read of the store.
     pub fn set_members(&self, servers: Vec<ServerEntry>) {
         let members = Members { servers };

@@ -270,11 +270,22 @@ pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>, close: Cancella
     conn.set_max_concurrent_bi_streams(VarInt::from_u32(shared.config.tunnel.max_streams));
     tracing::info!(%peer, %remote, "peer server connected");
     let streams = TaskTracker::new();
+    let mut members = shared.cluster.watch_members();
     loop {
         tokio::select! {
             _ = close.cancelled() => {
                 conn.close(VarInt::from_u32(codes::CLOSE_SHUTDOWN), b"server shutting down");
                 break;
+            }
+            changed = members.changed() => {
+                let gone = changed.is_err()
+                    || members.borrow_and_update().live_peer(&shared.cluster.id, &fingerprint).is_none();
+                if gone {
+                    // Declared gone or removed: its identity no longer counts.
+                    tracing::info!(%peer, %remote, "peer server is no longer live; closing its connection");
+                    conn.close(VarInt::from_u32(codes::CLOSE_AUTH_FAILED), b"not a live server of this cluster");
+                    break;
+                }
             }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
