@@ -101,6 +101,7 @@ fn targets(shared: &AgentShared, list: &[ClusterServer]) -> Vec<Target> {
 
 struct Running {
     generation: u64,
+    address: String,
     stop: CancellationToken,
 }
 
@@ -114,13 +115,19 @@ pub async fn run(
     let mut sessions: JoinSet<(String, u64, Result<(), AgentError>)> = JoinSet::new();
     let mut generation = 0u64;
     let mut start = |target: Target, running: &mut HashMap<String, Running>, sessions: &mut JoinSet<_>| {
-        if running.contains_key(&target.key) {
-            return;
+        match running.get(&target.key) {
+            Some(r) if r.address == target.address => return,
+            // The same server (by identity) at a new address: dialed there.
+            Some(r) => {
+                tracing::info!(server = %target.name, from = %r.address, to = %target.address, "server moved");
+                r.stop.cancel();
+            }
+            None => {}
         }
         generation += 1;
         let stop = shutdown.child_token();
         tracing::info!(server = %target.name, address = %target.address, "connecting to server");
-        running.insert(target.key.clone(), Running { generation, stop: stop.clone() });
+        running.insert(target.key.clone(), Running { generation, address: target.address.clone(), stop: stop.clone() });
         let target = Arc::new(target);
         for index in 0..shared.config.connections {
             let (endpoint, shared, stop, target, generation) =
@@ -147,11 +154,13 @@ pub async fn run(
         start(target, &mut running, &mut sessions);
     }
     let mut lists = shared.servers.subscribe();
+    let mut listening = true;
     let mut result = Ok(());
     loop {
         tokio::select! {
-            changed = lists.changed() => {
+            changed = lists.changed(), if listening => {
                 if changed.is_err() {
+                    listening = false;
                     continue;
                 }
                 let list = lists.borrow_and_update().clone();

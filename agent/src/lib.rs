@@ -86,6 +86,9 @@ pub struct AgentShared {
     welcomed: tokio::sync::watch::Sender<bool>,
     /// The cluster's live servers as a server last listed them.
     servers: tokio::sync::watch::Sender<Vec<edge_proto::tunnel::ClusterServer>>,
+    /// The store revision of that list: an older list (from a server that
+    /// lags behind the store) is ignored.
+    servers_revision: std::sync::atomic::AtomicU64,
     /// Facts of the certificate being served.
     certificate: Mutex<Option<edge_certs::info::CertInfo>>,
     /// Set once the ACME manager runs.
@@ -123,11 +126,16 @@ impl Node {
 }
 
 impl AgentShared {
-    /// Takes a server list from a welcome or notice (ill-formed entries
-    /// dropped; an empty list says nothing).
-    pub fn learn_servers(&self, servers: Vec<edge_proto::tunnel::ClusterServer>) {
+    /// Takes a server list from a welcome or notice, read at the store's
+    /// `revision` (ill-formed entries dropped; an empty list says nothing; a
+    /// list older than the one taken is ignored).
+    pub fn learn_servers(&self, servers: Vec<edge_proto::tunnel::ClusterServer>, revision: u64) {
         let servers = cluster::valid(servers);
         if servers.is_empty() {
+            return;
+        }
+        let newest = self.servers_revision.fetch_max(revision, std::sync::atomic::Ordering::SeqCst);
+        if revision < newest {
             return;
         }
         self.servers.send_if_modified(|current| {
@@ -305,6 +313,7 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         node_setup: tokio::sync::Mutex::new(()),
         welcomed: tokio::sync::watch::Sender::new(false),
         servers: tokio::sync::watch::Sender::new(Vec::new()),
+        servers_revision: std::sync::atomic::AtomicU64::new(0),
         certificate: Mutex::new(None),
         acme_started: std::sync::atomic::AtomicBool::new(false),
         shutdown: shutdown.clone(),

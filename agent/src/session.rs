@@ -67,7 +67,14 @@ pub async fn run(
         // `shutdown_spread_ms` window instead.
         let (reason, delay) = match end {
             End::Shutdown => return Ok(()),
-            End::Fatal(message) => return Err(AgentError::Fatal(message)),
+            End::Fatal(message) if target.is_join => return Err(AgentError::Fatal(message)),
+            // A listed server may lag behind the store (a token just
+            // rotated, the node just added) or run another version during
+            // an upgrade: only the join string's server's verdict is final.
+            End::Fatal(message) => {
+                backoff = max;
+                (format!("{message} (retrying: only the join string's server's verdict stops the agent)"), max)
+            }
             End::Retry(reason) => (reason, backoff.mul_f64(rand::random_range(0.5..=1.0))),
             End::ServerLeft(reason) => {
                 let spread = backoff.max(Duration::from_millis(shared.config.reconnect.shutdown_spread_ms));
@@ -206,8 +213,8 @@ async fn handshake(
             .map_or_else(|| End::Retry(format!("sending hello: {e}")), |r| classify_close(&r)));
     }
     match tokio::time::timeout(WELCOME_DEADLINE, reader.next()).await {
-        Ok(Some(Ok(ServerMessage::Welcome { node, hostnames, heartbeat_secs, servers, .. }))) => {
-            shared.learn_servers(servers);
+        Ok(Some(Ok(ServerMessage::Welcome { node, hostnames, heartbeat_secs, servers, servers_revision, .. }))) => {
+            shared.learn_servers(servers, servers_revision);
             Ok((reader, writer, node, hostnames, heartbeat_secs.clamp(1, 300)))
         }
         Ok(Some(Ok(ServerMessage::Rejected { code, reason }))) => Err(verdict(u64::from(code), &reason)),
@@ -319,7 +326,7 @@ async fn tunnel(
                     tracing::info!(drain_secs, "server is shutting down; its open streams finish, then this tunnel reconnects");
                 }
                 Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),
-                Some(Ok(ServerMessage::Servers { servers })) => shared.learn_servers(servers),
+                Some(Ok(ServerMessage::Servers { servers, revision })) => shared.learn_servers(servers, revision),
                 Some(Ok(ServerMessage::Rejected { code, reason })) => break verdict(u64::from(code), &reason),
                 Some(Ok(ServerMessage::Welcome { .. })) => break End::Retry("unexpected second welcome".into()),
                 Some(Err(e)) => break ended(conn, format!("control stream: {e}")),

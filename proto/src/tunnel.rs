@@ -136,6 +136,10 @@ pub enum ServerMessage {
         /// that sent [`CAPABILITY_CLUSTER`]).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         servers: Vec<ClusterServer>,
+        /// The store revision the list was read at (0 with no list): of
+        /// lists from several servers the agent keeps the newest.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        servers_revision: u64,
     },
     /// The cluster's live servers changed (only to agents that sent
     /// [`CAPABILITY_CLUSTER`]): the agent connects to new ones and leaves
@@ -143,6 +147,8 @@ pub enum ServerMessage {
     Servers {
         /// Every live server, this one included.
         servers: Vec<ClusterServer>,
+        /// The store revision the list was read at.
+        revision: u64,
     },
     /// Authentication or version check failed; the connection closes next.
     Rejected {
@@ -176,6 +182,10 @@ pub enum ServerMessage {
         /// The server's drain timeout, in seconds.
         drain_secs: u64,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A server of the cluster as agents learn it from a server they trust:
@@ -398,11 +408,12 @@ mod tests {
 
     #[test]
     fn welcome_lists_servers_only_when_there_are_some() {
-        let welcome = |servers| ServerMessage::Welcome {
+        let welcome = |servers: Vec<ClusterServer>| ServerMessage::Welcome {
             node: "n1".into(),
             hostnames: vec!["n1.edge.test".into()],
             heartbeat_secs: 15,
             server_version: "0.1.0".into(),
+            servers_revision: if servers.is_empty() { 0 } else { 7 },
             servers,
         };
         let json = serde_json::to_string(&welcome(Vec::new())).unwrap();

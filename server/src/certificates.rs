@@ -55,9 +55,13 @@ pub enum CertRequestError {
     /// This server has no `[dns]` or no `[acme]` section.
     #[error("{0}")]
     NotConfigured(&'static str),
-    /// An order for this node is already running.
+    /// An order for this node is already running (here or on another
+    /// server of the cluster).
     #[error("a certificate order for this node is already running; retry later")]
     Busy,
+    /// This server runs [`MAX_CONCURRENT_ORDERS`] orders already.
+    #[error("this server is running as many certificate orders as it takes; retry later")]
+    Saturated,
     /// The store cannot be reached: nothing was published.
     #[error("{0}")]
     StoreUnavailable(String),
@@ -84,6 +88,7 @@ impl CertRequestError {
             Self::TooMany => StatusCode::TOO_MANY_REQUESTS,
             Self::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Busy => StatusCode::CONFLICT,
+            Self::Saturated => StatusCode::SERVICE_UNAVAILABLE,
             Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Failed(_) => StatusCode::BAD_GATEWAY,
         }
@@ -163,12 +168,23 @@ pub struct CertService {
     zone: Option<Arc<ZoneCell>>,
     acme: Option<edge_certs::acme::AcmeClient>,
     order_locks: OrderLocks,
+    /// Orders this server runs at once (each holds a database connection
+    /// for its cluster-wide lock); more wait for the node's next retry.
+    orders: tokio::sync::Semaphore,
 }
+
+/// Most certificate orders one server runs at once.
+pub const MAX_CONCURRENT_ORDERS: usize = 16;
 
 impl CertService {
     /// For `zone` (when `[dns]` is set) and `acme` (when `[acme]` is).
     pub fn new(zone: Option<Arc<ZoneCell>>, acme: Option<edge_certs::acme::AcmeClient>) -> Self {
-        Self { zone, acme, order_locks: OrderLocks::default() }
+        Self {
+            zone,
+            acme,
+            order_locks: OrderLocks::default(),
+            orders: tokio::sync::Semaphore::new(MAX_CONCURRENT_ORDERS),
+        }
     }
 }
 
@@ -345,6 +361,9 @@ pub async fn issue_for_csr(
     let lock = certs.order_locks.for_node(&node.name);
     let Ok(_guard) = lock.try_lock() else {
         return Err(CertRequestError::Busy);
+    };
+    let Ok(_order) = certs.orders.try_acquire() else {
+        return Err(CertRequestError::Saturated);
     };
     // And across the cluster: two servers never order for one node at once.
     let _cluster_guard = match shared.store.lock_order(&node.name, CLUSTER_ORDER_WAIT).await {

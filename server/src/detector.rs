@@ -36,9 +36,15 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut probes = tokio::time::interval(Duration::from_millis(cfg.probe_interval_ms));
     tunnels.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let probe_now = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                if let Some(r) = round.take() {
+                    r.abort();
+                }
+                return;
+            }
             _ = tunnels.tick() => false,
             _ = probes.tick() => true,
         };
@@ -63,110 +69,141 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         if !probe_now {
             continue;
         }
-        let own = shared.own_addresses();
-        let mut jobs: Vec<(Arc<NodeHandle>, SocketAddr, String)> = Vec::new();
-        for node in nodes {
-            // An endpoint restored from the store was checked by an older
-            // version, or before the host's addresses changed: checked again.
-            let endpoint = node.current_endpoint().filter(|e| {
-                let allowed = crate::endpoints::check(*e, &own, cfg.allow_loopback_endpoints);
-                if let Err(why) = &allowed {
-                    tracing::warn!(node = %node.name, error = %why, "no longer probing the node's endpoint");
-                    *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                }
-                allowed.is_ok()
-            });
-            let Some(endpoint) = endpoint else {
-                let change = lock(&node.mode).no_endpoint(crate::unix_now());
-                if let Some(t) = change {
-                    apply(&shared, &node, t).await;
-                }
-                continue;
-            };
-            let sni = format!("{}.{}", node.name, shared.config.zone());
-            jobs.push((node, endpoint, sni));
+        // A round runs beside the tunnel checks (a slow peer must not hold
+        // up offline detection); a round still running skips this tick.
+        if round.as_ref().is_none_or(|r| r.is_finished()) {
+            round = Some(tokio::spawn(probe_round(shared.clone(), nodes, members, tls.clone())));
         }
-        // From here and each configured location, per node; from each live
-        // peer, one batch for all nodes.
-        let configured = Arc::new(cfg.probe_locations.clone());
-        let mut round = tokio::task::JoinSet::new();
-        for (i, (node, endpoint, sni)) in jobs.iter().cloned().enumerate() {
-            let (tls, timeout, configured) = (tls.clone(), cfg.probe_timeout_ms, configured.clone());
-            let loops = shared.self_loops.clone();
-            round.spawn(async move {
-                // Each location gets `timeout` too.
-                let total = Duration::from_millis(timeout * (1 + configured.len() as u64));
-                let result =
-                    tokio::time::timeout(total, probe(endpoint, &loops, &node, &sni, tls, &configured, timeout))
-                        .await
-                        .unwrap_or_else(|_| Err(format!("no answer within {timeout} ms")));
-                (i, result)
-            });
-        }
-        let peers = peer_locations(&shared, &members);
-        let from_peers =
-            futures_util::future::join_all(peers.iter().map(|peer| batch_probe(peer, &jobs, cfg.probe_timeout_ms)));
-        let mut results: Vec<Result<(), String>> = vec![Err("not probed".into()); jobs.len()];
-        let collect_local = async {
-            while let Some(done) = round.join_next().await {
-                if let Ok((i, result)) = done {
-                    results[i] = result;
-                }
+    }
+}
+
+/// One probe round over `nodes`: from here and every configured location
+/// per node, from every live peer in one batch; then each result feeds the
+/// node's tracker.
+async fn probe_round(
+    shared: Arc<Shared>,
+    nodes: Vec<Arc<NodeHandle>>,
+    members: Arc<crate::cluster::Members>,
+    tls: Arc<rustls::ClientConfig>,
+) {
+    let cfg = &shared.config.modes;
+    let own = shared.own_addresses();
+    let mut jobs: Vec<(Arc<NodeHandle>, SocketAddr, String)> = Vec::new();
+    for node in nodes {
+        // An endpoint restored from the store was checked by an older
+        // version, or before the host's addresses changed: checked again.
+        let endpoint = node.current_endpoint().filter(|e| {
+            let allowed = crate::endpoints::check(*e, &own, cfg.allow_loopback_endpoints);
+            if let Err(why) = &allowed {
+                tracing::warn!(node = %node.name, error = %why, "no longer probing the node's endpoint");
+                *node.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
-        };
-        let ((), from_peers) = tokio::join!(collect_local, from_peers);
-        for (peer, answers) in peers.iter().zip(from_peers) {
-            for (i, answer) in answers.into_iter().enumerate() {
-                if results[i].is_ok() {
-                    let (node, _, _) = &jobs[i];
-                    results[i] = answer
-                        .and_then(|(nonce, answer)| {
-                            probe::verify(&node.probe_key(), &node.name, &nonce, &answer)
-                                .then_some(())
-                                .ok_or_else(|| "wrong answer: not this node".to_string())
-                        })
-                        .map_err(|e| format!("from {}: {e}", peer.name));
-                }
-            }
-        }
-        for ((node, endpoint, _), result) in jobs.into_iter().zip(results) {
-            let now = crate::unix_now();
-            let ep = endpoint.to_string();
-            let sample = ProbeSample {
-                at: now,
-                endpoint: ep.clone(),
-                ok: result.is_ok(),
-                detail: result.as_ref().err().cloned().unwrap_or_else(|| "verified".into()),
-            };
-            let counter = if sample.ok { &shared.metrics.probes_ok } else { &shared.metrics.probes_failed };
-            counter.fetch_add(1, Ordering::Relaxed);
-            let change = {
-                let mut tracker = lock(&node.mode);
-                match &result {
-                    Ok(()) => tracker.probe_ok(now, endpoint),
-                    Err(why) => tracker.probe_failed(now, &ep, why, cfg.failures_to_proxy),
-                }
-            };
-            // The transition first: DNS must not wait on the store.
+            allowed.is_ok()
+        });
+        let Some(endpoint) = endpoint else {
+            let change = lock(&node.mode).no_endpoint(crate::unix_now());
             if let Some(t) = change {
                 apply(&shared, &node, t).await;
             }
-            let recorded = shared.store.record_probe(&node.name, &sample, cfg.samples_kept);
-            let failed = match tokio::time::timeout(STORE_WRITE_TIMEOUT, recorded).await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("the store did not answer in time".to_string()),
-            };
-            if let Some(e) = failed {
-                // Every probe of every node fails while the store is down:
-                // one line per period, not one per probe.
-                if let Some(suppressed) = PROBE_STORE_LOG.due() {
-                    tracing::warn!(node = %node.name, error = %e, suppressed, "recording a probe sample failed");
+            continue;
+        };
+        let sni = format!("{}.{}", node.name, shared.config.zone());
+        jobs.push((node, endpoint, sni));
+    }
+    // From here and each configured location, per node; from each live
+    // peer, one batch for all nodes.
+    let configured = Arc::new(cfg.probe_locations.clone());
+    let mut round = tokio::task::JoinSet::new();
+    for (i, (node, endpoint, sni)) in jobs.iter().cloned().enumerate() {
+        let (tls, timeout, configured) = (tls.clone(), cfg.probe_timeout_ms, configured.clone());
+        let loops = shared.self_loops.clone();
+        round.spawn(async move {
+            // Each location gets `timeout` too.
+            let total = Duration::from_millis(timeout * (1 + configured.len() as u64));
+            let result = tokio::time::timeout(total, probe(endpoint, &loops, &node, &sni, tls, &configured, timeout))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {timeout} ms")));
+            (i, result)
+        });
+    }
+    let peers = peer_locations(&shared, &members);
+    let from_peers =
+        futures_util::future::join_all(peers.iter().map(|peer| batch_probe(peer, &jobs, cfg.probe_timeout_ms)));
+    let mut results: Vec<Result<(), String>> = vec![Err("not probed".into()); jobs.len()];
+    let collect_local = async {
+        while let Some(done) = round.join_next().await {
+            if let Ok((i, result)) = done {
+                results[i] = result;
+            }
+        }
+    };
+    let ((), from_peers) = tokio::join!(collect_local, from_peers);
+    for (peer, answers) in peers.iter().zip(from_peers) {
+        // A location that could not be asked at all casts no vote this
+        // round: one unreachable server must not demote every node.
+        let answers = match answers {
+            Ok(answers) => answers,
+            Err(e) => {
+                if let Some(suppressed) = PEER_PROBE_LOG.due() {
+                    tracing::warn!(peer = %peer.name, error = %e, suppressed,
+                        "a peer could not be asked to probe; its vote is left out of this round");
                 }
+                continue;
+            }
+        };
+        for (i, answer) in answers.into_iter().enumerate() {
+            if results[i].is_ok() {
+                let (node, _, _) = &jobs[i];
+                results[i] = answer
+                    .and_then(|(nonce, answer)| {
+                        probe::verify(&node.probe_key(), &node.name, &nonce, &answer)
+                            .then_some(())
+                            .ok_or_else(|| "wrong answer: not this node".to_string())
+                    })
+                    .map_err(|e| format!("from {}: {e}", peer.name));
+            }
+        }
+    }
+    for ((node, endpoint, _), result) in jobs.into_iter().zip(results) {
+        let now = crate::unix_now();
+        let ep = endpoint.to_string();
+        let sample = ProbeSample {
+            at: now,
+            endpoint: ep.clone(),
+            ok: result.is_ok(),
+            detail: result.as_ref().err().cloned().unwrap_or_else(|| "verified".into()),
+        };
+        let counter = if sample.ok { &shared.metrics.probes_ok } else { &shared.metrics.probes_failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let change = {
+            let mut tracker = lock(&node.mode);
+            match &result {
+                Ok(()) => tracker.probe_ok(now, endpoint),
+                Err(why) => tracker.probe_failed(now, &ep, why, cfg.failures_to_proxy),
+            }
+        };
+        // The transition first: DNS must not wait on the store.
+        if let Some(t) = change {
+            apply(&shared, &node, t).await;
+        }
+        let recorded = shared.store.record_probe(&node.name, &sample, cfg.samples_kept);
+        let failed = match tokio::time::timeout(STORE_WRITE_TIMEOUT, recorded).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("the store did not answer in time".to_string()),
+        };
+        if let Some(e) = failed {
+            // Every probe of every node fails while the store is down:
+            // one line per period, not one per probe.
+            if let Some(suppressed) = PROBE_STORE_LOG.due() {
+                tracing::warn!(node = %node.name, error = %e, suppressed, "recording a probe sample failed");
             }
         }
     }
 }
+
+static PEER_PROBE_LOG: std::sync::LazyLock<edge_net::logging::Throttle> =
+    std::sync::LazyLock::new(|| edge_net::logging::Throttle::new(crate::limits::LOG_EVERY));
 
 static PROBE_STORE_LOG: std::sync::LazyLock<edge_net::logging::Throttle> =
     std::sync::LazyLock::new(|| edge_net::logging::Throttle::new(crate::limits::LOG_EVERY));
@@ -194,7 +231,7 @@ fn peer_locations(shared: &Shared, members: &crate::cluster::Members) -> Vec<Pee
     }
     members
         .live()
-        .filter(|s| s.record.id != shared.cluster.id)
+        .filter(|s| s.record.id != shared.cluster.id && crate::cluster::dialable(&s.record.api))
         .filter_map(|peer| {
             let pin = edge_proto::join::parse_fingerprint(&peer.record.fingerprint)?;
             Some(PeerLocation {
@@ -209,12 +246,13 @@ fn peer_locations(shared: &Shared, members: &crate::cluster::Members) -> Vec<Pee
 /// A nonce and the answer a peer got with it.
 type PeerAnswer = Result<([u8; probe::NONCE_LEN], Vec<u8>), String>;
 
-/// Asks `peer` to probe every job, in batches; one result per job.
+/// Asks `peer` to probe every job, in batches; one result per job, or why
+/// the peer could not be asked.
 async fn batch_probe(
     peer: &PeerLocation,
     jobs: &[(Arc<NodeHandle>, SocketAddr, String)],
     timeout_ms: u64,
-) -> Vec<PeerAnswer> {
+) -> Result<Vec<PeerAnswer>, String> {
     use edge_proto::signal::{ProbeBatchAnswer, ProbeBatchRequest, ProbeOutcome, ProbeRequest, MAX_PROBE_BATCH};
     let mut out = Vec::with_capacity(jobs.len());
     for chunk in jobs.chunks(MAX_PROBE_BATCH) {
@@ -264,14 +302,11 @@ async fn batch_probe(
                     });
                 }
             }
-            Ok(answer) => {
-                let e = format!("{} outcomes for {} probes", answer.outcomes.len(), chunk.len());
-                out.extend(chunk.iter().map(|_| Err(e.clone())));
-            }
-            Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
+            Ok(answer) => return Err(format!("{} outcomes for {} probes", answer.outcomes.len(), chunk.len())),
+            Err(e) => return Err(e),
         }
     }
-    out
+    Ok(out)
 }
 
 /// 64 hex digits to the answer's bytes.
@@ -289,7 +324,15 @@ fn parse_answer(hex: &str) -> Result<Vec<u8>, String> {
 /// Persists a transition (fenced by the decider lease), logs it once,
 /// counts it, and rebuilds the zone.
 async fn apply(shared: &Arc<Shared>, node: &Arc<NodeHandle>, t: Transition) {
-    let Some(fence) = shared.cluster.decider_fence() else { return };
+    let Some(fence) = shared.cluster.decider_fence() else {
+        // The lease was lost mid-round: the tracker moved in memory only;
+        // the store's mode wins.
+        if let Ok(Some(record)) = shared.store.get_node(&node.name).await {
+            node.adopt_mode(record.mode, record.endpoint.as_deref().and_then(|e| e.parse().ok()));
+        }
+        shared.nudge(crate::store::Change::ModeChanged(node.name.clone()));
+        return;
+    };
     let change = ModeChange { at: t.at, from: t.from, to: t.to, reason: t.reason };
     let endpoint = node.direct_address().map(|e| e.to_string());
     // The store's change event moves the zone (and its serial, with the

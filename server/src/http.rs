@@ -186,12 +186,16 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             chunk.truncate(n);
             (send, recv, bytes::Bytes::from(chunk), tunnel.stalls.clone())
         }
-        None => match tokio::time::timeout(FIRST_BYTE_DEADLINE, shared.peers.place(&shared, &node, &first)).await {
-            Ok(Ok(answered)) if !answered.first_bytes.is_empty() => {
+        None => match shared.peers.place(&shared, &node, &first, FIRST_BYTE_DEADLINE).await {
+            Ok(answered) if !answered.first_bytes.is_empty() => {
                 shared.metrics.peer_forwarded.fetch_add(1, Ordering::Relaxed);
                 (answered.send, answered.recv, answered.first_bytes, shared.peers.stalls())
             }
-            _ => {
+            answered => {
+                if let Ok(mut answered) = answered {
+                    let _ = answered.send.reset(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+                    let _ = answered.recv.stop(quinn::VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+                }
                 shared.metrics.http_answer("bad_gateway");
                 return respond(&mut tcp, "502 Bad Gateway", "", "the node's upstream did not answer\n").await;
             }

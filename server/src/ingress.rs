@@ -174,9 +174,10 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let mut first = StreamHeader { client: peer, local, sni: sni.clone(), plain: false }.encode();
     first.extend_from_slice(&hello);
     let placed = if via_peer {
+        let within = Duration::from_secs(limits.idle_timeout_secs);
         shared
             .peers
-            .place(&shared, &node, &first)
+            .place(&shared, &node, &first, within)
             .await
             .map(|a| a.into_answered(shared.peers.stalls()))
             .map_err(PlaceError::Peer)

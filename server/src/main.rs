@@ -240,7 +240,7 @@ async fn cluster(config: ServerConfig, cmd: ClusterCommand) -> Result<()> {
     let store = edge_server::store::open(&config.store, &config.data_dir).await?;
     match cmd {
         ClusterCommand::Status { json } => {
-            let servers = store.list_servers().await?;
+            let servers = store.list_servers().await?.servers;
             let decider = store.lease(edge_server::store::MODE_DECIDER).await?.filter(|l| l.left_ms >= 0);
             let nodes = store.list_nodes().await?.len();
             if json {

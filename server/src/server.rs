@@ -178,11 +178,25 @@ impl Server {
         let feed = store.subscribe();
         let fingerprint = edge_proto::join::hex(&identity.fingerprint);
         let record = crate::cluster::own_record(&config, &server_id, &fingerprint, &addrs);
+        for (field, addr) in
+            [("public.quic", &record.quic), ("public.api", &record.api), ("cluster.peer", &record.peer)]
+        {
+            if !crate::cluster::dialable(addr) {
+                tracing::warn!(field, %addr, "this server binds a wildcard and no address for others is set; \
+                    set it for agents and other servers of a cluster to reach this one");
+            }
+        }
+        if config.dns.is_some() && record.dns.is_none() {
+            tracing::warn!(
+                "the DNS listener binds a wildcard: set cluster.dns so that other servers can check \
+                DNS-01 values here (until then this server is left out of that check)"
+            );
+        }
         store.register_server(&record, config.cluster.lease_ms as i64).await?;
         let servers = store.list_servers().await?;
         // Connected flags are one per node: only a server alone may clear
         // those a previous run left.
-        if !servers.iter().any(|s| s.alive && s.record.id != server_id) {
+        if !servers.servers.iter().any(|s| s.alive && s.record.id != server_id) {
             store.reset_status().await?;
         }
         let cluster = crate::cluster::ClusterView::new(server_id, record.name.clone(), fingerprint);

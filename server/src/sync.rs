@@ -126,7 +126,9 @@ impl RoutingSync {
             }
         }
         if !self.shared.cluster.is_decider() {
-            for name in work.modes.iter().filter(|n| !work.nodes.contains(*n)) {
+            // An updated node keeps its tracker (`Registry::upsert`): its
+            // mode is taken here too.
+            for name in &work.modes {
                 if let (Some(record), Some(node)) = (store.get_node(name).await?, registry.node(name)) {
                     node.adopt_mode(record.mode, record.endpoint.as_deref().and_then(|e| e.parse().ok()));
                 }

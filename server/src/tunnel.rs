@@ -177,12 +177,14 @@ async fn session(
     let mut servers =
         capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_CLUSTER).then(|| shared.cluster.agent_list());
     let listed = servers.as_mut().map(|rx| rx.borrow_and_update().as_ref().clone()).unwrap_or_default();
+    let (servers_revision, listed) = (listed.revision.max(0) as u64, listed.servers);
     step(writer.send(ServerMessage::Welcome {
         node: node.name.clone(),
         hostnames: node.hostnames.clone(),
         heartbeat_secs: HEARTBEAT_SECS,
         server_version: env!("CARGO_PKG_VERSION").to_string(),
         servers: listed,
+        servers_revision,
     }))
     .await?;
 
@@ -244,7 +246,7 @@ struct Control<'a> {
     /// Cancelled when the drain is over: tunnels close.
     close_tunnels: &'a CancellationToken,
     /// The cluster's server list, for agents that follow it.
-    servers: Option<tokio::sync::watch::Receiver<Arc<Vec<edge_proto::tunnel::ClusterServer>>>>,
+    servers: Option<tokio::sync::watch::Receiver<Arc<crate::cluster::AgentList>>>,
 }
 
 async fn control_loop(
@@ -283,7 +285,8 @@ async fn control_loop(
                     continue;
                 };
                 let list = servers.as_mut().map(|rx| rx.borrow_and_update().as_ref().clone()).unwrap_or_default();
-                step(writer.send(ServerMessage::Servers { servers: list })).await?;
+                let revision = list.revision.max(0) as u64;
+                step(writer.send(ServerMessage::Servers { servers: list.servers, revision })).await?;
             }
             _ = address_check.tick() => {
                 let now = conn.remote_address();

@@ -270,10 +270,6 @@ async fn three_servers_serve_every_node_and_losing_one_loses_nothing() {
     // Removal through B cuts the tunnels on A and C within a second.
     let removed = Instant::now();
     servers[1].cli(&["node", "remove", "web"]).unwrap();
-    let Some(exit) = agent.proc.wait_exit(Duration::from_secs(3)) else {
-        panic!("the agent did not exit once its node was removed:\n{}", agent.proc.log_text());
-    };
-    assert_eq!(exit.code(), Some(2), "{}", agent.proc.log_text());
     let cut = wait_for("no tunnel left anywhere", Duration::from_secs(1), || {
         servers
             .iter()
@@ -281,6 +277,10 @@ async fn three_servers_serve_every_node_and_losing_one_loses_nothing() {
             .then(|| removed.elapsed())
     })
     .unwrap();
+    let Some(exit) = agent.proc.wait_exit(Duration::from_secs(3)) else {
+        panic!("the agent did not exit once its node was removed:\n{}", agent.proc.log_text());
+    };
+    assert_eq!(exit.code(), Some(2), "{}", agent.proc.log_text());
     eprintln!("cluster: node removed through B, tunnels on every server gone after {cut:?}");
 }
 

@@ -49,8 +49,8 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 confirmed = None;
                 if shared.cluster.is_decider() {
                     tracing::warn!("another server took the mode decider lease; following it");
+                    step_down(&shared).await;
                 }
-                shared.cluster.set_decider(None);
             }
             Err(e) => {
                 // The lease may still hold in the store; this server cannot
@@ -58,7 +58,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 let stale = confirmed.is_none_or(|at| at.elapsed() + renew >= ttl);
                 if stale && shared.cluster.is_decider() {
                     tracing::warn!(error = %e, "cannot renew the mode decider lease; no longer deciding");
-                    shared.cluster.set_decider(None);
+                    step_down(&shared).await;
                 }
             }
         }
@@ -66,6 +66,19 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     if shared.cluster.is_decider() {
         shared.cluster.set_decider(None);
         let _ = tokio::time::timeout(Duration::from_secs(1), shared.store.release_lease(MODE_DECIDER, &id)).await;
+    }
+}
+
+/// Stops deciding and takes the stored modes (what this server decided in
+/// memory but could not write must not outlive its term); the zone
+/// follows. If the store is unreachable now, the change feed's resync
+/// brings them when it is back.
+async fn step_down(shared: &Shared) {
+    shared.cluster.set_decider(None);
+    if adopt_stored_modes(shared).await.is_ok() {
+        for node in shared.registry.nodes() {
+            shared.nudge(crate::store::Change::ModeChanged(node.name.clone()));
+        }
     }
 }
 

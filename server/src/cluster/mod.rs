@@ -20,7 +20,15 @@ use std::sync::{Arc, Mutex};
 use edge_proto::tunnel::ClusterServer;
 use tokio::sync::watch;
 
-use crate::store::{Fence, ServerEntry, ServerRecord};
+use crate::store::{Fence, ServerEntry, ServerList, ServerRecord};
+
+/// Whether `host:port` names a host others can dial (not `0.0.0.0` or
+/// `[::]`: a server that binds a wildcard and sets no `public.*` address
+/// registers one, and agents or peers would dial themselves).
+pub fn dialable(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
+    !host.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified())
+}
 
 /// The cluster as this server sees it.
 #[derive(Debug)]
@@ -32,7 +40,7 @@ pub struct ClusterView {
     /// This server's identity fingerprint (hex).
     pub fingerprint: String,
     members: watch::Sender<Arc<Members>>,
-    agents: watch::Sender<Arc<Vec<ClusterServer>>>,
+    agents: watch::Sender<Arc<AgentList>>,
     /// The fencing token while this server decides modes.
     decider: Mutex<Option<Fence>>,
     /// Wakes the membership job early: a tunnel came or went, and peers
@@ -43,8 +51,20 @@ pub struct ClusterView {
 /// The registered servers as last read from the store.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Members {
+    /// The store revision of the read (reads only move forward).
+    pub revision: i64,
     /// Every registered server, live or gone.
     pub servers: Vec<ServerEntry>,
+}
+
+/// What agents are told, with the revision it was read at: an agent keeps
+/// the newest list whichever server it came from.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AgentList {
+    /// Store revision of the read.
+    pub revision: i64,
+    /// The live servers.
+    pub servers: Vec<ClusterServer>,
 }
 
 impl Members {
@@ -58,9 +78,11 @@ impl Members {
         self.live().find(|s| s.record.id != own_id && s.record.fingerprint.eq_ignore_ascii_case(fingerprint))
     }
 
-    /// Live servers other than `own_id` that reported a tunnel to `node`.
+    /// Live servers other than `own_id` that reported a tunnel to `node`
+    /// (and registered an address peers can dial).
     pub fn peers_with_tunnel<'a>(&'a self, own_id: &'a str, node: &'a str) -> impl Iterator<Item = &'a ServerEntry> {
-        self.live().filter(move |s| s.record.id != own_id && s.tunnels.iter().any(|t| t == node))
+        self.live()
+            .filter(move |s| s.record.id != own_id && dialable(&s.record.peer) && s.tunnels.iter().any(|t| t == node))
     }
 
     /// Whether any live server other than `own_id` reported a tunnel to `node`.
@@ -79,7 +101,7 @@ impl Members {
                 api: s.record.api.clone(),
                 fingerprint: s.record.fingerprint.clone(),
             })
-            .filter(ClusterServer::is_valid)
+            .filter(|s| s.is_valid() && dialable(&s.quic))
             .collect();
         list.sort_by(|a, b| a.id.cmp(&b.id));
         list.truncate(edge_proto::tunnel::MAX_CLUSTER_SERVERS);
@@ -158,19 +180,30 @@ impl ClusterView {
         self.members.subscribe()
     }
 
-    /// Replaces the members with a fresh read of the store.
-    pub fn set_members(&self, servers: Vec<ServerEntry>) {
-        let members = Members { servers };
-        let agents = members.agent_list();
+    /// Replaces the members with a fresh read of the store, unless a read
+    /// of a later revision is in already (reads race: the membership job,
+    /// the change feed, a peer that just joined).
+    pub fn set_members(&self, list: ServerList) {
+        let members = Members { revision: list.revision, servers: list.servers };
+        let mut taken = false;
         self.members.send_if_modified(|current| {
+            if members.revision < current.revision {
+                return false;
+            }
+            taken = true;
             let changed = **current != members;
             if changed {
-                *current = Arc::new(members);
+                *current = Arc::new(members.clone());
             }
             changed
         });
+        if !taken {
+            return;
+        }
+        let agents = AgentList { revision: members.revision, servers: members.agent_list() };
         self.agents.send_if_modified(|current| {
-            let changed = **current != agents;
+            // A new revision alone is no news to agents.
+            let changed = current.servers != agents.servers;
             if changed {
                 *current = Arc::new(agents);
             }
@@ -179,7 +212,7 @@ impl ClusterView {
     }
 
     /// The list agents are given, and its changes.
-    pub fn agent_list(&self) -> watch::Receiver<Arc<Vec<ClusterServer>>> {
+    pub fn agent_list(&self) -> watch::Receiver<Arc<AgentList>> {
         self.agents.subscribe()
     }
 
@@ -290,6 +323,7 @@ mod tests {
     #[test]
     fn live_servers_make_the_zone_and_the_agent_list() {
         let members = Members {
+            revision: 1,
             servers: vec![
                 entry("b", true, &["192.0.2.2"], &["ns2.edge.test"], &["n1"]),
                 entry("a", true, &["192.0.2.1"], &["NS1.edge.test."], &[]),
@@ -307,5 +341,28 @@ mod tests {
         assert!(members.live_peer("a", &"B".repeat(64)).is_some());
         assert!(members.live_peer("a", &"c".repeat(64)).is_none());
         assert!(Members::default().zone_servers().is_none());
+    }
+
+    #[test]
+    fn wildcard_addresses_are_not_dialable() {
+        assert!(!dialable("0.0.0.0:4433") && !dialable("[::]:4433"));
+        assert!(dialable("127.0.0.1:4433") && dialable("edge.example.com:4433") && dialable("[2001:db8::1]:443"));
+    }
+
+    #[test]
+    fn older_reads_do_not_replace_newer_ones() {
+        let view = ClusterView::new("a".into(), "edge-a".into(), "a".repeat(64));
+        let list = |revision, ids: &[&str]| ServerList {
+            revision,
+            servers: ids.iter().map(|id| entry(id, true, &["192.0.2.1"], &[], &[])).collect(),
+        };
+        let agents = view.agent_list();
+        view.set_members(list(5, &["a", "b"]));
+        view.set_members(list(4, &["a"]));
+        assert_eq!(view.members().servers.len(), 2, "the read at revision 4 came late");
+        assert_eq!(agents.borrow().servers.len(), 2);
+        view.set_members(list(5, &["a", "b", "c"]));
+        assert_eq!(view.members().servers.len(), 3, "the same revision may carry newer tunnels and rows");
+        assert_eq!((agents.borrow().revision, agents.borrow().servers.len()), (5, 3));
     }
 }

@@ -30,6 +30,9 @@ use crate::store::ServerEntry;
 
 /// Most peers tried for one client connection.
 const MAX_PEERS_TRIED: usize = 2;
+/// A peer that could not be dialed is not dialed again for this long (a
+/// crashed server is listed as live until its lease runs out).
+const DIAL_BACKOFF: Duration = Duration::from_secs(3);
 /// How often an unknown client certificate may make the acceptor re-read
 /// the members (a server that just joined).
 const MEMBERS_REFRESH: Duration = Duration::from_secs(1);
@@ -71,8 +74,11 @@ pub struct PeerLinks {
     endpoint: quinn::Endpoint,
     identity: Arc<CertifiedKey>,
     links: Mutex<HashMap<String, quinn::Connection>>,
-    /// Dials take turns, so a burst of clients makes one connection.
-    dialing: tokio::sync::Mutex<()>,
+    /// Dials to one peer take turns, so a burst of clients makes one
+    /// connection; dials to different peers do not wait for each other.
+    dialing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Peers whose last dial failed, and when.
+    failed: Mutex<HashMap<String, Instant>>,
     stalls: Arc<edge_net::stall::StallBudget>,
     last_refresh: Mutex<Option<Instant>>,
 }
@@ -92,7 +98,8 @@ impl PeerLinks {
             endpoint,
             identity,
             links: Mutex::new(HashMap::new()),
-            dialing: tokio::sync::Mutex::new(()),
+            dialing: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             stalls: edge_net::stall::StallBudget::for_windows(tuning.connection_window, tuning.stream_window),
             last_refresh: Mutex::new(None),
         }
@@ -114,11 +121,36 @@ impl PeerLinks {
         if let Some(conn) = self.open_link(&fp) {
             return Ok(conn);
         }
-        let _turn = self.dialing.lock().await;
+        let turn = self.dialing.lock().unwrap_or_else(|p| p.into_inner()).entry(fp.clone()).or_default().clone();
+        let _turn = turn.lock().await;
         if let Some(conn) = self.open_link(&fp) {
             return Ok(conn);
         }
-        let pin = edge_proto::join::parse_fingerprint(&fp).ok_or("bad fingerprint in the store")?;
+        let recently_failed = self.failed.lock().unwrap_or_else(|p| p.into_inner()).get(&fp).copied();
+        if recently_failed.is_some_and(|at| at.elapsed() < DIAL_BACKOFF) {
+            return Err("its last dial failed moments ago".into());
+        }
+        let deadline = Duration::from_millis(shared.config.limits.open_stream_timeout_ms);
+        let dialed = tokio::time::timeout(deadline, self.dial(shared, peer, &fp)).await;
+        match dialed {
+            Ok(Ok(conn)) => {
+                self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(&fp);
+                tracing::info!(peer = %peer.record.name, addr = %conn.remote_address(), "connected to peer server");
+                self.links.lock().unwrap_or_else(|p| p.into_inner()).insert(fp, conn.clone());
+                Ok(conn)
+            }
+            failed => {
+                self.failed.lock().unwrap_or_else(|p| p.into_inner()).insert(fp, Instant::now());
+                Err(match failed {
+                    Ok(Err(e)) => e,
+                    _ => format!("no connection to {} within {} ms", peer.record.peer, deadline.as_millis()),
+                })
+            }
+        }
+    }
+
+    async fn dial(&self, shared: &Shared, peer: &ServerEntry, fp: &str) -> Result<quinn::Connection, String> {
+        let pin = edge_proto::join::parse_fingerprint(fp).ok_or("bad fingerprint in the store")?;
         let addr = tokio::net::lookup_host(&peer.record.peer)
             .await
             .map_err(|e| format!("resolving {}: {e}", peer.record.peer))?
@@ -129,19 +161,27 @@ impl PeerLinks {
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(shared.config.tunnel.transport(0)));
         let connecting = self.endpoint.connect_with(client, addr, "edge-server").map_err(|e| e.to_string())?;
-        let deadline = Duration::from_millis(shared.config.limits.open_stream_timeout_ms);
-        let conn = tokio::time::timeout(deadline, connecting)
-            .await
-            .map_err(|_| format!("no QUIC handshake with {addr} within {} ms", deadline.as_millis()))?
-            .map_err(|e| format!("connecting to {addr}: {e}"))?;
-        tracing::info!(peer = %peer.record.name, %addr, "connected to peer server");
-        self.links.lock().unwrap_or_else(|p| p.into_inner()).insert(fp, conn.clone());
-        Ok(conn)
+        connecting.await.map_err(|e| format!("connecting to {addr}: {e}"))
+    }
+
+    /// Forgets a link that stopped answering, so the next client dials anew.
+    fn drop_link(&self, conn: &quinn::Connection) {
+        conn.close(VarInt::from_u32(codes::CLOSE_NORMAL), b"peer did not answer");
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, c| c.stable_id() != conn.stable_id());
     }
 
     /// Sends `first` (stream header and replayed bytes) to a live peer that
-    /// has a tunnel to `node`, and waits for the node's first bytes.
-    pub async fn place(&self, shared: &Shared, node: &NodeHandle, first: &[u8]) -> Result<PeerAnswered, PeerError> {
+    /// has a tunnel to `node`, and waits up to `answer_within` for the
+    /// node's first bytes. A peer whose connection stays silent for
+    /// `agent_answer_timeout_ms` after the write (a crashed server whose
+    /// connection has not timed out yet) is dropped and the next is tried.
+    pub async fn place(
+        &self,
+        shared: &Shared,
+        node: &NodeHandle,
+        first: &[u8],
+        answer_within: Duration,
+    ) -> Result<PeerAnswered, PeerError> {
         let members = shared.cluster.members();
         let candidates: Vec<ServerEntry> =
             members.peers_with_tunnel(&shared.cluster.id, &node.name).take(MAX_PEERS_TRIED).cloned().collect();
@@ -149,8 +189,15 @@ impl PeerLinks {
             return Err(PeerError::NoPeer);
         }
         let limits = &shared.config.limits;
+        let give_up = tokio::time::Instant::now() + answer_within;
         let mut why = Vec::new();
         for peer in &candidates {
+            let abandon = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream| {
+                // Dropped streams would be finished, not reset: the peer
+                // would pass a cut request on as a complete one.
+                let _ = send.reset(VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+                let _ = recv.stop(VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+            };
             let conn = match self.link(shared, peer).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -166,23 +213,47 @@ impl PeerLinks {
             let written =
                 tokio::time::timeout(Duration::from_millis(limits.agent_answer_timeout_ms), send.write_all(first));
             if !matches!(written.await, Ok(Ok(()))) {
-                let _ = send.reset(VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
+                abandon(&mut send, &mut recv);
                 why.push(format!("{}: write failed", peer.record.name));
                 continue;
             }
-            let read =
-                tokio::time::timeout(Duration::from_secs(limits.idle_timeout_secs), recv.read_chunk(64 * 1024, true));
-            match read.await {
-                Ok(Ok(Some(chunk))) => return Ok(PeerAnswered { send, recv, first_bytes: chunk.bytes }),
-                Ok(Ok(None)) => return Ok(PeerAnswered { send, recv, first_bytes: bytes::Bytes::new() }),
-                Ok(Err(quinn::ReadError::Reset(code))) if code.into_inner() == u64::from(codes::STREAM_NO_TUNNEL) => {
-                    why.push(format!("{}: no tunnel there", peer.record.name));
-                }
-                Ok(Err(quinn::ReadError::Reset(code))) => return Err(PeerError::AgentReset(code.into_inner())),
-                Ok(Err(e)) => why.push(format!("{}: {e}", peer.record.name)),
-                Err(_) => {
-                    let _ = send.reset(VarInt::from_u32(codes::STREAM_CLIENT_ABORTED));
-                    why.push(format!("{}: no answer", peer.record.name));
+            let heard_before = conn.stats().udp_rx.datagrams;
+            let silent = tokio::time::sleep(Duration::from_millis(limits.agent_answer_timeout_ms));
+            let late = tokio::time::sleep_until(give_up);
+            tokio::pin!(silent, late);
+            let mut checked = false;
+            loop {
+                tokio::select! {
+                    read = recv.read_chunk(64 * 1024, true) => {
+                        match read {
+                            Ok(Some(chunk)) => return Ok(PeerAnswered { send, recv, first_bytes: chunk.bytes }),
+                            Ok(None) => return Ok(PeerAnswered { send, recv, first_bytes: bytes::Bytes::new() }),
+                            Err(quinn::ReadError::Reset(code))
+                                if code.into_inner() == u64::from(codes::STREAM_NO_TUNNEL) =>
+                            {
+                                why.push(format!("{}: no tunnel there", peer.record.name));
+                            }
+                            Err(quinn::ReadError::Reset(code)) => return Err(PeerError::AgentReset(code.into_inner())),
+                            Err(e) => {
+                                abandon(&mut send, &mut recv);
+                                why.push(format!("{}: {e}", peer.record.name));
+                            }
+                        }
+                        break;
+                    }
+                    _ = &mut silent, if !checked => {
+                        checked = true;
+                        if conn.stats().udp_rx.datagrams == heard_before {
+                            abandon(&mut send, &mut recv);
+                            self.drop_link(&conn);
+                            why.push(format!("{}: silent", peer.record.name));
+                            break;
+                        }
+                    }
+                    _ = &mut late => {
+                        abandon(&mut send, &mut recv);
+                        return Err(PeerError::Failed(format!("{}: no answer in time", peer.record.name)));
+                    }
                 }
             }
         }
@@ -281,8 +352,17 @@ pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>, close: Cancella
                 let gone = changed.is_err()
                     || members.borrow_and_update().live_peer(&shared.cluster.id, &fingerprint).is_none();
                 if gone {
-                    // Declared gone or removed: its identity no longer counts.
-                    tracing::info!(%peer, %remote, "peer server is no longer live; closing its connection");
+                    // Declared gone, left or removed: its identity no longer
+                    // counts for new streams; those it forwarded while
+                    // draining finish (up to the drain timeout).
+                    tracing::info!(%peer, %remote, "peer server is no longer live; no new streams from it");
+                    conn.set_max_concurrent_bi_streams(VarInt::from_u32(0));
+                    streams.close();
+                    let drain = Duration::from_secs(shared.config.limits.drain_timeout_secs);
+                    tokio::select! {
+                        _ = tokio::time::timeout(drain, streams.wait()) => {}
+                        _ = close.cancelled() => {}
+                    }
                     conn.close(VarInt::from_u32(codes::CLOSE_AUTH_FAILED), b"not a live server of this cluster");
                     break;
                 }

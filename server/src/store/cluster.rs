@@ -50,6 +50,17 @@ pub struct ServerEntry {
     pub tunnels: Vec<String>,
 }
 
+/// The registered servers as read at a store revision: every membership
+/// change up to `revision` is in it (later ones may be too), so of two
+/// reads the one with the higher revision is at least as new.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServerList {
+    /// The store's revision, read before the rows.
+    pub revision: i64,
+    /// Every registered server, live or gone, by name.
+    pub servers: Vec<ServerEntry>,
+}
+
 /// A named lease.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Lease {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     ChallengeRecord, Counts, FeedEvent, Fence, HttpMode, Lease, ModeChange, ModeHistory, NodeRecord, NodeStatus,
-    OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerRecord, Snapshot, StaticKind, StaticRecord,
+    OrderLock, ProbeSample, Published, RoutingState, ServerList, ServerRecord, Snapshot, StaticKind, StaticRecord,
     Store, StoreError,
 };
 
@@ -136,7 +136,7 @@ impl<S: Store> Store for WithDeadline<S> {
     async fn remove_server(&self, id: &str) -> Result<bool, StoreError> {
         self.within(self.point, self.inner.remove_server(id)).await
     }
-    async fn list_servers(&self) -> Result<Vec<ServerEntry>, StoreError> {
+    async fn list_servers(&self) -> Result<ServerList, StoreError> {
         self.within(self.point, self.inner.list_servers()).await
     }
     async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<Option<i64>, StoreError> {

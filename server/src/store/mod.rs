@@ -21,7 +21,7 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 pub use changes::{Change, ChangeEvent, FeedEvent};
-pub use cluster::{Fence, Lease, OrderLock, ServerEntry, ServerRecord, MODE_DECIDER};
+pub use cluster::{Fence, Lease, OrderLock, ServerEntry, ServerList, ServerRecord, MODE_DECIDER};
 pub use error::StoreError;
 pub use location::{StoreConfig, StoreLocation, StoreTls};
 pub use values::{HttpMode, Mode, StaticKind, StaticRecord};
@@ -330,8 +330,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn leave_server(&self, id: &str) -> Result<(), StoreError>;
     /// Forgets a server (retired by an operator). `false` if unknown.
     async fn remove_server(&self, id: &str) -> Result<bool, StoreError>;
-    /// Every registered server, live or gone, by name.
-    async fn list_servers(&self) -> Result<Vec<ServerEntry>, StoreError>;
+    /// Every registered server, live or gone, by name, with the revision
+    /// read before them.
+    async fn list_servers(&self) -> Result<ServerList, StoreError>;
     /// Takes or renews lease `name` for `holder` for `ttl_ms`: the fencing
     /// token when held (a new one when it changed hands), `None` while
     /// another holder's lease runs.

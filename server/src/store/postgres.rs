@@ -24,8 +24,8 @@ use super::changes::new_origin;
 use super::location::{PostgresOptions, StoreTls};
 use super::{
     now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode, ModeChange,
-    ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerRecord,
-    Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
+    ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerList,
+    ServerRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -149,18 +149,11 @@ fn server_row(store: &str, row: &Row) -> Result<ServerEntry, StoreError> {
 /// How often a waiting order lock asks again.
 const ORDER_LOCK_RETRY: Duration = Duration::from_millis(200);
 
-/// A pooled connection holding a transaction-level advisory lock. Dropped,
-/// the connection is taken out of the pool and closed, which ends the
-/// transaction and frees the lock: nothing can return it to the pool with
-/// the lock still held.
-struct HeldConnection(Option<deadpool_postgres::Object>);
-
-impl Drop for HeldConnection {
-    fn drop(&mut self) {
-        if let Some(object) = self.0.take() {
-            drop(deadpool_postgres::Object::take(object));
-        }
-    }
+/// A connection of its own holding a session-level advisory lock: dropped,
+/// its driver is aborted and the connection closes, which frees the lock.
+struct HeldConnection {
+    client: tokio_postgres::Client,
+    _driver: AbortOnDrop,
 }
 
 /// The `NOTIFY` channel of change events.
@@ -1243,7 +1236,10 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(|e| self.err(e))?;
-        tx.execute("DELETE FROM leases WHERE holder = $1", &[&id]).await.map_err(|e| self.err(e))?;
+        // Expired, not deleted: fencing tokens keep counting up.
+        tx.execute(&format!("UPDATE leases SET expires_at = {NOW_MS} - 1 WHERE holder = $1"), &[&id])
+            .await
+            .map_err(|e| self.err(e))?;
         let events = if n > 0 { vec![self.log(&tx, Change::ServersChanged).await?] } else { Vec::new() };
         self.commit(tx, events).await
     }
@@ -1257,10 +1253,12 @@ impl Store for PostgresStore {
         Ok(n > 0)
     }
 
-    async fn list_servers(&self) -> Result<Vec<ServerEntry>, StoreError> {
+    async fn list_servers(&self) -> Result<ServerList, StoreError> {
         let client = self.client().await?;
+        let revision = self.revision_in(&client).await?;
         let rows = client.query(&format!("{SELECT_SERVERS} ORDER BY name, id"), &[]).await.map_err(|e| self.err(e))?;
-        rows.iter().map(|r| server_row(self.store(), r)).collect()
+        let servers = rows.iter().map(|r| server_row(self.store(), r)).collect::<Result<_, _>>()?;
+        Ok(ServerList { revision, servers })
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<Option<i64>, StoreError> {
@@ -1338,13 +1336,29 @@ impl Store for PostgresStore {
 
     async fn lock_order(&self, node: &str, wait: Duration) -> Result<OrderLock, StoreError> {
         let key = super::cluster::order_lock_key(node);
-        let client = self.client().await?;
-        let held = HeldConnection(Some(client));
-        let Some(conn) = held.0.as_ref() else { unreachable!("just set") };
-        conn.batch_execute("BEGIN").await.map_err(|e| self.err(e))?;
+        // Its own connection, outside the pool: an order lasts minutes and
+        // must not hold one of the pool's few connections, and a
+        // session-level lock is not cut by a server's idle-in-transaction
+        // timeout. Closing the connection (dropping the guard) frees it.
+        type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let connected = match &self.tls {
+            Tls::Off => self
+                .options
+                .config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map(|(c, conn)| (c, Box::pin(drive(conn, tx)) as Driver)),
+            Tls::On(tls) => {
+                self.options.config.connect(tls.clone()).await.map(|(c, conn)| (c, Box::pin(drive(conn, tx)) as Driver))
+            }
+        };
+        let (client, driver) = connected.map_err(|e| self.err(e))?;
+        let held = HeldConnection { client, _driver: AbortOnDrop(tokio::spawn(driver)) };
         let give_up = tokio::time::Instant::now() + wait;
         loop {
-            let row = conn.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&key]).await.map_err(|e| self.err(e))?;
+            let row =
+                held.client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await.map_err(|e| self.err(e))?;
             if col::<bool>(self.store(), &row, 0)? {
                 return Ok(OrderLock::held(Box::new(held)));
             }

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use super::changes::new_origin;
 use super::{
     now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode, ModeChange,
-    ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerRecord,
-    Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
+    ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerList,
+    ServerRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -1158,7 +1158,8 @@ impl Store for SqliteStore {
                     "UPDATE servers SET gone = 1, expires_at = MIN(expires_at, ?2) WHERE id = ?1 AND gone = 0",
                     params![id, now_ms()],
                 )?;
-                tx.execute("DELETE FROM leases WHERE holder = ?1", params![id])?;
+                // Expired, not deleted: fencing tokens keep counting up.
+                tx.execute("UPDATE leases SET expires_at = ?2 - 1 WHERE holder = ?1", params![id, now_ms()])?;
                 if n > 0 {
                     db.log(tx, events, Change::ServersChanged)?;
                 }
@@ -1182,15 +1183,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_servers(&self) -> Result<Vec<ServerEntry>, StoreError> {
+    async fn list_servers(&self) -> Result<ServerList, StoreError> {
         self.read(|conn| {
             let now = now_ms();
+            let revision = revision(conn)?;
             let mut stmt = conn.prepare(
                 "SELECT id, name, quic, api, peer, fingerprint, dns, nameservers, addresses, version, started_at,
                     expires_at, gone, tunnels FROM servers ORDER BY name, id",
             )?;
             let rows = stmt.query_map([], |row| server_row(row, now))?;
-            rows.collect()
+            Ok(ServerList { revision, servers: rows.collect::<rusqlite::Result<_>>()? })
         })
         .await
     }
