@@ -468,19 +468,27 @@ async fn json_body<T: serde::de::DeserializeOwned>(body: axum::body::Body, limit
     serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid request body: {e}")))
 }
 
+/// Why a probe another server asked for did not give an answer.
+enum ProbeFailure {
+    /// The request itself is invalid.
+    Invalid(&'static str),
+    /// The node's endpoint did not answer the probe.
+    Failed(String),
+}
+
 /// Runs one probe asked for by another server; the node's answer, unchecked.
-async fn run_probe(shared: &Shared, req: &ProbeRequest) -> Result<[u8; 32], String> {
+async fn run_probe(shared: &Shared, req: &ProbeRequest) -> Result<[u8; 32], ProbeFailure> {
     let nonce = edge_proto::join::parse_fingerprint(&req.nonce);
     let (Some(nonce), Some(sni)) = (nonce, edge_proto::names::normalize_hostname(&req.sni)) else {
-        return Err("nonce must be 64 hex digits and sni a DNS name".into());
+        return Err(ProbeFailure::Invalid("nonce must be 64 hex digits and sni a DNS name"));
     };
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(3000).clamp(100, 10_000));
     let tls = crate::detector::probe_client_config();
     match tokio::time::timeout(timeout, crate::detector::raw_probe(req.endpoint, &sni, &nonce, tls, &shared.self_loops))
         .await
     {
-        Ok(result) => result,
-        Err(_) => Err("no answer in time".into()),
+        Ok(result) => result.map_err(ProbeFailure::Failed),
+        Err(_) => Err(ProbeFailure::Failed("no answer in time".into())),
     }
 }
 
@@ -499,14 +507,10 @@ async fn probe_for_peer(
         Ok(r) => r,
         Err(refused) => return refused,
     };
-    if edge_proto::join::parse_fingerprint(&req.nonce).is_none()
-        || edge_proto::names::normalize_hostname(&req.sni).is_none()
-    {
-        return error(StatusCode::BAD_REQUEST, "nonce must be 64 hex digits and sni a DNS name");
-    }
     match run_probe(shared, &req).await {
         Ok(answer) => Json(edge_proto::signal::ProbeAnswer { answer: edge_proto::join::hex(&answer) }).into_response(),
-        Err(e) => error(StatusCode::BAD_GATEWAY, &e),
+        Err(ProbeFailure::Invalid(why)) => error(StatusCode::BAD_REQUEST, why),
+        Err(ProbeFailure::Failed(e)) => error(StatusCode::BAD_GATEWAY, &e),
     }
 }
 
@@ -540,7 +544,8 @@ async fn probe_batch_for_peer(
             async move {
                 match run_probe(&shared, &req).await {
                     Ok(answer) => ProbeOutcome::Answer { answer: edge_proto::join::hex(&answer) },
-                    Err(error) => ProbeOutcome::Failed { error },
+                    Err(ProbeFailure::Invalid(why)) => ProbeOutcome::Failed { error: why.to_string() },
+                    Err(ProbeFailure::Failed(error)) => ProbeOutcome::Failed { error },
                 }
             }
         })

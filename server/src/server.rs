@@ -199,7 +199,7 @@ impl Server {
         if !servers.servers.iter().any(|s| s.alive && s.record.id != server_id) {
             store.reset_status().await?;
         }
-        let cluster = crate::cluster::ClusterView::new(server_id, record.name.clone(), fingerprint);
+        let cluster = crate::cluster::ClusterView::new(server_id);
         cluster.set_members(servers);
         let peers = crate::cluster::peers::PeerLinks::new(endpoint.clone(), identity.key.clone(), &config.tunnel);
         let shared = Arc::new(Shared {

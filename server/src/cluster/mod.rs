@@ -35,10 +35,6 @@ pub fn dialable(addr: &str) -> bool {
 pub struct ClusterView {
     /// This server's persistent id.
     pub id: String,
-    /// This server's name.
-    pub name: String,
-    /// This server's identity fingerprint (hex).
-    pub fingerprint: String,
     members: watch::Sender<Arc<Members>>,
     agents: watch::Sender<Arc<AgentList>>,
     /// The fencing token while this server decides modes.
@@ -149,11 +145,9 @@ pub struct ZoneServers {
 
 impl ClusterView {
     /// The view of server `id` (no members read yet).
-    pub fn new(id: String, name: String, fingerprint: String) -> Self {
+    pub fn new(id: String) -> Self {
         Self {
             id,
-            name,
-            fingerprint,
             members: watch::Sender::new(Arc::default()),
             agents: watch::Sender::new(Arc::default()),
             decider: Mutex::new(None),
@@ -351,7 +345,7 @@ mod tests {
 
     #[test]
     fn older_reads_do_not_replace_newer_ones() {
-        let view = ClusterView::new("a".into(), "edge-a".into(), "a".repeat(64));
+        let view = ClusterView::new("a".into());
         let list = |revision, ids: &[&str]| ServerList {
             revision,
             servers: ids.iter().map(|id| entry(id, true, &["192.0.2.1"], &[], &[])).collect(),
