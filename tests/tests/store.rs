@@ -156,7 +156,7 @@ async fn challenges(b: &Backend<'_>) {
     assert_eq!(s.revision().await.unwrap(), r, "{}: an unchanged value moves no revision", b.name());
     assert_eq!(s.put_challenge("n1", at, "v2", 2, fresh).await.unwrap(), Published::Added);
     assert_eq!(s.put_challenge("n1", at, "v3", 2, fresh).await.unwrap(), Published::Full, "fresh values are kept");
-    assert_eq!(s.put_challenge("n1", at, "v3", 2, now + 1).await.unwrap(), Published::Added, "stale ones make room");
+    assert_eq!(s.put_challenge("n1", at, "v3", 2, now + 60).await.unwrap(), Published::Added, "stale ones make room");
     let values: Vec<String> = s.node_challenges("n1").await.unwrap().into_iter().map(|c| c.value).collect();
     assert_eq!(values.len(), 2);
     assert!(values.contains(&"v3".to_string()), "{values:?}");
