@@ -238,12 +238,18 @@ fn real_main(cli: Cli) -> Result<()> {
 /// Signals only cancel; the agent drains by itself.
 async fn signal_handler(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
         return;
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received"); break; }
+            _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+            // A reload must never stop the agent (systemd maps reload to
+            // SIGHUP); the agent's config is read at start.
+            _ = hup.recv() => tracing::warn!("SIGHUP received: the agent reads its config only at start; \
+                restart it to apply changes"),
+        }
     }
     shutdown.cancel();
 }

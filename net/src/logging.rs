@@ -42,22 +42,76 @@ pub fn filter_directives(rust_log: Option<&str>) -> String {
     directives
 }
 
-/// Installs the global subscriber with [`filter_directives`]. Logs go to
-/// stderr so stdout stays free for command output.
+/// Installs the global subscriber with [`filter_directives`] of `RUST_LOG`.
+/// Logs go to stderr so stdout stays free for command output.
 pub fn init(format: LogFormat) {
-    let rust_log = std::env::var("RUST_LOG").ok();
-    let directives = filter_directives(rust_log.as_deref());
+    init_with(format, None);
+}
+
+type FilterSetter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// Replaces the filter of the installed subscriber (see [`set_filter`]).
+static FILTER: std::sync::OnceLock<FilterSetter> = std::sync::OnceLock::new();
+
+/// Like [`init`]; `configured` is the filter from a config file, used when
+/// `RUST_LOG` is unset. The filter can be replaced later by [`set_filter`].
+pub fn init_with(format: LogFormat, configured: Option<&str>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let rust_log = std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty());
+    let directives = filter_directives(rust_log.as_deref().or(configured));
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
-        eprintln!("RUST_LOG={directives:?} is not a valid filter ({e}); logging at info");
+        eprintln!("log filter {directives:?} is not valid ({e}); logging at info");
         EnvFilter::new(filter_directives(None))
     });
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // Colours only on a terminal: a log file or journal gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match format {
+        LogFormat::Text => {
+            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)).try_init()
+        }
+        LogFormat::Json => {
+            registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
+        }
     };
+    if installed.is_ok() {
+        let _ = FILTER.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+    }
+}
+
+/// Why a new log filter was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// The directives do not parse.
+    #[error("not a valid filter: {0}")]
+    Invalid(String),
+    /// No subscriber of ours is installed.
+    #[error("logging was not set up by edge_net::logging")]
+    NotInstalled,
+    /// The subscriber refused it.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Checks filter directives ([`filter_directives`] is applied first).
+pub fn check_filter(directives: &str) -> Result<(), FilterError> {
+    EnvFilter::try_new(filter_directives(Some(directives))).map(|_| ()).map_err(|e| FilterError::Invalid(e.to_string()))
+}
+
+/// Replaces the log filter (a reload), with the WARN caps of
+/// [`filter_directives`]. `RUST_LOG`, when set, keeps precedence: this is
+/// then a no-op that returns `Ok(false)`.
+pub fn set_filter(directives: &str) -> Result<bool, FilterError> {
+    if std::env::var("RUST_LOG").is_ok_and(|s| !s.trim().is_empty()) {
+        return Ok(false);
+    }
+    let filter =
+        EnvFilter::try_new(filter_directives(Some(directives))).map_err(|e| FilterError::Invalid(e.to_string()))?;
+    let set = FILTER.get().ok_or(FilterError::NotInstalled)?;
+    set(filter).map_err(FilterError::Refused)?;
+    Ok(true)
 }
 
 /// A string from the network, for a log field: written escaped (Rust

@@ -14,8 +14,10 @@
 //! - [`dns_zone`]: the cluster DNS zone as data, and the answer to one
 //!   question about it.
 //! - [`signal`]: the signal API's JSON request bodies.
+//! - [`admin`]: the admin API's (`/api/v1`) request, response and error bodies.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod client_hello;
 pub mod dns_zone;
 pub mod join;

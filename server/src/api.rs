@@ -253,7 +253,7 @@ async fn node_request<T: serde::de::DeserializeOwned>(
     // A node's own budget: one token holder looping requests (each of which
     // may touch the store, the registry and the zone) must not slow the
     // server down for every other node.
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     let within = node.signal_budget.lock().unwrap_or_else(|p| p.into_inner()).take(
         f64::from(limits.node_signal_rate),
         limits.node_signal_burst,

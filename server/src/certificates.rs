@@ -166,11 +166,26 @@ const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Debug)]
 pub struct CertService {
     zone: Option<Arc<ZoneCell>>,
-    acme: Option<edge_certs::acme::AcmeClient>,
+    /// Replaced as a whole by a reload; orders under way keep theirs.
+    acme: std::sync::RwLock<Option<Arc<edge_certs::acme::AcmeClient>>>,
     order_locks: OrderLocks,
     /// Orders this server runs at once (each holds a database connection
     /// for its cluster-wide lock); more wait for the node's next retry.
     orders: tokio::sync::Semaphore,
+}
+
+/// The ACME client of `[acme]`, its account kept in the store.
+pub fn acme_client(
+    config: &crate::config::ServerConfig,
+    store: Arc<dyn crate::store::Store>,
+) -> Option<edge_certs::acme::AcmeClient> {
+    config.acme.as_ref().map(|a| {
+        let vault = Arc::new(StoreVault(store));
+        let mut client =
+            edge_certs::acme::AcmeClient::new(a.settings.clone(), &config.data_dir.join("acme")).with_vault(vault);
+        client.order_timeout = std::time::Duration::from_secs(a.order_timeout_secs);
+        client
+    })
 }
 
 /// Most certificate orders one server runs at once.
@@ -181,10 +196,20 @@ impl CertService {
     pub fn new(zone: Option<Arc<ZoneCell>>, acme: Option<edge_certs::acme::AcmeClient>) -> Self {
         Self {
             zone,
-            acme,
+            acme: std::sync::RwLock::new(acme.map(Arc::new)),
             order_locks: OrderLocks::default(),
             orders: tokio::sync::Semaphore::new(MAX_CONCURRENT_ORDERS),
         }
+    }
+
+    /// Takes the ACME client of a reloaded config (new orders use it).
+    pub fn set_acme(&self, acme: Option<edge_certs::acme::AcmeClient>) {
+        *self.acme.write().unwrap_or_else(|p| p.into_inner()) = acme.map(Arc::new);
+    }
+
+    /// The zone this server publishes in, if it serves DNS.
+    pub fn zone(&self) -> Option<&Arc<ZoneCell>> {
+        self.zone.as_ref()
     }
 }
 
@@ -357,7 +382,8 @@ pub async fn issue_for_csr(
     }
     // Names are checked first: a foreign name is refused (403) whether or
     // not this server runs ACME.
-    let acme = certs.acme.as_ref().ok_or(CertRequestError::NotConfigured("this server has no [acme] section"))?;
+    let acme = certs.acme.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let acme = acme.ok_or(CertRequestError::NotConfigured("this server has no [acme] section"))?;
     let lock = certs.order_locks.for_node(&node.name);
     let Ok(_guard) = lock.try_lock() else {
         return Err(CertRequestError::Busy);

@@ -43,6 +43,10 @@ pub struct ServerConfig {
     /// Log format, `text` or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Log filter (`info`, `info,edge_server::tunnel=debug`, ...) when
+    /// `RUST_LOG` is unset; a reload (SIGHUP) applies a new one.
+    #[serde(default)]
+    pub log_filter: Option<String>,
     /// Authoritative DNS for the zone; off when the section is absent.
     #[serde(default)]
     pub dns: Option<DnsConfig>,
@@ -56,6 +60,74 @@ pub struct ServerConfig {
     /// store (PostgreSQL). A single server registers itself too.
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Operators' dashboard and admin API on `listen.admin`: sessions,
+    /// login limits, the certificate it shows browsers.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The dashboard and `/api/v1` for operators.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// PEM certificate chain for `listen.admin` (default: the server
+    /// identity, which browsers do not trust without an exception).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// A session ends after this long without a request.
+    pub session_idle_secs: u64,
+    /// A session ends this long after login, however busy.
+    pub session_max_secs: u64,
+    /// Failed logins allowed per source address, and per user name, in any
+    /// minute; beyond it logins are refused with 429 until the minute ends.
+    pub login_failures_per_minute: u32,
+    /// Origins (`https://host:port`) the browser may send changes from,
+    /// besides the one the request is addressed to (a reverse proxy's).
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            session_idle_secs: 30 * 60,
+            session_max_secs: 12 * 3600,
+            login_failures_per_minute: 5,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("admin.cert_file and admin.key_file: set both or neither".into());
+        }
+        if !(60..=7 * 86_400).contains(&self.session_idle_secs) {
+            return Err(format!("admin.session_idle_secs = {} must be between 60 and 604800", self.session_idle_secs));
+        }
+        if self.session_max_secs < self.session_idle_secs || self.session_max_secs > 30 * 86_400 {
+            return Err(format!(
+                "admin.session_max_secs = {} must be at least admin.session_idle_secs ({}) and at most 2592000",
+                self.session_max_secs, self.session_idle_secs
+            ));
+        }
+        if !(1..=1000).contains(&self.login_failures_per_minute) {
+            return Err(format!(
+                "admin.login_failures_per_minute = {} must be between 1 and 1000",
+                self.login_failures_per_minute
+            ));
+        }
+        for (i, o) in self.allowed_origins.iter().enumerate() {
+            let ok = o.strip_prefix("https://").is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+            if !ok {
+                return Err(format!("admin.allowed_origins[{i}] = {o:?} must be https://host[:port]"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// This server as a member of the cluster.
@@ -505,6 +577,9 @@ pub struct ListenConfig {
     /// off when unset. Bind it to loopback or a private network: on the API
     /// listener `/metrics` needs the admin token.
     pub metrics: Option<SocketAddr>,
+    /// The operators' dashboard and admin API (HTTPS); off when unset.
+    /// Keep it on a private address or behind a VPN.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -515,6 +590,7 @@ impl Default for ListenConfig {
             api: ([0, 0, 0, 0], 4433).into(),
             http: None,
             metrics: None,
+            admin: None,
         }
     }
 }
@@ -658,6 +734,8 @@ impl fmt::Debug for ServerConfig {
             .field("acme", &self.acme)
             .field("modes", &self.modes)
             .field("cluster", &self.cluster)
+            .field("admin", &self.admin)
+            .field("log_filter", &self.log_filter)
             .finish()
     }
 }
@@ -729,6 +807,10 @@ impl ServerConfig {
         }
         self.store.validate()?;
         self.cluster.validate()?;
+        self.admin.validate()?;
+        if let Some(f) = &self.log_filter {
+            edge_net::logging::check_filter(f).map_err(|e| format!("log_filter = {f:?}: {e}"))?;
+        }
         for (field, value) in [("public.quic", &self.public.quic), ("public.api", &self.public.api)] {
             if let Some(v) = value {
                 let ok =

@@ -27,7 +27,7 @@ use crate::Shared;
 /// Runs until `shutdown`: tunnel changes are looked at every second, probes
 /// run every `modes.probe_interval_ms`.
 pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let cfg = shared.config.modes.clone();
+    let mut cfg = shared.modes();
     let tls = probe_client_config();
     // Right after a start no agent has reconnected yet: a tunnel that is not
     // up in this window is not news (no proxy -> offline -> proxy churn).
@@ -48,6 +48,14 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = tunnels.tick() => false,
             _ = probes.tick() => true,
         };
+        // A reload may change the probe interval.
+        let now_cfg = shared.modes();
+        if now_cfg.probe_interval_ms != cfg.probe_interval_ms {
+            probes = tokio::time::interval(Duration::from_millis(now_cfg.probe_interval_ms));
+            probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            probes.tick().await;
+        }
+        cfg = now_cfg;
         // One server decides for the cluster; the others follow the store.
         if !shared.cluster.is_decider() {
             continue;
@@ -86,7 +94,7 @@ async fn probe_round(
     members: Arc<crate::cluster::Members>,
     tls: Arc<rustls::ClientConfig>,
 ) {
-    let cfg = &shared.config.modes;
+    let cfg = shared.modes();
     let own = shared.own_addresses();
     let mut jobs: Vec<(Arc<NodeHandle>, SocketAddr, String)> = Vec::new();
     for node in nodes {

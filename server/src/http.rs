@@ -98,7 +98,7 @@ async fn respond(tcp: &mut TcpStream, status: &str, extra: &str, body: &str) {
 }
 
 async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     let local = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut buf = Vec::with_capacity(2048);
     let read = tokio::time::timeout(Duration::from_millis(limits.client_hello_timeout_ms), async {

@@ -122,3 +122,23 @@ pub fn quic_server_config(
 pub fn api_acceptor(identity: &Identity) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(identity, &[b"http/1.1"])?)))
 }
+
+/// TLS acceptor for the admin listener: the configured `admin.cert_file`,
+/// else the server identity. No client certificate is asked for, so
+/// browsers never prompt for one.
+pub fn admin_acceptor(
+    identity: &Identity,
+    admin: &crate::config::AdminConfig,
+) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+    let key = match (&admin.cert_file, &admin.key_file) {
+        (Some(cert), Some(key)) => Arc::new(edge_certs::pem::load_certified_key(cert, key)?),
+        _ => identity.key.clone(),
+    };
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(FixedCert(key)));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}

@@ -100,7 +100,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _open = GaugeGuard::new(&shared.metrics.connections_open);
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     let mut hello = Vec::with_capacity(2048);
     let read = tokio::time::timeout(
         Duration::from_millis(limits.client_hello_timeout_ms),
@@ -287,7 +287,7 @@ const AVOID_MS: u64 = 10_000;
 /// or one replica loses no new client connection. Replaying a ClientHello
 /// is harmless; agents accept no 0-RTT data.
 pub(crate) async fn place(node: &NodeHandle, first: &[u8], shared: &Shared) -> Result<Answered, PlaceError> {
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     let mut excluded: Vec<u64> = Vec::new();
     // One bound for the whole placement, however many tunnels are tried.
     let give_up = tokio::time::Instant::now() + Duration::from_secs(limits.idle_timeout_secs);
@@ -357,7 +357,7 @@ async fn splice_to_endpoint(
     shared: &Shared,
     node: &crate::registry::NodeHandle,
 ) {
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     let deadline = Duration::from_millis(limits.open_stream_timeout_ms);
     // Registered as ours, with the hello it carries: if the endpoint leads
     // back to us, the second hop is refused instead of looping.

@@ -32,6 +32,7 @@
 //! - [`limits`]: per-source rates, connection caps, refusal counting.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod certificates;
 pub mod cluster;
@@ -47,6 +48,7 @@ pub mod limits;
 pub mod metrics;
 pub mod modes;
 pub mod registry;
+pub mod reload;
 pub mod scrape;
 pub mod self_loop;
 pub mod server;

@@ -291,24 +291,30 @@ impl SourceRates {
 /// connection cap.
 #[derive(Debug, Default)]
 pub struct OpenPerSource {
-    max: u32,
+    max: std::sync::atomic::AtomicU32,
     open: Mutex<HashMap<IpAddr, u32>>,
 }
 
 impl OpenPerSource {
     /// At most `max` open connections per source (0: no limit).
     pub fn new(max: u32) -> Arc<Self> {
-        Arc::new(Self { max, open: Mutex::new(HashMap::new()) })
+        Arc::new(Self { max: std::sync::atomic::AtomicU32::new(max), open: Mutex::new(HashMap::new()) })
+    }
+
+    /// Changes the cap for new connections (a reload); open ones stay.
+    pub fn set_max(&self, max: u32) {
+        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn enter(self: &Arc<Self>, source: IpAddr) -> Option<SourceSlot> {
-        if self.max == 0 {
+        let max = self.max.load(std::sync::atomic::Ordering::Relaxed);
+        if max == 0 {
             return Some(SourceSlot(None));
         }
         let key = source_key(source);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let count = open.entry(key).or_insert(0);
-        if *count >= self.max {
+        if *count >= max {
             return None;
         }
         *count += 1;
@@ -368,6 +374,17 @@ impl Admission {
         per_source: Arc<OpenPerSource>,
     ) -> Self {
         Self { listener, rates: Mutex::new(rates), slots, per_source }
+    }
+
+    /// Replaces the per-source rates for new connections (a reload: every
+    /// source starts with a full burst under the new rate).
+    pub fn set_rates(&self, rates: SourceRates) {
+        *self.rates.lock().unwrap_or_else(|p| p.into_inner()) = rates;
+    }
+
+    /// The per-source open-connection table.
+    pub fn per_source(&self) -> &Arc<OpenPerSource> {
+        &self.per_source
     }
 
     /// The listener this admission guards.

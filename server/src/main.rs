@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use edge_proto::join::JoinTicket;
-use edge_server::config::{DnsConfig, RecordField, ServerConfig};
-use edge_server::store::{HttpMode, StaticKind, StaticRecord, StoreConfig, StoreError, StoreTls};
-use edge_server::{listening_file, token_hash, BoundAddrs, Server};
+use edge_server::admin::ops::{Actor, JoinInfo, OpError, Ops};
+use edge_server::config::{DnsConfig, ServerConfig};
+use edge_server::store::{HttpMode, StaticKind, Store, StoreConfig, StoreError, StoreTls};
+use edge_server::{listening_file, BoundAddrs, Server};
 use tokio_util::sync::CancellationToken;
 
 /// Public edge of the cluster: routes TLS by SNI over QUIC tunnels to node
@@ -38,6 +38,12 @@ enum Command {
     Run,
     /// Check the config file and print it (secrets masked).
     CheckConfig,
+    /// Make the running server re-read its config file (sends SIGHUP to
+    /// the pid in <data_dir>/edge-server.pid). Limits, modes, [dns] records,
+    /// [acme] and log_filter apply to new work without dropping connections
+    /// or tunnels; other changes are logged as needing a restart. The file
+    /// is checked first: an invalid one is refused here and by the server.
+    Reload,
     /// Manage nodes (works while the server runs: it follows the store's
     /// changes, at once on PostgreSQL and within `store.poll_ms` on SQLite).
     #[command(subcommand)]
@@ -53,6 +59,77 @@ enum Command {
     /// serves them; records in [dns] of a config file serve only there).
     #[command(subcommand)]
     Dns(DnsCommand),
+    /// Operators who log in to the dashboard (listen.admin).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// API tokens for automation (`Authorization: Bearer ...` on /api/v1).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print the audit log: every change made through the API, the
+    /// dashboard or this CLI, newest first.
+    Audit {
+        /// Only this actor (`user:alice`, `token:ci`, `cli:root`).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only this action (`node.create`, `node.remove`, `token.add`, ...).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only this target (a node, record, user or token name).
+        #[arg(long)]
+        target: Option<String>,
+        /// How many entries.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=500))]
+        limit: u16,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Add a user. The password is read from a prompt, or from the first
+    /// line of --password-file (`-` for standard input); never from an
+    /// argument, which other users of the machine could see.
+    Add {
+        /// Login name: lowercase letters, digits, '.', '_', '-'.
+        name: String,
+        /// File whose first line is the password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Remove a user; their sessions end at once.
+    Remove {
+        /// Login name.
+        name: String,
+    },
+    /// List users.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token; prints it once on stdout (only its hash is kept).
+    Add {
+        /// Unique name, e.g. `ci`.
+        #[arg(long)]
+        name: String,
+        /// `read` (GET only) or `admin` (everything).
+        #[arg(long, value_parser = parse_scope)]
+        scope: edge_proto::admin::TokenScope,
+    },
+    /// Revoke a token. (`admin.token` comes back from the config or
+    /// <data_dir>/admin.token at the next start: change it there.)
+    Remove {
+        /// Token name.
+        name: String,
+    },
+    /// List tokens with their scope and last use.
+    List,
+}
+
+fn parse_scope(s: &str) -> Result<edge_proto::admin::TokenScope, String> {
+    s.parse()
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +270,7 @@ fn main() -> std::process::ExitCode {
             eprintln!("edge-server: error: {}", edge_net::error_chain(e.chain()));
             let unavailable = e.chain().any(|c| {
                 c.downcast_ref::<StoreError>().is_some_and(StoreError::is_unavailable)
+                    || c.downcast_ref::<OpError>().is_some_and(|o| matches!(o, OpError::Store(e) if e.is_unavailable()))
                     || c.downcast_ref::<edge_server::ServerError>()
                         .is_some_and(|s| matches!(s, edge_server::ServerError::Store(e) if e.is_unavailable()))
             });
@@ -208,7 +286,8 @@ fn main() -> std::process::ExitCode {
 fn real_main(cli: Cli) -> Result<()> {
     let config = ServerConfig::load(&cli.config).context("loading config")?;
     match cli.command {
-        Command::Run => run(config),
+        Command::Run => run(config, cli.config.clone()),
+        Command::Reload => reload(&config),
         Command::CheckConfig => {
             println!("{config:#?}");
             Ok(())
@@ -216,6 +295,19 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Node(cmd) => cli_runtime()?.block_on(node(config, &cli.config, cmd)),
         Command::Dns(cmd) => cli_runtime()?.block_on(dns(config, cmd)),
         Command::Cluster(cmd) => cli_runtime()?.block_on(cluster(config, cmd)),
+        Command::User(cmd) => cli_runtime()?.block_on(user(config, cmd)),
+        Command::Token(cmd) => cli_runtime()?.block_on(token(config, cmd)),
+        Command::Audit { actor, action, target, limit, json } => {
+            let query = edge_server::store::AuditQuery {
+                actor,
+                action,
+                target,
+                since: None,
+                before_id: None,
+                limit: usize::from(limit),
+            };
+            cli_runtime()?.block_on(audit(config, query, json))
+        }
         Command::Store(StoreCommand::Copy { to, password_file, tls, ca_file }) => {
             let target = StoreConfig { url: Some(to), password_file, tls, ca_file, ..StoreConfig::default() };
             target.validate().map_err(anyhow::Error::msg).context("--to")?;
@@ -277,9 +369,11 @@ async fn cluster(config: ServerConfig, cmd: ClusterCommand) -> Result<()> {
             }
         }
         ClusterCommand::Remove { id } => {
-            if !store.remove_server(&id).await? {
-                anyhow::bail!("no server with id {id:?} (see `cluster status`)");
-            }
+            let ops = ops_for(&config, store.clone(), None);
+            ops.remove_server(&Actor::cli(), &id).await.map_err(|e| match e {
+                OpError::NotFound(m) => anyhow::anyhow!("{m} (see `cluster status`)"),
+                other => other.into(),
+            })?;
             eprintln!("forgot server {id}");
         }
     }
@@ -294,29 +388,14 @@ async fn dns(config: ServerConfig, cmd: DnsCommand) -> Result<()> {
     }
     match cmd {
         DnsCommand::Add { name, kind, value, ttl } => {
-            let name = DnsConfig::absolute(&name, &zone);
-            match DnsConfig::check_record(&zone, &name, kind, &value) {
-                Err(RecordField::Name) => bail!("name {name:?} is not a name in the zone {zone}"),
-                Err(RecordField::Value) => bail!("value {value:?} is not a valid {kind} value"),
-                Ok(()) => {}
-            }
-            if let Some(label) = DnsConfig::label_under(&name, &zone) {
-                if store.get_node(&label).await?.is_some() {
-                    bail!("{name} is a name of node {label:?}: its names are its own");
-                }
-            }
-            store
-                .add_dns_record(&StaticRecord { name: name.clone(), kind, value: value.clone(), ttl_secs: ttl })
-                .await?;
-            eprintln!("added {name} {ttl} {kind} {value}");
+            let ops = ops_for(&config, store.clone(), None);
+            let r = ops.add_dns_record(&Actor::cli(), &name, kind, &value, ttl).await?;
+            eprintln!("added {} {} {} {}", r.name, r.ttl_secs, r.kind, r.value);
         }
         DnsCommand::Remove { name, kind, value } => {
-            let name = DnsConfig::absolute(&name, &zone);
-            let n = store.remove_dns_records(&name, kind, value.as_deref()).await?;
-            if n == 0 {
-                bail!("no such record at {name}");
-            }
-            eprintln!("removed {n} record(s) at {name}");
+            let ops = ops_for(&config, store.clone(), None);
+            let n = ops.remove_dns_records(&Actor::cli(), &name, kind, value.as_deref()).await?;
+            eprintln!("removed {n} record(s) at {}", DnsConfig::absolute(&name, &zone));
         }
         DnsCommand::List => {
             for r in store.list_dns_records().await? {
@@ -347,76 +426,107 @@ async fn store_copy(config: ServerConfig, target: StoreConfig) -> Result<()> {
     Ok(())
 }
 
-fn run(config: ServerConfig) -> Result<()> {
-    edge_net::logging::init(config.log_format);
+/// Where a running server keeps its pid, for `reload`.
+fn pid_file(config: &ServerConfig) -> PathBuf {
+    config.data_dir.join("edge-server.pid")
+}
+
+fn run(config: ServerConfig, config_path: PathBuf) -> Result<()> {
+    edge_net::logging::init_with(config.log_format, config.log_filter.as_deref());
     edge_net::raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
+    let pid_path = pid_file(&config);
     runtime.block_on(async {
         let server = Server::bind(config).await?;
+        let reloader = std::sync::Arc::new(server.reloader());
+        std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", pid_path.display()))?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signal_handler(shutdown.clone()));
-        server.run(shutdown).await?;
+        tokio::spawn(signal_handler(shutdown.clone(), config_path, reloader));
+        let result = server.run(shutdown).await;
+        let _ = std::fs::remove_file(&pid_path);
+        result?;
         Ok(())
     })
 }
 
-/// Signals only cancel; the server drains by itself.
-async fn signal_handler(shutdown: CancellationToken) {
+/// SIGINT and SIGTERM cancel (the server drains by itself); SIGHUP
+/// re-reads the config file, keeping the running one if the new one does
+/// not validate.
+async fn signal_handler(
+    shutdown: CancellationToken,
+    config_path: PathBuf,
+    reloader: std::sync::Arc<edge_server::reload::Reloader>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
         return;
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received"); break; }
+            _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+            _ = hup.recv() => {
+                tracing::info!(config = %config_path.display(), "SIGHUP received: reloading the config");
+                match ServerConfig::load(&config_path) {
+                    Ok(new) => {
+                        reloader.apply(new);
+                    }
+                    Err(e) => {
+                        // One log line: TOML errors span several.
+                        let error = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+                        tracing::error!(%error,
+                            "reload refused: the config file does not validate; the running config stays in force");
+                    }
+                }
+            }
+        }
     }
     shutdown.cancel();
+}
+
+/// `edge-server reload`: signals the running server.
+fn reload(config: &ServerConfig) -> Result<()> {
+    let path = pid_file(config);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (is the server running with this config?)", path.display()))?;
+    let pid: u32 = text.trim().parse().with_context(|| format!("{} holds no pid", path.display()))?;
+    // A stale file may name a pid that now belongs to another program.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "edge-server" {
+        bail!("no edge-server runs as pid {pid} ({} is stale)", path.display());
+    }
+    let status =
+        std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().context("running kill")?;
+    if !status.success() {
+        bail!("kill -HUP {pid} failed");
+    }
+    eprintln!("asked edge-server (pid {pid}) to reload its config; its log says what was applied");
+    Ok(())
 }
 
 async fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeCommand) -> Result<()> {
     let store = edge_server::store::open(&config.store, &config.data_dir).await?;
     match cmd {
         NodeCommand::Add { name } => {
-            edge_proto::names::validate_node_name(&name).map_err(anyhow::Error::msg)?;
-            if let Some(dns) = &config.dns {
-                if let Some(taken) = dns.reserved_labels(config.zone()).into_iter().find(|l| *l == name) {
-                    bail!(
-                        "node name {taken:?} is taken by a DNS name of the operator (dns.records or dns.nameservers)"
-                    );
-                }
-            }
-            let zone = config.zone();
-            let stored = store.list_dns_records().await?;
-            if let Some(r) = stored.iter().find(|r| DnsConfig::label_under(&r.name, zone).as_deref() == Some(&name)) {
-                bail!("node name {name:?} is taken by the DNS record {} {} (edge-server dns list)", r.name, r.kind);
-            }
-            let hostnames = edge_proto::names::node_hostnames(&name, config.zone());
-            let token = edge_proto::join::make_token(&name, &rand::random());
-            let ticket = join_ticket(&config, config_path, token.clone())?;
-            store.add_node(&name, &hostnames, &token_hash(&token)).await?;
-            eprintln!("created node {name} owning {}", hostnames.join(", "));
+            let ops = ops_for(&config, store.clone(), Some(config_path));
+            let created = ops.create_node(&Actor::cli(), &name).await?;
+            eprintln!("created node {name} owning {}", created.hostnames.join(", "));
             eprintln!("join string for its agent (shown once; keep it secret):");
-            println!("{ticket}");
+            println!("{}", created.join);
         }
         NodeCommand::RotateToken { name } => {
-            let token = edge_proto::join::make_token(&name, &rand::random());
-            let ticket = join_ticket(&config, config_path, token.clone())?;
-            if !store.set_token_hash(&name, &token_hash(&token)).await? {
-                bail!("no node named {name:?}");
-            }
+            let ops = ops_for(&config, store.clone(), Some(config_path));
+            let rotated = ops.rotate_token(&Actor::cli(), &name).await?;
             eprintln!("new token for node {name}; the old one no longer works:");
-            println!("{ticket}");
+            println!("{}", rotated.join);
         }
         NodeCommand::Remove { name } => {
-            if !store.remove_node(&name).await? {
-                bail!("no node named {name:?}");
-            }
+            ops_for(&config, store.clone(), None).remove_node(&Actor::cli(), &name).await?;
             eprintln!("removed node {name}");
         }
         NodeCommand::Http { name, mode } => {
-            if !store.set_http_mode(&name, mode).await? {
-                bail!("no node named {name:?}");
-            }
+            ops_for(&config, store.clone(), None).set_http_mode(&Actor::cli(), &name, mode).await?;
             eprintln!("plain HTTP for node {name}: {mode}");
         }
         NodeCommand::Show { name } => {
@@ -487,34 +597,127 @@ async fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeComm
     Ok(())
 }
 
-/// The join string for `token`: public addresses from the config, else
-/// those a running server recorded, else the listen addresses.
-fn join_ticket(config: &ServerConfig, config_path: &std::path::Path, token: String) -> Result<JoinTicket> {
-    let running: Option<BoundAddrs> =
-        std::fs::read(listening_file(&config.data_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let usable = |a: std::net::SocketAddr| (!a.ip().is_unspecified() && a.port() != 0).then(|| a.to_string());
-    let server = config
-        .public
-        .quic
-        .clone()
-        .or_else(|| running.and_then(|r| usable(r.quic)))
-        .or_else(|| usable(config.listen.quic));
-    let Some(server) = server else {
-        bail!(
-            "cannot tell agents where to connect: set public.quic in {} (listen.quic = {} is not an address agents can dial)",
-            config_path.display(),
-            config.listen.quic
-        );
+/// The operations for the CLI. Join strings use public addresses from the
+/// config, else those a running server recorded, else the listen
+/// addresses; `config_path` names the file in the error when none works
+/// (only commands that print join strings pass it).
+fn ops_for(config: &ServerConfig, store: std::sync::Arc<dyn Store>, config_path: Option<&std::path::Path>) -> Ops {
+    let join = match config_path {
+        None => Err("this command makes no join strings".to_string()),
+        Some(path) => {
+            let running: Option<BoundAddrs> =
+                std::fs::read(listening_file(&config.data_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            edge_server::identity::load_or_create(config)
+                .map_err(|e| e.to_string())
+                .and_then(|id| JoinInfo::new(config, running, id.fingerprint).map_err(|e| e.to_string()))
+                .map_err(|e| format!("{e} ({})", path.display()))
+        }
     };
-    let api = config
-        .public
-        .api
-        .clone()
-        .or_else(|| running.and_then(|r| usable(r.api)))
-        .or_else(|| usable(config.listen.api))
-        .unwrap_or_else(|| server.clone());
-    let identity = edge_server::identity::load_or_create(config)?;
-    Ok(JoinTicket { token, server, fingerprint: Some(identity.fingerprint), api })
+    Ops { store, config: std::sync::Arc::new(config.clone()), join }
+}
+
+async fn user(config: ServerConfig, cmd: UserCommand) -> Result<()> {
+    let store = edge_server::store::open(&config.store, &config.data_dir).await?;
+    let ops = ops_for(&config, store.clone(), None);
+    match cmd {
+        UserCommand::Add { name, password_file } => {
+            let password = match password_file {
+                Some(path) if path.as_os_str() == "-" => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    text.lines().next().unwrap_or_default().to_string()
+                }
+                None => {
+                    use std::io::IsTerminal;
+                    if !std::io::stdin().is_terminal() {
+                        bail!("no terminal to prompt for the password: use --password-file FILE (or - for stdin)");
+                    }
+                    let first = rpassword::prompt_password(format!("password for {name}: "))
+                        .context("reading the password (no terminal? use --password-file)")?;
+                    let again = rpassword::prompt_password("again: ").context("reading the password")?;
+                    if first != again {
+                        bail!("the passwords differ");
+                    }
+                    first
+                }
+            };
+            ops.add_user(&Actor::cli(), &name, &password).await?;
+            eprintln!("added user {name}");
+        }
+        UserCommand::Remove { name } => {
+            ops.remove_user(&Actor::cli(), &name).await?;
+            eprintln!("removed user {name}; their sessions have ended");
+        }
+        UserCommand::List => {
+            println!("{:<24} ADDED", "NAME");
+            for u in store.list_users().await? {
+                println!("{:<24} {}", u.name, edge_certs::format_unix(u.created_at));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn token(config: ServerConfig, cmd: TokenCommand) -> Result<()> {
+    let store = edge_server::store::open(&config.store, &config.data_dir).await?;
+    let ops = ops_for(&config, store.clone(), None);
+    match cmd {
+        TokenCommand::Add { name, scope } => {
+            let made = ops.add_token(&Actor::cli(), &name, scope).await?;
+            eprintln!("token {name} ({scope}); shown once, keep it secret:");
+            println!("{}", made.token);
+        }
+        TokenCommand::Remove { name } => {
+            ops.remove_token(&Actor::cli(), &name).await?;
+            eprintln!("revoked token {name}");
+        }
+        TokenCommand::List => {
+            println!("{:<24} {:<6} {:<20} {:<20} BY", "NAME", "SCOPE", "MADE", "LAST USED");
+            for t in store.list_api_tokens().await? {
+                println!(
+                    "{:<24} {:<6} {:<20} {:<20} {}",
+                    t.name,
+                    t.scope,
+                    edge_certs::format_unix(t.created_at),
+                    t.last_used.map_or("never".into(), edge_certs::format_unix),
+                    t.created_by
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn audit(config: ServerConfig, query: edge_server::store::AuditQuery, json: bool) -> Result<()> {
+    if let Some(a) = &query.action {
+        if edge_proto::admin::AuditAction::parse(a).is_none() {
+            let all: Vec<&str> = edge_proto::admin::AuditAction::ALL.iter().map(|a| a.as_str()).collect();
+            bail!("--action {a:?} is not an action; one of: {}", all.join(", "));
+        }
+    }
+    let store = edge_server::store::open(&config.store, &config.data_dir).await?;
+    let entries = store.query_audit(&query).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!("{:<20} {:<20} {:<16} {:<18} {:<28} SUMMARY", "WHEN", "WHO", "FROM", "ACTION", "TARGET");
+    for e in &entries {
+        println!(
+            "{:<20} {:<20} {:<16} {:<18} {:<28} {}",
+            edge_certs::format_unix(e.at),
+            e.actor,
+            e.source,
+            e.action,
+            e.target,
+            e.summary
+        );
+    }
+    Ok(())
 }
 
 /// One node in `node list --json`.

@@ -78,6 +78,9 @@ pub struct BoundAddrs {
     /// The metrics listener, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
+    /// The admin dashboard and API, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
 }
 
 /// File in the data directory where a running server records its bound
@@ -102,6 +105,8 @@ pub struct BoundServer {
     dns: Option<(dns::DnsSockets, Arc<dns::ZoneCell>)>,
     http: Option<TcpListener>,
     metrics: Option<TcpListener>,
+    admin: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    admin_state: Arc<crate::admin::AdminState>,
     /// The bound addresses.
     pub addrs: BoundAddrs,
 }
@@ -154,7 +159,12 @@ impl Server {
             Some(addr) => Some(bind_tcp("metrics", addr).await?),
             None => None,
         };
+        let admin = match config.listen.admin {
+            Some(addr) => Some((bind_tcp("admin", addr).await?, identity::admin_acceptor(&identity, &config.admin)?)),
+            None => None,
+        };
         let addrs = BoundAddrs {
+            admin: admin.as_ref().and_then(|(l, _)| l.local_addr().ok()),
             http: http.as_ref().and_then(|l| l.local_addr().ok()),
             tls: tls_addr,
             quic: endpoint.local_addr().unwrap_or(config.listen.quic),
@@ -162,13 +172,7 @@ impl Server {
             dns: dns_sockets.as_ref().and_then(|s| s.local_addr().ok()),
             metrics: metrics.as_ref().and_then(|l| l.local_addr().ok()),
         };
-        let acme = config.acme.as_ref().map(|a| {
-            let vault = Arc::new(certificates::StoreVault(store.clone()));
-            let mut client =
-                edge_certs::acme::AcmeClient::new(a.settings.clone(), &config.data_dir.join("acme")).with_vault(vault);
-            client.order_timeout = Duration::from_secs(a.order_timeout_secs);
-            client
-        });
+        let acme = certificates::acme_client(&config, store.clone());
         let admission = Admissions::new(&config.limits);
         let auth_failures =
             limits::AuthFailures::new(config.limits.auth_failures_per_minute, config.limits.source_table_size);
@@ -193,6 +197,7 @@ impl Server {
             );
         }
         store.register_server(&record, config.cluster.lease_ms as i64).await?;
+        crate::admin::ops::register_admin_token(store.as_ref(), admin_token_hash).await?;
         let servers = store.list_servers().await?;
         // Connected flags are one per node: only a server alone may clear
         // those a previous run left.
@@ -207,6 +212,7 @@ impl Server {
             peers,
             self_loops: Arc::default(),
             own_addresses: std::sync::Mutex::new(None),
+            live: crate::state::LiveSettings::new(&config),
             admission,
             auth_failures,
             refusals: limits::Refusals::default(),
@@ -217,7 +223,7 @@ impl Server {
             admin_token_hash,
             nudges: nudge_tx,
             status_changed: tokio::sync::Notify::new(),
-            own_listeners: [Some(addrs.tls), addrs.http, Some(addrs.api), addrs.metrics]
+            own_listeners: [Some(addrs.tls), addrs.http, Some(addrs.api), addrs.metrics, addrs.admin]
                 .into_iter()
                 .flatten()
                 .collect(),
@@ -234,6 +240,9 @@ impl Server {
         );
         let certs = certificates::CertService::new(zone.clone(), acme);
         let api_state = Arc::new(api::ApiState { shared: shared.clone(), certs, scrape });
+        let join = crate::admin::ops::JoinInfo::new(&shared.config, Some(addrs), identity.fingerprint)
+            .map_err(|e| e.to_string());
+        let admin_state = Arc::new(crate::admin::AdminState::new(shared.clone(), join));
         Ok(BoundServer {
             shared,
             record,
@@ -249,6 +258,8 @@ impl Server {
             dns: dns_sockets.zip(zone),
             http,
             metrics,
+            admin,
+            admin_state,
             addrs,
         })
     }
@@ -292,6 +303,11 @@ impl BoundServer {
         self.shared.clone()
     }
 
+    /// What applies a reloaded config to this server while it runs.
+    pub fn reloader(&self) -> crate::reload::Reloader {
+        crate::reload::Reloader::new(self.shared.clone(), self.api_state.clone())
+    }
+
     /// Runs until `shutdown` is cancelled, then drains: stops accepting,
     /// lets client connections finish up to the drain timeout, then closes
     /// the tunnels. A task that stops on its own (a listener failing, a
@@ -312,13 +328,15 @@ impl BoundServer {
             dns,
             http,
             metrics,
+            admin,
+            admin_state,
             addrs,
         } = self;
         let path = listening_file(&shared.config.data_dir);
         let json = serde_json::to_vec_pretty(&addrs).unwrap_or_default();
         edge_certs::store::write_atomic(&path, &json, edge_certs::store::Sensitivity::Public)
             .map_err(|e| ServerError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
-        tracing::info!(tls = %addrs.tls, quic = %addrs.quic, api = %addrs.api, dns = ?addrs.dns,
+        tracing::info!(tls = %addrs.tls, quic = %addrs.quic, api = %addrs.api, dns = ?addrs.dns, admin = ?addrs.admin,
             zone = shared.config.zone(), store = shared.store.describe(), "edge-server listening");
 
         let clients = TaskTracker::new();
@@ -332,13 +350,27 @@ impl BoundServer {
             api::serve(
                 api,
                 Some(api_tls),
-                api::router(api_state.clone()),
+                api::router(api_state.clone()).merge(crate::admin::api_router(admin_state.clone())),
                 shared.clone(),
                 |s| &s.admission.api,
                 shutdown.clone(),
                 clients.clone(),
             ),
         );
+        if let Some((listener, tls)) = admin {
+            tasks.spawn(
+                "admin listener",
+                api::serve(
+                    listener,
+                    Some(tls),
+                    crate::admin::router(admin_state.clone()),
+                    shared.clone(),
+                    |s| &s.admission.api,
+                    shutdown.clone(),
+                    clients.clone(),
+                ),
+            );
+        }
         if let Some(listener) = metrics {
             tasks.spawn(
                 "metrics listener",
@@ -384,7 +416,7 @@ impl BoundServer {
                 Some(name)
             }
         };
-        let drain = Duration::from_secs(shared.config.limits.drain_timeout_secs);
+        let drain = Duration::from_secs(shared.limits().drain_timeout_secs);
         let open = clients.len();
         tracing::info!(open_connections = open, drain_secs = drain.as_secs(), "shutting down: draining connections");
         clients.close();

@@ -48,6 +48,32 @@ pub struct Shared {
     pub peers: crate::cluster::peers::PeerLinks,
     /// The last reading of [`Shared::own_addresses`].
     pub(crate) own_addresses: std::sync::Mutex<Option<(std::time::Instant, Arc<endpoints::OwnAddresses>)>>,
+    /// The settings a reload (SIGHUP) may change; `config` keeps the ones
+    /// read at start.
+    pub live: LiveSettings,
+}
+
+/// Settings that take effect on new work when the config is reloaded.
+#[derive(Debug)]
+pub struct LiveSettings {
+    limits: std::sync::RwLock<Arc<config::LimitsConfig>>,
+    modes: std::sync::RwLock<Arc<config::ModesConfig>>,
+}
+
+impl LiveSettings {
+    /// The settings of `config`.
+    pub fn new(config: &config::ServerConfig) -> Self {
+        Self {
+            limits: std::sync::RwLock::new(Arc::new(config.limits.clone())),
+            modes: std::sync::RwLock::new(Arc::new(config.modes.clone())),
+        }
+    }
+
+    /// Takes the limits and modes of a reloaded config.
+    pub fn set(&self, config: &config::ServerConfig) {
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.limits.clone());
+        *self.modes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.modes.clone());
+    }
 }
 
 static AUTH_STORE_LOG: std::sync::LazyLock<edge_net::logging::Throttle> =
@@ -71,13 +97,17 @@ pub struct Admissions {
     pub dns: limits::Admission,
     /// The separate metrics listener.
     pub metrics: limits::Admission,
+    /// The connection cap shared by :443 and :80, and its size now.
+    slots: Arc<tokio::sync::Semaphore>,
+    slot_total: std::sync::Mutex<u32>,
 }
 
 impl Admissions {
     /// Admission state from `[limits]`.
     pub fn new(l: &config::LimitsConfig) -> Self {
         use limits::{Admission, Listener, OpenPerSource, SourceRates};
-        let slots = Some(Arc::new(tokio::sync::Semaphore::new(l.max_connections as usize)));
+        let cap = Arc::new(tokio::sync::Semaphore::new(l.max_connections as usize));
+        let slots = Some(cap.clone());
         let rates = || SourceRates::new(l.per_source_rate, l.per_source_burst, l.source_table_size);
         // :443 and :80 share the per-source cap as they share the global one.
         let clients = OpenPerSource::new(l.per_source_max_open);
@@ -95,11 +125,62 @@ impl Admissions {
                 None,
                 unlimited,
             ),
+            slots: cap,
+            slot_total: std::sync::Mutex::new(l.max_connections),
         }
+    }
+
+    /// Applies reloaded `[limits]` to new connections: rates (buckets start
+    /// full), per-source caps and the connection cap. Open connections keep
+    /// their slots; a lower cap takes effect as they end.
+    pub fn apply(&self, l: &config::LimitsConfig) {
+        use limits::SourceRates;
+        let rates = || SourceRates::new(l.per_source_rate, l.per_source_burst, l.source_table_size);
+        for a in [&self.tls, &self.http, &self.api, &self.metrics, &self.quic] {
+            a.set_rates(rates());
+        }
+        self.dns.set_rates(SourceRates::new(l.dns_per_source_rate, l.dns_per_source_burst, l.source_table_size));
+        for a in [&self.tls, &self.api, &self.metrics] {
+            a.per_source().set_max(l.per_source_max_open);
+        }
+        let mut total = self.slot_total.lock().unwrap_or_else(|p| p.into_inner());
+        if l.max_connections > *total {
+            self.slots.add_permits((l.max_connections - *total) as usize);
+        } else {
+            // Permits in use cannot be forgotten now: forget what is free
+            // and the rest as it comes back (a task that waits is cheap).
+            let mut owed = (*total - l.max_connections) as usize;
+            owed -= self.slots.forget_permits(owed);
+            if owed > 0 {
+                let slots = self.slots.clone();
+                tokio::spawn(async move {
+                    while owed > 0 {
+                        match slots.acquire().await {
+                            Ok(p) => {
+                                p.forget();
+                                owed -= 1;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                });
+            }
+        }
+        *total = l.max_connections;
     }
 }
 
 impl Shared {
+    /// `[limits]` in force now.
+    pub fn limits(&self) -> Arc<config::LimitsConfig> {
+        self.live.limits.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `[modes]` in force now.
+    pub fn modes(&self) -> Arc<config::ModesConfig> {
+        self.live.modes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The node a bearer token belongs to, if the token is valid. Hashes are
     /// compared in constant time. The in-memory registry answers first; on a
     /// miss the store is asked for that one node (a node added or re-keyed

@@ -165,7 +165,7 @@ async fn session(
         return Err(close_with(&conn, codes::CLOSE_AUTH_FAILED, SessionError::Auth(node)));
     };
     shared.auth_failures.refund(remote.ip());
-    let cap = shared.config.limits.max_tunnels_per_node;
+    let cap = shared.limits().max_tunnels_per_node;
     if node.tunnel_count() >= cap {
         let reason = format!("node {} already has {cap} tunnels (limits.max_tunnels_per_node); retry later", node.name);
         tracing::warn!(node = %node.name, %remote, "refusing a tunnel: the node is at its tunnel cap");
@@ -222,7 +222,7 @@ async fn session(
         close_tunnels: &close_tunnels,
         servers,
     };
-    let result = control_loop(control, &mut reader, &mut writer, shared.config.limits.drain_timeout_secs).await;
+    let result = control_loop(control, &mut reader, &mut writer, shared.limits().drain_timeout_secs).await;
     let remaining = node.remove_tunnel(tunnel_id);
     shared.status_changed.notify_one();
     shared.cluster.note_tunnels_changed();
@@ -354,7 +354,7 @@ fn close_with(conn: &quinn::Connection, code: u32, error: impl Into<SessionError
 /// address the node may have left until a probe verifies the new one.
 /// Returns whether the zone must be rebuilt (a direct node lost its address).
 fn apply_endpoint(shared: &Shared, node: &NodeHandle, declared: Option<&str>, remote: SocketAddr) -> bool {
-    let allow_loopback = shared.config.modes.allow_loopback_endpoints;
+    let allow_loopback = shared.modes().allow_loopback_endpoints;
     let resolved = match declared.map(|e| crate::endpoints::resolve(e, remote, &shared.own_addresses(), allow_loopback))
     {
         Some(Ok(addr)) => Some(addr),

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod admin;
 pub mod clients;
 pub mod dns;
 pub mod faults;
@@ -115,6 +116,9 @@ pub struct ServerAddrs {
     /// Metrics listener (no token).
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
+    /// The admin dashboard and API.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
 }
 
 /// A running `edge-server`.
@@ -171,7 +175,8 @@ impl Server {
             None => (any.clone(), any.clone(), any.clone()),
         };
         let http = addrs.and_then(|a| a.http).map_or(any.clone(), |h| h.to_string());
-        let metrics = addrs.and_then(|a| a.metrics).map_or(any, |m| m.to_string());
+        let metrics = addrs.and_then(|a| a.metrics).map_or(any.clone(), |m| m.to_string());
+        let admin = addrs.and_then(|a| a.admin).map_or(any, |m| m.to_string());
         let config = dir.join("server.toml");
         // Tests load the server from one address and read metrics right
         // after acting: per-source and per-node limits and the metrics
@@ -197,7 +202,7 @@ impl Server {
             format!("{extra}\n[modes]\n{loopback}")
         };
         let text = format!(
-            "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\nmetrics = \"{metrics}\"\n"
+            "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\nmetrics = \"{metrics}\"\nadmin = \"{admin}\"\n"
         );
         std::fs::write(&config, text)?;
         let listening = dir.join("data/listening.json");

@@ -421,6 +421,108 @@ async fn copy_into(b: &Backend<'_>, other: &Backend<'_>) {
     assert_eq!(dst.counts().await.unwrap().nodes, 20, "a refused import changed nothing");
 }
 
+async fn accounts(b: &Backend<'_>) {
+    use edge_server::store::{ApiTokenRecord, AuditEntry, AuditQuery, SessionRecord, TokenScope, UserRecord};
+    let (cfg, dir) = b.fresh("accounts");
+    let s = open(&cfg, &dir).await;
+    let r = s.revision().await.unwrap();
+    let alice = UserRecord { name: "alice".into(), password_hash: "$argon2id$x".into(), created_at: 100 };
+    s.add_user(&alice).await.unwrap();
+    assert!(matches!(s.add_user(&alice).await, Err(StoreError::Conflict(_))), "{}: names are unique", b.name());
+    assert_eq!(s.get_user("alice").await.unwrap(), Some(alice.clone()));
+    assert_eq!(s.get_user("bob").await.unwrap(), None);
+    let session =
+        |id: u8, at: i64| SessionRecord { id_hash: [id; 32], user: "alice".into(), created_at: at, last_seen: at };
+    s.add_session(&session(1, 1000), 0, 0).await.unwrap();
+    s.add_session(&session(2, 1000), 0, 0).await.unwrap();
+    // Valid: touched and returned.
+    let used = s.use_session(&[1; 32], 1500, 900, 0).await.unwrap().unwrap();
+    assert_eq!((used.user.as_str(), used.last_seen), ("alice", 1500));
+    // Idle past the bound: refused and deleted.
+    assert_eq!(s.use_session(&[2; 32], 2000, 1200, 0).await.unwrap(), None);
+    assert_eq!(s.use_session(&[2; 32], 2000, 0, 0).await.unwrap(), None, "{}: an expired session is gone", b.name());
+    // Past the absolute bound however busy.
+    assert_eq!(s.use_session(&[1; 32], 2000, 1400, 1001).await.unwrap(), None);
+    s.add_session(&session(3, 3000), 0, 0).await.unwrap();
+    assert!(s.remove_session(&[3; 32]).await.unwrap());
+    assert!(!s.remove_session(&[3; 32]).await.unwrap());
+    // Adding a session sweeps expired ones.
+    s.add_session(&session(4, 10), 0, 0).await.unwrap();
+    s.add_session(&session(5, 5000), 4000, 0).await.unwrap();
+    assert_eq!(s.use_session(&[4; 32], 5000, 0, 0).await.unwrap(), None, "{}: swept at the next login", b.name());
+    // Removing a user ends their sessions.
+    s.add_session(&session(6, 5000), 0, 0).await.unwrap();
+    assert!(s.remove_user("alice").await.unwrap());
+    assert!(!s.remove_user("alice").await.unwrap());
+    assert_eq!(s.use_session(&[6; 32], 5001, 0, 0).await.unwrap(), None);
+
+    let token = |name: &str, id: u8| ApiTokenRecord {
+        name: name.into(),
+        scope: TokenScope::Read,
+        hash: [id; 32],
+        created_at: 1,
+        last_used: None,
+        created_by: "cli:root".into(),
+    };
+    s.add_api_token(&token("ci", 7)).await.unwrap();
+    assert!(matches!(s.add_api_token(&token("ci", 8)).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(s.add_api_token(&token("other", 7)).await, Err(StoreError::Conflict(_))), "hashes are unique");
+    let used = s.use_api_token(&[7; 32], 1000).await.unwrap().unwrap();
+    assert_eq!((used.name.as_str(), used.last_used), ("ci", Some(1000)));
+    let again = s.use_api_token(&[7; 32], 1030).await.unwrap().unwrap();
+    assert_eq!(again.last_used, Some(1000), "{}: at most one write a minute", b.name());
+    assert_eq!(s.use_api_token(&[7; 32], 1061).await.unwrap().unwrap().last_used, Some(1061));
+    assert_eq!(s.use_api_token(&[9; 32], 1000).await.unwrap(), None);
+    // put replaces the hash and scope of a token of that name.
+    let mut admin = token("admin.token", 10);
+    admin.scope = TokenScope::Admin;
+    s.put_api_token(&admin).await.unwrap();
+    s.put_api_token(&admin).await.unwrap();
+    admin.hash = [11; 32];
+    s.put_api_token(&admin).await.unwrap();
+    assert_eq!(s.use_api_token(&[10; 32], 1).await.unwrap(), None, "the old value no longer works");
+    assert_eq!(s.use_api_token(&[11; 32], 1).await.unwrap().unwrap().scope, TokenScope::Admin);
+    let names: Vec<String> = s.list_api_tokens().await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["admin.token", "ci"]);
+    assert!(s.remove_api_token("ci").await.unwrap());
+    assert_eq!(s.use_api_token(&[7; 32], 2000).await.unwrap(), None);
+
+    for i in 0..7 {
+        let e = AuditEntry {
+            id: 0,
+            at: 100 + i,
+            actor: if i % 2 == 0 { "user:alice".into() } else { "token:ci".into() },
+            source: "127.0.0.1".into(),
+            action: if i < 3 { "node.create".into() } else { "node.remove".into() },
+            target: format!("n{}", i % 3),
+            summary: String::new(),
+        };
+        s.append_audit(&e).await.unwrap();
+    }
+    let q = |f: &dyn Fn(&mut AuditQuery)| {
+        let mut q = AuditQuery { limit: 100, ..AuditQuery::default() };
+        f(&mut q);
+        q
+    };
+    let all = s.query_audit(&q(&|_| {})).await.unwrap();
+    assert_eq!(all.len(), 7);
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "{}: newest first", b.name());
+    assert_eq!(s.query_audit(&q(&|q| q.actor = Some("token:ci".into()))).await.unwrap().len(), 3);
+    assert_eq!(s.query_audit(&q(&|q| q.action = Some("node.create".into()))).await.unwrap().len(), 3);
+    assert_eq!(s.query_audit(&q(&|q| q.target = Some("n0".into()))).await.unwrap().len(), 3);
+    assert_eq!(s.query_audit(&q(&|q| q.since = Some(104))).await.unwrap().len(), 3);
+    let page = s.query_audit(&q(&|q| q.limit = 2)).await.unwrap();
+    let next = s
+        .query_audit(&q(&|q| {
+            q.limit = 2;
+            q.before_id = Some(page[1].id);
+        }))
+        .await
+        .unwrap();
+    assert_eq!(next[0].id, all[2].id, "{}: paging continues where the page ended", b.name());
+    assert_eq!(s.revision().await.unwrap(), r, "{}: accounts move no revision", b.name());
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -435,6 +537,7 @@ async fn conformance(b: &Backend<'_>) {
     events(b).await;
     concurrent_writers(b).await;
     migrations(b).await;
+    accounts(b).await;
 }
 
 #[test]

@@ -130,7 +130,7 @@ impl PeerLinks {
         if recently_failed.is_some_and(|at| at.elapsed() < DIAL_BACKOFF) {
             return Err("its last dial failed moments ago".into());
         }
-        let deadline = Duration::from_millis(shared.config.limits.open_stream_timeout_ms);
+        let deadline = Duration::from_millis(shared.limits().open_stream_timeout_ms);
         let dialed = tokio::time::timeout(deadline, self.dial(shared, peer, &fp)).await;
         match dialed {
             Ok(Ok(conn)) => {
@@ -188,7 +188,7 @@ impl PeerLinks {
         if candidates.is_empty() {
             return Err(PeerError::NoPeer);
         }
-        let limits = &shared.config.limits;
+        let limits = shared.limits();
         let give_up = tokio::time::Instant::now() + answer_within;
         let mut why = Vec::new();
         for peer in &candidates {
@@ -358,7 +358,7 @@ pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>, close: Cancella
                     tracing::info!(%peer, %remote, "peer server is no longer live; no new streams from it");
                     conn.set_max_concurrent_bi_streams(VarInt::from_u32(0));
                     streams.close();
-                    let drain = Duration::from_secs(shared.config.limits.drain_timeout_secs);
+                    let drain = Duration::from_secs(shared.limits().drain_timeout_secs);
                     tokio::select! {
                         _ = tokio::time::timeout(drain, streams.wait()) => {}
                         _ = close.cancelled() => {}
@@ -440,7 +440,7 @@ async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
         let _ = send.reset(VarInt::from_u32(codes::STREAM_NO_TUNNEL));
         let _ = recv.stop(VarInt::from_u32(codes::STREAM_NO_TUNNEL));
     };
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     let deadline = Duration::from_millis(limits.client_hello_timeout_ms);
     let Some((header, first)) = read_header(&mut recv, deadline, limits.client_hello_max_bytes).await else {
         let _ = send.reset(VarInt::from_u32(codes::STREAM_BAD_HEADER));

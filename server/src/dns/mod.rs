@@ -26,13 +26,26 @@ use edge_proto::dns_zone::{NodeAddresses, Zone, ZoneSettings};
 
 pub mod query;
 
+/// The static records of `[dns]`, validated (the error names the field).
+fn configured_records(dns: &DnsConfig, zone: &str) -> Result<Vec<Record>, String> {
+    let mut statics = Vec::new();
+    for (i, r) in dns.records.iter().enumerate() {
+        let record = static_record(&DnsConfig::absolute(&r.name, zone), r.kind, &r.value, r.ttl_secs)
+            .map_err(|_| format!("dns.records[{i}].value = {:?}", r.value))?;
+        statics.push(record);
+    }
+    Ok(statics)
+}
+
 /// The current zone snapshot, swapped as a whole on every change; waiters
 /// can watch for a state (a TXT value served).
 #[derive(Debug)]
 pub struct ZoneCell {
     current: tokio::sync::watch::Sender<Arc<Zone>>,
     /// Static records from `[dns]`, kept to merge with the stored ones.
-    configured: Vec<Record>,
+    configured: std::sync::Mutex<Vec<Record>>,
+    /// The stored records last set, kept to merge with reloaded ones.
+    stored: std::sync::Mutex<Vec<StoreRecord>>,
 }
 
 impl ZoneCell {
@@ -55,21 +68,30 @@ impl ZoneCell {
             negative_ttl: dns.negative_ttl_secs,
             caa_issuers: caa_issuers.iter().map(|ca| fqdn(ca)).collect::<Result<_, _>>()?,
         };
-        let mut statics = Vec::new();
-        for (i, r) in dns.records.iter().enumerate() {
-            let record = static_record(&DnsConfig::absolute(&r.name, zone), r.kind, &r.value, r.ttl_secs)
-                .map_err(|_| format!("dns.records[{i}].value = {:?}", r.value))?;
-            statics.push(record);
-        }
+        let statics = configured_records(dns, zone)?;
         let zone = Zone::new(origin, settings, dns.ingress_addresses(tls), statics.clone());
-        Ok(Self { current: tokio::sync::watch::Sender::new(Arc::new(zone)), configured: statics })
+        Ok(Self {
+            current: tokio::sync::watch::Sender::new(Arc::new(zone)),
+            configured: std::sync::Mutex::new(statics),
+            stored: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Replaces the records from `[dns]` (a reload); the stored ones stay.
+    pub fn set_configured(&self, dns: &DnsConfig, zone: &str) -> Result<(), String> {
+        let statics = configured_records(dns, zone)?;
+        *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = statics;
+        let stored = self.stored.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.set_stored_records(&stored);
+        Ok(())
     }
 
     /// Replaces the records kept in the store (the configured ones stay).
     /// A stored record that no longer converts (edited in the database by
     /// hand) is skipped with a warning.
     pub fn set_stored_records(&self, records: &[StoreRecord]) {
-        let mut statics = self.configured.clone();
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = records.to_vec();
+        let mut statics = self.configured.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for r in records {
             match static_record(&r.name, r.kind, &r.value, r.ttl_secs) {
                 Ok(record) => statics.push(record),

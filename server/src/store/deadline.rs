@@ -15,9 +15,9 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ChallengeRecord, Counts, FeedEvent, Fence, HttpMode, Lease, ModeChange, ModeHistory, NodeRecord, NodeStatus,
-    OrderLock, ProbeSample, Published, RoutingState, ServerList, ServerRecord, Snapshot, StaticKind, StaticRecord,
-    Store, StoreError,
+    AccountStore, ApiTokenRecord, AuditEntry, AuditQuery, ChallengeRecord, Counts, FeedEvent, Fence, HttpMode, Lease,
+    ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerList,
+    ServerRecord, SessionRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, UserRecord,
 };
 
 /// `inner` with deadlines.
@@ -189,5 +189,57 @@ impl<S: Store> Store for WithDeadline<S> {
     }
     fn watch(&self, since: i64, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
         self.inner.watch(since, shutdown)
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: Store> AccountStore for WithDeadline<S> {
+    async fn add_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.add_user(user)).await
+    }
+    async fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.remove_user(name)).await
+    }
+    async fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.within(self.point, self.inner.get_user(name)).await
+    }
+    async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        self.within(self.bulk, self.inner.list_users()).await
+    }
+    async fn add_session(&self, s: &SessionRecord, idle_before: i64, created_before: i64) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.add_session(s, idle_before, created_before)).await
+    }
+    async fn use_session(
+        &self,
+        id_hash: &[u8; 32],
+        now: i64,
+        idle_before: i64,
+        created_before: i64,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        self.within(self.point, self.inner.use_session(id_hash, now, idle_before, created_before)).await
+    }
+    async fn remove_session(&self, id_hash: &[u8; 32]) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.remove_session(id_hash)).await
+    }
+    async fn add_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.add_api_token(token)).await
+    }
+    async fn put_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.put_api_token(token)).await
+    }
+    async fn remove_api_token(&self, name: &str) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.remove_api_token(name)).await
+    }
+    async fn list_api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
+        self.within(self.bulk, self.inner.list_api_tokens()).await
+    }
+    async fn use_api_token(&self, hash: &[u8; 32], now: i64) -> Result<Option<ApiTokenRecord>, StoreError> {
+        self.within(self.point, self.inner.use_api_token(hash, now)).await
+    }
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
+        self.within(self.point, self.inner.append_audit(entry)).await
+    }
+    async fn query_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        self.within(self.bulk, self.inner.query_audit(query)).await
     }
 }

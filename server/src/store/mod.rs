@@ -6,6 +6,7 @@
 //! touches the store: routing uses the in-memory registry, which follows the
 //! store's change feed ([`Store::subscribe`], [`Store::watch`]).
 
+pub mod accounts;
 pub mod changes;
 pub mod cluster;
 pub mod deadline;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
+pub use accounts::{AccountStore, ApiTokenRecord, AuditEntry, AuditQuery, SessionRecord, TokenScope, UserRecord};
 pub use changes::{Change, ChangeEvent, FeedEvent};
 pub use cluster::{Fence, Lease, OrderLock, ServerEntry, ServerList, ServerRecord, MODE_DECIDER};
 pub use error::StoreError;
@@ -247,7 +249,7 @@ impl std::fmt::Display for Counts {
 /// processes arrive through [`Store::watch`]. Status, probes and history
 /// are recorded without events.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+pub trait Store: AccountStore + Send + Sync + std::fmt::Debug + 'static {
     /// Where the store is, without secrets (for logs and errors).
     fn describe(&self) -> &str;
     /// Creates a node; fails with [`StoreError::Conflict`] if the name is taken.

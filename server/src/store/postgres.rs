@@ -116,6 +116,32 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at BIGINT NOT NULL);
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 5: operators: users, sessions, API tokens, and the audit log.
+    "CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL, created_at BIGINT NOT NULL);
+    CREATE TABLE sessions (
+        id_hash BYTEA PRIMARY KEY,
+        username TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        created_at BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL
+    );
+    CREATE TABLE api_tokens (
+        name TEXT PRIMARY KEY,
+        scope TEXT NOT NULL CHECK (scope IN ('read', 'admin')),
+        hash BYTEA NOT NULL UNIQUE,
+        created_at BIGINT NOT NULL,
+        last_used BIGINT,
+        created_by TEXT NOT NULL
+    );
+    CREATE TABLE audit (
+        id BIGSERIAL PRIMARY KEY,
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        source TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        summary TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_target ON audit (target, id);",
 ];
 
 /// The database's clock in milliseconds: every server's lease is timed by
@@ -1532,3 +1558,5 @@ async fn drive<S, T>(
         }
     }
 }
+
+mod accounts;

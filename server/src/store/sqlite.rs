@@ -119,6 +119,32 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL);
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 7: operators: users, sessions, API tokens, and the audit log.
+    "CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL, created_at INTEGER NOT NULL);
+    CREATE TABLE sessions (
+        id_hash BLOB PRIMARY KEY,
+        user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL
+    );
+    CREATE TABLE api_tokens (
+        name TEXT PRIMARY KEY,
+        scope TEXT NOT NULL CHECK (scope IN ('read', 'admin')),
+        hash BLOB NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        last_used INTEGER,
+        created_by TEXT NOT NULL
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        source TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        summary TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_target ON audit (target, id);",
 ];
 
 /// Records a transition and the node's new mode.
@@ -1361,6 +1387,8 @@ async fn poll_changes(
         }
     }
 }
+
+mod accounts;
 
 #[cfg(test)]
 mod tests {

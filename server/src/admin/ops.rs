@@ -1,0 +1,382 @@
+//! Operators' changes, shared by the admin API, the dashboard and the CLI:
+//! each validates its input (naming the field at fault), makes its change
+//! in the store, and records who did it in the audit log.
+
+use std::sync::Arc;
+
+use edge_proto::admin::{AuditAction, AuditEntry, CreatedToken, JoinCredentials, TokenScope};
+use edge_proto::join::JoinTicket;
+
+use crate::config::{DnsConfig, RecordField, ServerConfig};
+use crate::store::{ApiTokenRecord, HttpMode, StaticKind, StaticRecord, Store, StoreError, UserRecord};
+
+/// Why a change was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// A field's value is invalid (422).
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The request field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The name exists, or collides with another (409).
+    #[error("{message}")]
+    Conflict {
+        /// The field holding the name.
+        field: &'static str,
+        /// What it collides with.
+        message: String,
+    },
+    /// No such thing (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Join strings cannot be made: no address agents can dial is known.
+    #[error("cannot tell agents where to connect: {0}")]
+    NoAddress(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+    /// Hashing a password failed.
+    #[error(transparent)]
+    Password(#[from] super::passwords::PasswordError),
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(message) => OpError::Conflict { field: "name", message },
+            other => OpError::Store(other),
+        }
+    }
+}
+
+/// Who makes a change, from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// `user:NAME`, `token:NAME` or `cli:LOGIN`.
+    pub who: String,
+    /// The client's address, or `cli`.
+    pub source: String,
+}
+
+impl Actor {
+    /// The operator at this machine's shell.
+    pub fn cli() -> Self {
+        let login = std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "unknown".into());
+        let login: String =
+            login.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(32).collect();
+        Actor { who: format!("cli:{login}"), source: "cli".into() }
+    }
+}
+
+/// Where agents reach this cluster, for join strings.
+#[derive(Debug, Clone)]
+pub struct JoinInfo {
+    /// `host:port` of QUIC.
+    pub server: String,
+    /// `host:port` of the signal API.
+    pub api: String,
+    /// The server identity's SHA-256.
+    pub fingerprint: [u8; 32],
+}
+
+impl JoinInfo {
+    /// Public addresses from the config, else the ones a running server
+    /// bound (`running`), else the listen addresses; an error when none is
+    /// an address an agent could dial.
+    pub fn new(
+        config: &ServerConfig,
+        running: Option<crate::BoundAddrs>,
+        fingerprint: [u8; 32],
+    ) -> Result<Self, OpError> {
+        let usable = |a: std::net::SocketAddr| (!a.ip().is_unspecified() && a.port() != 0).then(|| a.to_string());
+        let server = config
+            .public
+            .quic
+            .clone()
+            .or_else(|| running.and_then(|r| usable(r.quic)))
+            .or_else(|| usable(config.listen.quic))
+            .ok_or_else(|| {
+                OpError::NoAddress(format!(
+                    "set public.quic in the config (listen.quic = {} is not an address agents can dial)",
+                    config.listen.quic
+                ))
+            })?;
+        let api = config
+            .public
+            .api
+            .clone()
+            .or_else(|| running.and_then(|r| usable(r.api)))
+            .or_else(|| usable(config.listen.api))
+            .unwrap_or_else(|| server.clone());
+        Ok(JoinInfo { server, api, fingerprint })
+    }
+
+    fn credentials(&self, name: &str, hostnames: Vec<String>, token: String) -> JoinCredentials {
+        let ticket = JoinTicket {
+            token,
+            server: self.server.clone(),
+            fingerprint: Some(self.fingerprint),
+            api: self.api.clone(),
+        };
+        let join = ticket.to_string();
+        let agent_command =
+            format!("edge-agent run --join '{join}' --upstream 127.0.0.1:8080 --data-dir /var/lib/edge-agent/{name}");
+        JoinCredentials { name: name.to_string(), join, agent_command, hostnames }
+    }
+}
+
+/// What the operations need.
+#[derive(Debug, Clone)]
+pub struct Ops {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Zone and DNS settings.
+    pub config: Arc<ServerConfig>,
+    /// For join strings, or why they cannot be made.
+    pub join: Result<JoinInfo, String>,
+}
+
+impl Ops {
+    fn join(&self) -> Result<&JoinInfo, OpError> {
+        self.join.as_ref().map_err(|e| OpError::NoAddress(e.clone()))
+    }
+
+    async fn audit(&self, actor: &Actor, action: AuditAction, target: &str, summary: String) {
+        let entry = AuditEntry {
+            id: 0,
+            at: crate::unix_now(),
+            actor: actor.who.clone(),
+            source: actor.source.clone(),
+            action: action.as_str().to_string(),
+            target: target.to_string(),
+            summary,
+        };
+        // The change is made; a failed audit write is loud but does not
+        // undo it.
+        if let Err(e) = self.store.append_audit(&entry).await {
+            tracing::error!(error = %e, action = action.as_str(), target, "audit log write failed");
+        }
+    }
+
+    /// Creates a node and returns its join string, once.
+    pub async fn create_node(&self, actor: &Actor, name: &str) -> Result<JoinCredentials, OpError> {
+        edge_proto::names::validate_node_name(name)
+            .map_err(|e| OpError::Invalid { field: "name", reason: e.to_string() })?;
+        let zone = self.config.zone();
+        if let Some(dns) = &self.config.dns {
+            if dns.reserved_labels(zone).iter().any(|l| l == name) {
+                return Err(OpError::Conflict {
+                    field: "name",
+                    message: format!(
+                        "node name {name:?} is taken by a DNS name of the operator (dns.records or dns.nameservers)"
+                    ),
+                });
+            }
+        }
+        let stored = self.store.list_dns_records().await?;
+        if let Some(r) = stored.iter().find(|r| DnsConfig::label_under(&r.name, zone).as_deref() == Some(name)) {
+            return Err(OpError::Conflict {
+                field: "name",
+                message: format!("node name {name:?} is taken by the DNS record {} {}", r.name, r.kind),
+            });
+        }
+        let hostnames = edge_proto::names::node_hostnames(name, zone);
+        let token = edge_proto::join::make_token(name, &rand::random());
+        let credentials = self.join()?.credentials(name, hostnames.clone(), token.clone());
+        self.store.add_node(name, &hostnames, &crate::token_hash(&token)).await?;
+        self.audit(actor, AuditAction::NodeCreate, name, format!("owns {}", hostnames.join(", "))).await;
+        Ok(credentials)
+    }
+
+    /// Removes a node (its tunnels are cut, its token stops working).
+    pub async fn remove_node(&self, actor: &Actor, name: &str) -> Result<(), OpError> {
+        if !self.store.remove_node(name).await? {
+            return Err(OpError::NotFound(format!("no node named {name:?}")));
+        }
+        self.audit(actor, AuditAction::NodeRemove, name, "removed; tunnels cut".into()).await;
+        Ok(())
+    }
+
+    /// Replaces a node's token; the old one stops working.
+    pub async fn rotate_token(&self, actor: &Actor, name: &str) -> Result<JoinCredentials, OpError> {
+        let Some(node) = self.store.get_node(name).await? else {
+            return Err(OpError::NotFound(format!("no node named {name:?}")));
+        };
+        let token = edge_proto::join::make_token(name, &rand::random());
+        let credentials = self.join()?.credentials(name, node.hostnames, token.clone());
+        if !self.store.set_token_hash(name, &crate::token_hash(&token)).await? {
+            return Err(OpError::NotFound(format!("no node named {name:?}")));
+        }
+        self.audit(actor, AuditAction::NodeRotateToken, name, "new token; the old one no longer works".into()).await;
+        Ok(credentials)
+    }
+
+    /// Sets what plain HTTP does for a node.
+    pub async fn set_http_mode(&self, actor: &Actor, name: &str, mode: HttpMode) -> Result<(), OpError> {
+        if !self.store.set_http_mode(name, mode).await? {
+            return Err(OpError::NotFound(format!("no node named {name:?}")));
+        }
+        self.audit(actor, AuditAction::NodeHttpMode, name, format!("plain HTTP: {mode}")).await;
+        Ok(())
+    }
+
+    /// Adds a static DNS record; `name` is relative to the zone, `@`, or
+    /// absolute. Returns the stored record.
+    pub async fn add_dns_record(
+        &self,
+        actor: &Actor,
+        name: &str,
+        kind: StaticKind,
+        value: &str,
+        ttl: u32,
+    ) -> Result<StaticRecord, OpError> {
+        let zone = self.config.zone();
+        if ttl > 86_400 {
+            return Err(OpError::Invalid { field: "ttl", reason: "must be at most 86400".into() });
+        }
+        let absolute = DnsConfig::absolute(name, zone);
+        match DnsConfig::check_record(zone, &absolute, kind, value) {
+            Err(RecordField::Name) => {
+                return Err(OpError::Invalid { field: "name", reason: format!("not a name in the zone {zone}") })
+            }
+            Err(RecordField::Value) => {
+                return Err(OpError::Invalid { field: "value", reason: format!("not a valid {kind} value") })
+            }
+            Ok(()) => {}
+        }
+        if let Some(label) = DnsConfig::label_under(&absolute, zone) {
+            if self.store.get_node(&label).await?.is_some() {
+                return Err(OpError::Conflict {
+                    field: "name",
+                    message: format!("{absolute} is a name of node {label:?}: its names are its own"),
+                });
+            }
+        }
+        let record = StaticRecord { name: absolute.clone(), kind, value: value.to_string(), ttl_secs: ttl };
+        self.store.add_dns_record(&record).await.map_err(|e| match e {
+            StoreError::Conflict(message) => OpError::Conflict { field: "value", message },
+            other => OpError::Store(other),
+        })?;
+        self.audit(actor, AuditAction::DnsCreate, &absolute, format!("{ttl} {kind} {value}")).await;
+        Ok(record)
+    }
+
+    /// Removes the static records at a name (of one type, or one value).
+    pub async fn remove_dns_records(
+        &self,
+        actor: &Actor,
+        name: &str,
+        kind: Option<StaticKind>,
+        value: Option<&str>,
+    ) -> Result<usize, OpError> {
+        let absolute = DnsConfig::absolute(name, self.config.zone());
+        let n = self.store.remove_dns_records(&absolute, kind, value).await?;
+        if n == 0 {
+            return Err(OpError::NotFound(format!("no such record at {absolute}")));
+        }
+        let what = match (kind, value) {
+            (Some(k), Some(v)) => format!("{k} {v}"),
+            (Some(k), None) => format!("every {k} record"),
+            _ => "every record".to_string(),
+        };
+        self.audit(actor, AuditAction::DnsDelete, &absolute, format!("{what} ({n} removed)")).await;
+        Ok(n)
+    }
+
+    /// Forgets a retired server.
+    pub async fn remove_server(&self, actor: &Actor, id: &str) -> Result<(), OpError> {
+        if !self.store.remove_server(id).await? {
+            return Err(OpError::NotFound(format!("no server with id {id:?}")));
+        }
+        self.audit(actor, AuditAction::ServerRemove, id, "forgotten".into()).await;
+        Ok(())
+    }
+
+    /// Adds a user with this password (hashed with Argon2id).
+    pub async fn add_user(&self, actor: &Actor, name: &str, password: &str) -> Result<(), OpError> {
+        edge_proto::admin::validate_account_name(name)
+            .map_err(|e| OpError::Invalid { field: "name", reason: e.to_string() })?;
+        edge_proto::admin::validate_password(password)
+            .map_err(|e| OpError::Invalid { field: "password", reason: e.to_string() })?;
+        let password = password.to_string();
+        let hash = tokio::task::spawn_blocking(move || super::passwords::hash(&password))
+            .await
+            .map_err(|e| super::passwords::PasswordError::Hash(e.to_string()))??;
+        let user = UserRecord { name: name.to_string(), password_hash: hash, created_at: crate::unix_now() };
+        self.store.add_user(&user).await?;
+        self.audit(actor, AuditAction::UserAdd, name, "added".into()).await;
+        Ok(())
+    }
+
+    /// Removes a user; their sessions end at once.
+    pub async fn remove_user(&self, actor: &Actor, name: &str) -> Result<(), OpError> {
+        if !self.store.remove_user(name).await? {
+            return Err(OpError::NotFound(format!("no user named {name:?}")));
+        }
+        self.audit(actor, AuditAction::UserRemove, name, "removed with their sessions".into()).await;
+        Ok(())
+    }
+
+    /// Makes an API token; the token is returned once.
+    pub async fn add_token(&self, actor: &Actor, name: &str, scope: TokenScope) -> Result<CreatedToken, OpError> {
+        edge_proto::admin::validate_account_name(name)
+            .map_err(|e| OpError::Invalid { field: "name", reason: e.to_string() })?;
+        let token = new_api_token();
+        let record = ApiTokenRecord {
+            name: name.to_string(),
+            scope,
+            hash: crate::token_hash(&token),
+            created_at: crate::unix_now(),
+            last_used: None,
+            created_by: actor.who.clone(),
+        };
+        self.store.add_api_token(&record).await?;
+        self.audit(actor, AuditAction::TokenAdd, name, format!("scope {scope}")).await;
+        Ok(CreatedToken { name: name.to_string(), scope, token })
+    }
+
+    /// Revokes an API token.
+    pub async fn remove_token(&self, actor: &Actor, name: &str) -> Result<(), OpError> {
+        if !self.store.remove_api_token(name).await? {
+            return Err(OpError::NotFound(format!("no token named {name:?}")));
+        }
+        self.audit(actor, AuditAction::TokenRemove, name, "revoked".into()).await;
+        Ok(())
+    }
+
+    /// Records a login or logout.
+    pub async fn session_event(&self, actor: &Actor, action: AuditAction, user: &str) {
+        self.audit(actor, action, user, String::new()).await;
+    }
+}
+
+/// The name under which the configured admin token is kept.
+pub const ADMIN_TOKEN_NAME: &str = "admin.token";
+
+/// A new random API token: `edge_` and 43 base64url characters.
+pub fn new_api_token() -> String {
+    use base64::Engine;
+    format!("edge_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()))
+}
+
+/// Registers the configured admin token as the admin-scoped API token
+/// [`ADMIN_TOKEN_NAME`], so that it keeps working for `/api/v1` (and a new
+/// value in the config replaces the old one).
+pub async fn register_admin_token(store: &dyn Store, hash: [u8; 32]) -> Result<(), StoreError> {
+    store
+        .put_api_token(&ApiTokenRecord {
+            name: ADMIN_TOKEN_NAME.into(),
+            scope: TokenScope::Admin,
+            hash,
+            created_at: crate::unix_now(),
+            last_used: None,
+            created_by: "config".into(),
+        })
+        .await
+}
