@@ -164,7 +164,7 @@ impl Refusals {
 
 /// The key a source is limited under: the IPv4 address, or the /64 of an
 /// IPv6 address (one host usually owns a whole /64).
-fn source_key(ip: IpAddr) -> IpAddr {
+pub fn source_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -438,6 +438,12 @@ impl AuthFailures {
     /// Gives back the attempt [`Self::try_take`] spent: the token was good.
     pub fn refund(&self, source: IpAddr) {
         self.rates.lock().unwrap_or_else(|p| p.into_inner()).give_back(source);
+    }
+
+    /// A new budget (a reload); sources start with a full one.
+    pub fn set(&self, per_minute: u32, capacity: usize) {
+        *self.rates.lock().unwrap_or_else(|p| p.into_inner()) =
+            SourceRates::with_rate(f64::from(per_minute) / 60.0, per_minute, capacity);
     }
 }
 

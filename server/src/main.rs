@@ -118,8 +118,8 @@ enum TokenCommand {
         #[arg(long, value_parser = parse_scope)]
         scope: edge_proto::admin::TokenScope,
     },
-    /// Revoke a token. (`admin.token` comes back from the config or
-    /// <data_dir>/admin.token at the next start: change it there.)
+    /// Revoke a token. (A server's `admin.token@<id>` comes back from its
+    /// config or <data_dir>/admin.token at its next start: change it there.)
     Remove {
         /// Token name.
         name: String,
@@ -437,12 +437,19 @@ fn run(config: ServerConfig, config_path: PathBuf) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
     let pid_path = pid_file(&config);
     runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        // First: SIGHUP's default action ends the process, and a reload
+        // may come while the server is still starting.
+        let signals = (
+            signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        );
         let server = Server::bind(config).await?;
         let reloader = std::sync::Arc::new(server.reloader());
         std::fs::write(&pid_path, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing {}", pid_path.display()))?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signal_handler(shutdown.clone(), config_path, reloader));
+        tokio::spawn(signal_handler(shutdown.clone(), config_path, reloader, signals));
         let result = server.run(shutdown).await;
         let _ = std::fs::remove_file(&pid_path);
         result?;
@@ -457,11 +464,8 @@ async fn signal_handler(
     shutdown: CancellationToken,
     config_path: PathBuf,
     reloader: std::sync::Arc<edge_server::reload::Reloader>,
+    (mut term, mut hup): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
-        return;
-    };
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received"); break; }
@@ -707,14 +711,17 @@ async fn audit(config: ServerConfig, query: edge_server::store::AuditQuery, json
     }
     println!("{:<20} {:<20} {:<16} {:<18} {:<28} SUMMARY", "WHEN", "WHO", "FROM", "ACTION", "TARGET");
     for e in &entries {
+        // Escaped: targets and summaries hold names and values operators
+        // typed, which must not drive the terminal.
+        let u = edge_net::logging::Untrusted;
         println!(
             "{:<20} {:<20} {:<16} {:<18} {:<28} {}",
             edge_certs::format_unix(e.at),
-            e.actor,
-            e.source,
-            e.action,
-            e.target,
-            e.summary
+            u(&e.actor).to_string(),
+            u(&e.source).to_string(),
+            u(&e.action).to_string(),
+            u(&e.target).to_string(),
+            u(&e.summary)
         );
     }
     Ok(())

@@ -142,8 +142,25 @@ impl Reloader {
                     continue;
                 }
                 Section::Limits => {
-                    self.shared.admission.apply(&new.limits);
+                    let (old, l) = (&current.limits, &new.limits);
+                    self.shared.admission.apply(l);
+                    if old.auth_failures_per_minute != l.auth_failures_per_minute {
+                        self.shared.auth_failures.set(l.auth_failures_per_minute, l.source_table_size);
+                    }
+                    // The metrics cache keeps its budget until a restart.
+                    for (field, changed) in [
+                        ("limits.metrics_rate", old.metrics_rate != l.metrics_rate),
+                        ("limits.metrics_cache_ms", old.metrics_cache_ms != l.metrics_cache_ms),
+                    ] {
+                        if changed {
+                            tracing::warn!(field, "config change needs a restart; the running value stays in force");
+                            outcome.needs_restart.push(field);
+                        }
+                    }
+                    let (metrics_rate, metrics_cache_ms) = (old.metrics_rate, old.metrics_cache_ms);
                     current.limits = new.limits.clone();
+                    current.limits.metrics_rate = metrics_rate;
+                    current.limits.metrics_cache_ms = metrics_cache_ms;
                 }
                 Section::Modes => current.modes = new.modes.clone(),
                 Section::DnsRecords => {

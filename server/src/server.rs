@@ -197,7 +197,7 @@ impl Server {
             );
         }
         store.register_server(&record, config.cluster.lease_ms as i64).await?;
-        crate::admin::ops::register_admin_token(store.as_ref(), admin_token_hash).await?;
+        crate::admin::ops::register_admin_token(store.as_ref(), &server_id, admin_token_hash).await?;
         let servers = store.list_servers().await?;
         // Connected flags are one per node: only a server alone may clear
         // those a previous run left.

@@ -100,6 +100,8 @@ pub struct Admissions {
     /// The connection cap shared by :443 and :80, and its size now.
     slots: Arc<tokio::sync::Semaphore>,
     slot_total: std::sync::Mutex<u32>,
+    /// Permits a lowered cap still has to take back as connections end.
+    slot_debt: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Admissions {
@@ -127,6 +129,7 @@ impl Admissions {
             ),
             slots: cap,
             slot_total: std::sync::Mutex::new(l.max_connections),
+            slot_debt: Arc::default(),
         }
     }
 
@@ -144,23 +147,24 @@ impl Admissions {
             a.per_source().set_max(l.per_source_max_open);
         }
         let mut total = self.slot_total.lock().unwrap_or_else(|p| p.into_inner());
-        if l.max_connections > *total {
-            self.slots.add_permits((l.max_connections - *total) as usize);
+        let debt = &self.slot_debt;
+        if l.max_connections >= *total {
+            // A raise first cancels what a lowering still owes.
+            let raise = (l.max_connections - *total) as usize;
+            let repaid = take_up_to(debt, raise);
+            self.slots.add_permits(raise - repaid);
         } else {
-            // Permits in use cannot be forgotten now: forget what is free
-            // and the rest as it comes back (a task that waits is cheap).
-            let mut owed = (*total - l.max_connections) as usize;
-            owed -= self.slots.forget_permits(owed);
-            if owed > 0 {
-                let slots = self.slots.clone();
+            // Permits in use cannot be forgotten now: forget what is free,
+            // and owe the rest, taken back as connections end.
+            let cut = (*total - l.max_connections) as usize;
+            let owed = cut - self.slots.forget_permits(cut);
+            if owed > 0 && debt.fetch_add(owed, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let (slots, debt) = (self.slots.clone(), debt.clone());
                 tokio::spawn(async move {
-                    while owed > 0 {
-                        match slots.acquire().await {
-                            Ok(p) => {
-                                p.forget();
-                                owed -= 1;
-                            }
-                            Err(_) => break,
+                    while debt.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                        let Ok(permit) = slots.acquire().await else { break };
+                        if take_up_to(&debt, 1) == 1 {
+                            permit.forget();
                         }
                     }
                 });
@@ -168,6 +172,13 @@ impl Admissions {
         }
         *total = l.max_connections;
     }
+}
+
+/// Takes up to `n` from `counter`; returns how much it took.
+fn take_up_to(counter: &std::sync::atomic::AtomicUsize, n: usize) -> usize {
+    use std::sync::atomic::Ordering::SeqCst;
+    let before = counter.fetch_update(SeqCst, SeqCst, |d| Some(d - d.min(n))).unwrap_or(0);
+    before.min(n)
 }
 
 impl Shared {
@@ -256,5 +267,37 @@ impl Shared {
     /// Whether `addr` reaches one of this server's own listeners.
     pub fn is_own_address(&self, addr: SocketAddr) -> bool {
         self.own_addresses().contains(addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max: u32) -> config::LimitsConfig {
+        config::LimitsConfig { max_connections: max, ..config::LimitsConfig::default() }
+    }
+
+    #[tokio::test]
+    async fn lowering_and_raising_the_cap_keeps_the_count() {
+        let a = Admissions::new(&limits(10));
+        let held = a.slots.clone().acquire_many_owned(8).await.unwrap();
+        a.apply(&limits(5));
+        assert_eq!(a.slots.available_permits(), 0, "the free two are gone");
+        assert_eq!(a.slot_debt.load(std::sync::atomic::Ordering::SeqCst), 3, "three owed");
+        a.apply(&limits(10));
+        assert_eq!(a.slot_debt.load(std::sync::atomic::Ordering::SeqCst), 0, "the raise cancels the debt");
+        assert_eq!(a.slots.available_permits(), 2);
+        drop(held);
+        tokio::task::yield_now().await;
+        assert_eq!(a.slots.available_permits(), 10, "back to the raised cap, none lost");
+        // Lowered while busy, the debt is taken back as connections end.
+        let held = a.slots.clone().acquire_many_owned(10).await.unwrap();
+        a.apply(&limits(4));
+        drop(held);
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(a.slots.available_permits(), 4);
     }
 }

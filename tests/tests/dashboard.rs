@@ -121,7 +121,7 @@ fn forged_requests(admin: SocketAddr, cookie: &str, csrf: &str) {
         let url = format!("https://{admin}/ui/nodes");
         let out = Command::new("curl")
             .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", &url])
-            .args(["-H", &format!("Cookie: edge_session={cookie}")])
+            .args(["-H", &format!("Cookie: __Host-edge_session={cookie}")])
             .args(["-H", &format!("Origin: {origin}")])
             .args(["-H", "Content-Type: application/x-www-form-urlencoded", "--data", body])
             .output()
@@ -155,7 +155,7 @@ async fn operator_adds_watches_rotates_and_removes_a_node_in_chromium() {
     log_in(&c, &base, "alice", "correct horse battery staple").await;
     wait_path(&c, "/ui/nodes").await;
     let cookies = c.get_all_cookies().await.unwrap();
-    let session = cookies.iter().find(|k| k.name() == "edge_session").expect("session cookie");
+    let session = cookies.iter().find(|k| k.name() == "__Host-edge_session").expect("session cookie");
     assert_eq!(session.http_only(), Some(true), "HttpOnly");
     assert_eq!(session.secure(), Some(true), "Secure");
     assert_eq!(format!("{:?}", session.same_site()), "Some(Strict)", "SameSite=Strict");
@@ -265,6 +265,12 @@ async fn operator_adds_watches_rotates_and_removes_a_node_in_chromium() {
         );
     }
     shot(&c, &shots, "audit").await;
+    // The filter form's blank fields filter nothing; a target narrows.
+    c.find(Locator::Id("ftarget")).await.unwrap().send_keys("web1").await.unwrap();
+    c.find(Locator::Css("form.filters button")).await.unwrap().click().await.unwrap();
+    wait_path(&c, "/ui/audit").await;
+    let filtered = text_of(&c, "#audit").await;
+    assert!(filtered.contains("node.remove") && !filtered.contains("session.login"), "{filtered}");
 
     // Security headers on every page.
     let r = request(admin, "GET", "/ui/login", &[], None).unwrap();
@@ -277,7 +283,8 @@ async fn operator_adds_watches_rotates_and_removes_a_node_in_chromium() {
     c.goto(&format!("{base}/ui/nodes")).await.unwrap();
     c.find(Locator::Id("logout")).await.unwrap().click().await.unwrap();
     wait_path(&c, "/ui/login").await;
-    let r = request(admin, "GET", "/api/v1/nodes", &[format!("Cookie: edge_session={cookie_value}")], None).unwrap();
+    let r =
+        request(admin, "GET", "/api/v1/nodes", &[format!("Cookie: __Host-edge_session={cookie_value}")], None).unwrap();
     assert_eq!(r.status, 401, "a logged-out session still works: {r:?}");
 
     // Wrong passwords show an error; the sixth rapid attempt is refused,

@@ -19,8 +19,10 @@ use super::ops::Actor;
 use crate::config::AdminConfig;
 use crate::store::{SessionRecord, Store, StoreError};
 
-/// The session cookie's name.
-pub const COOKIE: &str = "edge_session";
+/// The session cookie's name. The `__Host-` prefix makes browsers refuse
+/// it unless it is Secure, for `/` and for this host only: a site under the
+/// same domain cannot plant one.
+pub const COOKIE: &str = "__Host-edge_session";
 /// The header carrying the CSRF token on API calls made with the cookie.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
@@ -185,11 +187,16 @@ pub async fn authenticate(
             return Err(AuthError::Csrf);
         }
     }
+    // An unknown cookie is a failed authentication like a wrong token.
+    if !shared.auth_failures.try_take(req.source) {
+        return Err(AuthError::TooMany);
+    }
     let idle_before = now - config.session_idle_secs as i64;
     let created_before = now - config.session_max_secs as i64;
     let Some(SessionRecord { user, .. }) = store.use_session(&id_hash, now, idle_before, created_before).await? else {
         return Err(AuthError::Missing);
     };
+    shared.auth_failures.refund(req.source);
     Ok(Caller {
         actor: Actor { who: format!("user:{user}"), source: req.source.to_string() },
         scope: TokenScope::Admin,
@@ -233,10 +240,10 @@ mod tests {
             assert!(c.contains(flag), "{c}");
         }
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("theme=dark; edge_session=abc; x=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("theme=dark; __Host-edge_session=abc; x=1"));
         assert_eq!(cookie_value(&h), Some("abc"));
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("edge_sessionx=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("__Host-edge_sessionx=1"));
         assert_eq!(cookie_value(&h), None);
     }
 

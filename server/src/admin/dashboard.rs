@@ -8,7 +8,8 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -128,6 +129,48 @@ async fn session(
     }
 }
 
+/// A page request with its session (GET: no CSRF check needed).
+struct Page(auth::Session);
+
+impl FromRequestParts<Arc<AdminState>> for Page {
+    type Rejection = Response;
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<AdminState>) -> Result<Self, Response> {
+        let peer = parts.extensions.get::<Peer>().copied().unwrap_or(Peer(std::net::IpAddr::from([0, 0, 0, 0])));
+        session(api, &parts.method, &parts.headers, peer, None).await.map(|(_, s)| Page(s))
+    }
+}
+
+/// The CSRF token of a posted form.
+#[derive(Deserialize)]
+struct CsrfField {
+    csrf: Option<String>,
+}
+
+/// A posted form, authenticated with its session and its CSRF token.
+struct Posted<T>(Caller, auth::Session, T);
+
+impl<T: serde::de::DeserializeOwned + Send> FromRequest<Arc<AdminState>> for Posted<T> {
+    type Rejection = Response;
+    async fn from_request(req: axum::extract::Request, api: &Arc<AdminState>) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, super::MAX_BODY)
+            .await
+            .map_err(|_| error_page(StatusCode::PAYLOAD_TOO_LARGE, None, "form too large"))?;
+        let field = |bytes: &axum::body::Bytes| {
+            axum::http::Request::from_parts(parts.clone(), axum::body::Body::from(bytes.clone()))
+        };
+        let Form(CsrfField { csrf }) = Form::<CsrfField>::from_request(field(&bytes), api)
+            .await
+            .map_err(|e| error_page(StatusCode::BAD_REQUEST, None, &e.body_text()))?;
+        let peer = parts.extensions.get::<Peer>().copied().unwrap_or(Peer(std::net::IpAddr::from([0, 0, 0, 0])));
+        let (c, s) = session(api, &parts.method, &parts.headers, peer, csrf.as_deref()).await?;
+        let Form(form) = Form::<T>::from_request(field(&bytes), api)
+            .await
+            .map_err(|e| error_page(StatusCode::UNPROCESSABLE_ENTITY, Some(&s), &e.body_text()))?;
+        Ok(Posted(c, s, form))
+    }
+}
+
 fn op_error(e: OpError, s: &auth::Session) -> Response {
     let status = match &e {
         OpError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -186,38 +229,17 @@ async fn login(
     }
 }
 
-/// A form with only its CSRF token.
+/// A form with nothing but its CSRF token.
 #[derive(Deserialize)]
-struct CsrfForm {
-    csrf: Option<String>,
-}
+struct CsrfForm {}
 
-async fn logout(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
-) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn logout(State(api): State<Arc<AdminState>>, Posted(c, s, _): Posted<CsrfForm>) -> Response {
     v1::end_session(&api, &c.actor, &s).await;
     (StatusCode::SEE_OTHER, [(header::SET_COOKIE, auth::cleared_cookie()), (header::LOCATION, "/ui/login".into())])
         .into_response()
 }
 
-async fn nodes_page(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let (_, s) = match session(&api, &method, &headers, peer, None).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn nodes_page(State(api): State<Arc<AdminState>>, Page(s): Page) -> Response {
     let nodes = match api.shared.store.list_nodes().await {
         Ok(n) => n,
         Err(e) => return error_page(StatusCode::SERVICE_UNAVAILABLE, Some(&s), &e.to_string()),
@@ -243,16 +265,7 @@ async fn nodes_page(
     page("Nodes", Some(&s), &body).into_response()
 }
 
-async fn new_node_page(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let (_, s) = match session(&api, &method, &headers, peer, None).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn new_node_page(State(api): State<Arc<AdminState>>, Page(s): Page) -> Response {
     let body = format!(
         r#"<form method="post" action="/ui/nodes" class="card">{csrf}<label for="name">Node name (one DNS label: a-z, 0-9, -)</label><input id="name" name="name" required pattern="[a-z0-9]([a-z0-9\-]*[a-z0-9])?" maxlength="63"><p class="hint">The node owns NAME.{zone} and *.NAME.{zone}.</p><button type="submit" id="create">Create node</button></form>"#,
         csrf = csrf_field(&s),
@@ -264,7 +277,6 @@ async fn new_node_page(
 /// The add-node form.
 #[derive(Deserialize)]
 struct NameForm {
-    csrf: Option<String>,
     name: String,
 }
 
@@ -283,17 +295,7 @@ fn credentials_page(title: &str, s: &auth::Session, c: &JoinCredentials, note: &
     page(title, Some(s), &body).into_response()
 }
 
-async fn create_node(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<NameForm>,
-) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn create_node(State(api): State<Arc<AdminState>>, Posted(c, s, form): Posted<NameForm>) -> Response {
     match api.ops.create_node(&c.actor, &form.name).await {
         Ok(creds) => {
             let note = format!("Created node {}.", creds.name);
@@ -303,17 +305,7 @@ async fn create_node(
     }
 }
 
-async fn node_page(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let (_, s) = match session(&api, &method, &headers, peer, None).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn node_page(State(api): State<Arc<AdminState>>, Path(name): Path<String>, Page(s): Page) -> Response {
     let d = match v1::node_detail(&api, &name).await {
         Ok(Some(d)) => d,
         Ok(None) => return error_page(StatusCode::NOT_FOUND, Some(&s), &format!("no node named {name:?}")),
@@ -386,16 +378,9 @@ async fn node_page(
 
 async fn rotate(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    Posted(c, s, _): Posted<CsrfForm>,
 ) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     match api.ops.rotate_token(&c.actor, &name).await {
         Ok(creds) => {
             let note = format!("New token for {}; the old join string no longer works.", creds.name);
@@ -407,16 +392,9 @@ async fn rotate(
 
 async fn remove(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    Posted(c, s, _): Posted<CsrfForm>,
 ) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     match api.ops.remove_node(&c.actor, &name).await {
         Ok(()) => see_other("/ui/nodes"),
         Err(e) => op_error(e, &s),
@@ -426,22 +404,14 @@ async fn remove(
 /// The HTTP mode form.
 #[derive(Deserialize)]
 struct ModeForm {
-    csrf: Option<String>,
     mode: String,
 }
 
 async fn http_mode(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<ModeForm>,
+    Posted(c, s, form): Posted<ModeForm>,
 ) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     let Some(mode) = HttpMode::parse(&form.mode) else {
         return op_error(OpError::Invalid { field: "mode", reason: "redirect or proxy".into() }, &s);
     };
@@ -465,16 +435,7 @@ fn percent(s: &str) -> String {
         .collect()
 }
 
-async fn dns_page(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let (_, s) = match session(&api, &method, &headers, peer, None).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn dns_page(State(api): State<Arc<AdminState>>, Page(s): Page) -> Response {
     let records = match api.shared.store.list_dns_records().await {
         Ok(r) => r,
         Err(e) => return error_page(StatusCode::SERVICE_UNAVAILABLE, Some(&s), &e.to_string()),
@@ -502,24 +463,13 @@ async fn dns_page(
 /// The DNS record forms.
 #[derive(Deserialize)]
 struct RecordForm {
-    csrf: Option<String>,
     name: String,
     kind: String,
     value: String,
     ttl: Option<String>,
 }
 
-async fn add_dns(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<RecordForm>,
-) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn add_dns(State(api): State<Arc<AdminState>>, Posted(c, s, form): Posted<RecordForm>) -> Response {
     let Some(kind) = StaticKind::parse(&form.kind) else {
         return op_error(OpError::Invalid { field: "kind", reason: "A, AAAA, TXT or CAA".into() }, &s);
     };
@@ -532,17 +482,7 @@ async fn add_dns(
     }
 }
 
-async fn delete_dns(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<RecordForm>,
-) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn delete_dns(State(api): State<Arc<AdminState>>, Posted(c, s, form): Posted<RecordForm>) -> Response {
     let kind = StaticKind::parse(&form.kind);
     match api.ops.remove_dns_records(&c.actor, &form.name, kind, Some(&form.value)).await {
         Ok(_) => see_other("/ui/dns"),
@@ -550,16 +490,7 @@ async fn delete_dns(
     }
 }
 
-async fn servers_page(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let (_, s) = match session(&api, &method, &headers, peer, None).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn servers_page(State(api): State<Arc<AdminState>>, Page(s): Page) -> Response {
     let servers = match v1::servers(&api).await {
         Ok(v) => v,
         Err(e) => return error_page(StatusCode::SERVICE_UNAVAILABLE, Some(&s), &e.to_string()),
@@ -585,16 +516,7 @@ async fn servers_page(
     page("Cluster servers", Some(&s), &body).into_response()
 }
 
-async fn access_page(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let (_, s) = match session(&api, &method, &headers, peer, None).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn access_page(State(api): State<Arc<AdminState>>, Page(s): Page) -> Response {
     access(&api, &s, None).await
 }
 
@@ -644,39 +566,18 @@ async fn access(api: &AdminState, s: &auth::Session, new_token: Option<(String, 
 /// The add-user form.
 #[derive(Deserialize)]
 struct UserForm {
-    csrf: Option<String>,
     name: String,
     password: String,
 }
 
-async fn add_user(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<UserForm>,
-) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn add_user(State(api): State<Arc<AdminState>>, Posted(c, s, form): Posted<UserForm>) -> Response {
     match api.ops.add_user(&c.actor, &form.name, &form.password).await {
         Ok(()) => see_other("/ui/access"),
         Err(e) => op_error(e, &s),
     }
 }
 
-async fn remove_user(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<NameForm>,
-) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn remove_user(State(api): State<Arc<AdminState>>, Posted(c, s, form): Posted<NameForm>) -> Response {
     match api.ops.remove_user(&c.actor, &form.name).await {
         Ok(()) => see_other("/ui/access"),
         Err(e) => op_error(e, &s),
@@ -686,22 +587,11 @@ async fn remove_user(
 /// The add-token form.
 #[derive(Deserialize)]
 struct TokenForm {
-    csrf: Option<String>,
     name: String,
     scope: String,
 }
 
-async fn add_token(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<TokenForm>,
-) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn add_token(State(api): State<Arc<AdminState>>, Posted(c, s, form): Posted<TokenForm>) -> Response {
     let Ok(scope) = form.scope.parse::<TokenScope>() else {
         return op_error(OpError::Invalid { field: "scope", reason: "read or admin".into() }, &s);
     };
@@ -711,17 +601,7 @@ async fn add_token(
     }
 }
 
-async fn remove_token(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    Form(form): Form<NameForm>,
-) -> Response {
-    let (c, s) = match session(&api, &method, &headers, peer, form.csrf.as_deref()).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn remove_token(State(api): State<Arc<AdminState>>, Posted(c, s, form): Posted<NameForm>) -> Response {
     match api.ops.remove_token(&c.actor, &form.name).await {
         Ok(()) => see_other("/ui/access"),
         Err(e) => op_error(e, &s),
@@ -730,15 +610,9 @@ async fn remove_token(
 
 async fn audit_page(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
+    Page(s): Page,
     query: Result<Query<AuditFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let (_, s) = match session(&api, &method, &headers, peer, None).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
     let filter = query.map(|Query(q)| q).unwrap_or_default();
     let (actor, action, target) = (filter.actor.clone(), filter.action.clone(), filter.target.clone());
     let page_data = match v1::audit_page(&api, filter).await {

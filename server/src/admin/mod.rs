@@ -65,22 +65,31 @@ async fn security_headers(request: axum::extract::Request, next: axum::middlewar
     // send `Origin: null` on form posts, and the origin check needs it.
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
     h.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
     response
 }
 
 /// The admin listener's routes: the API and the dashboard.
 pub fn router(state: Arc<AdminState>) -> Router {
-    v1::router()
+    v1::router(true)
         .merge(dashboard::router())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)
 }
 
-/// `/api/v1` alone, for the signal API's listener.
+/// Drops cookies: on the signal API's listener only tokens authenticate.
+async fn no_cookies(mut request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    request.headers_mut().remove(header::COOKIE);
+    next.run(request).await
+}
+
+/// `/api/v1` for automation on the signal API's listener: bearer tokens
+/// only, no login or session cookie.
 pub fn api_router(state: Arc<AdminState>) -> Router {
-    v1::router()
+    v1::router(false)
+        .layer(axum::middleware::from_fn(no_cookies))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)

@@ -356,8 +356,11 @@ impl Ops {
     }
 }
 
-/// The name under which the configured admin token is kept.
-pub const ADMIN_TOKEN_NAME: &str = "admin.token";
+/// The name under which a server's configured admin token is kept:
+/// `admin.token@<server id>` (each server of a cluster has its own).
+pub fn admin_token_name(server_id: &str) -> String {
+    format!("admin.token@{server_id}")
+}
 
 /// A new random API token: `edge_` and 43 base64url characters.
 pub fn new_api_token() -> String {
@@ -365,13 +368,13 @@ pub fn new_api_token() -> String {
     format!("edge_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()))
 }
 
-/// Registers the configured admin token as the admin-scoped API token
-/// [`ADMIN_TOKEN_NAME`], so that it keeps working for `/api/v1` (and a new
-/// value in the config replaces the old one).
-pub async fn register_admin_token(store: &dyn Store, hash: [u8; 32]) -> Result<(), StoreError> {
+/// Registers this server's configured admin token as the admin-scoped API
+/// token [`admin_token_name`], so that it keeps working for `/api/v1` (and
+/// a new value in the config replaces the old one).
+pub async fn register_admin_token(store: &dyn Store, server_id: &str, hash: [u8; 32]) -> Result<(), StoreError> {
     store
         .put_api_token(&ApiTokenRecord {
-            name: ADMIN_TOKEN_NAME.into(),
+            name: admin_token_name(server_id),
             scope: TokenScope::Admin,
             hash,
             created_at: crate::unix_now(),

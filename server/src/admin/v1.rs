@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -55,11 +56,15 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// The OpenAPI 3.1 document.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// The routes.
-pub fn router() -> Router<Arc<AdminState>> {
-    Router::new()
+/// The routes; `sessions` adds login and the session cookie (the admin
+/// listener), else only bearer tokens are taken (the signal API's
+/// listener, which faces the internet).
+pub fn router(sessions: bool) -> Router<Arc<AdminState>> {
+    let router = Router::new();
+    let router =
+        if sessions { router.route("/api/v1/session", get(session_info).post(login).delete(logout)) } else { router };
+    router
         .route("/api/v1/openapi.json", get(openapi))
-        .route("/api/v1/session", get(session_info).post(login).delete(logout))
         .route("/api/v1/nodes", get(list_nodes).post(create_node))
         .route("/api/v1/nodes/{name}", get(get_node).delete(remove_node))
         .route("/api/v1/nodes/{name}/rotate-token", post(rotate_token))
@@ -138,6 +143,46 @@ async fn caller(
         caller.require_admin().map_err(IntoResponse::into_response)?;
     }
     Ok(caller)
+}
+
+/// A caller who may read: a token of any scope or a session. With a
+/// cookie, any method but GET must pass the Origin and CSRF checks.
+#[derive(Debug)]
+pub struct Reader(pub Caller);
+
+/// A caller who may change things: an admin token or a session.
+#[derive(Debug)]
+pub struct Writer(pub Caller);
+
+async fn caller_of(api: &AdminState, parts: &Parts, admin: bool) -> Result<Caller, Response> {
+    let peer = parts.extensions.get::<Peer>().copied().unwrap_or(Peer(std::net::IpAddr::from([0, 0, 0, 0])));
+    caller(api, &parts.method, &parts.headers, peer, admin).await
+}
+
+impl FromRequestParts<Arc<AdminState>> for Reader {
+    type Rejection = Response;
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<AdminState>) -> Result<Self, Response> {
+        caller_of(api, parts, false).await.map(Reader)
+    }
+}
+
+impl FromRequestParts<Arc<AdminState>> for Writer {
+    type Rejection = Response;
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<AdminState>) -> Result<Self, Response> {
+        caller_of(api, parts, true).await.map(Writer)
+    }
+}
+
+/// A JSON request body, refused as [`json_body`] says. Extracted last, so
+/// the caller is authenticated before a byte of the body is read.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<AdminState>> for JsonBody<T> {
+    type Rejection = Response;
+    async fn from_request(req: axum::extract::Request, _: &Arc<AdminState>) -> Result<Self, Response> {
+        json_body(req.into_body()).await.map(JsonBody)
+    }
 }
 
 /// Reads a JSON body: 413 over the limit, 400 when it is not JSON, 422
@@ -255,156 +300,75 @@ pub async fn node_detail(api: &AdminState, name: &str) -> Result<Option<NodeDeta
     }))
 }
 
-async fn list_nodes(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = caller(&api, &method, &headers, peer, false).await {
-        return r;
-    }
-    match api.shared.store.list_nodes().await {
-        Ok(nodes) => Json(nodes.iter().map(|n| node_summary(&api, n)).collect::<Vec<_>>()).into_response(),
-        Err(e) => store_error(&e),
-    }
+async fn list_nodes(State(api): State<Arc<AdminState>>, _: Reader) -> Result<Response, OpError> {
+    let nodes = api.shared.store.list_nodes().await?;
+    Ok(Json(nodes.iter().map(|n| node_summary(&api, n)).collect::<Vec<_>>()).into_response())
 }
 
 async fn get_node(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
+    _: Reader,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = caller(&api, &method, &headers, peer, false).await {
-        return r;
-    }
-    match node_detail(&api, &name).await {
-        Ok(Some(d)) => Json(d).into_response(),
-        Ok(None) => OpError::NotFound(format!("no node named {name:?}")).into_response(),
-        Err(e) => e.into_response(),
+) -> Result<Response, OpError> {
+    match node_detail(&api, &name).await? {
+        Some(d) => Ok(Json(d).into_response()),
+        None => Err(OpError::NotFound(format!("no node named {name:?}"))),
     }
 }
 
 async fn create_node(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let req: CreateNode = match json_body(body).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match api.ops.create_node(&c.actor, &req.name).await {
-        Ok(created) => (StatusCode::CREATED, Json(created)).into_response(),
-        Err(e) => e.into_response(),
-    }
+    Writer(c): Writer,
+    JsonBody(req): JsonBody<CreateNode>,
+) -> Result<Response, OpError> {
+    let created = api.ops.create_node(&c.actor, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 async fn remove_node(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
+    Writer(c): Writer,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    match api.ops.remove_node(&c.actor, &name).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> Result<StatusCode, OpError> {
+    api.ops.remove_node(&c.actor, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn rotate_token(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
+    Writer(c): Writer,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    match api.ops.rotate_token(&c.actor, &name).await {
-        Ok(created) => Json(created).into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> Result<Response, OpError> {
+    Ok(Json(api.ops.rotate_token(&c.actor, &name).await?).into_response())
 }
 
 async fn set_http_mode(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
+    Writer(c): Writer,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let req: SetHttpMode = match json_body(body).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match api.ops.set_http_mode(&c.actor, &name, req.mode).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => e.into_response(),
-    }
+    JsonBody(req): JsonBody<SetHttpMode>,
+) -> Result<StatusCode, OpError> {
+    api.ops.set_http_mode(&c.actor, &name, req.mode).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_dns(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = caller(&api, &method, &headers, peer, false).await {
-        return r;
-    }
-    match api.shared.store.list_dns_records().await {
-        Ok(records) => Json(
-            records
-                .into_iter()
-                .map(|r| DnsRecord { name: r.name, kind: r.kind, value: r.value, ttl: r.ttl_secs })
-                .collect::<Vec<_>>(),
-        )
-        .into_response(),
-        Err(e) => store_error(&e),
-    }
+async fn list_dns(State(api): State<Arc<AdminState>>, _: Reader) -> Result<Response, OpError> {
+    let records = api.shared.store.list_dns_records().await?;
+    let records: Vec<DnsRecord> = records
+        .into_iter()
+        .map(|r| DnsRecord { name: r.name, kind: r.kind, value: r.value, ttl: r.ttl_secs })
+        .collect();
+    Ok(Json(records).into_response())
 }
 
 async fn create_dns(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let req: DnsRecord = match json_body(body).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match api.ops.add_dns_record(&c.actor, &req.name, req.kind, &req.value, req.ttl).await {
-        Ok(r) => (StatusCode::CREATED, Json(DnsRecord { name: r.name, kind: r.kind, value: r.value, ttl: r.ttl_secs }))
-            .into_response(),
-        Err(e) => e.into_response(),
-    }
+    Writer(c): Writer,
+    JsonBody(req): JsonBody<DnsRecord>,
+) -> Result<Response, OpError> {
+    let r = api.ops.add_dns_record(&c.actor, &req.name, req.kind, &req.value, req.ttl).await?;
+    let body = DnsRecord { name: r.name, kind: r.kind, value: r.value, ttl: r.ttl_secs };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 /// `DELETE /api/v1/dns/records?name=...&kind=...&value=...`.
@@ -421,27 +385,17 @@ pub struct DnsSelector {
 
 async fn delete_dns(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
+    Writer(c): Writer,
     query: Result<Query<DnsSelector>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+) -> Result<StatusCode, OpError> {
     let Ok(Query(sel)) = query else {
-        return api_error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorCode::Invalid,
-            "query must be name=..., and optionally kind=A|AAAA|TXT|CAA and value=...",
-            Some("name"),
-        );
+        return Err(OpError::Invalid {
+            field: "name",
+            reason: "query must be name=..., and optionally kind=A|AAAA|TXT|CAA and value=...".into(),
+        });
     };
-    match api.ops.remove_dns_records(&c.actor, &sel.name, sel.kind, sel.value.as_deref()).await {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => e.into_response(),
-    }
+    api.ops.remove_dns_records(&c.actor, &sel.name, sel.kind, sel.value.as_deref()).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The cluster's servers.
@@ -466,36 +420,17 @@ pub async fn servers(api: &AdminState) -> Result<Vec<ServerSummary>, crate::stor
         .collect())
 }
 
-async fn list_servers(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = caller(&api, &method, &headers, peer, false).await {
-        return r;
-    }
-    match servers(&api).await {
-        Ok(s) => Json(s).into_response(),
-        Err(e) => store_error(&e),
-    }
+async fn list_servers(State(api): State<Arc<AdminState>>, _: Reader) -> Result<Response, OpError> {
+    Ok(Json(servers(&api).await?).into_response())
 }
 
 async fn remove_server(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
+    Writer(c): Writer,
     Path(id): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    match api.ops.remove_server(&c.actor, &id).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> Result<StatusCode, OpError> {
+    api.ops.remove_server(&c.actor, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /api/v1/audit` filters.
@@ -525,20 +460,15 @@ pub async fn audit_page(api: &AdminState, f: AuditFilter) -> Result<AuditPage, O
     if !(1..=MAX_AUDIT_PAGE).contains(&limit) {
         return Err(OpError::Invalid { field: "limit", reason: format!("must be 1 to {MAX_AUDIT_PAGE}") });
     }
-    if let Some(a) = &f.action {
+    // Empty filters (a form's blank fields) filter nothing.
+    let empty = |s: Option<String>| s.filter(|v| !v.is_empty());
+    let (actor, action, target) = (empty(f.actor), empty(f.action), empty(f.target));
+    if let Some(a) = &action {
         if AuditAction::parse(a).is_none() {
             return Err(OpError::Invalid { field: "action", reason: format!("{a:?} is not an audit action") });
         }
     }
-    let empty = |s: Option<String>| s.filter(|v| !v.is_empty());
-    let q = AuditQuery {
-        actor: empty(f.actor),
-        action: empty(f.action),
-        target: empty(f.target),
-        since: f.since,
-        before_id: f.before,
-        limit,
-    };
+    let q = AuditQuery { actor, action, target, since: f.since, before_id: f.before, limit };
     let entries = api.shared.store.query_audit(&q).await?;
     let next_before = (entries.len() == limit).then(|| entries.last().map(|e| e.id)).flatten();
     Ok(AuditPage { entries, next_before })
@@ -546,99 +476,45 @@ pub async fn audit_page(api: &AdminState, f: AuditFilter) -> Result<AuditPage, O
 
 async fn audit(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
+    _: Reader,
     query: Result<Query<AuditFilter>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    if let Err(r) = caller(&api, &method, &headers, peer, false).await {
-        return r;
-    }
+) -> Result<Response, OpError> {
     let Ok(Query(filter)) = query else {
-        return api_error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorCode::Invalid,
-            "filters: actor, action, target, since, before, limit",
-            Some("query"),
-        );
+        return Err(OpError::Invalid {
+            field: "query",
+            reason: "filters: actor, action, target, since, before, limit".into(),
+        });
     };
-    match audit_page(&api, filter).await {
-        Ok(page) => Json(page).into_response(),
-        Err(e) => e.into_response(),
-    }
+    Ok(Json(audit_page(&api, filter).await?).into_response())
 }
 
-async fn list_users(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = caller(&api, &method, &headers, peer, true).await {
-        return r;
-    }
-    match api.shared.store.list_users().await {
-        Ok(users) => {
-            Json(users.into_iter().map(|u| UserSummary { name: u.name, created_at: u.created_at }).collect::<Vec<_>>())
-                .into_response()
-        }
-        Err(e) => store_error(&e),
-    }
+async fn list_users(State(api): State<Arc<AdminState>>, _: Writer) -> Result<Response, OpError> {
+    let users = api.shared.store.list_users().await?;
+    Ok(Json(users.into_iter().map(|u| UserSummary { name: u.name, created_at: u.created_at }).collect::<Vec<_>>())
+        .into_response())
 }
 
 async fn create_user(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let req: CreateUser = match json_body(body).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match api.ops.add_user(&c.actor, &req.name, &req.password).await {
-        Ok(()) => {
-            (StatusCode::CREATED, Json(UserSummary { name: req.name, created_at: crate::unix_now() })).into_response()
-        }
-        Err(e) => e.into_response(),
-    }
+    Writer(c): Writer,
+    JsonBody(req): JsonBody<CreateUser>,
+) -> Result<Response, OpError> {
+    api.ops.add_user(&c.actor, &req.name, &req.password).await?;
+    Ok((StatusCode::CREATED, Json(UserSummary { name: req.name, created_at: crate::unix_now() })).into_response())
 }
 
 async fn remove_user(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
+    Writer(c): Writer,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    match api.ops.remove_user(&c.actor, &name).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> Result<StatusCode, OpError> {
+    api.ops.remove_user(&c.actor, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_tokens(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = caller(&api, &method, &headers, peer, true).await {
-        return r;
-    }
-    match api.shared.store.list_api_tokens().await {
-        Ok(tokens) => Json(tokens.into_iter().map(token_summary).collect::<Vec<_>>()).into_response(),
-        Err(e) => store_error(&e),
-    }
+async fn list_tokens(State(api): State<Arc<AdminState>>, _: Writer) -> Result<Response, OpError> {
+    let tokens = api.shared.store.list_api_tokens().await?;
+    Ok(Json(tokens.into_iter().map(token_summary).collect::<Vec<_>>()).into_response())
 }
 
 /// A token as listed.
@@ -654,40 +530,20 @@ pub fn token_summary(t: crate::store::ApiTokenRecord) -> TokenSummary {
 
 async fn create_token(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let req: CreateToken = match json_body(body).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match api.ops.add_token(&c.actor, &req.name, req.scope).await {
-        Ok(t) => (StatusCode::CREATED, Json(t)).into_response(),
-        Err(e) => e.into_response(),
-    }
+    Writer(c): Writer,
+    JsonBody(req): JsonBody<CreateToken>,
+) -> Result<Response, OpError> {
+    let made = api.ops.add_token(&c.actor, &req.name, req.scope).await?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
 }
 
 async fn remove_token(
     State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
+    Writer(c): Writer,
     Path(name): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, true).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    match api.ops.remove_token(&c.actor, &name).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> Result<StatusCode, OpError> {
+    api.ops.remove_token(&c.actor, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Why a login failed.
@@ -699,10 +555,21 @@ pub enum LoginError {
     /// Too many failures from the source or for the user (429).
     #[error("too many failed logins; wait a minute")]
     Limited,
-    /// The store or the hasher failed.
-    #[error("{0}")]
-    Failed(String),
+    /// Too many logins are being checked at once (503).
+    #[error("too many logins at once; retry in a moment")]
+    Busy,
+    /// The store or the hasher failed (logged; 503).
+    #[error("login is unavailable now; retry later")]
+    Failed,
 }
+
+/// Argon2 runs at once; more logins wait their turn briefly, then get
+/// 503 (each run takes 19 MiB and a blocking thread).
+const HASHING_AT_ONCE: usize = 4;
+/// How long a login waits for a hashing slot.
+const HASHING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HASHING_AT_ONCE);
 
 /// Checks a login and opens a session; returns the cookie value.
 pub async fn log_in(
@@ -711,22 +578,28 @@ pub async fn log_in(
     user: &str,
     password: &str,
 ) -> Result<String, LoginError> {
-    let now = Instant::now();
-    if !api.limiter.allowed(source, user, now) {
+    if !api.limiter.begin(source, user, Instant::now()) {
         return Err(LoginError::Limited);
     }
-    let record = api.shared.store.get_user(user).await.map_err(|e| LoginError::Failed(e.to_string()))?;
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "login failed: {what}");
+        LoginError::Failed
+    };
+    let record = api.shared.store.get_user(user).await.map_err(|e| failed("store", &e))?;
     let stored = record.as_ref().map_or_else(|| super::passwords::decoy().to_string(), |u| u.password_hash.clone());
     let password = password.to_string();
+    let Ok(Ok(_slot)) = tokio::time::timeout(HASHING_WAIT, HASHING.acquire()).await else {
+        return Err(LoginError::Busy);
+    };
     let ok = tokio::task::spawn_blocking(move || super::passwords::verify(&password, &stored))
         .await
-        .map_err(|e| LoginError::Failed(e.to_string()))?
-        .map_err(|e| LoginError::Failed(e.to_string()))?;
+        .map_err(|e| failed("hashing task", &e))?
+        .map_err(|e| failed("stored hash", &e))?;
     if !ok || record.is_none() {
-        api.limiter.failed(source, user, now);
         tracing::info!(peer = %source, user = %edge_net::logging::Untrusted(user), "failed login");
         return Err(LoginError::Wrong);
     }
+    api.limiter.succeeded(source, user);
     let (value, id_hash) = auth::new_session_id();
     let t = crate::unix_now();
     let session = crate::store::SessionRecord { id_hash, user: user.to_string(), created_at: t, last_seen: t };
@@ -734,7 +607,7 @@ pub async fn log_in(
         .store
         .add_session(&session, t - api.config.session_idle_secs as i64, t - api.config.session_max_secs as i64)
         .await
-        .map_err(|e| LoginError::Failed(e.to_string()))?;
+        .map_err(|e| failed("store", &e))?;
     let actor = super::ops::Actor { who: format!("user:{user}"), source: source.to_string() };
     api.ops.session_event(&actor, AuditAction::Login, user).await;
     Ok(value)
@@ -775,20 +648,13 @@ pub fn login_error(e: LoginError) -> Response {
     match e {
         LoginError::Wrong => api_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &m, None),
         LoginError::Limited => api_error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &m, None),
-        LoginError::Failed(_) => api_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, &m, None),
+        LoginError::Failed | LoginError::Busy => {
+            api_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, &m, None)
+        }
     }
 }
 
-async fn session_info(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, false).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+async fn session_info(State(api): State<Arc<AdminState>>, Reader(c): Reader) -> Response {
     let Some(s) = c.session else {
         return api_error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "a token has no session", None);
     };
@@ -796,16 +662,9 @@ async fn session_info(
         .into_response()
 }
 
-async fn logout(
-    State(api): State<Arc<AdminState>>,
-    Extension(peer): Extension<Peer>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    let c = match caller(&api, &method, &headers, peer, false).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+/// Logging out changes state: with a cookie it needs the CSRF checks,
+/// which [`Reader`] applies to every method but GET.
+async fn logout(State(api): State<Arc<AdminState>>, Reader(c): Reader) -> Response {
     let Some(s) = c.session else {
         return api_error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "a token has no session", None);
     };

@@ -42,10 +42,9 @@ fn configured_records(dns: &DnsConfig, zone: &str) -> Result<Vec<Record>, String
 #[derive(Debug)]
 pub struct ZoneCell {
     current: tokio::sync::watch::Sender<Arc<Zone>>,
-    /// Static records from `[dns]`, kept to merge with the stored ones.
-    configured: std::sync::Mutex<Vec<Record>>,
-    /// The stored records last set, kept to merge with reloaded ones.
-    stored: std::sync::Mutex<Vec<StoreRecord>>,
+    /// Static records from `[dns]` and the stored ones last set, merged
+    /// under one lock (a reload and a store change can come at once).
+    statics: std::sync::Mutex<(Vec<Record>, Vec<StoreRecord>)>,
 }
 
 impl ZoneCell {
@@ -72,27 +71,32 @@ impl ZoneCell {
         let zone = Zone::new(origin, settings, dns.ingress_addresses(tls), statics.clone());
         Ok(Self {
             current: tokio::sync::watch::Sender::new(Arc::new(zone)),
-            configured: std::sync::Mutex::new(statics),
-            stored: std::sync::Mutex::new(Vec::new()),
+            statics: std::sync::Mutex::new((statics, Vec::new())),
         })
     }
 
     /// Replaces the records from `[dns]` (a reload); the stored ones stay.
     pub fn set_configured(&self, dns: &DnsConfig, zone: &str) -> Result<(), String> {
-        let statics = configured_records(dns, zone)?;
-        *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = statics;
-        let stored = self.stored.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        self.set_stored_records(&stored);
+        let configured = configured_records(dns, zone)?;
+        let mut statics = self.statics.lock().unwrap_or_else(|p| p.into_inner());
+        statics.0 = configured;
+        self.publish_statics(&statics);
         Ok(())
     }
 
     /// Replaces the records kept in the store (the configured ones stay).
-    /// A stored record that no longer converts (edited in the database by
-    /// hand) is skipped with a warning.
     pub fn set_stored_records(&self, records: &[StoreRecord]) {
-        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = records.to_vec();
-        let mut statics = self.configured.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for r in records {
+        let mut statics = self.statics.lock().unwrap_or_else(|p| p.into_inner());
+        statics.1 = records.to_vec();
+        self.publish_statics(&statics);
+    }
+
+    /// Publishes configured and stored records together. A stored record
+    /// that no longer converts (edited in the database by hand) is skipped
+    /// with a warning.
+    fn publish_statics(&self, (configured, stored): &(Vec<Record>, Vec<StoreRecord>)) {
+        let mut statics = configured.clone();
+        for r in stored {
             match static_record(&r.name, r.kind, &r.value, r.ttl_secs) {
                 Ok(record) => statics.push(record),
                 Err(e) => tracing::warn!(name = %edge_net::logging::Untrusted(&r.name), error = %e,

@@ -130,7 +130,13 @@ impl AccountStore for PostgresStore {
                 last_seen: now,
             })),
             None => {
-                client.execute("DELETE FROM sessions WHERE id_hash = $1", &[&id]).await.map_err(|e| self.err(e))?;
+                client
+                    .execute(
+                        "DELETE FROM sessions WHERE id_hash = $1 AND (last_seen < $2 OR created_at < $3)",
+                        &[&id, &idle_before, &created_before],
+                    )
+                    .await
+                    .map_err(|e| self.err(e))?;
                 Ok(None)
             }
         }

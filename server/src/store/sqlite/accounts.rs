@@ -113,22 +113,31 @@ impl AccountStore for SqliteStore {
     ) -> Result<Option<SessionRecord>, StoreError> {
         let id = id_hash.to_vec();
         self.run(move |db| {
-            db.write(|tx, _| {
-                let found = tx
-                    .query_row(
-                        "SELECT user, created_at, last_seen FROM sessions WHERE id_hash = ?1",
-                        params![id],
-                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+            // A read first: an unknown id (a forged cookie) takes no write
+            // lock.
+            let found = db.with(|conn| {
+                conn.query_row(
+                    "SELECT user, created_at, last_seen FROM sessions WHERE id_hash = ?1",
+                    params![id],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+                )
+                .optional()
+            })?;
+            let Some((user, created_at, last_seen)) = found else { return Ok((None, Vec::new())) };
+            if last_seen < idle_before || created_at < created_before {
+                db.write(|tx, _| {
+                    tx.execute(
+                        "DELETE FROM sessions WHERE id_hash = ?1 AND (last_seen < ?2 OR created_at < ?3)",
+                        params![id, idle_before, created_before],
                     )
-                    .optional()?;
-                let Some((user, created_at, last_seen)) = found else { return Ok(None) };
-                if last_seen < idle_before || created_at < created_before {
-                    tx.execute("DELETE FROM sessions WHERE id_hash = ?1", params![id])?;
-                    return Ok(None);
-                }
-                tx.execute("UPDATE sessions SET last_seen = ?2 WHERE id_hash = ?1", params![id, now])?;
-                Ok(Some(SessionRecord { id_hash: blob32(id.clone()), user, created_at, last_seen: now }))
-            })
+                })?;
+                return Ok((None, Vec::new()));
+            }
+            // Touched only if still there (a logout may have raced us).
+            let (touched, _) = db
+                .write(|tx, _| tx.execute("UPDATE sessions SET last_seen = ?2 WHERE id_hash = ?1", params![id, now]))?;
+            let session = SessionRecord { id_hash: blob32(id.clone()), user, created_at, last_seen: now };
+            Ok(((touched > 0).then_some(session), Vec::new()))
         })
         .await
     }
