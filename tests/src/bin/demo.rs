@@ -66,9 +66,26 @@ async fn demo(args: Args) -> Result<()> {
     if let Some(http) = server.addrs.http {
         println!("Plain HTTP redirects to https:  curl -i -H 'Host: {host}' http://{http}/");
     }
+    // An operator for the dashboard, with a fresh password.
+    let password = format!("demo-{:016x}", rand::random::<u64>());
+    let pw_file = dir.path().join("demo.password");
+    std::fs::write(&pw_file, format!("{password}\n"))?;
+    server
+        .cli(&["user", "add", "demo", "--password-file", &pw_file.display().to_string()])
+        .context("edge-server user add demo")?;
+    let dashboard = server.addrs.admin.context("the demo server has no admin listener")?;
+    println!("Dashboard:  https://{dashboard}/  user demo, password {password}");
+    println!("  (the certificate is edge-server's self-signed identity: accept it once in the browser;");
+    println!("   in production keep listen.admin on a private address or behind a VPN)");
     println!();
 
     if args.check {
+        let login = format!(r#"{{"user":"demo","password":"{password}"}}"#);
+        let reply = edge_tests::admin::request(dashboard, "POST", "/api/v1/session", &[], Some(&login))?;
+        if reply.status != 200 {
+            bail!("dashboard login failed: {reply:?}");
+        }
+        println!("dashboard login works");
         let out =
             Command::new("curl").arg("-sS").arg("--max-time").arg("10").args(&curl).output().context("running curl")?;
         let body = String::from_utf8_lossy(&out.stdout);
