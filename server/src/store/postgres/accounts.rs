@@ -8,14 +8,6 @@ use crate::store::accounts::{
 };
 use crate::store::StoreError;
 
-fn blob32(v: Vec<u8>) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    if v.len() == 32 {
-        out.copy_from_slice(&v);
-    }
-    out
-}
-
 const TOKEN_COLUMNS: &str = "name, scope, hash, created_at, last_used, created_by";
 
 impl PostgresStore {
@@ -27,7 +19,10 @@ impl PostgresStore {
             scope: scope
                 .parse::<TokenScope>()
                 .map_err(|_| StoreError::Corrupt { store: s.to_string(), what: format!("token scope {scope:?}") })?,
-            hash: blob32(col(s, row, 2)?),
+            hash: col::<Vec<u8>>(s, row, 2)?.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                store: s.to_string(),
+                what: "api_tokens.hash is not 32 bytes".into(),
+            })?,
             created_at: col(s, row, 3)?,
             last_used: col(s, row, 4)?,
             created_by: col(s, row, 5)?,

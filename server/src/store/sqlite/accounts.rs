@@ -6,20 +6,12 @@ use super::SqliteStore;
 use crate::store::accounts::{AccountStore, ApiTokenRecord, AuditEntry, AuditQuery, SessionRecord, UserRecord};
 use crate::store::StoreError;
 
-fn blob32(v: Vec<u8>) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    if v.len() == 32 {
-        out.copy_from_slice(&v);
-    }
-    out
-}
-
 fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ApiTokenRecord> {
     let scope: String = row.get(1)?;
     Ok(ApiTokenRecord {
         name: row.get(0)?,
         scope: scope.parse().unwrap_or(crate::store::accounts::TokenScope::Read),
-        hash: blob32(row.get(2)?),
+        hash: row.get::<_, [u8; 32]>(2)?,
         created_at: row.get(3)?,
         last_used: row.get(4)?,
         created_by: row.get(5)?,
@@ -111,7 +103,7 @@ impl AccountStore for SqliteStore {
         idle_before: i64,
         created_before: i64,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        let id = id_hash.to_vec();
+        let (id, id_hash) = (id_hash.to_vec(), *id_hash);
         self.run(move |db| {
             // A read first: an unknown id (a forged cookie) takes no write
             // lock.
@@ -136,7 +128,7 @@ impl AccountStore for SqliteStore {
             // Touched only if still there (a logout may have raced us).
             let (touched, _) = db
                 .write(|tx, _| tx.execute("UPDATE sessions SET last_seen = ?2 WHERE id_hash = ?1", params![id, now]))?;
-            let session = SessionRecord { id_hash: blob32(id.clone()), user, created_at, last_seen: now };
+            let session = SessionRecord { id_hash, user, created_at, last_seen: now };
             Ok(((touched > 0).then_some(session), Vec::new()))
         })
         .await
