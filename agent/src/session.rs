@@ -43,19 +43,48 @@ enum End {
     Fatal(String),
 }
 
-/// Runs sessions until shutdown or a fatal error.
+/// Runs sessions until shutdown or a fatal error. When the server says it
+/// hands over to a successor, the next session starts at once while the
+/// current one finishes its open streams in the background.
 pub async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<AgentShared>,
     target: Arc<Target>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    let handed_over = TaskTracker::new();
+    let result = sessions(endpoint, shared, target, shutdown, &handed_over).await;
+    handed_over.close();
+    handed_over.wait().await;
+    result
+}
+
+async fn sessions(
+    endpoint: quinn::Endpoint,
+    shared: Arc<AgentShared>,
+    target: Arc<Target>,
+    shutdown: CancellationToken,
+    handed_over: &TaskTracker,
+) -> Result<(), AgentError> {
     let initial = Duration::from_millis(shared.config.reconnect.initial_ms);
     let max = Duration::from_millis(shared.config.reconnect.max_ms);
     let mut backoff = initial;
     loop {
         let started = Instant::now();
-        let end = session(&endpoint, &shared, &target, &shutdown).await;
+        let (moved, mut moving) = tokio::sync::oneshot::channel();
+        let mut current = Box::pin(session(endpoint.clone(), shared.clone(), target.clone(), shutdown.clone(), moved));
+        let end = tokio::select! {
+            end = &mut current => end,
+            Ok(()) = &mut moving => {
+                tracing::info!(server = %target.name,
+                    "the server is being upgraded: connecting to its successor; open streams finish on this connection");
+                handed_over.spawn(async move {
+                    let _ = current.await;
+                });
+                backoff = initial;
+                continue;
+            }
+        };
         if started.elapsed() >= STABLE_SESSION {
             backoff = initial;
         }
@@ -96,6 +125,7 @@ pub fn capabilities(config: &crate::config::AgentConfig) -> Vec<String> {
         "tls_termination".to_string(),
         "passthrough".to_string(),
         edge_proto::tunnel::CAPABILITY_CLUSTER.to_string(),
+        edge_proto::tunnel::CAPABILITY_HANDOVER.to_string(),
     ];
     if config.proxy_protocol {
         capabilities.push("proxy_v2".into());
@@ -129,12 +159,15 @@ fn classify_close(error: &quinn::ConnectionError) -> End {
     }
 }
 
+/// One session; `moved` fires if the server hands over to a successor.
 async fn session(
-    endpoint: &quinn::Endpoint,
-    shared: &Arc<AgentShared>,
-    target: &Target,
-    shutdown: &CancellationToken,
+    endpoint: quinn::Endpoint,
+    shared: Arc<AgentShared>,
+    target: Arc<Target>,
+    shutdown: CancellationToken,
+    moved: tokio::sync::oneshot::Sender<()>,
 ) -> End {
+    let (endpoint, shared, target, shutdown) = (&endpoint, &shared, &*target, &shutdown);
     let server = &target.address;
     let addr = match tokio::net::lookup_host(server).await.map(|mut a| a.next()) {
         Ok(Some(addr)) => addr,
@@ -174,7 +207,7 @@ async fn session(
             }
         }
     };
-    let end = tunnel(&conn, shared, target, shutdown).await;
+    let end = tunnel(&conn, shared, target, shutdown, moved).await;
     if let End::Shutdown = end {
         conn.close(VarInt::from_u32(codes::CLOSE_NORMAL), b"agent shutting down");
     }
@@ -235,7 +268,9 @@ async fn tunnel(
     shared: &Arc<AgentShared>,
     target: &Target,
     shutdown: &CancellationToken,
+    moved: tokio::sync::oneshot::Sender<()>,
 ) -> End {
+    let mut moved = Some(moved);
     let (mut reader, mut writer, node_name, hostnames, heartbeat_secs) = match handshake(conn, shared).await {
         Ok(h) => h,
         Err(end) => return end,
@@ -324,6 +359,11 @@ async fn tunnel(
                 Some(Ok(ServerMessage::LeaveAck)) => leave_acked = Some(Instant::now()),
                 Some(Ok(ServerMessage::Draining { drain_secs })) => {
                     tracing::info!(drain_secs, "server is shutting down; its open streams finish, then this tunnel reconnects");
+                }
+                Some(Ok(ServerMessage::Handover)) => {
+                    if let Some(moved) = moved.take() {
+                        let _ = moved.send(());
+                    }
                 }
                 Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),
                 Some(Ok(ServerMessage::Servers { servers, revision })) => shared.learn_servers(servers, revision),

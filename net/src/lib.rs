@@ -13,6 +13,8 @@
 //! - [`https`]: one JSON request over HTTPS with a bearer token.
 //! - [`logging`]: tracing subscriber setup (text or JSON), escaping and
 //!   throttling of what peers can make us log.
+//! - [`shared_quic`]: a QUIC UDP socket two server processes share during an
+//!   upgrade, passing each other the datagrams of their connections.
 //! - [`write_deadline`]: writes that must make progress within a deadline.
 #![forbid(unsafe_code)]
 
@@ -20,6 +22,7 @@ pub mod https;
 pub mod logging;
 pub mod pinned;
 pub mod quic;
+pub mod shared_quic;
 pub mod splice;
 pub mod stall;
 pub mod write_deadline;

@@ -149,6 +149,21 @@ pub fn endpoint(
     quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
 }
 
+/// A quinn endpoint on a [`SharedQuicSocket`](crate::shared_quic::SharedQuicSocket),
+/// issuing connection IDs that carry the socket's epoch (see
+/// [`endpoint`] for the rest).
+pub fn shared_endpoint(
+    socket: Arc<crate::shared_quic::SharedQuicSocket>,
+    server: Option<quinn::ServerConfig>,
+    tuning: &TunnelTuning,
+) -> std::io::Result<quinn::Endpoint> {
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(tuning.max_udp_payload).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let epoch = socket.epoch();
+    config.cid_generator(move || Box::new(crate::shared_quic::EpochCids::new(epoch)));
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, Arc::new(quinn::TokioRuntime))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

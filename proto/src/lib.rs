@@ -15,11 +15,14 @@
 //!   question about it.
 //! - [`signal`]: the signal API's JSON request bodies.
 //! - [`admin`]: the admin API's (`/api/v1`) request, response and error bodies.
+//! - [`handover`]: the zero-downtime upgrade between a running server and its
+//!   successor, and the control socket `edge-server upgrade` talks to.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod client_hello;
 pub mod dns_zone;
+pub mod handover;
 pub mod join;
 pub mod names;
 pub mod probe;

@@ -32,6 +32,9 @@ pub const PEER_ALPN: &[u8] = b"edge-peer/1";
 /// the welcome then lists the live servers, and [`ServerMessage::Servers`]
 /// tells of changes.
 pub const CAPABILITY_CLUSTER: &str = "cluster";
+/// Capability an agent sends when it understands [`ServerMessage::Handover`]
+/// (older agents get [`ServerMessage::Draining`] and reconnect after the drain).
+pub const CAPABILITY_HANDOVER: &str = "handover";
 /// Most servers listed to an agent.
 pub const MAX_CLUSTER_SERVERS: usize = 64;
 /// Protocol version carried in [`AgentMessage::Hello`].
@@ -182,6 +185,13 @@ pub enum ServerMessage {
         /// The server's drain timeout, in seconds.
         drain_secs: u64,
     },
+    /// This server process is being replaced by a successor at the same
+    /// address (an upgrade; only to agents that sent [`CAPABILITY_HANDOVER`]):
+    /// the agent connects again now, and its new connection reaches the
+    /// successor. This connection keeps the streams open on it; the server
+    /// closes it with `CLOSE_SHUTDOWN` once they finished, and the agent
+    /// does not reconnect for that.
+    Handover,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -134,3 +134,26 @@ fn signal_json_corpus() {
     }
     assert!(decoded > 0, "no seed decodes as a signal body or control message");
 }
+
+#[test]
+fn handover_corpus() {
+    use edge_proto::handover::{self, ControlRequest, Destination, HandoverMessage};
+    let (mut forwarded, mut messages, mut routed) = (0, 0, 0);
+    for (_, data) in corpus("handover") {
+        for end in 0..=data.len() {
+            let _ = handover::classify(&data[..end]);
+            let _ = handover::decode_forwarded(&data[..end]);
+        }
+        if matches!(handover::classify(&data), Destination::Epoch(_) | Destination::Acceptor) {
+            routed += 1;
+        }
+        if let Ok((header, payload)) = handover::decode_forwarded(&data) {
+            let mut again = Vec::new();
+            handover::encode_forwarded(&header, payload, &mut again);
+            assert_eq!(handover::decode_forwarded(&again).unwrap(), (header, payload));
+            forwarded += 1;
+        }
+        messages += usize::from(round_trip::<HandoverMessage>(&data) || round_trip::<ControlRequest>(&data));
+    }
+    assert!(forwarded > 0 && messages > 0 && routed > 0, "the seeds cover each format");
+}

@@ -30,6 +30,8 @@
 //!   refusing our own connections that come back to us.
 //! - [`http`]: plain HTTP on :80 (redirects, Host-routed proxying).
 //! - [`limits`]: per-source rates, connection caps, refusal counting.
+//! - [`upgrade`]: zero-downtime upgrade: a successor process takes over the
+//!   sockets while this one drains.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -57,6 +59,7 @@ pub mod state;
 pub mod store;
 pub mod sync;
 pub mod tunnel;
+pub mod upgrade;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

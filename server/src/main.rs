@@ -44,6 +44,22 @@ enum Command {
     /// or tunnels; other changes are logged as needing a restart. The file
     /// is checked first: an invalid one is refused here and by the server.
     Reload,
+    /// Replace the running server by a new process without refusing a
+    /// connection: after installing a new binary, run this. The running
+    /// server starts the binary (by default the path it was started from)
+    /// with its own arguments and hands it every listening socket; agents
+    /// connect to the new process while their open streams finish on the
+    /// old one; then the old process stops accepting, drains its open
+    /// connections (limits.drain_timeout_secs at most) and exits. Prints
+    /// each step and, on stdout, the new process's pid. If the new process
+    /// fails to start, the running one keeps serving and this says why.
+    /// Under systemd the new process becomes the unit's main process
+    /// (Type=notify, NotifyAccess=all in the shipped unit).
+    Upgrade {
+        /// Start this executable instead of the one the server runs from.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Manage nodes (works while the server runs: it follows the store's
     /// changes, at once on PostgreSQL and within `store.poll_ms` on SQLite).
     #[command(subcommand)]
@@ -288,6 +304,7 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run => run(config, cli.config.clone()),
         Command::Reload => reload(&config),
+        Command::Upgrade { binary } => cli_runtime()?.block_on(upgrade(&config, binary)),
         Command::CheckConfig => {
             println!("{config:#?}");
             Ok(())
@@ -436,6 +453,12 @@ fn run(config: ServerConfig, config_path: PathBuf) -> Result<()> {
     edge_net::raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
     let pid_path = pid_file(&config);
+    // Resolved now: after a package upgrade replaced the file, the running
+    // executable's own path names the deleted one.
+    let successor = edge_server::upgrade::Successor {
+        program: std::env::current_exe().context("locating this executable")?,
+        args: std::env::args_os().skip(1).collect(),
+    };
     runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         // First: SIGHUP's default action ends the process, and a reload
@@ -444,17 +467,49 @@ fn run(config: ServerConfig, config_path: PathBuf) -> Result<()> {
             signal(SignalKind::terminate()).context("SIGTERM handler")?,
             signal(SignalKind::hangup()).context("SIGHUP handler")?,
         );
-        let server = Server::bind(config).await?;
+        let takeover =
+            edge_server::upgrade::Takeover::from_env().await.context("taking over from the running server")?;
+        if let Some(t) = &takeover {
+            tracing::info!(predecessor = t.predecessor_pid(), epoch = t.epoch(), "taking over from the running server");
+        }
+        let server = Server::bind_with(config, takeover).await?.with_successor(successor);
         let reloader = std::sync::Arc::new(server.reloader());
-        std::fs::write(&pid_path, format!("{}\n", std::process::id()))
-            .with_context(|| format!("writing {}", pid_path.display()))?;
+        let pid = std::process::id().to_string();
+        std::fs::write(&pid_path, format!("{pid}\n")).with_context(|| format!("writing {}", pid_path.display()))?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_handler(shutdown.clone(), config_path, reloader, signals));
         let result = server.run(shutdown).await;
-        let _ = std::fs::remove_file(&pid_path);
+        // After an upgrade the file names the successor.
+        if std::fs::read_to_string(&pid_path).is_ok_and(|text| text.trim() == pid) {
+            let _ = std::fs::remove_file(&pid_path);
+        }
         result?;
         Ok(())
     })
+}
+
+/// `edge-server upgrade`: asks the running server to start its successor.
+async fn upgrade(config: &ServerConfig, binary: Option<PathBuf>) -> Result<()> {
+    let path = edge_server::upgrade::control_socket(&config.data_dir);
+    let binary = match binary {
+        Some(b) => Some(
+            std::fs::canonicalize(&b)
+                .with_context(|| format!("--binary {}", b.display()))?
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        None => None,
+    };
+    let pid = edge_server::upgrade::control::request_upgrade(&path, binary, |event| {
+        if let edge_proto::handover::ControlEvent::Progress { message } = event {
+            eprintln!("{message}");
+        }
+    })
+    .await
+    .with_context(|| format!("upgrading the server on {} (is it running with this config?)", path.display()))?;
+    eprintln!("upgraded: edge-server pid {pid} serves; the old process exits once its connections drained");
+    println!("{pid}");
+    Ok(())
 }
 
 /// SIGINT and SIGTERM cancel (the server drains by itself); SIGHUP

@@ -20,7 +20,10 @@ use crate::registry::Registry;
 use crate::state::{Admissions, Shared};
 use crate::store::StoreError;
 use crate::sync::RoutingSync;
+use crate::upgrade::{HandoverSockets, Successor, Takeover, Upgrader};
 use crate::{api, certificates, detector, dns, http, identity, ingress, jobs, limits, scrape, token_hash, tunnel};
+use edge_net::shared_quic::SharedQuicSocket;
+use edge_proto::handover::SocketRole;
 
 /// Errors that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +112,12 @@ pub struct BoundServer {
     admin_state: Arc<crate::admin::AdminState>,
     /// The bound addresses.
     pub addrs: BoundAddrs,
+    quic_socket: Arc<SharedQuicSocket>,
+    server_config: quinn::ServerConfig,
+    handover_sockets: HandoverSockets,
+    takeover: Option<Takeover>,
+    control: Option<std::os::unix::net::UnixListener>,
+    successor: Option<Successor>,
 }
 
 /// Builder entry point.
@@ -119,29 +128,55 @@ impl Server {
     /// Opens the store, loads or creates the identity, binds all listeners,
     /// and loads the routing state.
     pub async fn bind(config: ServerConfig) -> Result<BoundServer, ServerError> {
+        Self::bind_with(config, None).await
+    }
+
+    /// Like [`Server::bind`], taking over the listening sockets of a
+    /// predecessor process when `takeover` is given (an upgrade): sockets
+    /// it offers for this config's addresses are used instead of bound.
+    pub async fn bind_with(config: ServerConfig, mut takeover: Option<Takeover>) -> Result<BoundServer, ServerError> {
         let store = crate::store::open(&config.store, &config.data_dir).await?;
         let identity = identity::load_or_create(&config)?;
         let server_id = crate::cluster::server_id(&config.data_dir)
             .map_err(|source| ServerError::Io { path: config.data_dir.join("server.id"), source })?;
         let admin_token_hash = token_hash(&identity::admin_token(&config)?);
 
-        let tls = bind_tcp("tls", config.listen.tls).await?;
-        let api = bind_tcp("api", config.listen.api).await?;
-        let socket = edge_net::quic::udp_socket(config.listen.quic, config.tunnel.udp_buffer_bytes)
-            .map_err(|source| ServerError::Bind { what: "quic", addr: config.listen.quic, source })?;
+        let mut keep = HandoverSockets::default();
+        let tls = listen_tcp("tls", SocketRole::Tls, config.listen.tls, &mut takeover, &mut keep).await?;
+        let api = listen_tcp("api", SocketRole::Api, config.listen.api, &mut takeover, &mut keep).await?;
+        let quic_err = |source| ServerError::Bind { what: "quic", addr: config.listen.quic, source };
+        let udp = match takeover.as_mut().and_then(|t| t.take_udp(SocketRole::Quic, config.listen.quic)) {
+            Some(udp) => udp,
+            None => edge_net::quic::udp_socket(config.listen.quic, config.tunnel.udp_buffer_bytes).map_err(quic_err)?,
+        };
+        keep.keep(SocketRole::Quic, udp.local_addr().ok(), &udp);
+        let quic_socket = SharedQuicSocket::new(udp, takeover.as_ref().map_or(0, Takeover::epoch)).map_err(quic_err)?;
+        if let Some(forward) = takeover.as_mut().and_then(Takeover::take_forward) {
+            // Until the predecessor moves its agents, it accepts them.
+            forward.set_nonblocking(true).map_err(quic_err)?;
+            quic_socket.set_peer(Some(tokio::net::UnixDatagram::from_std(forward).map_err(quic_err)?));
+            quic_socket.set_accepting(false);
+        }
         let server_config = identity::quic_server_config(&identity, &config.tunnel)?;
-        let endpoint = edge_net::quic::endpoint(socket, Some(server_config), &config.tunnel)
-            .map_err(|source| ServerError::Bind { what: "quic", addr: config.listen.quic, source })?;
+        let endpoint =
+            edge_net::quic::shared_endpoint(quic_socket.clone(), Some(server_config.clone()), &config.tunnel)
+                .map_err(quic_err)?;
         let api_tls = identity::api_acceptor(&identity)?;
         let local = |l: &TcpListener, a| l.local_addr().unwrap_or(a);
         let tls_addr = local(&tls, config.listen.tls);
         let (dns_sockets, zone) = match &config.dns {
             Some(d) => {
-                let sockets = dns::DnsSockets::bind(d.listen).await.map_err(|source| ServerError::Bind {
-                    what: "dns",
-                    addr: d.listen,
-                    source,
-                })?;
+                let dns_err = |source| ServerError::Bind { what: "dns", addr: d.listen, source };
+                let inherited = takeover.as_mut().and_then(|t| {
+                    let udp = t.take_udp(SocketRole::DnsUdp, d.listen)?;
+                    let tcp = udp.local_addr().ok().and_then(|a| t.take_tcp(SocketRole::DnsTcp, a));
+                    Some((udp, tcp))
+                });
+                let sockets = match inherited {
+                    Some((udp, Some(tcp))) => dns::DnsSockets::from_std(udp, tcp).map_err(dns_err)?,
+                    _ => dns::DnsSockets::bind(d.listen).await.map_err(dns_err)?,
+                };
+                sockets.keep(&mut keep);
                 let caa = match &config.acme {
                     Some(acme) => acme.caa_issuers().map_err(ServerError::Dns)?,
                     None => Vec::new(),
@@ -152,17 +187,31 @@ impl Server {
             None => (None, None),
         };
         let http = match config.listen.http {
-            Some(addr) => Some(bind_tcp("http", addr).await?),
+            Some(addr) => Some(listen_tcp("http", SocketRole::Http, addr, &mut takeover, &mut keep).await?),
             None => None,
         };
         let metrics = match config.listen.metrics {
-            Some(addr) => Some(bind_tcp("metrics", addr).await?),
+            Some(addr) => Some(listen_tcp("metrics", SocketRole::Metrics, addr, &mut takeover, &mut keep).await?),
             None => None,
         };
         let admin = match config.listen.admin {
-            Some(addr) => Some((bind_tcp("admin", addr).await?, identity::admin_acceptor(&identity, &config.admin)?)),
+            Some(addr) => Some((
+                listen_tcp("admin", SocketRole::Admin, addr, &mut takeover, &mut keep).await?,
+                identity::admin_acceptor(&identity, &config.admin)?,
+            )),
             None => None,
         };
+        let control = control_listener(&config, &mut takeover);
+        if let Some(listener) = &control {
+            keep.keep(SocketRole::Control, None, listener);
+        }
+        if let Some(t) = &takeover {
+            for unused in t.unused() {
+                tracing::info!(role = ?unused.role, addr = ?unused.addr,
+                    "the predecessor's socket is not for this config (an address changed); it closes when the \
+                    predecessor exits");
+            }
+        }
         let addrs = BoundAddrs {
             admin: admin.as_ref().and_then(|(l, _)| l.local_addr().ok()),
             http: http.as_ref().and_then(|l| l.local_addr().ok()),
@@ -196,12 +245,16 @@ impl Server {
                 DNS-01 values here (until then this server is left out of that check)"
             );
         }
-        store.register_server(&record, config.cluster.lease_ms as i64).await?;
+        // A successor shares its predecessor's row and status, which stay
+        // the predecessor's until it retires.
+        if takeover.is_none() {
+            store.register_server(&record, config.cluster.lease_ms as i64).await?;
+        }
         crate::admin::ops::register_admin_token(store.as_ref(), &server_id, admin_token_hash).await?;
         let servers = store.list_servers().await?;
         // Connected flags are one per node: only a server alone may clear
         // those a previous run left.
-        if !servers.servers.iter().any(|s| s.alive && s.record.id != server_id) {
+        if takeover.is_none() && !servers.servers.iter().any(|s| s.alive && s.record.id != server_id) {
             store.reset_status().await?;
         }
         let cluster = crate::cluster::ClusterView::new(server_id);
@@ -227,6 +280,8 @@ impl Server {
                 .into_iter()
                 .flatten()
                 .collect(),
+            retiring: std::sync::atomic::AtomicBool::new(false),
+            agent_handover: tokio::sync::watch::Sender::new(0),
         });
         let sync = Arc::new(RoutingSync::new(shared.clone(), zone.clone()));
         let started = std::time::Instant::now();
@@ -261,12 +316,63 @@ impl Server {
             admin,
             admin_state,
             addrs,
+            quic_socket,
+            server_config,
+            handover_sockets: keep,
+            takeover,
+            control,
+            successor: None,
         })
     }
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+/// The predecessor's listener for `role` when it serves `addr`, else a new
+/// one; a duplicate is kept to hand over later.
+async fn listen_tcp(
+    what: &'static str,
+    role: SocketRole,
+    addr: SocketAddr,
+    takeover: &mut Option<Takeover>,
+    keep: &mut HandoverSockets,
+) -> Result<TcpListener, ServerError> {
+    let listener = match takeover.as_mut().and_then(|t| t.take_tcp(role, addr)) {
+        Some(inherited) => inherited
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(inherited))
+            .map_err(|source| ServerError::Bind { what, addr, source })?,
+        None => bind_tcp(what, addr).await?,
+    };
+    keep.keep(role, listener.local_addr().ok(), &listener);
+    Ok(listener)
+}
+
+/// The control socket for `edge-server upgrade`: the predecessor's, or a
+/// new one. Without it the server runs, but cannot be upgraded in place.
+fn control_listener(
+    config: &ServerConfig,
+    takeover: &mut Option<Takeover>,
+) -> Option<std::os::unix::net::UnixListener> {
+    if let Some(inherited) = takeover.as_mut().and_then(Takeover::take_control) {
+        return Some(inherited);
+    }
+    let path = crate::upgrade::control_socket(&config.data_dir);
+    match crate::upgrade::control::bind(&path) {
+        Ok(Some(listener)) => Some(listener),
+        Ok(None) => {
+            tracing::warn!(path = %path.display(), "another server answers on this data directory's control \
+                socket; `edge-server upgrade` will reach that one, not this one");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot bind the control socket; \
+                `edge-server upgrade` is unavailable for this server");
+            None
+        }
+    }
 }
 
 impl std::fmt::Debug for BoundServer {
@@ -308,10 +414,20 @@ impl BoundServer {
         crate::reload::Reloader::new(self.shared.clone(), self.api_state.clone())
     }
 
+    /// Lets `edge-server upgrade` start `successor` to take this server's
+    /// place (the binary sets this; an embedded server cannot upgrade).
+    pub fn with_successor(mut self, successor: Successor) -> Self {
+        self.successor = Some(successor);
+        self
+    }
+
     /// Runs until `shutdown` is cancelled, then drains: stops accepting,
     /// lets client connections finish up to the drain timeout, then closes
     /// the tunnels. A task that stops on its own (a listener failing, a
     /// panic) is logged and stops the server with [`ServerError::TaskFailed`].
+    /// A successor (bound with a takeover) first takes its predecessor's
+    /// agents, then its clients; an upgrade retires this process the same
+    /// way a shutdown does, minus leaving the cluster.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
         let BoundServer {
             shared,
@@ -331,6 +447,12 @@ impl BoundServer {
             admin,
             admin_state,
             addrs,
+            quic_socket,
+            server_config,
+            handover_sockets,
+            takeover,
+            control,
+            successor,
         } = self;
         let path = listening_file(&shared.config.data_dir);
         let json = serde_json::to_vec_pretty(&addrs).unwrap_or_default();
@@ -344,7 +466,8 @@ impl BoundServer {
         let close_tunnels = CancellationToken::new();
         let mut tasks = Tasks { set: JoinSet::new(), names: HashMap::new() };
 
-        tasks.spawn("tls listener", ingress::serve(tls, shared.clone(), shutdown.clone(), clients.clone()));
+        // What serves from the start, a successor's too: agents, the API,
+        // DNS, and following the store.
         tasks.spawn(
             "api listener",
             api::serve(
@@ -391,16 +514,68 @@ impl BoundServer {
         );
         tasks.spawn("store watch", shared.store.watch(revision, shutdown.clone()));
         tasks.spawn("change feed", jobs::change_feed::run(shared.clone(), sync, feed, nudges, shutdown.clone()));
+        if let Some((sockets, zone)) = dns {
+            tasks.spawn("dns listener", dns::serve(sockets, zone, shared.clone(), shutdown.clone()));
+        }
+
+        let took_over = match takeover {
+            None => None,
+            Some(takeover) => tokio::select! {
+                _ = shutdown.cancelled() => None,
+                taken = take_over(&shared, &quic_socket, takeover) => taken,
+            },
+        };
+
+        // Clients, and the jobs that write what one process of this server
+        // owns: a successor starts them once its predecessor retired.
+        tasks.spawn("tls listener", ingress::serve(tls, shared.clone(), shutdown.clone(), clients.clone()));
+        if let Some(listener) = http {
+            tasks.spawn("http listener", http::serve(listener, shared.clone(), shutdown.clone(), clients.clone()));
+        }
         tasks.spawn("status flush", jobs::status_flush::run(shared.clone(), shutdown.clone()));
         tasks.spawn("challenge expiry", jobs::challenge_expiry::run(shared.clone(), shutdown.clone()));
         tasks.spawn("mode detector", detector::run(shared.clone(), shutdown.clone()));
         tasks.spawn("cluster membership", crate::cluster::membership::run(shared.clone(), record, shutdown.clone()));
         tasks.spawn("mode decider lease", crate::cluster::decider::run(shared.clone(), shutdown.clone()));
-        if let Some(listener) = http {
-            tasks.spawn("http listener", http::serve(listener, shared.clone(), shutdown.clone(), clients.clone()));
+        let upgrader = Arc::new(Upgrader {
+            shared: shared.clone(),
+            sockets: handover_sockets,
+            quic: quic_socket.clone(),
+            endpoint: endpoint.clone(),
+            server_config,
+            successor,
+            shutdown: shutdown.clone(),
+            clients: clients.clone(),
+            busy: std::sync::atomic::AtomicBool::new(false),
+            successor_link: std::sync::Mutex::new(None),
+        });
+        if let Some(listener) = control {
+            match listener.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(listener)) {
+                Ok(listener) => tasks.spawn(
+                    "control socket",
+                    crate::upgrade::control::serve(listener, upgrader.clone(), shutdown.clone()),
+                ),
+                Err(e) => tracing::warn!(error = %e, "control socket unusable; upgrades unavailable"),
+            }
         }
-        if let Some((sockets, zone)) = dns {
-            tasks.spawn("dns listener", dns::serve(sockets, zone, shared.clone(), shutdown.clone()));
+        match took_over {
+            Some(takeover) => {
+                crate::upgrade::systemd::main_pid_is_me();
+                let (quic, stop) = (quic_socket.clone(), shutdown.clone());
+                tasks.spawn("predecessor watch", async move {
+                    takeover.predecessor_gone().await;
+                    quic.set_peer(None);
+                    let stats = quic.stats();
+                    tracing::info!(
+                        passed = stats.passed.load(std::sync::atomic::Ordering::Relaxed),
+                        received = stats.received.load(std::sync::atomic::Ordering::Relaxed),
+                        dropped = stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
+                        "the predecessor exited: the upgrade is complete"
+                    );
+                    stop.cancelled().await;
+                });
+            }
+            None => crate::upgrade::systemd::ready(),
         }
 
         let failed = tokio::select! {
@@ -418,7 +593,20 @@ impl BoundServer {
         };
         let drain = Duration::from_secs(shared.limits().drain_timeout_secs);
         let open = clients.len();
-        tracing::info!(open_connections = open, drain_secs = drain.as_secs(), "shutting down: draining connections");
+        let retiring = shared.retiring.load(std::sync::atomic::Ordering::Acquire);
+        if retiring {
+            tracing::info!(
+                open_connections = open,
+                drain_secs = drain.as_secs(),
+                "handed over to the successor: draining connections, then exiting"
+            );
+        } else {
+            tracing::info!(
+                open_connections = open,
+                drain_secs = drain.as_secs(),
+                "shutting down: draining connections"
+            );
+        }
         clients.close();
         if tokio::time::timeout(drain, clients.wait()).await.is_err() {
             tracing::warn!(remaining = clients.len(), "drain timeout passed; closing remaining connections");
@@ -442,11 +630,61 @@ impl BoundServer {
             tracing::warn!("background tasks did not stop in time; aborting them");
             tasks.set.abort_all();
         }
-        let _ = std::fs::remove_file(&path);
+        // The successor wrote the file for itself.
+        if !retiring {
+            let _ = std::fs::remove_file(&path);
+        }
         tracing::info!("edge-server stopped");
         match failed {
             Some(name) => Err(ServerError::TaskFailed(name)),
             None => Ok(()),
+        }
+    }
+}
+
+/// How long a successor waits for the moved agents' tunnels before it
+/// takes clients anyway.
+const TUNNEL_WAIT: Duration = Duration::from_secs(10);
+
+/// A successor's handover: say ready, take the predecessor's agents, then
+/// its clients. `None` when it did not complete: this process then serves
+/// alone (a predecessor that gave up stops it).
+async fn take_over(shared: &Shared, quic: &SharedQuicSocket, mut takeover: Takeover) -> Option<Takeover> {
+    let predecessor = takeover.predecessor_pid();
+    let result = async {
+        let nodes = takeover.ready().await?;
+        quic.set_accepting(true);
+        tracing::info!(predecessor, nodes = nodes.len(), "the predecessor moves its agents here");
+        let waiting = tokio::time::Instant::now();
+        let missing = loop {
+            let missing: Vec<String> = nodes
+                .iter()
+                .filter(|name| shared.registry.node(name).is_none_or(|node| node.tunnel_count() == 0))
+                .cloned()
+                .collect();
+            if missing.is_empty() || waiting.elapsed() >= TUNNEL_WAIT {
+                break missing;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let draining = takeover.take_clients(missing.clone()).await?;
+        tracing::info!(
+            predecessor,
+            missing = missing.len(),
+            predecessor_draining = draining,
+            ms = waiting.elapsed().as_millis() as u64,
+            "took over from the predecessor: accepting clients"
+        );
+        Ok::<_, crate::upgrade::UpgradeError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => Some(takeover),
+        Err(e) => {
+            tracing::warn!(predecessor, error = %e, "the handover did not complete; serving alone");
+            quic.set_peer(None);
+            quic.set_accepting(true);
+            None
         }
     }
 }

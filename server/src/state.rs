@@ -51,6 +51,13 @@ pub struct Shared {
     /// The settings a reload (SIGHUP) may change; `config` keeps the ones
     /// read at start.
     pub live: LiveSettings,
+    /// Set when this process handed over to a successor (an upgrade): it
+    /// drains without leaving the cluster or writing what the successor
+    /// now owns (the server's lease, node status, the decider lease).
+    pub retiring: std::sync::atomic::AtomicBool,
+    /// Moved on when agents are to connect to a successor: each tunnel's
+    /// control loop tells its agent.
+    pub agent_handover: tokio::sync::watch::Sender<u64>,
 }
 
 /// Settings that take effect on new work when the config is reloaded.

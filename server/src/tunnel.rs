@@ -212,6 +212,10 @@ async fn session(
     shared.cluster.note_tunnels_changed();
     tracing::info!(node = %node.name, %remote, agent_version, %replica, tunnel = tunnel_id, "agent connected");
 
+    let handover = capabilities
+        .iter()
+        .any(|c| c == edge_proto::tunnel::CAPABILITY_HANDOVER)
+        .then(|| shared.agent_handover.subscribe());
     let control = Control {
         shared: &shared,
         conn: &conn,
@@ -221,6 +225,7 @@ async fn session(
         draining: &draining,
         close_tunnels: &close_tunnels,
         servers,
+        handover,
     };
     let result = control_loop(control, &mut reader, &mut writer, shared.limits().drain_timeout_secs).await;
     let remaining = node.remove_tunnel(tunnel_id);
@@ -247,6 +252,9 @@ struct Control<'a> {
     close_tunnels: &'a CancellationToken,
     /// The cluster's server list, for agents that follow it.
     servers: Option<tokio::sync::watch::Receiver<Arc<crate::cluster::AgentList>>>,
+    /// Moves on when agents are to connect to a successor (for agents that
+    /// understand it).
+    handover: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 async fn control_loop(
@@ -255,7 +263,7 @@ async fn control_loop(
     writer: &mut Writer,
     drain_secs: u64,
 ) -> Result<(), SessionError> {
-    let Control { shared, conn, node, state, declared, draining, close_tunnels, mut servers } = control;
+    let Control { shared, conn, node, state, declared, draining, close_tunnels, mut servers, mut handover } = control;
     let mut told_draining: Option<std::time::Instant> = None;
     let mut remote = conn.remote_address();
     let mut address_check = tokio::time::interval(ADDRESS_CHECK);
@@ -268,8 +276,10 @@ async fn control_loop(
                 told_draining = Some(std::time::Instant::now());
                 // Best effort: the agent learns that this server is going and
                 // that open streams get `drain_secs` to finish.
-                let notice = writer.send(ServerMessage::Draining { drain_secs });
-                let _ = tokio::time::timeout(Duration::from_secs(1), notice).await;
+                if handover.is_none() || !shared.retiring.load(std::sync::atomic::Ordering::Relaxed) {
+                    let notice = writer.send(ServerMessage::Draining { drain_secs });
+                    let _ = tokio::time::timeout(Duration::from_secs(1), notice).await;
+                }
             }
             _ = close_tunnels.cancelled() => {
                 // Closing discards unsent stream data: give a notice sent a
@@ -278,6 +288,13 @@ async fn control_loop(
                 tokio::time::sleep(NOTICE_FLIGHT.saturating_sub(since)).await;
                 conn.close(VarInt::from_u32(codes::CLOSE_SHUTDOWN), b"server shutting down");
                 return Ok(());
+            }
+            changed = async { handover.as_mut()?.changed().await.ok() }, if handover.is_some() => {
+                if changed.is_none() {
+                    handover = None;
+                    continue;
+                }
+                step(writer.send(ServerMessage::Handover)).await?;
             }
             changed = async { servers.as_mut()?.changed().await.ok() }, if servers.is_some() => {
                 let Some(()) = changed else {

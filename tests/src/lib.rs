@@ -152,13 +152,19 @@ impl Server {
     /// Like [`Server::start_on`]; `rust_log` is the server's `RUST_LOG`,
     /// `Some("")` to leave it unset (the binary's default filter).
     pub fn start_with_log(dir: &Path, extra: &str, addrs: Option<ServerAddrs>, rust_log: Option<&str>) -> Result<Self> {
-        Self::launch(dir, extra, addrs, IpAddr::from([127, 0, 0, 1]), rust_log)
+        Self::launch(dir, extra, addrs, IpAddr::from([127, 0, 0, 1]), rust_log, &[])
+    }
+
+    /// Starts a server with extra environment variables (e.g.
+    /// `NOTIFY_SOCKET`), ports chosen by the kernel.
+    pub fn start_with_env(dir: &Path, extra: &str, env: &[(&str, &std::ffi::OsStr)]) -> Result<Self> {
+        Self::launch(dir, extra, None, IpAddr::from([127, 0, 0, 1]), None, env)
     }
 
     /// Starts a server whose listeners all bind `host` (e.g. `::1`), ports
     /// chosen by the kernel.
     pub fn start_at(dir: &Path, extra: &str, host: IpAddr) -> Result<Self> {
-        Self::launch(dir, extra, None, host, None)
+        Self::launch(dir, extra, None, host, None, &[])
     }
 
     fn launch(
@@ -167,6 +173,7 @@ impl Server {
         addrs: Option<ServerAddrs>,
         host: IpAddr,
         rust_log: Option<&str>,
+        env: &[(&str, &std::ffi::OsStr)],
     ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let any = SocketAddr::new(host, 0).to_string();
@@ -209,6 +216,7 @@ impl Server {
         let _ = std::fs::remove_file(&listening);
         let mut cmd = Command::new(bin("edge-server"));
         cmd.arg("--config").arg(&config).arg("run");
+        cmd.envs(env.iter().copied());
         match rust_log {
             Some("") => {
                 cmd.env_remove("RUST_LOG");

@@ -444,6 +444,9 @@ fn systemd_units_verify() {
     assert_eq!(setting(&server, "ExecStart"), "/usr/bin/edge-server --config /etc/edge/server.toml run");
     assert_eq!(setting(&server, "User"), "edge");
     assert_eq!(setting(&server, "Group"), "edge");
+    // READY=1 at start; MAINPID= from the successor of `edge-server upgrade`.
+    assert_eq!(setting(&server, "Type"), "notify");
+    assert_eq!(setting(&server, "NotifyAccess"), "all");
     assert_eq!(setting(&server, "StateDirectory"), "edge-server");
     assert_eq!(setting(&server, "AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
     assert_eq!(setting(&server, "CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE");

@@ -65,7 +65,10 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
     if shared.cluster.is_decider() {
         shared.cluster.set_decider(None);
-        let _ = tokio::time::timeout(Duration::from_secs(1), shared.store.release_lease(MODE_DECIDER, &id)).await;
+        // A retiring process's successor holds the lease under the same id.
+        if !shared.retiring.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), shared.store.release_lease(MODE_DECIDER, &id)).await;
+        }
     }
 }
 

@@ -54,6 +54,10 @@ pub async fn run(shared: Arc<Shared>, record: ServerRecord, shutdown: Cancellati
             }
         }
     }
+    if shared.retiring.load(std::sync::atomic::Ordering::Acquire) {
+        // The successor renews this server's row from now on.
+        return;
+    }
     match tokio::time::timeout(LEAVE_DEADLINE, shared.store.leave_server(&record.id)).await {
         Ok(Ok(())) => tracing::info!(server = %record.name, "left the cluster"),
         Ok(Err(e)) => {

@@ -342,6 +342,20 @@ impl DnsSockets {
         }
     }
 
+    /// Sockets a predecessor handed over (an upgrade).
+    pub fn from_std(udp: std::net::UdpSocket, tcp: std::net::TcpListener) -> std::io::Result<Self> {
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok(Self { udp: UdpSocket::from_std(udp)?, tcp: TcpListener::from_std(tcp)? })
+    }
+
+    /// Keeps duplicates of both sockets to hand over to a successor.
+    pub fn keep(&self, keep: &mut crate::upgrade::HandoverSockets) {
+        use edge_proto::handover::SocketRole;
+        keep.keep(SocketRole::DnsUdp, self.udp.local_addr().ok(), &self.udp);
+        keep.keep(SocketRole::DnsTcp, self.tcp.local_addr().ok(), &self.tcp);
+    }
+
     /// The bound address (same port for UDP and TCP).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.udp.local_addr()

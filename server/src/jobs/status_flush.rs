@@ -31,6 +31,10 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 false
             }
         };
+        // A retiring process's status is its successor's to write.
+        if last && shared.retiring.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let nodes = shared.registry.nodes();
         let members = shared.cluster.members();
         let changed: Vec<(String, NodeStatus)> = nodes
