@@ -24,6 +24,9 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// After the server acknowledged `leaving`, streams it opened just before
 /// may still arrive for this long.
 const LEAVE_LINGER: Duration = Duration::from_millis(500);
+/// How long after the server's drain could have ended a handed-over
+/// connection the server did not close is left by the agent.
+const HANDOVER_SLACK: Duration = Duration::from_secs(30);
 /// A server that does not acknowledge `leaving` this long after it was sent
 /// is gone (killed, partitioned): with no stream open, nothing is waited for.
 const LEAVE_ACK_WAIT: Duration = Duration::from_secs(2);
@@ -307,8 +310,22 @@ async fn tunnel(
     let mut leaving: Option<Instant> = None;
     let mut leave_acked: Option<Instant> = None;
     let mut drain_check = tokio::time::interval(Duration::from_millis(50));
+    // After `handover`, the server closes this connection once its streams
+    // finished; if it never does (the upgrade was given up), this session
+    // leaves by itself a while after the server's drain could have ended.
+    let mut handed_over: Option<tokio::time::Instant> = None;
     let end = loop {
+        let leave_by = handed_over.map(|at| at + drain + HANDOVER_SLACK);
         tokio::select! {
+            _ = async { tokio::time::sleep_until(leave_by.unwrap_or_else(tokio::time::Instant::now)).await },
+                if leave_by.is_some() && leaving.is_none() => {
+                leaving = Some(Instant::now());
+                tracing::info!(server = %target.name, "the server kept the handed-over connection open; leaving it");
+                let said = tokio::time::timeout(Duration::from_secs(1), writer.send(AgentMessage::Leaving)).await;
+                if !matches!(said, Ok(Ok(()))) {
+                    tracing::warn!("could not tell the server we are leaving; draining until the timeout");
+                }
+            }
             _ = shutdown.cancelled(), if leaving.is_none() => {
                 leaving = Some(Instant::now());
                 tracing::info!(open_streams = streams.len(), drain_secs = drain.as_secs(),
@@ -334,7 +351,8 @@ async fn tunnel(
                 }
                 Err(e) => break classify_close(&e),
             },
-            _ = path_stats.tick() => {
+            // One connection's figures: the successor's once handed over.
+            _ = path_stats.tick(), if handed_over.is_none() => {
                 let stats = conn.stats();
                 let m = &shared.metrics;
                 m.path_mtu.store(u64::from(stats.path.current_mtu), Ordering::Relaxed);
@@ -363,6 +381,7 @@ async fn tunnel(
                 Some(Ok(ServerMessage::Handover)) => {
                     if let Some(moved) = moved.take() {
                         let _ = moved.send(());
+                        handed_over = Some(tokio::time::Instant::now());
                     }
                 }
                 Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),

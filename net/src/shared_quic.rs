@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 
 use edge_proto::handover::{self, Destination, Forwarded, FORWARD_HEADER_LEN, SERVER_CID_LEN};
 use quinn::udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState};
@@ -58,6 +58,9 @@ pub struct SharedQuicSocket {
     inbox: Mutex<Vec<u8>>,
     /// Send scratch for forwarding.
     outbox: Mutex<Vec<u8>>,
+    /// The endpoint driver's waker, woken when a setter changes what it
+    /// must poll (it may be waiting on neither socket).
+    driver: Mutex<Option<Waker>>,
     stats: ForwardStats,
 }
 
@@ -87,6 +90,7 @@ impl SharedQuicSocket {
             peer: RwLock::new(None),
             inbox: Mutex::new(vec![0; FORWARD_MAX]),
             outbox: Mutex::new(Vec::with_capacity(FORWARD_MAX)),
+            driver: Mutex::new(None),
             stats: ForwardStats::default(),
         }))
     }
@@ -99,6 +103,13 @@ impl SharedQuicSocket {
     /// Sets (or clears) the peer process's forwarding socket.
     pub fn set_peer(&self, peer: Option<UnixDatagram>) {
         *self.peer.write().unwrap_or_else(|p| p.into_inner()) = peer.map(Arc::new);
+        self.wake_driver();
+    }
+
+    fn wake_driver(&self) {
+        if let Some(waker) = self.driver.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            waker.wake();
+        }
     }
 
     /// Whether a peer is set.
@@ -115,6 +126,7 @@ impl SharedQuicSocket {
     /// Whether this process reads the UDP socket itself.
     pub fn set_reading(&self, reads: bool) {
         self.reads_udp.store(reads, Ordering::Relaxed);
+        self.wake_driver();
     }
 
     /// What crossed between the processes so far.
@@ -214,16 +226,25 @@ impl AsyncUdpSocket for SharedQuicSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let peer = self.peer.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if let (Some(peer), Some(buf), Some(m)) = (&peer, bufs.first_mut(), meta.first_mut()) {
-            if let Poll::Ready(got) = self.poll_peer(peer, cx, buf, m) {
+        {
+            let mut driver = self.driver.lock().unwrap_or_else(|p| p.into_inner());
+            if !driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *driver = Some(cx.waker().clone());
+            }
+        }
+        let mut peer = self.peer.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let (Some(link), Some(buf), Some(m)) = (&peer, bufs.first_mut(), meta.first_mut()) {
+            if let Poll::Ready(got) = self.poll_peer(link, cx, buf, m) {
                 if got {
                     return Poll::Ready(Ok(1));
                 }
-                self.set_peer(None);
+                // The peer is gone.
+                *self.peer.write().unwrap_or_else(|p| p.into_inner()) = None;
+                peer = None;
             }
         }
         if !self.reads_udp.load(Ordering::Relaxed) {
+            // Woken by the peer's socket, or by a setter.
             return Poll::Pending;
         }
         loop {
@@ -231,14 +252,13 @@ impl AsyncUdpSocket for SharedQuicSocket {
             let Ok(n) = self.io.try_io(Interest::READABLE, || self.state.recv((&self.io).into(), bufs, meta)) else {
                 continue;
             };
-            match &peer {
-                None => return Poll::Ready(Ok(n)),
-                Some(peer) => {
-                    if self.sort(peer, bufs, meta, n) > 0 {
-                        return Poll::Ready(Ok(n));
-                    }
-                }
+            if let Some(peer) = &peer {
+                // Buffers passed on whole are left empty (quinn skips them);
+                // returning after each batch keeps quinn's receive budget
+                // in charge even when every datagram goes to the peer.
+                self.sort(peer, bufs, meta, n);
             }
+            return Poll::Ready(Ok(n));
         }
     }
 

@@ -257,7 +257,8 @@ pub fn classify(datagram: &[u8]) -> Destination {
     let kind = (first >> 4) & 0x3;
     // Packet types that may carry a client-chosen destination ID.
     let opens = match version {
-        QUIC_V1 => kind == 0 || kind == 1,
+        // v1, and the drafts 29 to 34 quinn still speaks (same layout).
+        QUIC_V1 | 0xff00_001d..=0xff00_0022 => kind == 0 || kind == 1,
         QUIC_V2 => kind == 1 || kind == 2,
         // Version negotiation (0) answers a connection this server opened;
         // other versions get a version negotiation from the acceptor.
@@ -418,6 +419,9 @@ mod tests {
         assert_eq!(classify(&long(0xe0, QUIC_V1, &[mark_cid(3, 1); 8])), Destination::Epoch(1));
         // An Initial answering a connection we opened carries our ID.
         assert_eq!(classify(&long(0xc0, QUIC_V1, &[mark_cid(3, 0); 8])), Destination::Epoch(0));
+        // Draft 29's Handshake to one of our IDs, and its Initial.
+        assert_eq!(classify(&long(0xe0, 0xff00_001d, &[mark_cid(3, 1); 8])), Destination::Epoch(1));
+        assert_eq!(classify(&long(0xc0, 0xff00_001d, &[3; 20])), Destination::Acceptor);
         // An unknown version goes to the acceptor (version negotiation).
         assert_eq!(classify(&long(0xc0, 0x0a0a_0a0a, &[0; 20])), Destination::Acceptor);
         // Version negotiation to one of our IDs, and one that is not.

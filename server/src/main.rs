@@ -454,11 +454,13 @@ fn run(config: ServerConfig, config_path: PathBuf) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
     let pid_path = pid_file(&config);
     // Resolved now: after a package upgrade replaced the file, the running
-    // executable's own path names the deleted one.
-    let successor = edge_server::upgrade::Successor {
-        program: std::env::current_exe().context("locating this executable")?,
-        args: std::env::args_os().skip(1).collect(),
-    };
+    // executable's own path names the deleted one. An absolute argv[0] (as
+    // systemd gives) is kept as is, so that a symlink to a versioned binary
+    // leads to the binary it points to then.
+    let argv0 = std::env::args_os().next().map(PathBuf::from).filter(|p| p.is_absolute());
+    let successor = argv0
+        .or_else(|| std::env::current_exe().ok())
+        .map(|program| edge_server::upgrade::Successor { program, args: std::env::args_os().skip(1).collect() });
     runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         // First: SIGHUP's default action ends the process, and a reload
@@ -472,7 +474,11 @@ fn run(config: ServerConfig, config_path: PathBuf) -> Result<()> {
         if let Some(t) = &takeover {
             tracing::info!(predecessor = t.predecessor_pid(), epoch = t.epoch(), "taking over from the running server");
         }
-        let server = Server::bind_with(config, takeover).await?.with_successor(successor);
+        let mut server = Server::bind_with(config, takeover).await?;
+        match successor {
+            Some(successor) => server = server.with_successor(successor),
+            None => tracing::warn!("cannot locate this executable; `edge-server upgrade` is unavailable"),
+        }
         let reloader = std::sync::Arc::new(server.reloader());
         let pid = std::process::id().to_string();
         std::fs::write(&pid_path, format!("{pid}\n")).with_context(|| format!("writing {}", pid_path.display()))?;

@@ -145,8 +145,17 @@ impl Server {
         let tls = listen_tcp("tls", SocketRole::Tls, config.listen.tls, &mut takeover, &mut keep).await?;
         let api = listen_tcp("api", SocketRole::Api, config.listen.api, &mut takeover, &mut keep).await?;
         let quic_err = |source| ServerError::Bind { what: "quic", addr: config.listen.quic, source };
-        let udp = match takeover.as_mut().and_then(|t| t.take_udp(SocketRole::Quic, config.listen.quic)) {
-            Some(udp) => udp,
+        let udp = match takeover.as_mut().map(|t| t.take_udp(SocketRole::Quic, config.listen.quic)) {
+            Some(Some(udp)) => udp,
+            // The old process's QUIC connections cannot follow a new socket.
+            Some(None) => {
+                let error = "listen.quic differs from the running server's: its agents' connections cannot move \
+                    to another socket; restart instead of upgrading";
+                if let Some(t) = &takeover {
+                    t.fail(error).await;
+                }
+                return Err(quic_err(std::io::Error::other(error)));
+            }
             None => edge_net::quic::udp_socket(config.listen.quic, config.tunnel.udp_buffer_bytes).map_err(quic_err)?,
         };
         keep.keep(SocketRole::Quic, udp.local_addr().ok(), &udp);
@@ -282,6 +291,7 @@ impl Server {
                 .collect(),
             retiring: std::sync::atomic::AtomicBool::new(false),
             agent_handover: tokio::sync::watch::Sender::new(0),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
         });
         let sync = Arc::new(RoutingSync::new(shared.clone(), zone.clone()));
         let started = std::time::Instant::now();
@@ -518,13 +528,25 @@ impl BoundServer {
             tasks.spawn("dns listener", dns::serve(sockets, zone, shared.clone(), shutdown.clone()));
         }
 
+        let taking_over = takeover.is_some();
         let took_over = match takeover {
             None => None,
             Some(takeover) => tokio::select! {
-                _ = shutdown.cancelled() => None,
+                _ = shutdown.cancelled() => {
+                    // Stopped before it took over: what this server owns
+                    // stays the predecessor's.
+                    shared.retiring.store(true, std::sync::atomic::Ordering::Release);
+                    None
+                }
                 taken = take_over(&shared, &quic_socket, takeover) => taken,
             },
         };
+        if taking_over && !shutdown.is_cancelled() {
+            // The row now names this binary's version and addresses.
+            if let Err(e) = shared.store.register_server(&record, shared.config.cluster.lease_ms as i64).await {
+                tracing::warn!(error = %e, "could not update this server's row; the lease renewal retries");
+            }
+        }
 
         // Clients, and the jobs that write what one process of this server
         // owns: a successor starts them once its predecessor retired.
@@ -532,11 +554,22 @@ impl BoundServer {
         if let Some(listener) = http {
             tasks.spawn("http listener", http::serve(listener, shared.clone(), shutdown.clone(), clients.clone()));
         }
-        tasks.spawn("status flush", jobs::status_flush::run(shared.clone(), shutdown.clone()));
-        tasks.spawn("challenge expiry", jobs::challenge_expiry::run(shared.clone(), shutdown.clone()));
-        tasks.spawn("mode detector", detector::run(shared.clone(), shutdown.clone()));
-        tasks.spawn("cluster membership", crate::cluster::membership::run(shared.clone(), record, shutdown.clone()));
-        tasks.spawn("mode decider lease", crate::cluster::decider::run(shared.clone(), shutdown.clone()));
+        let owner_jobs = TaskTracker::new();
+        let owned = &owner_jobs;
+        tasks.spawn("status flush", owned.track_future(jobs::status_flush::run(shared.clone(), shutdown.clone())));
+        tasks.spawn(
+            "challenge expiry",
+            owned.track_future(jobs::challenge_expiry::run(shared.clone(), shutdown.clone())),
+        );
+        tasks.spawn("mode detector", owned.track_future(detector::run(shared.clone(), shutdown.clone())));
+        tasks.spawn(
+            "cluster membership",
+            owned.track_future(crate::cluster::membership::run(shared.clone(), record, shutdown.clone())),
+        );
+        tasks.spawn(
+            "mode decider lease",
+            owned.track_future(crate::cluster::decider::run(shared.clone(), shutdown.clone())),
+        );
         let upgrader = Arc::new(Upgrader {
             shared: shared.clone(),
             sockets: handover_sockets,
@@ -546,6 +579,7 @@ impl BoundServer {
             successor,
             shutdown: shutdown.clone(),
             clients: clients.clone(),
+            owner_jobs: owner_jobs.clone(),
             busy: std::sync::atomic::AtomicBool::new(false),
             successor_link: std::sync::Mutex::new(None),
         });
@@ -560,7 +594,6 @@ impl BoundServer {
         }
         match took_over {
             Some(takeover) => {
-                crate::upgrade::systemd::main_pid_is_me();
                 let (quic, stop) = (quic_socket.clone(), shutdown.clone());
                 tasks.spawn("predecessor watch", async move {
                     takeover.predecessor_gone().await;
@@ -652,8 +685,10 @@ const TUNNEL_WAIT: Duration = Duration::from_secs(10);
 async fn take_over(shared: &Shared, quic: &SharedQuicSocket, mut takeover: Takeover) -> Option<Takeover> {
     let predecessor = takeover.predecessor_pid();
     let result = async {
-        let nodes = takeover.ready().await?;
+        // From now on both processes accept agents, until the predecessor
+        // stops on `ready`: no Initial lands where nobody takes it.
         quic.set_accepting(true);
+        let nodes = takeover.ready().await?;
         tracing::info!(predecessor, nodes = nodes.len(), "the predecessor moves its agents here");
         let waiting = tokio::time::Instant::now();
         let missing = loop {
@@ -667,6 +702,8 @@ async fn take_over(shared: &Shared, quic: &SharedQuicSocket, mut takeover: Takeo
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        // Committed: systemd follows this process from now on.
+        crate::upgrade::systemd::main_pid_is_me();
         let draining = takeover.take_clients(missing.clone()).await?;
         tracing::info!(
             predecessor,

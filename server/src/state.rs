@@ -58,6 +58,9 @@ pub struct Shared {
     /// Moved on when agents are to connect to a successor: each tunnel's
     /// control loop tells its agent.
     pub agent_handover: tokio::sync::watch::Sender<u64>,
+    /// Set while agents are being moved to a successor: an agent that
+    /// connects meanwhile is told to move at once.
+    pub handing_over: std::sync::atomic::AtomicBool,
 }
 
 /// Settings that take effect on new work when the config is reloaded.

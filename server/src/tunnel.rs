@@ -212,10 +212,14 @@ async fn session(
     shared.cluster.note_tunnels_changed();
     tracing::info!(node = %node.name, %remote, agent_version, %replica, tunnel = tunnel_id, "agent connected");
 
-    let handover = capabilities
-        .iter()
-        .any(|c| c == edge_proto::tunnel::CAPABILITY_HANDOVER)
-        .then(|| shared.agent_handover.subscribe());
+    let handover = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_HANDOVER).then(|| {
+        let mut moves = shared.agent_handover.subscribe();
+        // Welcomed after the others were told: told now.
+        if shared.handing_over.load(std::sync::atomic::Ordering::Acquire) {
+            moves.mark_changed();
+        }
+        moves
+    });
     let control = Control {
         shared: &shared,
         conn: &conn,

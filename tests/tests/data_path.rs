@@ -63,7 +63,8 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         let path = entry.path();
         if path.is_dir() {
             out.extend(walk(&path));
-        } else {
+        } else if path.is_file() {
+            // Regular files only: the control socket cannot be read.
             out.push(path);
         }
     }

@@ -173,6 +173,11 @@ async fn upgrade_under_load_refuses_nothing_and_moves_the_agent_to_each_new_proc
     let second_pid = upgrade(&server).await;
     let _second = KillOnDrop(second_pid);
     assert_ne!(second_pid, first_pid);
+    // The old process still drains the slow transfers: another upgrade now
+    // is refused (the new process keeps passing the old one its datagrams).
+    let refused = server.cli_output(&["upgrade"]).unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("still draining"), "{refused:?}");
     let told = notifications(&notify, 1);
     assert!(told[0].starts_with(&format!("MAINPID={second_pid}\nREADY=1")), "systemd follows the successor: {told:?}");
     let status = server.proc.wait_exit(Duration::from_secs(45)).expect("the old process exits after its drain");

@@ -36,9 +36,16 @@ pub fn bind(path: &Path) -> std::io::Result<Option<std::os::unix::net::UnixListe
 
 /// Serves control requests until `shutdown`.
 pub async fn serve(listener: UnixListener, upgrader: Arc<Upgrader>, shutdown: CancellationToken) {
+    // An upgrade's last lines are written after this process began to
+    // drain: handlers get a moment to finish before the process may exit.
+    let handlers = tokio_util::task::TaskTracker::new();
     loop {
         let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                handlers.close();
+                let _ = tokio::time::timeout(Duration::from_secs(2), handlers.wait()).await;
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -48,9 +55,7 @@ pub async fn serve(listener: UnixListener, upgrader: Arc<Upgrader>, shutdown: Ca
                 }
             },
         };
-        // Not tracked with the server's tasks: an upgrade's last lines are
-        // written after this process began to drain.
-        tokio::spawn(handle(stream, upgrader.clone()));
+        handlers.spawn(handle(stream, upgrader.clone()));
     }
 }
 

@@ -64,10 +64,22 @@ pub struct Upgrader {
     pub shutdown: CancellationToken,
     /// Open client connections.
     pub clients: TaskTracker,
+    /// The jobs that write what one process of this server owns (status,
+    /// the server's row, leases); waited for when retiring.
+    pub owner_jobs: TaskTracker,
     /// Whether an upgrade is running.
     pub busy: AtomicBool,
     /// The handover stream to the successor that took over.
     pub successor_link: std::sync::Mutex<Option<UnixStream>>,
+}
+
+/// Clears the busy flag however an upgrade ends.
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Sends a progress line (and logs it).
@@ -107,14 +119,21 @@ impl Upgrader {
         if self.shared.retiring.load(Ordering::Relaxed) {
             return Err(UpgradeError::Busy("this process already handed over to a successor"));
         }
+        if self.quic.has_peer() {
+            return Err(UpgradeError::Busy(
+                "the previous upgrade's old process is still draining; upgrade again once it exited",
+            ));
+        }
         if self.busy.swap(true, Ordering::AcqRel) {
             return Err(UpgradeError::Busy("an upgrade is already running"));
         }
+        let _running = Running(&self.busy);
         let program = binary.unwrap_or_else(|| successor.program.clone());
         let data_dir = &self.shared.config.data_dir;
         let path = data_dir.join(format!("handover-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)?;
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
         progress(events, format!("starting {}", program.display())).await;
         let spawned = tokio::process::Command::new(&program)
             .args(&successor.args)
@@ -125,7 +144,6 @@ impl Upgrader {
             Ok(child) => child,
             Err(source) => {
                 let _ = std::fs::remove_file(&path);
-                self.busy.store(false, Ordering::Release);
                 return Err(UpgradeError::Spawn { program, source });
             }
         };
@@ -134,24 +152,31 @@ impl Upgrader {
         match result {
             Ok(pid) => Ok(pid),
             Err(e) => {
-                self.undo();
+                // First stop the successor (it reads the QUIC socket too),
+                // then take everything back.
                 if matches!(child.try_wait(), Ok(None)) {
                     tracing::warn!(pid = child.id(), "stopping the successor that could not take over");
                     let _ = child.start_kill();
                     let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
                 }
-                self.busy.store(false, Ordering::Release);
+                self.undo();
                 Err(e)
             }
         }
     }
 
-    /// Accepts agents again and stops sharing the QUIC socket.
+    /// Accepts agents again, stops sharing the QUIC socket, and names this
+    /// process in the pid file again (the successor wrote its own).
     fn undo(&self) {
         self.quic.set_peer(None);
         self.quic.set_reading(true);
         self.quic.set_accepting(true);
         self.endpoint.set_server_config(Some(self.server_config.clone()));
+        self.shared.handing_over.store(false, Ordering::Release);
+        let pid_file = self.shared.config.data_dir.join("edge-server.pid");
+        if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
+            tracing::warn!(path = %pid_file.display(), error = %e, "cannot restore the pid file");
+        }
     }
 
     async fn hand_over(
@@ -206,11 +231,13 @@ impl Upgrader {
             HandoverMessage::Ready { .. } => {}
             other => return Err(UpgradeError::Protocol(format!("expected ready, got {other:?}"))),
         }
-        // New agent connections go to the successor from now on.
+        // New agent connections go to the successor from now on (it
+        // accepts them already: for a moment both do, which is harmless).
         self.quic.set_accepting(false);
         self.endpoint.set_server_config(None);
         let nodes: Vec<String> =
             self.shared.registry.nodes().iter().filter(|n| n.tunnel_count() > 0).map(|n| n.name.clone()).collect();
+        self.shared.handing_over.store(true, Ordering::Release);
         self.shared.agent_handover.send_modify(|generation| *generation += 1);
         fds::send(&stream, &HandoverMessage::AgentsMoving { nodes: nodes.clone() }, &[]).await?;
         progress(events, format!("successor serves; {} connected nodes asked to connect to it", nodes.len())).await;
@@ -232,13 +259,21 @@ impl Upgrader {
             )
             .await;
         }
-        // Retire: the successor reads the QUIC socket and passes this
-        // process its connections' datagrams.
+        // The successor accepts clients: no way back from here. Retire: the
+        // successor reads the QUIC socket and passes this process its
+        // connections' datagrams; the jobs that write what the successor
+        // now owns stop before it starts its own.
         self.shared.retiring.store(true, Ordering::Release);
         self.quic.set_reading(false);
         self.shutdown.cancel();
+        self.owner_jobs.close();
+        if tokio::time::timeout(Duration::from_secs(3), self.owner_jobs.wait()).await.is_err() {
+            tracing::warn!("background jobs did not stop within 3 s; the successor starts its own anyway");
+        }
         let open_connections = self.clients.len() as u64;
-        fds::send(&stream, &HandoverMessage::Retired { open_connections }, &[]).await?;
+        if let Err(e) = fds::send(&stream, &HandoverMessage::Retired { open_connections }, &[]).await {
+            tracing::warn!(error = %e, "could not tell the successor this process retired");
+        }
         progress(
             events,
             format!(

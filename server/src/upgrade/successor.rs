@@ -105,8 +105,8 @@ impl Takeover {
         self.take(SocketRole::QuicForward, None).map(std::os::unix::net::UnixDatagram::from)
     }
 
-    /// Sockets offered but not used (the config changed); they close here
-    /// and stay open in the predecessor until it exits.
+    /// Sockets offered but not used (the config changed); `ready` closes
+    /// them here (they stay open in the predecessor until it exits).
     pub fn unused(&self) -> Vec<OfferedSocket> {
         self.sockets.iter().filter(|(_, fd)| fd.is_some()).map(|(offered, _)| offered.clone()).collect()
     }
@@ -129,7 +129,7 @@ impl Takeover {
     /// Says this process serves (no clients yet); returns the nodes whose
     /// agents the predecessor asked to connect here.
     pub async fn ready(&mut self) -> Result<Vec<String>, UpgradeError> {
-        self.sockets.retain(|(_, fd)| fd.is_some());
+        self.sockets.clear();
         fds::send(&self.stream, &HandoverMessage::Ready { pid: std::process::id() }, &[]).await?;
         match self.next(MOVE_DEADLINE, "move its agents").await? {
             HandoverMessage::AgentsMoving { nodes } => Ok(nodes),
