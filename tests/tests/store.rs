@@ -527,6 +527,69 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
+/// An operator's change and its audit row commit together: one row for a
+/// change, none for a refused change, a change of nothing, or a read.
+async fn audited_changes(b: &Backend<'_>) {
+    use edge_server::store::accounts::audited;
+    use edge_server::store::{ApiTokenRecord, AuditEntry, AuditQuery, TokenScope, UserRecord};
+    let (cfg, dir) = b.fresh("audited");
+    let s = open(&cfg, &dir).await;
+    let entry = |action: &str, target: &str| AuditEntry {
+        id: 0,
+        at: 1000,
+        actor: "cli:test".into(),
+        source: "test".into(),
+        action: action.into(),
+        target: target.into(),
+        summary: "s".into(),
+    };
+    let rows = |action: &'static str| {
+        let s = s.clone();
+        async move {
+            let q = AuditQuery { action: Some(action.into()), limit: 100, ..Default::default() };
+            s.query_audit(&q).await.unwrap().len()
+        }
+    };
+    let (r, written) = audited(entry("node.create", "a1"), s.add_node("a1", &hosts("a1"), &[1; 32])).await;
+    assert!(r.is_ok() && written, "{}", b.name());
+    let (r, written) = audited(entry("node.create", "a1"), s.add_node("a1", &hosts("a1"), &[2; 32])).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))) && !written, "{}: a refused change writes no row", b.name());
+    assert_eq!(rows("node.create").await, 1, "{}", b.name());
+    let (r, written) = audited(entry("node.remove", "nope"), s.remove_node("nope")).await;
+    assert!(!r.unwrap() && !written, "{}: a change of nothing writes no row", b.name());
+    let (r, written) = audited(entry("node.remove", "a1"), s.list_nodes()).await;
+    assert!(r.is_ok() && !written, "{}: a read writes no row", b.name());
+    assert_eq!(rows("node.remove").await, 0, "{}", b.name());
+    // A read before the change in one scope leaves the entry for the change.
+    let (r, written) = audited(entry("node.remove", "a1"), async {
+        s.list_nodes().await?;
+        s.remove_node("a1").await
+    })
+    .await;
+    assert!(r.unwrap() && written, "{}", b.name());
+    assert_eq!(rows("node.remove").await, 1, "{}", b.name());
+
+    let user = UserRecord { name: "carol".into(), password_hash: "$argon2id$x".into(), created_at: 1 };
+    assert!(audited(entry("user.add", "carol"), s.add_user(&user)).await.1);
+    assert!(!audited(entry("user.add", "carol"), s.add_user(&user)).await.1);
+    assert!(audited(entry("user.remove", "carol"), s.remove_user("carol")).await.1);
+    assert!(!audited(entry("user.remove", "carol"), s.remove_user("carol")).await.1);
+    let token = ApiTokenRecord {
+        name: "ci".into(),
+        scope: TokenScope::Read,
+        hash: [7; 32],
+        created_at: 1,
+        last_used: None,
+        created_by: "cli:test".into(),
+    };
+    assert!(audited(entry("token.add", "ci"), s.add_api_token(&token)).await.1);
+    assert!(audited(entry("token.remove", "ci"), s.remove_api_token("ci")).await.1);
+    assert!(!audited(entry("token.remove", "ci"), s.remove_api_token("ci")).await.1);
+    for (action, n) in [("user.add", 1), ("user.remove", 1), ("token.add", 1), ("token.remove", 1)] {
+        assert_eq!(rows(action).await, n, "{}: {action}", b.name());
+    }
+}
+
 /// Every case, in order, on one backend.
 async fn conformance(b: &Backend<'_>) {
     nodes_and_conflicts(b).await;
@@ -538,6 +601,7 @@ async fn conformance(b: &Backend<'_>) {
     concurrent_writers(b).await;
     migrations(b).await;
     accounts(b).await;
+    audited_changes(b).await;
 }
 
 #[test]

@@ -147,8 +147,8 @@ impl Ops {
         self.join.as_ref().map_err(|e| OpError::NoAddress(e.clone()))
     }
 
-    async fn audit(&self, actor: &Actor, action: AuditAction, target: &str, summary: String) {
-        let entry = AuditEntry {
+    fn entry(actor: &Actor, action: AuditAction, target: &str, summary: String) -> AuditEntry {
+        AuditEntry {
             id: 0,
             at: crate::unix_now(),
             actor: actor.who.clone(),
@@ -156,9 +156,23 @@ impl Ops {
             action: action.as_str().to_string(),
             target: target.to_string(),
             summary,
-        };
-        // The change is made; a failed audit write is loud but does not
-        // undo it.
+        }
+    }
+
+    /// Makes one store call whose change and audit row commit in one
+    /// transaction (a call that changes nothing writes no row).
+    async fn audited<T>(
+        &self,
+        entry: AuditEntry,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        crate::store::accounts::audited(entry, call).await.0
+    }
+
+    /// An audit row of its own, for events that change no stored state
+    /// beyond themselves (logins, logouts).
+    async fn audit(&self, actor: &Actor, action: AuditAction, target: &str, summary: String) {
+        let entry = Self::entry(actor, action, target, summary);
         if let Err(e) = self.store.append_audit(&entry).await {
             tracing::error!(error = %e, action = action.as_str(), target, "audit log write failed");
         }
@@ -189,17 +203,17 @@ impl Ops {
         let hostnames = edge_proto::names::node_hostnames(name, zone);
         let token = edge_proto::join::make_token(name, &rand::random());
         let credentials = self.join()?.credentials(name, hostnames.clone(), token.clone());
-        self.store.add_node(name, &hostnames, &crate::token_hash(&token)).await?;
-        self.audit(actor, AuditAction::NodeCreate, name, format!("owns {}", hostnames.join(", "))).await;
+        let entry = Self::entry(actor, AuditAction::NodeCreate, name, format!("owns {}", hostnames.join(", ")));
+        self.audited(entry, self.store.add_node(name, &hostnames, &crate::token_hash(&token))).await?;
         Ok(credentials)
     }
 
     /// Removes a node (its tunnels are cut, its token stops working).
     pub async fn remove_node(&self, actor: &Actor, name: &str) -> Result<(), OpError> {
-        if !self.store.remove_node(name).await? {
+        let entry = Self::entry(actor, AuditAction::NodeRemove, name, "removed; tunnels cut".into());
+        if !self.audited(entry, self.store.remove_node(name)).await? {
             return Err(OpError::NotFound(format!("no node named {name:?}")));
         }
-        self.audit(actor, AuditAction::NodeRemove, name, "removed; tunnels cut".into()).await;
         Ok(())
     }
 
@@ -210,19 +224,20 @@ impl Ops {
         };
         let token = edge_proto::join::make_token(name, &rand::random());
         let credentials = self.join()?.credentials(name, node.hostnames, token.clone());
-        if !self.store.set_token_hash(name, &crate::token_hash(&token)).await? {
+        let entry =
+            Self::entry(actor, AuditAction::NodeRotateToken, name, "new token; the old one no longer works".into());
+        if !self.audited(entry, self.store.set_token_hash(name, &crate::token_hash(&token))).await? {
             return Err(OpError::NotFound(format!("no node named {name:?}")));
         }
-        self.audit(actor, AuditAction::NodeRotateToken, name, "new token; the old one no longer works".into()).await;
         Ok(credentials)
     }
 
     /// Sets what plain HTTP does for a node.
     pub async fn set_http_mode(&self, actor: &Actor, name: &str, mode: HttpMode) -> Result<(), OpError> {
-        if !self.store.set_http_mode(name, mode).await? {
+        let entry = Self::entry(actor, AuditAction::NodeHttpMode, name, format!("plain HTTP: {mode}"));
+        if !self.audited(entry, self.store.set_http_mode(name, mode)).await? {
             return Err(OpError::NotFound(format!("no node named {name:?}")));
         }
-        self.audit(actor, AuditAction::NodeHttpMode, name, format!("plain HTTP: {mode}")).await;
         Ok(())
     }
 
@@ -259,11 +274,11 @@ impl Ops {
             }
         }
         let record = StaticRecord { name: absolute.clone(), kind, value: value.to_string(), ttl_secs: ttl };
-        self.store.add_dns_record(&record).await.map_err(|e| match e {
+        let entry = Self::entry(actor, AuditAction::DnsCreate, &absolute, format!("{ttl} {kind} {value}"));
+        self.audited(entry, self.store.add_dns_record(&record)).await.map_err(|e| match e {
             StoreError::Conflict(message) => OpError::Conflict { field: "value", message },
             other => OpError::Store(other),
         })?;
-        self.audit(actor, AuditAction::DnsCreate, &absolute, format!("{ttl} {kind} {value}")).await;
         Ok(record)
     }
 
@@ -276,25 +291,25 @@ impl Ops {
         value: Option<&str>,
     ) -> Result<usize, OpError> {
         let absolute = DnsConfig::absolute(name, self.config.zone());
-        let n = self.store.remove_dns_records(&absolute, kind, value).await?;
-        if n == 0 {
-            return Err(OpError::NotFound(format!("no such record at {absolute}")));
-        }
         let what = match (kind, value) {
             (Some(k), Some(v)) => format!("{k} {v}"),
             (Some(k), None) => format!("every {k} record"),
             _ => "every record".to_string(),
         };
-        self.audit(actor, AuditAction::DnsDelete, &absolute, format!("{what} ({n} removed)")).await;
+        let entry = Self::entry(actor, AuditAction::DnsDelete, &absolute, what);
+        let n = self.audited(entry, self.store.remove_dns_records(&absolute, kind, value)).await?;
+        if n == 0 {
+            return Err(OpError::NotFound(format!("no such record at {absolute}")));
+        }
         Ok(n)
     }
 
     /// Forgets a retired server.
     pub async fn remove_server(&self, actor: &Actor, id: &str) -> Result<(), OpError> {
-        if !self.store.remove_server(id).await? {
+        let entry = Self::entry(actor, AuditAction::ServerRemove, id, "forgotten".into());
+        if !self.audited(entry, self.store.remove_server(id)).await? {
             return Err(OpError::NotFound(format!("no server with id {id:?}")));
         }
-        self.audit(actor, AuditAction::ServerRemove, id, "forgotten".into()).await;
         Ok(())
     }
 
@@ -309,17 +324,17 @@ impl Ops {
             .await
             .map_err(|e| super::passwords::PasswordError::Hash(e.to_string()))??;
         let user = UserRecord { name: name.to_string(), password_hash: hash, created_at: crate::unix_now() };
-        self.store.add_user(&user).await?;
-        self.audit(actor, AuditAction::UserAdd, name, "added".into()).await;
+        self.audited(Self::entry(actor, AuditAction::UserAdd, name, "added".into()), self.store.add_user(&user))
+            .await?;
         Ok(())
     }
 
     /// Removes a user; their sessions end at once.
     pub async fn remove_user(&self, actor: &Actor, name: &str) -> Result<(), OpError> {
-        if !self.store.remove_user(name).await? {
+        let entry = Self::entry(actor, AuditAction::UserRemove, name, "removed with their sessions".into());
+        if !self.audited(entry, self.store.remove_user(name)).await? {
             return Err(OpError::NotFound(format!("no user named {name:?}")));
         }
-        self.audit(actor, AuditAction::UserRemove, name, "removed with their sessions".into()).await;
         Ok(())
     }
 
@@ -336,17 +351,17 @@ impl Ops {
             last_used: None,
             created_by: actor.who.clone(),
         };
-        self.store.add_api_token(&record).await?;
-        self.audit(actor, AuditAction::TokenAdd, name, format!("scope {scope}")).await;
+        let entry = Self::entry(actor, AuditAction::TokenAdd, name, format!("scope {scope}"));
+        self.audited(entry, self.store.add_api_token(&record)).await?;
         Ok(CreatedToken { name: name.to_string(), scope, token })
     }
 
     /// Revokes an API token.
     pub async fn remove_token(&self, actor: &Actor, name: &str) -> Result<(), OpError> {
-        if !self.store.remove_api_token(name).await? {
+        let entry = Self::entry(actor, AuditAction::TokenRemove, name, "revoked".into());
+        if !self.audited(entry, self.store.remove_api_token(name)).await? {
             return Err(OpError::NotFound(format!("no token named {name:?}")));
         }
-        self.audit(actor, AuditAction::TokenRemove, name, "revoked".into()).await;
         Ok(())
     }
 

@@ -4,10 +4,49 @@
 //!
 //! Every method is one transaction; a user's removal takes their sessions
 //! with it. Times are Unix seconds.
+//!
+//! An operator's change and its audit row commit together: [`audited`]
+//! makes an entry pending for one store call, and the backend writes it in
+//! that call's transaction when (and only if) the call changes something.
+
+use std::cell::RefCell;
+use std::future::Future;
 
 use serde::Serialize;
 
 use super::StoreError;
+
+tokio::task_local! {
+    /// The audit entry of the store call being made (see [`audited`]).
+    static PENDING_AUDIT: RefCell<Option<AuditEntry>>;
+}
+
+/// Runs `call` (one store call) with `entry` pending: the backend writes
+/// the entry in the call's own transaction, at its first change. Returns
+/// the call's result and whether the entry was written (false when the
+/// call changed nothing or failed).
+pub async fn audited<T>(
+    entry: AuditEntry,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> (Result<T, StoreError>, bool) {
+    PENDING_AUDIT
+        .scope(RefCell::new(Some(entry)), async move {
+            let result = call.await;
+            let written = result.is_ok() && PENDING_AUDIT.with(|p| p.borrow().is_none());
+            (result, written)
+        })
+        .await
+}
+
+/// Takes the pending entry, if any (backends, in the transaction).
+pub(crate) fn take_pending_audit() -> Option<AuditEntry> {
+    PENDING_AUDIT.try_with(|p| p.borrow_mut().take()).ok().flatten()
+}
+
+/// Puts back an entry a call did not write.
+pub(crate) fn restore_pending_audit(entry: AuditEntry) {
+    let _ = PENDING_AUDIT.try_with(|p| *p.borrow_mut() = Some(entry));
+}
 
 pub use edge_proto::admin::{AuditEntry, TokenScope};
 

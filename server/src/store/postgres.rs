@@ -527,8 +527,22 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Writes the pending audit entry (see `accounts::audited`) in `tx`.
+    async fn audit_pending(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        if let Some(e) = super::accounts::take_pending_audit() {
+            tx.execute(
+                "INSERT INTO audit (at, actor, source, action, target, summary) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&e.at, &e.actor, &e.source, &e.action, &e.target, &e.summary],
+            )
+            .await
+            .map_err(|err| self.err(err))?;
+        }
+        Ok(())
+    }
+
     /// Moves the revision and queues the notification (sent on commit).
     async fn log(&self, tx: &Transaction<'_>, change: Change) -> Result<ChangeEvent, StoreError> {
+        self.audit_pending(tx).await?;
         let row = tx
             .query_one("UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value", &[])
             .await

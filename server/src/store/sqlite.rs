@@ -147,6 +147,13 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_by_target ON audit (target, id);",
 ];
 
+std::thread_local! {
+    /// The audit entry pending for the store call running on this blocking
+    /// thread (moved here from the caller's task by `SqliteStore::run`).
+    static PENDING_AUDIT: std::cell::RefCell<Option<super::accounts::AuditEntry>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Records a transition and the node's new mode.
 fn write_transition(tx: &Connection, name: &str, t: &ModeChange, endpoint: Option<&str>) -> rusqlite::Result<()> {
     tx.execute(
@@ -274,15 +281,24 @@ impl SqliteStore {
         f: impl FnOnce(&SqliteDb) -> Result<(T, Vec<ChangeEvent>), StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (db, announce) = (self.db.clone(), self.events.clone());
-        tokio::task::spawn_blocking(move || {
-            let (value, events) = f(&db)?;
-            for event in events {
-                let _ = announce.send(FeedEvent::Change(event));
-            }
-            Ok(value)
+        // A pending audit entry follows the call to the blocking thread.
+        let pending = super::accounts::take_pending_audit();
+        let (result, unwritten) = tokio::task::spawn_blocking(move || {
+            PENDING_AUDIT.with(|p| *p.borrow_mut() = pending);
+            let result = f(&db).map(|(value, events)| {
+                for event in events {
+                    let _ = announce.send(FeedEvent::Change(event));
+                }
+                value
+            });
+            (result, PENDING_AUDIT.with(|p| p.borrow_mut().take()))
         })
         .await
-        .map_err(|e| StoreError::Backend { store: self.db.describe.clone(), message: e.to_string() })?
+        .map_err(|e| StoreError::Backend { store: self.db.describe.clone(), message: e.to_string() })?;
+        if let Some(entry) = unwritten {
+            super::accounts::restore_pending_audit(entry);
+        }
+        result
     }
 
     /// [`SqliteStore::run`] for reads.
@@ -380,12 +396,24 @@ impl SqliteDb {
         })
     }
 
+    /// Writes the pending audit entry (see `accounts::audited`) in `tx`.
+    fn audit_pending(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        if let Some(e) = PENDING_AUDIT.with(|p| p.borrow_mut().take()) {
+            tx.execute(
+                "INSERT INTO audit (at, actor, source, action, target, summary) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![e.at, e.actor, e.source, e.action, e.target, e.summary],
+            )?;
+        }
+        Ok(())
+    }
+
     fn log(
         &self,
         tx: &rusqlite::Transaction<'_>,
         events: &mut Vec<ChangeEvent>,
         change: Change,
     ) -> rusqlite::Result<()> {
+        self.audit_pending(tx)?;
         tx.execute(
             "INSERT INTO changes (origin, kind, node, at) VALUES (?1, ?2, ?3, ?4)",
             params![self.origin, change.kind(), change.node().unwrap_or_default(), now()],

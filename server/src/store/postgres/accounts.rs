@@ -38,8 +38,9 @@ impl PostgresStore {
 #[async_trait::async_trait]
 impl AccountStore for PostgresStore {
     async fn add_user(&self, user: &UserRecord) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let n = client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx
             .execute(
                 "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                 &[&user.name, &user.password_hash, &user.created_at],
@@ -49,7 +50,8 @@ impl AccountStore for PostgresStore {
         if n == 0 {
             return Err(StoreError::Conflict(format!("a user named {:?} exists already", user.name)));
         }
-        Ok(())
+        self.audit_pending(&tx).await?;
+        self.commit(tx, Vec::new()).await
     }
 
     async fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
@@ -57,6 +59,9 @@ impl AccountStore for PostgresStore {
         let tx = client.transaction().await.map_err(|e| self.err(e))?;
         tx.execute("DELETE FROM sessions WHERE username = $1", &[&name]).await.map_err(|e| self.err(e))?;
         let n = tx.execute("DELETE FROM users WHERE name = $1", &[&name]).await.map_err(|e| self.err(e))?;
+        if n > 0 {
+            self.audit_pending(&tx).await?;
+        }
         self.commit(tx, Vec::new()).await?;
         Ok(n > 0)
     }
@@ -147,8 +152,9 @@ impl AccountStore for PostgresStore {
     }
 
     async fn add_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let n = client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx
             .execute(
                 "INSERT INTO api_tokens (name, scope, hash, created_at, last_used, created_by)
                  VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT DO NOTHING",
@@ -162,7 +168,8 @@ impl AccountStore for PostgresStore {
                 token.name
             )));
         }
-        Ok(())
+        self.audit_pending(&tx).await?;
+        self.commit(tx, Vec::new()).await
     }
 
     async fn put_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
@@ -181,8 +188,13 @@ impl AccountStore for PostgresStore {
     }
 
     async fn remove_api_token(&self, name: &str) -> Result<bool, StoreError> {
-        let client = self.client().await?;
-        let n = client.execute("DELETE FROM api_tokens WHERE name = $1", &[&name]).await.map_err(|e| self.err(e))?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx.execute("DELETE FROM api_tokens WHERE name = $1", &[&name]).await.map_err(|e| self.err(e))?;
+        if n > 0 {
+            self.audit_pending(&tx).await?;
+        }
+        self.commit(tx, Vec::new()).await?;
         Ok(n > 0)
     }
 

@@ -27,10 +27,14 @@ impl AccountStore for SqliteStore {
         let added = self
             .run(move |db| {
                 db.write(|tx, _| {
-                    tx.execute(
+                    let n = tx.execute(
                         "INSERT OR IGNORE INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)",
                         params![u.name, u.password_hash, u.created_at],
-                    )
+                    )?;
+                    if n > 0 {
+                        db.audit_pending(tx)?;
+                    }
+                    Ok(n)
                 })
             })
             .await?;
@@ -45,7 +49,11 @@ impl AccountStore for SqliteStore {
         self.run(move |db| {
             db.write(|tx, _| {
                 tx.execute("DELETE FROM sessions WHERE user = ?1", params![name])?;
-                Ok(tx.execute("DELETE FROM users WHERE name = ?1", params![name])? > 0)
+                let removed = tx.execute("DELETE FROM users WHERE name = ?1", params![name])? > 0;
+                if removed {
+                    db.audit_pending(tx)?;
+                }
+                Ok(removed)
             })
         })
         .await
@@ -147,11 +155,15 @@ impl AccountStore for SqliteStore {
         let added = self
             .run(move |db| {
                 db.write(|tx, _| {
-                    tx.execute(
+                    let n = tx.execute(
                         "INSERT OR IGNORE INTO api_tokens (name, scope, hash, created_at, last_used, created_by)
                          VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
                         params![t.name, t.scope.as_str(), t.hash.to_vec(), t.created_at, t.created_by],
-                    )
+                    )?;
+                    if n > 0 {
+                        db.audit_pending(tx)?;
+                    }
+                    Ok(n)
                 })
             })
             .await?;
@@ -181,7 +193,13 @@ impl AccountStore for SqliteStore {
     async fn remove_api_token(&self, name: &str) -> Result<bool, StoreError> {
         let name = name.to_string();
         self.run(move |db| {
-            db.write(|tx, _| Ok(tx.execute("DELETE FROM api_tokens WHERE name = ?1", params![name])? > 0))
+            db.write(|tx, _| {
+                let removed = tx.execute("DELETE FROM api_tokens WHERE name = ?1", params![name])? > 0;
+                if removed {
+                    db.audit_pending(tx)?;
+                }
+                Ok(removed)
+            })
         })
         .await
     }
