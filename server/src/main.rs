@@ -678,7 +678,8 @@ fn ops_for(config: &ServerConfig, store: std::sync::Arc<dyn Store>, config_path:
                 .map_err(|e| format!("{e} ({})", path.display()))
         }
     };
-    Ops { store, config: std::sync::Arc::new(config.clone()), join }
+    let reserved = edge_server::admin::ops::ReservedLabels::from_config(config);
+    Ops { store, config: std::sync::Arc::new(config.clone()), reserved, join }
 }
 
 async fn user(config: ServerConfig, cmd: UserCommand) -> Result<()> {

@@ -116,14 +116,20 @@ pub struct Outcome {
 pub struct Reloader {
     shared: Arc<Shared>,
     certs: Arc<crate::api::ApiState>,
+    reserved: crate::admin::ops::ReservedLabels,
     current: Mutex<ServerConfig>,
 }
 
 impl Reloader {
-    /// For the server whose state is `shared`.
-    pub fn new(shared: Arc<Shared>, certs: Arc<crate::api::ApiState>) -> Self {
+    /// For the server whose state is `shared`; `reserved` are the labels
+    /// the admin operations keep from nodes.
+    pub fn new(
+        shared: Arc<Shared>,
+        certs: Arc<crate::api::ApiState>,
+        reserved: crate::admin::ops::ReservedLabels,
+    ) -> Self {
         let current = Mutex::new(shared.config.clone());
-        Self { shared, certs, current }
+        Self { shared, certs, reserved, current }
     }
 
     fn certs(&self) -> &CertService {
@@ -172,6 +178,7 @@ impl Reloader {
                     if let Some(d) = current.dns.as_mut() {
                         d.records = dns.records.clone();
                     }
+                    self.reserved.set(&current);
                 }
                 Section::Acme => {
                     self.certs().set_acme(crate::certificates::acme_client(&new, self.shared.store.clone()));
@@ -227,5 +234,17 @@ mod tests {
         assert_eq!(plan(&a, &b), vec![Section::DnsRecords]);
         let c = parse("[dns]\nlisten = \"127.0.0.1:5354\"\naddresses = [\"192.0.2.1\"]\n");
         assert_eq!(plan(&a, &c), vec![Section::Restart("dns")]);
+    }
+
+    #[test]
+    fn reserved_labels_follow_a_reloaded_dns_records() {
+        let dns = "[dns]\nlisten = \"127.0.0.1:5353\"\naddresses = [\"192.0.2.1\"]\n";
+        let a = parse(dns);
+        let b = parse(&format!("{dns}[[dns.records]]\nname = \"www\"\ntype = \"A\"\nvalue = \"192.0.2.9\"\n"));
+        let reserved = crate::admin::ops::ReservedLabels::from_config(&a);
+        assert!(!reserved.contains("www"));
+        reserved.set(&b);
+        assert!(reserved.contains("www"), "a node may not take a name reloaded into dns.records");
+        assert!(reserved.contains("ns"), "nor the default nameserver's");
     }
 }

@@ -421,7 +421,7 @@ impl BoundServer {
 
     /// What applies a reloaded config to this server while it runs.
     pub fn reloader(&self) -> crate::reload::Reloader {
-        crate::reload::Reloader::new(self.shared.clone(), self.api_state.clone())
+        crate::reload::Reloader::new(self.shared.clone(), self.api_state.clone(), self.admin_state.ops.reserved.clone())
     }
 
     /// Lets `edge-server upgrade` start `successor` to take this server's
@@ -572,7 +572,7 @@ impl BoundServer {
         );
         let upgrader = Arc::new(Upgrader {
             shared: shared.clone(),
-            sockets: handover_sockets,
+            sockets: std::sync::Mutex::new(handover_sockets),
             quic: quic_socket.clone(),
             endpoint: endpoint.clone(),
             server_config,
@@ -583,6 +583,7 @@ impl BoundServer {
             busy: std::sync::atomic::AtomicBool::new(false),
             successor_link: std::sync::Mutex::new(None),
         });
+        let owns_control = control.is_some();
         if let Some(listener) = control {
             match listener.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(listener)) {
                 Ok(listener) => tasks.spawn(
@@ -627,6 +628,11 @@ impl BoundServer {
         let drain = Duration::from_secs(shared.limits().drain_timeout_secs);
         let open = clients.len();
         let retiring = shared.retiring.load(std::sync::atomic::Ordering::Acquire);
+        upgrader.release_sockets();
+        if owns_control && !retiring {
+            // A successor keeps using the control socket's path.
+            let _ = std::fs::remove_file(crate::upgrade::control_socket(&shared.config.data_dir));
+        }
         if retiring {
             tracing::info!(
                 open_connections = open,

@@ -438,6 +438,9 @@ async fn accounts(b: &Backend<'_>) {
     // Valid: touched and returned.
     let used = s.use_session(&[1; 32], 1500, 900, 0).await.unwrap().unwrap();
     assert_eq!((used.user.as_str(), used.last_seen), ("alice", 1500));
+    // A check with a time in the past (background polling) does not extend it.
+    let checked = s.use_session(&[1; 32], 900, 900, 0).await.unwrap().unwrap();
+    assert_eq!(checked.last_seen, 1500, "{}: never seen earlier than it was", b.name());
     // Idle past the bound: refused and deleted.
     assert_eq!(s.use_session(&[2; 32], 2000, 1200, 0).await.unwrap(), None);
     assert_eq!(s.use_session(&[2; 32], 2000, 0, 0).await.unwrap(), None, "{}: an expired session is gone", b.name());

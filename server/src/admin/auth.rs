@@ -25,6 +25,9 @@ use crate::store::{SessionRecord, Store, StoreError};
 pub const COOKIE: &str = "__Host-edge_session";
 /// The header carrying the CSRF token on API calls made with the cookie.
 pub const CSRF_HEADER: &str = "x-csrf-token";
+/// Header the dashboard's own polling sends: such requests are answered
+/// but do not count as activity, so a page left open still goes idle.
+pub const BACKGROUND_HEADER: &str = "x-edge-background";
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -193,7 +196,8 @@ pub async fn authenticate(
     }
     let idle_before = now - config.session_idle_secs as i64;
     let created_before = now - config.session_max_secs as i64;
-    let Some(SessionRecord { user, .. }) = store.use_session(&id_hash, now, idle_before, created_before).await? else {
+    let seen = if req.headers.contains_key(BACKGROUND_HEADER) { idle_before } else { now };
+    let Some(SessionRecord { user, .. }) = store.use_session(&id_hash, seen, idle_before, created_before).await? else {
         return Err(AuthError::Missing);
     };
     shared.auth_failures.refund(req.source);

@@ -45,7 +45,12 @@ impl AdminState {
     /// The state for `shared`, making join strings with `join`.
     pub fn new(shared: Arc<Shared>, join: Result<ops::JoinInfo, String>) -> Self {
         let config = shared.config.admin.clone();
-        let ops = ops::Ops { store: shared.store.clone(), config: Arc::new(shared.config.clone()), join };
+        let ops = ops::Ops {
+            store: shared.store.clone(),
+            config: Arc::new(shared.config.clone()),
+            reserved: ops::ReservedLabels::from_config(&shared.config),
+            join,
+        };
         Self { limiter: login_limit::LoginLimiter::new(config.login_failures_per_minute), shared, ops, config }
     }
 }

@@ -131,6 +131,32 @@ impl JoinInfo {
     }
 }
 
+/// The zone labels the operator's own DNS names take (`dns.records`,
+/// `dns.nameservers`), which no node may be named; a reload keeps them
+/// current.
+#[derive(Debug, Clone, Default)]
+pub struct ReservedLabels(Arc<std::sync::RwLock<Vec<String>>>);
+
+impl ReservedLabels {
+    /// The labels of `config`.
+    pub fn from_config(config: &ServerConfig) -> Self {
+        let labels = Self::default();
+        labels.set(config);
+        labels
+    }
+
+    /// Takes the labels of a reloaded `config`.
+    pub fn set(&self, config: &ServerConfig) {
+        let labels = config.dns.as_ref().map(|d| d.reserved_labels(config.zone())).unwrap_or_default();
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = labels;
+    }
+
+    /// Whether a node may not be named `label`.
+    pub fn contains(&self, label: &str) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).iter().any(|l| l == label)
+    }
+}
+
 /// What the operations need.
 #[derive(Debug, Clone)]
 pub struct Ops {
@@ -138,6 +164,8 @@ pub struct Ops {
     pub store: Arc<dyn Store>,
     /// Zone and DNS settings.
     pub config: Arc<ServerConfig>,
+    /// Labels no node may take.
+    pub reserved: ReservedLabels,
     /// For join strings, or why they cannot be made.
     pub join: Result<JoinInfo, String>,
 }
@@ -183,15 +211,13 @@ impl Ops {
         edge_proto::names::validate_node_name(name)
             .map_err(|e| OpError::Invalid { field: "name", reason: e.to_string() })?;
         let zone = self.config.zone();
-        if let Some(dns) = &self.config.dns {
-            if dns.reserved_labels(zone).iter().any(|l| l == name) {
-                return Err(OpError::Conflict {
-                    field: "name",
-                    message: format!(
-                        "node name {name:?} is taken by a DNS name of the operator (dns.records or dns.nameservers)"
-                    ),
-                });
-            }
+        if self.reserved.contains(name) {
+            return Err(OpError::Conflict {
+                field: "name",
+                message: format!(
+                    "node name {name:?} is taken by a DNS name of the operator (dns.records or dns.nameservers)"
+                ),
+            });
         }
         let stored = self.store.list_dns_records().await?;
         if let Some(r) = stored.iter().find(|r| DnsConfig::label_under(&r.name, zone).as_deref() == Some(name)) {

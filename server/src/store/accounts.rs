@@ -131,7 +131,9 @@ pub trait AccountStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// The session with this id hash if it is still valid (seen at or after
     /// `idle_before`, created at or after `created_before`, its user still
-    /// exists), marking it seen at `now`; an expired one is deleted.
+    /// exists), marking it seen at `now` (never earlier than it was: a
+    /// `now` in the past checks without extending); an expired one is
+    /// deleted.
     async fn use_session(
         &self,
         id_hash: &[u8; 32],

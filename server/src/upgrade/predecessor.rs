@@ -50,8 +50,9 @@ impl HandoverSockets {
 pub struct Upgrader {
     /// The server's shared state.
     pub shared: Arc<Shared>,
-    /// The sockets to hand over.
-    pub sockets: HandoverSockets,
+    /// The sockets to hand over (released at shutdown, so that a stopping
+    /// server's listeners really close).
+    pub sockets: std::sync::Mutex<HandoverSockets>,
     /// The QUIC socket, shared with the successor during the handover.
     pub quic: Arc<SharedQuicSocket>,
     /// The QUIC endpoint.
@@ -165,6 +166,13 @@ impl Upgrader {
         }
     }
 
+    /// Closes the kept duplicates: once this process stops, its listeners
+    /// must close (new connections are refused, not left in a backlog
+    /// nobody reads).
+    pub fn release_sockets(&self) {
+        self.sockets.lock().unwrap_or_else(|p| p.into_inner()).sockets.clear();
+    }
+
     /// Accepts agents again, stops sharing the QUIC socket, and names this
     /// process in the pid file again (the successor wrote its own).
     fn undo(&self) {
@@ -212,9 +220,13 @@ impl Upgrader {
             let _ = sock.set_recv_buffer_size(FORWARD_BUFFER);
         }
         mine.set_nonblocking(true)?;
-        let mut offered: Vec<OfferedSocket> = self.sockets.sockets.iter().map(|(o, _)| o.clone()).collect();
+        let kept: Vec<(OfferedSocket, OwnedFd)> = {
+            let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+            sockets.sockets.iter().filter_map(|(o, fd)| Some((o.clone(), fd.try_clone().ok()?))).collect()
+        };
+        let mut offered: Vec<OfferedSocket> = kept.iter().map(|(o, _)| o.clone()).collect();
         offered.push(OfferedSocket { role: SocketRole::QuicForward, addr: None });
-        let mut descriptors: Vec<_> = self.sockets.sockets.iter().map(|(_, fd)| fd.as_fd()).collect();
+        let mut descriptors: Vec<_> = kept.iter().map(|(_, fd)| fd.as_fd()).collect();
         descriptors.push(theirs.as_fd());
         let offer = HandoverMessage::Offer {
             version: HANDOVER_VERSION,

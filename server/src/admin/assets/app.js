@@ -74,7 +74,7 @@ function live(table) {
   const tick = async () => {
     let nodes;
     try {
-      const r = await fetch(table.dataset.live, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      const r = await fetch(table.dataset.live, { credentials: "same-origin", headers: { Accept: "application/json", "X-Edge-Background": "1" } });
       if (r.status === 401) { window.location.href = "/ui/login"; return; }
       if (!r.ok) return;
       nodes = await r.json();

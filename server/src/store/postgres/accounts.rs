@@ -116,8 +116,9 @@ impl AccountStore for PostgresStore {
         // One statement: a valid session is touched and returned.
         let row = client
             .query_opt(
-                "UPDATE sessions SET last_seen = $2 WHERE id_hash = $1 AND last_seen >= $3 AND created_at >= $4
-                 RETURNING username, created_at",
+                "UPDATE sessions SET last_seen = GREATEST(last_seen, $2)
+                 WHERE id_hash = $1 AND last_seen >= $3 AND created_at >= $4
+                 RETURNING username, created_at, last_seen",
                 &[&id, &now, &idle_before, &created_before],
             )
             .await
@@ -127,7 +128,7 @@ impl AccountStore for PostgresStore {
                 id_hash: *id_hash,
                 user: col(self.store(), &r, 0)?,
                 created_at: col(self.store(), &r, 1)?,
-                last_seen: now,
+                last_seen: col(self.store(), &r, 2)?,
             })),
             None => {
                 client

@@ -134,9 +134,10 @@ impl AccountStore for SqliteStore {
                 return Ok((None, Vec::new()));
             }
             // Touched only if still there (a logout may have raced us).
-            let (touched, _) = db
-                .write(|tx, _| tx.execute("UPDATE sessions SET last_seen = ?2 WHERE id_hash = ?1", params![id, now]))?;
-            let session = SessionRecord { id_hash, user, created_at, last_seen: now };
+            let (touched, _) = db.write(|tx, _| {
+                tx.execute("UPDATE sessions SET last_seen = MAX(last_seen, ?2) WHERE id_hash = ?1", params![id, now])
+            })?;
+            let session = SessionRecord { id_hash, user, created_at, last_seen: last_seen.max(now) };
             Ok(((touched > 0).then_some(session), Vec::new()))
         })
         .await
