@@ -70,10 +70,24 @@ async fn shot(c: &Client, dir: &Path, name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
-/// The text of the element, waiting up to 10 s for it to appear.
+/// The text of the element, waiting up to 10 s for it to appear. The live
+/// nodes table replaces its rows every second, so an element found may be
+/// gone when its text is read: then it is looked up again.
 async fn text_of(c: &Client, css: &str) -> String {
-    let e = c.wait().at_most(Duration::from_secs(10)).for_element(Locator::Css(css)).await;
-    e.unwrap_or_else(|err| panic!("no {css}: {err}")).text().await.unwrap()
+    let start = Instant::now();
+    loop {
+        let left = Duration::from_secs(10).saturating_sub(start.elapsed());
+        let e = c.wait().at_most(left).for_element(Locator::Css(css)).await;
+        let e = e.unwrap_or_else(|err| panic!("no {css}: {err}"));
+        match e.text().await {
+            Ok(text) => return text,
+            Err(err) if start.elapsed() < Duration::from_secs(10) => {
+                eprintln!("reading {css} again: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("cannot read {css}: {err}"),
+        }
+    }
 }
 
 /// Waits up to `limit` for `f` to be true, polling the page.
