@@ -156,9 +156,8 @@ impl SharedQuicSocket {
 
     /// Passes the datagrams of `meta[..n]` that are not for this process to
     /// the peer, compacting what stays in each buffer (GRO batches hold
-    /// several). Returns how many datagrams stay.
-    fn sort(&self, peer: &UnixDatagram, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], n: usize) -> usize {
-        let mut kept_total = 0;
+    /// several).
+    fn sort(&self, peer: &UnixDatagram, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], n: usize) {
         for (buf, m) in bufs.iter_mut().zip(meta.iter_mut()).take(n) {
             let stride = m.stride.max(1);
             let (mut read, mut write) = (0, 0);
@@ -169,7 +168,6 @@ impl SharedQuicSocket {
                         buf.copy_within(read..end, write);
                     }
                     write += end - read;
-                    kept_total += 1;
                 } else {
                     self.pass(peer, m, &buf[read..end]);
                 }
@@ -178,7 +176,6 @@ impl SharedQuicSocket {
             // quinn skips a buffer of length 0.
             m.len = write;
         }
-        kept_total
     }
 
     /// One datagram the peer passed, into `buf`/`meta`.
