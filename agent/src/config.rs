@@ -10,16 +10,9 @@ use edge_net::quic::TunnelTuning;
 use edge_proto::join::JoinTicket;
 use serde::Deserialize;
 
-/// What the agent does with a client connection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Terminate TLS with the node's certificate, forward plaintext.
-    #[default]
-    Terminate,
-    /// Forward the raw TLS bytes to a local TLS service.
-    Passthrough,
-}
+/// What the agent does with a client connection: terminate TLS here or
+/// pass the raw TLS through.
+pub use edge_proto::routes::RouteMode as Mode;
 
 /// Everything `edge-agent` needs.
 #[derive(Clone, Deserialize)]
@@ -30,11 +23,27 @@ pub struct AgentConfig {
     /// Verify the server with this CA bundle instead of the pinned fingerprint.
     #[serde(default)]
     pub server_ca_file: Option<PathBuf>,
-    /// Local service, `host:port`, that receives the client connections.
-    pub upstream: String,
-    /// `terminate` (default) or `passthrough`.
+    /// Local service, `host:port`, that receives client connections no
+    /// route in `routes` matches (the default route). Optional when
+    /// `routes` is set: names no route serves then get 404 (terminate) or
+    /// a closed connection (passthrough).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// `terminate` (default) or `passthrough`, for the default route and
+    /// for routes that do not set their own.
     #[serde(default)]
     pub mode: Mode,
+    /// Health check of the default route's upstream.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+    /// Routes by hostname, each to its own upstreams (see [`RouteConfig`]).
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Local targets of raw TCP services (`edge-server service add ...
+    /// --target NAME`): the server names one, and can never make the agent
+    /// dial anything else.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
     /// Send a PROXY protocol v2 header to the upstream with the client address.
     #[serde(default)]
     pub proxy_protocol: bool,
@@ -91,6 +100,155 @@ pub struct AgentConfig {
     /// Publicly trusted certificate through ACME (unless `cert_file` is set).
     #[serde(default)]
     pub acme: AgentAcmeConfig,
+}
+
+/// One route: the node's names matching `host` go to `upstreams`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A name of the node, or `*.name` for every name one label below it.
+    /// Exact routes win over wildcards, wildcards over the default route.
+    pub host: String,
+    /// Local services, `host:port`: round-robin over the healthy ones, and
+    /// the next one is tried when a connect fails.
+    pub upstreams: Vec<String>,
+    /// `terminate` or `passthrough` (default: the top-level `mode`).
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// PROXY v2 header to the upstreams (default: the top-level setting).
+    #[serde(default)]
+    pub proxy_protocol: Option<bool>,
+    /// ALPN offered when terminating TLS (default: the top-level `alpn`).
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+    /// Active health check of each upstream; without one, an upstream
+    /// whose connect failed is retried after 5 s.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+/// A local target the server may send raw TCP connections to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The name the server's service refers to (`--target`).
+    pub name: String,
+    /// `host:port` the agent connects.
+    pub target: String,
+    /// PROXY v2 header with the client's address first.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+/// Which active check probes an upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect.
+    #[default]
+    Tcp,
+    /// An HTTP/1.1 `GET path` answered with an expected status (terminate
+    /// mode: the upstream speaks plain HTTP).
+    Http,
+}
+
+impl CheckKind {
+    /// The name reported to the server.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// Active health checks of a route's upstreams.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `tcp` (default) or `http`.
+    #[serde(default)]
+    pub check: CheckKind,
+    /// Path of the HTTP check.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Statuses the HTTP check accepts (default: any 2xx or 3xx).
+    #[serde(default)]
+    pub expect_status: Vec<u16>,
+    /// Time between checks of one upstream.
+    #[serde(default = "default_health_interval_ms")]
+    pub interval_ms: u64,
+    /// Deadline of one check.
+    #[serde(default = "default_health_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Successes in a row that bring a down upstream up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failures in a row (checks or connects) that take an up upstream down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_health_interval_ms() -> u64 {
+    2000
+}
+fn default_health_timeout_ms() -> u64 {
+    1000
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    2
+}
+
+impl HealthConfig {
+    fn validate(&self, field: &str, mode: Mode) -> Result<(), String> {
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return Err(format!("{field}.interval_ms = {} must be between 100 and 3600000", self.interval_ms));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
+            return Err(format!(
+                "{field}.timeout_ms = {} must be at least 1 and at most interval_ms = {}",
+                self.timeout_ms, self.interval_ms
+            ));
+        }
+        if !(1..=100).contains(&self.rise) || !(1..=100).contains(&self.fall) {
+            return Err(format!("{field}.rise and .fall must be between 1 and 100"));
+        }
+        if self.check == CheckKind::Http {
+            if mode == Mode::Passthrough {
+                return Err(format!(
+                    "{field}.check = \"http\" needs mode = \"terminate\" (a passthrough upstream speaks TLS; use \"tcp\")"
+                ));
+            }
+            let plain = self.path.starts_with('/')
+                && self.path.len() <= 1024
+                && self.path.bytes().all(|b| b.is_ascii_graphic());
+            if !plain {
+                return Err(format!(
+                    "{field}.path = {:?} must start with / and hold no spaces or control bytes",
+                    self.path
+                ));
+            }
+        }
+        if let Some(bad) = self.expect_status.iter().find(|s| !(100..=599).contains(*s)) {
+            return Err(format!("{field}.expect_status: {bad} is not an HTTP status"));
+        }
+        Ok(())
+    }
+}
+
+fn valid_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty()
+            && h.len() <= 255
+            && h.bytes().all(|b| b.is_ascii_graphic())
+            && p.parse::<u16>().is_ok_and(|p| p != 0)
+    })
 }
 
 /// Who runs ACME for the node's certificate.
@@ -186,6 +344,9 @@ impl fmt::Debug for AgentConfig {
             .field("server_ca_file", &self.server_ca_file)
             .field("upstream", &self.upstream)
             .field("mode", &self.mode)
+            .field("health", &self.health)
+            .field("routes", &self.routes)
+            .field("services", &self.services)
             .field("proxy_protocol", &self.proxy_protocol)
             .field("data_dir", &self.data_dir)
             .field("cert_file", &self.cert_file)
@@ -216,6 +377,100 @@ pub struct ConfigError {
 }
 
 impl AgentConfig {
+    /// Checks the default route and `routes`.
+    fn validate_routes(&self) -> Result<(), String> {
+        let alpn_ok = |alpn: &[String]| alpn.iter().all(|a| !a.is_empty() && a.len() <= 255) && alpn.len() <= 16;
+        match &self.upstream {
+            Some(u) if !valid_host_port(u) => return Err(format!("upstream = {u:?} must be host:port")),
+            None if self.routes.is_empty() && self.services.is_empty() => {
+                return Err(
+                    "upstream is not set and there are no [[routes]] or [[services]]: nothing would serve clients"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        if !alpn_ok(&self.alpn) {
+            return Err(format!("alpn = {:?}: each protocol must be 1 to 255 bytes", self.alpn));
+        }
+        if let Some(h) = &self.health {
+            if self.upstream.is_none() {
+                return Err("health: checks the default route's upstream, but upstream is not set".into());
+            }
+            h.validate("health", self.mode)?;
+        }
+        if self.routes.len() > edge_proto::routes::MAX_ROUTES {
+            return Err(format!("routes: {} routes, at most {}", self.routes.len(), edge_proto::routes::MAX_ROUTES));
+        }
+        let mut names = std::collections::HashSet::new();
+        if self.services.len() > 64 {
+            return Err(format!("services: {} entries, at most 64", self.services.len()));
+        }
+        for (i, svc) in self.services.iter().enumerate() {
+            edge_proto::routes::validate_service_name(&svc.name).map_err(|e| format!("services[{i}].name: {e}"))?;
+            if !names.insert(svc.name.as_str()) {
+                return Err(format!("services[{i}].name = {:?}: another service has the same name", svc.name));
+            }
+            if !valid_host_port(&svc.target) {
+                return Err(format!("services[{i}].target = {:?} must be host:port", svc.target));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let field = format!("routes[{i}]");
+            let pattern = edge_proto::routes::HostPattern::parse(&r.host).map_err(|e| format!("{field}.host: {e}"))?;
+            if pattern == edge_proto::routes::HostPattern::Any && self.upstream.is_some() {
+                return Err(format!("{field}.host = \"*\" is the default route, which upstream already sets"));
+            }
+            if !seen.insert(pattern.clone()) {
+                return Err(format!("{field}.host = {:?}: another route has the same host", r.host));
+            }
+            if r.upstreams.is_empty() || r.upstreams.len() > edge_proto::routes::MAX_UPSTREAMS {
+                return Err(format!(
+                    "{field}.upstreams: between 1 and {} host:port entries",
+                    edge_proto::routes::MAX_UPSTREAMS
+                ));
+            }
+            if let Some(bad) = r.upstreams.iter().find(|u| !valid_host_port(u)) {
+                return Err(format!("{field}.upstreams: {bad:?} must be host:port"));
+            }
+            let mode = r.mode.unwrap_or(self.mode);
+            if let Some(alpn) = &r.alpn {
+                if !alpn_ok(alpn) {
+                    return Err(format!("{field}.alpn = {alpn:?}: each protocol must be 1 to 255 bytes"));
+                }
+            }
+            if let Some(h) = &r.health {
+                h.validate(&format!("{field}.health"), mode)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings a reload cannot change, by name, where `other` differs
+    /// (they are logged as needing a restart).
+    pub fn restart_only_changes(&self, other: &AgentConfig) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check("join", self.join != other.join);
+        check("server_ca_file", self.server_ca_file != other.server_ca_file);
+        check("data_dir", self.data_dir != other.data_dir);
+        check("cert_file", self.cert_file != other.cert_file || self.key_file != other.key_file);
+        check("status_listen", self.status_listen != other.status_listen);
+        check("direct_listen", self.direct_listen != other.direct_listen);
+        check("public_endpoint", self.public_endpoint != other.public_endpoint);
+        check("connections", self.connections != other.connections);
+        check("replica", self.replica != other.replica);
+        check("tunnel", format!("{:?}", self.tunnel) != format!("{:?}", other.tunnel));
+        check("acme", format!("{:?}", self.acme) != format!("{:?}", other.acme));
+        check("log_format", self.log_format != other.log_format);
+        changed
+    }
+
     /// Reads a TOML file (without validating; see [`AgentConfig::validate`]).
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let origin = path.display().to_string();
@@ -256,20 +511,11 @@ impl AgentConfig {
                 "join: has no fp= fingerprint and server_ca_file is not set; one is needed to trust the server".into(),
             ));
         }
-        let ok = self
-            .upstream
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-        if !ok {
-            return Err(err(format!("upstream = {:?} must be host:port", self.upstream)));
-        }
+        self.validate_routes().map_err(err)?;
         match (&self.cert_file, &self.key_file) {
             (Some(_), None) => return Err(err("key_file must be set when cert_file is".into())),
             (None, Some(_)) => return Err(err("cert_file must be set when key_file is".into())),
             _ => {}
-        }
-        if self.mode == Mode::Terminate && self.alpn.iter().any(|a| a.is_empty() || a.len() > 255) {
-            return Err(err(format!("alpn = {:?}: each protocol must be 1 to 255 bytes", self.alpn)));
         }
         if let Some(addr) = self.status_listen {
             if !addr.ip().is_loopback() {
@@ -352,6 +598,35 @@ mod tests {
         assert_eq!(c.status_listen, Some("127.0.0.1:9090".parse().unwrap()));
         assert_eq!(c.acme.flow, AcmeFlow::Server);
         assert!((c.acme.renewal.fraction - 0.6667).abs() < 1e-9);
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[1].mode, Some(Mode::Passthrough));
+        assert_eq!(c.routes[0].health.as_ref().map(|h| h.check), Some(CheckKind::Http));
+    }
+
+    #[test]
+    fn routes_parse_with_defaults() {
+        let text = format!(
+            "join = {:?}\nupstream = \"127.0.0.1:3000\"\nmode = \"passthrough\"\n\
+             [[routes]]\nhost = \"api.n1.z.test\"\nupstreams = [\"127.0.0.1:4000\", \"127.0.0.1:4001\"]\n\
+             mode = \"terminate\"\n[routes.health]\ncheck = \"http\"\npath = \"/healthz\"\n\
+             [[routes]]\nhost = \"*.n1.z.test\"\nupstreams = [\"127.0.0.1:5000\"]\n",
+            join()
+        );
+        let c = AgentConfig::parse(&text, "agent.toml").unwrap();
+        c.validate("agent.toml").unwrap();
+        assert_eq!(c.routes.len(), 2);
+        let h = c.routes[0].health.as_ref().unwrap();
+        assert_eq!(
+            (h.check, h.path.as_str(), h.interval_ms, h.rise, h.fall),
+            (CheckKind::Http, "/healthz", 2000, 2, 2)
+        );
+        assert_eq!(c.routes[1].mode, None, "inherits the top-level mode later");
+        let mut other = c.clone();
+        other.routes.pop();
+        other.alpn = vec!["h2".into()];
+        assert!(c.restart_only_changes(&other).is_empty(), "routes and alpn reload");
+        other.connections = 3;
+        assert_eq!(c.restart_only_changes(&other), vec!["connections"]);
     }
 
     #[test]
@@ -366,6 +641,31 @@ mod tests {
             (format!("join = {j:?}\nupstream = \"h:1\"\ncert_file = \"c.pem\""), "key_file"),
             (format!("join = {j:?}\nupstream = \"h:1\"\n[acme]\nflow = \"node\""), "acme.directories"),
             (format!("join = {j:?}\nupstream = \"h:1\"\n[acme.renewal]\nfraction = 2.0"), "acme.renewal.fraction"),
+            (format!("join = {j:?}"), "upstream"),
+            (format!("join = {j:?}\n[[services]]\nname = \"SSH\"\ntarget = \"h:22\""), "services[0].name"),
+            (format!("join = {j:?}\n[[services]]\nname = \"ssh\"\ntarget = \"h\""), "services[0].target"),
+            (
+                format!("join = {j:?}\n[[services]]\nname = \"a\"\ntarget = \"h:1\"\n[[services]]\nname = \"a\"\ntarget = \"h:2\""),
+                "services[1].name",
+            ),
+            (format!("join = {j:?}\n[[routes]]\nhost = \"a..b\"\nupstreams = [\"h:1\"]"), "routes[0].host"),
+            (format!("join = {j:?}\n[[routes]]\nhost = \"a.b\"\nupstreams = []"), "routes[0].upstreams"),
+            (format!("join = {j:?}\n[[routes]]\nhost = \"a.b\"\nupstreams = [\"h\"]"), "routes[0].upstreams"),
+            (
+                format!("join = {j:?}\n[[routes]]\nhost = \"a.b\"\nupstreams = [\"h:1\"]\n[[routes]]\nhost = \"A.b\"\nupstreams = [\"h:2\"]"),
+                "routes[1].host",
+            ),
+            (format!("join = {j:?}\nupstream = \"h:1\"\n[[routes]]\nhost = \"*\"\nupstreams = [\"h:2\"]"), "routes[0].host"),
+            (
+                format!("join = {j:?}\n[[routes]]\nhost = \"a.b\"\nupstreams = [\"h:1\"]\nmode = \"passthrough\"\n[routes.health]\ncheck = \"http\""),
+                "routes[0].health.check",
+            ),
+            (
+                format!("join = {j:?}\n[[routes]]\nhost = \"a.b\"\nupstreams = [\"h:1\"]\n[routes.health]\ntimeout_ms = 5000\ninterval_ms = 1000"),
+                "routes[0].health.timeout_ms",
+            ),
+            (format!("join = {j:?}\n[[routes]]\nhost = \"a.b\"\nupstreams = [\"h:1\"]\nbogus = 1"), "bogus"),
+            (format!("join = {j:?}\n[health]\ncheck = \"tcp\"\n[[routes]]\nhost = \"a.b\"\nupstreams = [\"h:1\"]"), "health"),
         ];
         for (text, field) in cases {
             let err = AgentConfig::parse(&text, "agent.toml").and_then(|c| c.validate("agent.toml").map(|_| ()));

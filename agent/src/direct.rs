@@ -15,10 +15,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Mode;
+use crate::routes::{Connect, Route};
 use crate::{AgentShared, Node};
 
 /// Deadline for a direct client's TLS handshake and a probe's nonce.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Most bytes of a ClientHello read to find its name.
+const CLIENT_HELLO_MAX: usize = 16 * 1024;
 
 /// Accepts direct clients until shutdown. Connections arriving before the
 /// first tunnel has told the agent its names are refused (no certificate).
@@ -43,27 +46,32 @@ pub async fn serve(listener: TcpListener, shared: Arc<AgentShared>, shutdown: Ca
         let _ = tcp.set_nodelay(true);
         tasks.spawn(async move {
             let local = tcp.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-            let config = &node.shared.config;
-            let header = StreamHeader { client: peer, local, sni: node.name.clone(), plain: false };
-            if config.mode == Mode::Terminate {
-                return terminate_direct(tcp, peer, header, &node).await;
-            }
-            let upstream =
-                match crate::streams::connect_upstream(&config.upstream, &header, config.proxy_protocol).await {
-                    Ok(u) => u,
-                    Err(e) => return tracing::debug!(%peer, error = %e, "direct connection: upstream failed"),
-                };
-            let result = match config.mode {
-                Mode::Terminate => Ok(()),
-                Mode::Passthrough => {
-                    let mut tcp = tcp;
-                    let mut upstream = upstream;
-                    tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await.map(|_| ()).map_err(|e| {
-                        crate::streams::StreamError::Upstream { addr: config.upstream.clone(), error: e.to_string() }
-                    })
-                }
+            // The route by the ClientHello's name (left in the socket for
+            // the handshake or the passthrough upstream).
+            let sni = match peek_sni(&tcp).await {
+                Ok(sni) => sni.unwrap_or_else(|| {
+                    node.hostnames.iter().find(|h| !h.starts_with("*.")).cloned().unwrap_or_else(|| node.name.clone())
+                }),
+                Err(why) => return tracing::debug!(%peer, %why, "direct connection: no ClientHello"),
             };
-            if let Err(e) = result {
+            let header = StreamHeader { client: peer, local, sni, plain: false, service: None };
+            let table = node.shared.routes();
+            let Some(route) = table.select(&header.sni) else {
+                if table.fallback_mode == Mode::Terminate {
+                    return terminate_direct(tcp, peer, header, None, table.fallback_direct_tls.clone(), &node).await;
+                }
+                return tracing::debug!(%peer, sni = %header.sni, "direct connection: no route for the name");
+            };
+            if route.mode == Mode::Terminate {
+                let tls = route.direct_tls.clone();
+                return terminate_direct(tcp, peer, header, Some(&route), tls, &node).await;
+            }
+            let mut upstream = match route.connect(&header).await {
+                Connect::Ok(u) => u,
+                Connect::Refused(_, why) => return tracing::debug!(%peer, %why, "direct connection: upstream failed"),
+            };
+            let mut tcp = tcp;
+            if let Err(e) = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
                 tracing::debug!(%peer, error = %e, "direct connection failed");
             }
         });
@@ -73,8 +81,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<AgentShared>, shutdown: Ca
 
 /// Terminates TLS first, then either answers the server's reachability
 /// probe (ALPN `edge-probe/1`) or forwards to the upstream.
-async fn terminate_direct(tcp: TcpStream, peer: SocketAddr, header: StreamHeader, node: &Node) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(node.direct_tls.clone());
+async fn terminate_direct(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    header: StreamHeader,
+    route: Option<&Route>,
+    config: Arc<rustls::ServerConfig>,
+    node: &Node,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let mut tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "direct client TLS handshake failed"),
@@ -97,10 +112,39 @@ async fn terminate_direct(tcp: TcpStream, peer: SocketAddr, header: StreamHeader
         }
         return;
     }
-    let config = &node.shared.config;
-    match crate::streams::connect_upstream(&config.upstream, &header, config.proxy_protocol).await {
-        // No tunnel window to protect: a budget that never sheds.
-        Ok(upstream) => crate::streams::pump(tls, upstream, node, "direct", &StallBudget::new(usize::MAX)).await,
-        Err(e) => tracing::debug!(%peer, error = %e, "direct connection: upstream failed"),
+    let Some(route) = route else {
+        return crate::streams::answer_over_tls(tls, edge_proto::routes::Refusal::NotFound).await;
+    };
+    // No tunnel window to protect: a budget that never sheds.
+    let unbounded = Arc::new(StallBudget::new(usize::MAX));
+    if let Err(e) = crate::streams::serve_terminated(tls, &header, route, node, &unbounded).await {
+        tracing::debug!(%peer, error = %e, "direct connection");
     }
+}
+
+/// Reads the server name of the ClientHello waiting in `tcp` without taking
+/// it off the socket. `Ok(None)`: a ClientHello without a name.
+async fn peek_sni(tcp: &TcpStream) -> Result<Option<String>, String> {
+    let mut buf = vec![0u8; CLIENT_HELLO_MAX];
+    let read = async {
+        loop {
+            let n = tcp.peek(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed".to_string());
+            }
+            match edge_proto::client_hello::parse(&buf[..n], CLIENT_HELLO_MAX) {
+                edge_proto::client_hello::Parse::Incomplete => {
+                    // Peeking again returns at once with the same bytes:
+                    // wait for more to arrive.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                edge_proto::client_hello::Parse::Rejected(edge_proto::client_hello::Rejection::NoSni) => {
+                    return Ok(None)
+                }
+                edge_proto::client_hello::Parse::Rejected(r) => return Err(r.label().to_string()),
+                edge_proto::client_hello::Parse::Found(name) => return Ok(Some(name)),
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_DEADLINE, read).await.map_err(|_| "timed out".to_string())?
 }

@@ -6,6 +6,8 @@
 //! - [`config`]: configuration file and validation.
 //! - [`cluster`]: which servers to hold tunnels to (every live server).
 //! - [`session`]: dial, authenticate, heartbeat, reconnect with backoff.
+//! - [`routes`]: which upstreams serve which names; picking an upstream.
+//! - [`health`]: upstream health from active checks and failed connects.
 //! - [`streams`]: one client connection per QUIC stream.
 //! - [`direct`]: clients connecting to the node itself, without the tunnel.
 //! - [`tls`]: node certificate (swappable) and server trust.
@@ -19,7 +21,9 @@ pub mod acme;
 pub mod cluster;
 pub mod config;
 pub mod direct;
+pub mod health;
 pub mod metrics;
+pub mod routes;
 pub mod session;
 pub mod signal;
 pub mod status;
@@ -77,6 +81,13 @@ pub struct AgentShared {
     /// Id of this installation among the node's replicas.
     pub replica: String,
     resolver: Arc<NodeCertResolver>,
+    /// The routes in force (a reload swaps the table).
+    routes: std::sync::RwLock<Arc<routes::RouteTable>>,
+    /// Moves on at every route change (reload, health transition): the
+    /// sessions report the routes again.
+    routes_changed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Stops the running table's health checks.
+    health_checks: Mutex<CancellationToken>,
     node: Mutex<Option<Arc<Node>>>,
     /// Serializes certificate loading between the agent's sessions.
     node_setup: tokio::sync::Mutex<()>,
@@ -111,10 +122,6 @@ pub struct Node {
     pub name: String,
     /// Hostnames this node owns.
     pub hostnames: Vec<String>,
-    /// TLS config for terminating client connections.
-    pub tls: Arc<rustls::ServerConfig>,
-    /// The same, plus the probe ALPN, for the direct listener.
-    pub direct_tls: Arc<rustls::ServerConfig>,
 }
 
 impl Node {
@@ -151,6 +158,42 @@ impl AgentShared {
     /// server is down).
     pub fn known_servers(&self) -> Vec<edge_proto::tunnel::ClusterServer> {
         self.servers.borrow().clone()
+    }
+
+    /// The routes in force.
+    pub fn routes(&self) -> Arc<routes::RouteTable> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A receiver that sees every route change.
+    pub fn route_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.routes_changed.subscribe()
+    }
+
+    /// Puts the routes of `config` in force and starts their health checks;
+    /// the previous table's checks stop. Connections already open keep the
+    /// route (and upstream) they have.
+    pub fn install_routes(&self, config: &AgentConfig) {
+        let table = Arc::new(routes::RouteTable::build(config, &self.resolver, &self.routes_changed));
+        table.carry_health_from(&self.routes());
+        let stop = self.shutdown.child_token();
+        let old = std::mem::replace(&mut *self.health_checks.lock().unwrap_or_else(|p| p.into_inner()), stop.clone());
+        old.cancel();
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = table.clone();
+        tokio::spawn(health::run(table, stop));
+        self.routes_changed.send_modify(|n| *n += 1);
+    }
+
+    /// Applies a reloaded config: routes, upstreams, modes, ALPN and health
+    /// checks. Other settings need a restart and are named in the log.
+    pub fn reload(&self, config: &AgentConfig) {
+        let restart = self.config.restart_only_changes(config);
+        if !restart.is_empty() {
+            tracing::warn!(settings = ?restart, "reload: these settings changed but apply only after a restart");
+        }
+        self.install_routes(config);
+        let table = self.routes();
+        tracing::info!(routes = table.routes().len(), "reload: routes in force");
     }
 
     /// The node as last welcomed by the server, once known.
@@ -211,17 +254,12 @@ impl AgentShared {
         if use_acme && !self.acme_started.swap(true, std::sync::atomic::Ordering::SeqCst) {
             tokio::spawn(acme::run(self.clone(), hostnames.to_vec(), stored, self.shutdown.clone()));
         }
-        let node = Arc::new(Node {
-            shared: self.clone(),
-            name: name.to_string(),
-            hostnames: hostnames.to_vec(),
-            tls: tls::termination_config(self.resolver.clone(), &self.config.alpn),
-            direct_tls: tls::termination_config(self.resolver.clone(), &{
-                let mut alpn = self.config.alpn.clone();
-                alpn.push(String::from_utf8_lossy(edge_proto::probe::ALPN).into_owned());
-                alpn
-            }),
-        });
+        let node = Arc::new(Node { shared: self.clone(), name: name.to_string(), hostnames: hostnames.to_vec() });
+        let unreachable = self.routes().unreachable(hostnames);
+        if !unreachable.is_empty() {
+            tracing::warn!(routes = ?unreachable, hostnames = ?hostnames,
+                "routes outside the node's names: no client will reach them");
+        }
         *self.node.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
         Ok(node)
     }
@@ -266,8 +304,32 @@ fn replica_id(data_dir: &std::path::Path) -> String {
     id
 }
 
+/// Applies each config that arrives on `reloads` (already validated).
+async fn apply_reloads(
+    shared: Arc<AgentShared>,
+    mut reloads: tokio::sync::mpsc::Receiver<AgentConfig>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = reloads.recv() => match next {
+                Some(config) => shared.reload(&config),
+                None => return,
+            },
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` is cancelled or a fatal error occurs.
-pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken) -> Result<(), AgentError> {
+/// Each config sent on `reloads` (validated; SIGHUP in the binary) replaces
+/// the routes.
+pub async fn run(
+    config: AgentConfig,
+    origin: &str,
+    reloads: tokio::sync::mpsc::Receiver<AgentConfig>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let ticket = config.validate(origin).map_err(|e| AgentError::Config(e.to_string()))?;
     let trust = ServerTrust::from_config(config.server_ca_file.as_deref(), ticket.fingerprint)?;
     // A configured certificate is checked now, not at the first welcome: a
@@ -300,6 +362,9 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         None => replica_id(&config.data_dir),
     };
     let status_listener = bind_optional(config.status_listen, "status endpoint").await?;
+    let resolver = NodeCertResolver::new();
+    let routes_changed = Arc::new(tokio::sync::watch::Sender::new(0u64));
+    let table = Arc::new(routes::RouteTable::build(&config, &resolver, &routes_changed));
     let direct_listener = bind_optional(config.direct_listen, "direct listener").await?;
     let shared = Arc::new(AgentShared {
         config,
@@ -308,7 +373,10 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         metrics: AgentMetrics::default(),
         instance: format!("{:016x}", rand::random::<u64>()),
         replica,
-        resolver: NodeCertResolver::new(),
+        resolver: resolver.clone(),
+        routes: std::sync::RwLock::new(table),
+        routes_changed,
+        health_checks: Mutex::new(CancellationToken::new()),
         node: Mutex::new(None),
         node_setup: tokio::sync::Mutex::new(()),
         welcomed: tokio::sync::watch::Sender::new(false),
@@ -318,8 +386,12 @@ pub async fn run(config: AgentConfig, origin: &str, shutdown: CancellationToken)
         acme_started: std::sync::atomic::AtomicBool::new(false),
         shutdown: shutdown.clone(),
     });
-    tracing::info!(node = shared.ticket.node(), server = %shared.ticket.server, upstream = %shared.config.upstream,
-        mode = ?shared.config.mode, "edge-agent starting");
+    let config = shared.config.clone();
+    shared.install_routes(&config);
+    tracing::info!(node = shared.ticket.node(), server = %shared.ticket.server,
+        upstream = shared.config.upstream.as_deref().unwrap_or("none"), routes = shared.config.routes.len(),
+        mode = %shared.config.mode, "edge-agent starting");
+    tokio::spawn(apply_reloads(shared.clone(), reloads, shutdown.clone()));
     if let Some(listener) = status_listener {
         announce(&listener, &shared.config.data_dir.join("status.addr"), "status endpoint listening");
         tokio::spawn(status::serve(listener, shared.clone(), shutdown.clone()));

@@ -51,7 +51,7 @@ enum CertCommand {
     },
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct RunArgs {
     /// Config file (TOML); flags below override its values.
     #[arg(short, long, env = "EDGE_AGENT_CONFIG")]
@@ -105,7 +105,7 @@ impl RunArgs {
             config.join = join;
         }
         if let Some(upstream) = self.upstream {
-            config.upstream = upstream;
+            config.upstream = Some(upstream);
         }
         if self.passthrough {
             config.mode = Mode::Passthrough;
@@ -221,22 +221,24 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            let (config, origin) = args.into_config()?;
+            let (config, origin) = args.clone().into_config()?;
             edge_net::logging::init(config.log_format);
             edge_net::raise_fd_limit();
             let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(signal_handler(shutdown.clone()));
-                edge_agent::run(config, &origin, shutdown).await
+                let (reloads, reloaded) = tokio::sync::mpsc::channel(4);
+                tokio::spawn(signal_handler(args, reloads, shutdown.clone()));
+                edge_agent::run(config, &origin, reloaded, shutdown).await
             })?;
             Ok(())
         }
     }
 }
 
-/// Signals only cancel; the agent drains by itself.
-async fn signal_handler(shutdown: CancellationToken) {
+/// SIGTERM and SIGINT cancel (the agent drains by itself); SIGHUP reads
+/// the config again and, if it is valid, hands it to the agent.
+async fn signal_handler(args: RunArgs, reloads: tokio::sync::mpsc::Sender<AgentConfig>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
         return;
@@ -246,9 +248,16 @@ async fn signal_handler(shutdown: CancellationToken) {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received"); break; }
             _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
             // A reload must never stop the agent (systemd maps reload to
-            // SIGHUP); the agent's config is read at start.
-            _ = hup.recv() => tracing::warn!("SIGHUP received: the agent reads its config only at start; \
-                restart it to apply changes"),
+            // SIGHUP): an invalid file is refused and the running config stays.
+            _ = hup.recv() => match args.clone().into_config() {
+                Ok((config, origin)) => {
+                    tracing::info!(%origin, "SIGHUP received: reloading routes");
+                    let _ = reloads.send(config).await;
+                }
+                // One line: a TOML error spans several.
+                Err(e) => tracing::error!(error = %edge_net::error_chain(e.chain()).replace('\n', " "),
+                    "SIGHUP received: the config is invalid; the running config stays"),
+            },
         }
     }
     shutdown.cancel();

@@ -16,6 +16,8 @@ use crate::cluster::Target;
 use crate::{AgentError, AgentShared};
 
 /// Deadline for the QUIC handshake.
+/// Least time between two routes reports on one tunnel.
+const ROUTES_EVERY: Duration = Duration::from_secs(1);
 const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 /// Deadline for the server's answer to hello.
 const WELCOME_DEADLINE: Duration = Duration::from_secs(10);
@@ -129,6 +131,8 @@ pub fn capabilities(config: &crate::config::AgentConfig) -> Vec<String> {
         "passthrough".to_string(),
         edge_proto::tunnel::CAPABILITY_CLUSTER.to_string(),
         edge_proto::tunnel::CAPABILITY_HANDOVER.to_string(),
+        edge_proto::tunnel::CAPABILITY_ROUTES.to_string(),
+        edge_proto::tunnel::CAPABILITY_SERVICES.to_string(),
     ];
     if config.proxy_protocol {
         capabilities.push("proxy_v2".into());
@@ -225,10 +229,18 @@ fn ended(conn: &quinn::Connection, fallback: String) -> End {
 type Reader = FramedRead<quinn::RecvStream, ControlCodec<ServerMessage, AgentMessage>>;
 type Writer = FramedWrite<quinn::SendStream, ControlCodec<ServerMessage, AgentMessage>>;
 
-async fn handshake(
-    conn: &quinn::Connection,
-    shared: &AgentShared,
-) -> Result<(Reader, Writer, String, Vec<String>, u64), End> {
+/// What the server's welcome said.
+struct Welcomed {
+    reader: Reader,
+    writer: Writer,
+    node: String,
+    hostnames: Vec<String>,
+    heartbeat_secs: u64,
+    /// The server takes [`AgentMessage::Routes`].
+    takes_routes: bool,
+}
+
+async fn handshake(conn: &quinn::Connection, shared: &AgentShared) -> Result<Welcomed, End> {
     let closed = |e: quinn::ConnectionError| classify_close(&e);
     let (send, recv) = conn.open_bi().await.map_err(closed)?;
     let mut reader = FramedRead::new(recv, ControlCodec::<ServerMessage, AgentMessage>::default());
@@ -249,9 +261,18 @@ async fn handshake(
             .map_or_else(|| End::Retry(format!("sending hello: {e}")), |r| classify_close(&r)));
     }
     match tokio::time::timeout(WELCOME_DEADLINE, reader.next()).await {
-        Ok(Some(Ok(ServerMessage::Welcome { node, hostnames, heartbeat_secs, servers, servers_revision, .. }))) => {
+        Ok(Some(Ok(ServerMessage::Welcome {
+            node,
+            hostnames,
+            heartbeat_secs,
+            servers,
+            servers_revision,
+            capabilities,
+            ..
+        }))) => {
             shared.learn_servers(servers, servers_revision);
-            Ok((reader, writer, node, hostnames, heartbeat_secs.clamp(1, 300)))
+            let takes_routes = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_ROUTES);
+            Ok(Welcomed { reader, writer, node, hostnames, heartbeat_secs: heartbeat_secs.clamp(1, 300), takes_routes })
         }
         Ok(Some(Ok(ServerMessage::Rejected { code, reason }))) => Err(verdict(u64::from(code), &reason)),
         Ok(Some(Ok(other))) => Err(End::Retry(format!("unexpected first message from server: {other:?}"))),
@@ -274,10 +295,11 @@ async fn tunnel(
     moved: tokio::sync::oneshot::Sender<()>,
 ) -> End {
     let mut moved = Some(moved);
-    let (mut reader, mut writer, node_name, hostnames, heartbeat_secs) = match handshake(conn, shared).await {
-        Ok(h) => h,
-        Err(end) => return end,
-    };
+    let Welcomed { mut reader, mut writer, node: node_name, hostnames, heartbeat_secs, takes_routes } =
+        match handshake(conn, shared).await {
+            Ok(h) => h,
+            Err(end) => return end,
+        };
     if node_name != shared.ticket.node() {
         return End::Fatal(format!(
             "server says this is node {node_name:?}, the join string says {:?}",
@@ -314,6 +336,14 @@ async fn tunnel(
     // finished; if it never does (the upgrade was given up), this session
     // leaves by itself a while after the server's drain could have ended.
     let mut handed_over: Option<tokio::time::Instant> = None;
+    // Routes are reported now and at every change, to servers that take them.
+    let mut last_routes: Option<tokio::time::Instant> = None;
+    let mut routes_due: Option<tokio::time::Instant> = None;
+    let mut route_changes = takes_routes.then(|| {
+        let mut rx = shared.route_changes();
+        rx.mark_changed();
+        rx
+    });
     let end = loop {
         let leave_by = handed_over.map(|at| at + drain + HANDOVER_SLACK);
         tokio::select! {
@@ -360,6 +390,30 @@ async fn tunnel(
                 m.cwnd.store(stats.path.cwnd, Ordering::Relaxed);
                 m.congestion_events.store(stats.path.congestion_events, Ordering::Relaxed);
                 m.lost_packets.store(stats.path.lost_packets, Ordering::Relaxed);
+            }
+            changed = async { route_changes.as_mut()?.changed().await.ok() }, if route_changes.is_some() => {
+                if changed.is_none() {
+                    route_changes = None;
+                    continue;
+                }
+                // At most one report per second: flapping health must not
+                // become a store write per flap.
+                let earliest = last_routes.map_or_else(tokio::time::Instant::now, |t| t + ROUTES_EVERY);
+                routes_due.get_or_insert(earliest);
+            }
+            _ = async { tokio::time::sleep_until(routes_due.unwrap_or_else(tokio::time::Instant::now)).await },
+                if routes_due.is_some() => {
+                routes_due = None;
+                last_routes = Some(tokio::time::Instant::now());
+                let message = AgentMessage::Routes { routes: shared.routes().report() };
+                let size = serde_json::to_vec(&message).map_or(usize::MAX, |v| v.len());
+                if size > edge_proto::tunnel::MAX_CONTROL_FRAME {
+                    tracing::warn!(bytes = size, "the routes report is larger than a control frame; not sent");
+                    continue;
+                }
+                if let Err(e) = writer.send(message).await {
+                    break conn.close_reason().map_or_else(|| End::Retry(format!("routes: {e}")), |r| classify_close(&r));
+                }
             }
             _ = heartbeat.tick() => {
                 if last_ack.elapsed() > interval * 3 {

@@ -29,6 +29,7 @@ async fn ready(State(shared): State<Arc<AgentShared>>) -> impl IntoResponse {
 
 async fn metrics(State(shared): State<Arc<AgentShared>>) -> impl IntoResponse {
     let mut body = shared.metrics.render();
+    shared.routes().render_metrics(&mut body);
     edge_net::render_process_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

@@ -1,7 +1,8 @@
 //! One data stream = one client connection: read the header, check the name
-//! is this node's, then terminate TLS and, once the handshake is complete,
-//! forward plaintext to the upstream (or forward the raw TLS in passthrough
-//! mode).
+//! is this node's, pick the route for it, then terminate TLS and, once the
+//! handshake is complete, forward plaintext to an upstream of the route (or
+//! forward the raw TLS in passthrough mode). A route that cannot serve
+//! answers 404/502/503 in HTTP.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,7 +14,10 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use edge_proto::routes::Refusal;
+
 use crate::config::Mode;
+use crate::routes::{Connect, Route};
 use crate::Node;
 
 /// Deadline for the header and for the client's TLS handshake.
@@ -23,6 +27,8 @@ const UPSTREAM_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 /// Backstop for idle passthrough streams; the server's own idle timeout
 /// (`limits.idle_timeout_secs`) normally ends them first.
 const PASSTHROUGH_IDLE: Duration = Duration::from_secs(3600);
+/// How long an answered client may take to close after the answer.
+const LINGER: Duration = Duration::from_secs(2);
 /// Copy buffer per direction when terminating TLS.
 const COPY_BUF: usize = 64 * 1024;
 
@@ -46,6 +52,15 @@ pub enum StreamError {
     /// The client's TLS handshake failed.
     #[error("client TLS handshake: {0}")]
     Tls(String),
+    /// The server named a TCP service this agent does not declare.
+    #[error("no TCP service named {0:?} is declared")]
+    NoService(String),
+    /// No route serves the name, and the connection could only be closed.
+    #[error("no route for {0:?}")]
+    NoRoute(String),
+    /// The client was answered with an HTTP error (404, 502, 503).
+    #[error("answered {0}: {1}")]
+    Refused(u16, String),
 }
 
 /// Serves one data stream to completion. `stalls` is the budget of the
@@ -55,46 +70,174 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>,
     let metrics = &node.shared.metrics;
     metrics.total_streams.fetch_add(1, Ordering::Relaxed);
     metrics.open_streams.fetch_add(1, Ordering::Relaxed);
+    let reset = |send: &mut SendStream, recv: &mut RecvStream, code: u32| {
+        let _ = send.reset(VarInt::from_u32(code));
+        let _ = recv.stop(VarInt::from_u32(code));
+    };
     let result = match prepare(&mut recv, &node).await {
         Err((code, e)) => {
-            let _ = send.reset(VarInt::from_u32(code));
-            let _ = recv.stop(VarInt::from_u32(code));
+            reset(&mut send, &mut recv, code);
             Err(e)
         }
-        // Passthrough, and plain HTTP from the server's :80: bytes as they
-        // are, so the upstream is connected at once.
-        Ok(header) if header.plain || node.shared.config.mode == Mode::Passthrough => {
-            match connect_upstream(&node.shared.config.upstream, &header, node.shared.config.proxy_protocol).await {
-                Err(e) => {
-                    let _ = send.reset(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
-                    let _ = recv.stop(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
-                    Err(e)
+        Ok(header) if header.service.is_some() => serve_service(send, recv, &header, &node, &stalls).await,
+        Ok(header) => {
+            let table = node.shared.routes();
+            match table.select(&header.sni) {
+                // Plain HTTP gets the refusal as is; TLS gets it over the
+                // node's TLS when terminating, a reset when passing through.
+                None if header.plain => refuse_plain(send, recv, Refusal::NotFound).await,
+                None if table.fallback_mode == Mode::Terminate => {
+                    refuse_tls(tokio::io::join(recv, send), table.fallback_tls.clone(), Refusal::NotFound).await
                 }
-                Ok(upstream) => {
-                    let end = edge_net::splice::splice(
-                        upstream,
-                        send,
-                        recv,
-                        codes::STREAM_UPSTREAM_FAILED,
-                        &metrics.bytes,
-                        PASSTHROUGH_IDLE,
-                        &stalls,
-                    )
-                    .await;
-                    if end == edge_net::splice::SpliceEnd::Shed {
-                        metrics.streams_shed.fetch_add(1, Ordering::Relaxed);
+                None => {
+                    reset(&mut send, &mut recv, codes::STREAM_UPSTREAM_FAILED);
+                    Err(StreamError::NoRoute(header.sni))
+                }
+                // Passthrough, and plain HTTP from the server's :80: bytes as
+                // they are, so the upstream is connected at once.
+                Some(route) if header.plain || route.mode == Mode::Passthrough => match route.connect(&header).await {
+                    Connect::Refused(refusal, why) => {
+                        if header.plain {
+                            let _ = refuse_plain(send, recv, refusal).await;
+                        } else {
+                            reset(&mut send, &mut recv, codes::STREAM_UPSTREAM_FAILED);
+                        }
+                        Err(StreamError::Refused(refusal.status().0, why))
                     }
-                    tracing::trace!(?end, name = %header.sni, plain = header.plain, "raw stream done");
-                    Ok(())
-                }
+                    Connect::Ok(upstream) => {
+                        let end = edge_net::splice::splice(
+                            upstream,
+                            send,
+                            recv,
+                            codes::STREAM_UPSTREAM_FAILED,
+                            &metrics.bytes,
+                            PASSTHROUGH_IDLE,
+                            &stalls,
+                        )
+                        .await;
+                        if end == edge_net::splice::SpliceEnd::Shed {
+                            metrics.streams_shed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::trace!(?end, name = %header.sni, plain = header.plain, "raw stream done");
+                        Ok(())
+                    }
+                },
+                Some(route) => terminate(tokio::io::join(recv, send), &header, &route, &node, &stalls).await,
             }
         }
-        Ok(header) => terminate(tokio::io::join(recv, send), &header, &node, &stalls).await,
     };
     metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
     if let Err(e) = result {
         metrics.stream_errors.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(error = %e, "stream failed");
+    }
+}
+
+/// A raw TCP service: the target this agent declared under the header's
+/// service name, or a reset when it declares none (the server names
+/// services, never addresses).
+async fn serve_service(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    header: &StreamHeader,
+    node: &Node,
+    stalls: &Arc<StallBudget>,
+) -> Result<(), StreamError> {
+    let name = header.service.as_deref().unwrap_or_default();
+    let table = node.shared.routes();
+    let Some(service) = table.service(name) else {
+        let _ = send.reset(VarInt::from_u32(codes::STREAM_NO_SERVICE));
+        let _ = recv.stop(VarInt::from_u32(codes::STREAM_NO_SERVICE));
+        static LOG: std::sync::LazyLock<edge_net::logging::Throttle> =
+            std::sync::LazyLock::new(|| edge_net::logging::Throttle::new(Duration::from_secs(10)));
+        if let Some(suppressed) = LOG.due() {
+            tracing::warn!(service = %name, suppressed,
+                "the server sent a connection for a TCP service this agent does not declare; refused \
+                 (add it under [[services]]; logged at most every 10 s)");
+        }
+        return Err(StreamError::NoService(name.to_string()));
+    };
+    let upstream = match connect_upstream(&service.target, header, service.proxy_protocol).await {
+        Ok(u) => u,
+        Err(e) => {
+            let _ = send.reset(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
+            let _ = recv.stop(VarInt::from_u32(codes::STREAM_UPSTREAM_FAILED));
+            return Err(e);
+        }
+    };
+    let metrics = &node.shared.metrics;
+    let end = edge_net::splice::splice(
+        upstream,
+        send,
+        recv,
+        codes::STREAM_UPSTREAM_FAILED,
+        &metrics.bytes,
+        PASSTHROUGH_IDLE,
+        stalls,
+    )
+    .await;
+    if end == edge_net::splice::SpliceEnd::Shed {
+        metrics.streams_shed.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::trace!(?end, service = %name, "service stream done");
+    Ok(())
+}
+
+/// Answers plain HTTP (from the server's :80) with `refusal` and ends the stream.
+async fn refuse_plain(mut send: SendStream, mut recv: RecvStream, refusal: Refusal) -> Result<(), StreamError> {
+    let _ = tokio::time::timeout(HANDSHAKE_DEADLINE, send.write_all(&refusal.response())).await;
+    let _ = send.finish();
+    drain_until_closed(&mut recv).await;
+    Err(StreamError::Refused(refusal.status().0, "answered on plain HTTP".into()))
+}
+
+/// After an answer that closes: reads what the client still sends until it
+/// closes too (or [`LINGER`] passes). Hanging up on unread input would have
+/// the server reset the client's TCP, and a reset can destroy the answer
+/// before the client reads it.
+async fn drain_until_closed<R: tokio::io::AsyncRead + Unpin>(r: &mut R) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = r.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Completes the client's TLS handshake, then answers `refusal` over it.
+async fn refuse_tls<IO>(io: IO, tls: Arc<rustls::ServerConfig>, refusal: Refusal) -> Result<(), StreamError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
+{
+    let tls = accept(io, tls).await?;
+    answer_over_tls(tls, refusal).await;
+    Err(StreamError::Refused(refusal.status().0, "no route for the name".into()))
+}
+
+/// Writes `refusal` as HTTP/1.1 on an established TLS session and closes
+/// it, unless the client negotiated another protocol (then it is aborted:
+/// an HTTP/1.1 answer would be garbage to it).
+pub async fn answer_over_tls<IO>(mut tls: tokio_rustls::server::TlsStream<IO>, refusal: Refusal)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
+{
+    let http1 = tls.get_ref().1.alpn_protocol().is_none_or(|p| p == b"http/1.1");
+    if !http1 {
+        let (io, _) = tls.into_inner();
+        io.abort(codes::STREAM_UPSTREAM_FAILED);
+        return;
+    }
+    let answered = tokio::time::timeout(HANDSHAKE_DEADLINE, async {
+        tls.write_all(&refusal.response()).await?;
+        tls.shutdown().await
+    })
+    .await;
+    if matches!(answered, Ok(Ok(()))) {
+        drain_until_closed(&mut tls).await;
     }
 }
 
@@ -202,39 +345,62 @@ pub async fn pump<IO>(
     }
 }
 
-/// Terminates the client's TLS on `io` with the node certificate, then
-/// connects the upstream and copies plaintext both ways until both sides
-/// finish. The upstream is connected only once the handshake is complete:
-/// a client that sends a ClientHello and stalls (or fails the handshake)
-/// costs the upstream nothing.
+/// The client's TLS handshake on `io` with `tls`, under the deadline.
+async fn accept<IO>(io: IO, tls: Arc<rustls::ServerConfig>) -> Result<tokio_rustls::server::TlsStream<IO>, StreamError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
+{
+    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(io).into_fallible();
+    match tokio::time::timeout(HANDSHAKE_DEADLINE, accept).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err((e, io))) => {
+            io.abort(codes::STREAM_TLS_FAILED);
+            Err(StreamError::Tls(e.to_string()))
+        }
+        Err(_) => Err(StreamError::Tls("timed out".into())),
+    }
+}
+
+/// Terminates the client's TLS on `io` with the route's TLS config, then
+/// connects an upstream of the route and copies plaintext both ways until
+/// both sides finish. The upstream is connected only once the handshake is
+/// complete: a client that sends a ClientHello and stalls (or fails the
+/// handshake) costs the upstream nothing. A route that cannot serve
+/// answers 503 (every upstream down) or 502 (every connect failed).
 pub async fn terminate<IO>(
     io: IO,
     header: &StreamHeader,
+    route: &Route,
     node: &Node,
     stalls: &Arc<StallBudget>,
 ) -> Result<(), StreamError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
-    let acceptor = tokio_rustls::TlsAcceptor::from(node.tls.clone());
-    let accept = acceptor.accept(io).into_fallible();
-    let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, accept).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err((e, io))) => {
-            io.abort(codes::STREAM_TLS_FAILED);
-            return Err(StreamError::Tls(e.to_string()));
+    let tls = accept(io, route.tls.clone()).await?;
+    serve_terminated(tls, header, route, node, stalls).await
+}
+
+/// The part of [`terminate`] after the handshake (the direct listener
+/// shares it).
+pub async fn serve_terminated<IO>(
+    tls: tokio_rustls::server::TlsStream<IO>,
+    header: &StreamHeader,
+    route: &Route,
+    node: &Node,
+    stalls: &Arc<StallBudget>,
+) -> Result<(), StreamError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
+{
+    match route.connect(header).await {
+        Connect::Ok(upstream) => {
+            pump(tls, upstream, node, &header.sni, stalls).await;
+            Ok(())
         }
-        Err(_) => return Err(StreamError::Tls("timed out".into())),
-    };
-    let config = &node.shared.config;
-    let upstream = match connect_upstream(&config.upstream, header, config.proxy_protocol).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            let (io, _) = tls.into_inner();
-            io.abort(codes::STREAM_UPSTREAM_FAILED);
-            return Err(e);
+        Connect::Refused(refusal, why) => {
+            answer_over_tls(tls, refusal).await;
+            Err(StreamError::Refused(refusal.status().0, why))
         }
-    };
-    pump(tls, upstream, node, &header.sni, stalls).await;
-    Ok(())
+    }
 }

@@ -211,6 +211,18 @@ pub enum AuditAction {
     /// A retired server was forgotten.
     #[serde(rename = "server.remove")]
     ServerRemove,
+    /// A TCP service was added.
+    #[serde(rename = "service.create")]
+    ServiceCreate,
+    /// A TCP service was removed.
+    #[serde(rename = "service.remove")]
+    ServiceRemove,
+    /// An access policy was set.
+    #[serde(rename = "access.set")]
+    AccessSet,
+    /// An access policy was cleared.
+    #[serde(rename = "access.clear")]
+    AccessClear,
     /// A user was added.
     #[serde(rename = "user.add")]
     UserAdd,
@@ -233,7 +245,7 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// Every action, for filters and documentation.
-    pub const ALL: [AuditAction; 13] = [
+    pub const ALL: [AuditAction; 17] = [
         Self::NodeCreate,
         Self::NodeRemove,
         Self::NodeRotateToken,
@@ -241,6 +253,10 @@ impl AuditAction {
         Self::DnsCreate,
         Self::DnsDelete,
         Self::ServerRemove,
+        Self::ServiceCreate,
+        Self::ServiceRemove,
+        Self::AccessSet,
+        Self::AccessClear,
         Self::UserAdd,
         Self::UserRemove,
         Self::TokenAdd,
@@ -259,6 +275,10 @@ impl AuditAction {
             Self::DnsCreate => "dns.create",
             Self::DnsDelete => "dns.delete",
             Self::ServerRemove => "server.remove",
+            Self::ServiceCreate => "service.create",
+            Self::ServiceRemove => "service.remove",
+            Self::AccessSet => "access.set",
+            Self::AccessClear => "access.clear",
             Self::UserAdd => "user.add",
             Self::UserRemove => "user.remove",
             Self::TokenAdd => "token.add",
@@ -395,6 +415,10 @@ pub struct NodeDetail {
     pub transitions: Vec<Transition>,
     /// Recent probes, newest first.
     pub probes: Vec<Probe>,
+    /// The routes the agent last reported, with its upstreams' health
+    /// (empty until an agent that reports routes connected).
+    #[serde(default)]
+    pub routes: Vec<crate::routes::RouteReport>,
 }
 
 /// `POST /api/v1/nodes`.

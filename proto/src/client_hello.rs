@@ -235,6 +235,8 @@ pub enum AlertDescription {
     UnexpectedMessage = 10,
     /// `handshake_failure` (40).
     HandshakeFailure = 40,
+    /// `access_denied` (49).
+    AccessDenied = 49,
     /// `decode_error` (50).
     DecodeError = 50,
     /// `internal_error` (80).

@@ -13,12 +13,17 @@
 //! - [`probe`]: the nonce/answer proof that a probed endpoint is the node.
 //! - [`dns_zone`]: the cluster DNS zone as data, and the answer to one
 //!   question about it.
+//! - [`routes`]: a node's routes by hostname, their upstreams' health as
+//!   reported to the server, and the answers when a route cannot serve.
 //! - [`signal`]: the signal API's JSON request bodies.
+//! - [`access`]: allow/deny rules over client CIDRs for nodes, hostnames
+//!   and TCP services.
 //! - [`admin`]: the admin API's (`/api/v1`) request, response and error bodies.
 //! - [`handover`]: the zero-downtime upgrade between a running server and its
 //!   successor, and the control socket `edge-server upgrade` talks to.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod client_hello;
 pub mod dns_zone;
@@ -27,5 +32,6 @@ pub mod join;
 pub mod names;
 pub mod probe;
 pub mod proxy_v2;
+pub mod routes;
 pub mod signal;
 pub mod tunnel;

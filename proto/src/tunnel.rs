@@ -35,6 +35,13 @@ pub const CAPABILITY_CLUSTER: &str = "cluster";
 /// Capability an agent sends when it understands [`ServerMessage::Handover`]
 /// (older agents get [`ServerMessage::Draining`] and reconnect after the drain).
 pub const CAPABILITY_HANDOVER: &str = "handover";
+/// Capability an agent sends when it reports its routes
+/// ([`AgentMessage::Routes`]); a server that accepts them lists it back in
+/// the welcome's `capabilities`.
+pub const CAPABILITY_ROUTES: &str = "routes";
+/// Capability an agent sends when it serves raw TCP services (data streams
+/// whose header names a `service`).
+pub const CAPABILITY_SERVICES: &str = "services";
 /// Most servers listed to an agent.
 pub const MAX_CLUSTER_SERVERS: usize = 64;
 /// Protocol version carried in [`AgentMessage::Hello`].
@@ -75,6 +82,9 @@ pub mod codes {
     /// Peer stream reset: the peer has no tunnel to the node (it does not
     /// forward further: one hop at most).
     pub const STREAM_NO_TUNNEL: u32 = 0x6;
+    /// Data stream reset: the agent declares no TCP service of that name
+    /// (the server can never make an agent dial an address of its choice).
+    pub const STREAM_NO_SERVICE: u32 = 0x7;
 }
 
 /// Messages the agent sends on the control stream.
@@ -114,6 +124,13 @@ pub enum AgentMessage {
         /// Data streams currently open on the agent.
         open_streams: u64,
     },
+    /// The agent's routes and the health of their upstreams: sent after the
+    /// welcome and whenever they change (a reload, a health transition),
+    /// only to a server whose welcome listed [`CAPABILITY_ROUTES`].
+    Routes {
+        /// Every route, the default one (host `*`) included.
+        routes: Vec<crate::routes::RouteReport>,
+    },
     /// The agent is shutting down: the server places new streams on other
     /// tunnels of the node (this one is used only if none is up) and
     /// answers [`ServerMessage::LeaveAck`]; open streams finish, then the
@@ -143,6 +160,10 @@ pub enum ServerMessage {
         /// lists from several servers the agent keeps the newest.
         #[serde(default, skip_serializing_if = "is_zero")]
         servers_revision: u64,
+        /// Capabilities of the server that the agent announced too (so an
+        /// agent that announced none gets a welcome it already knows).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        capabilities: Vec<String>,
     },
     /// The cluster's live servers changed (only to agents that sent
     /// [`CAPABILITY_CLUSTER`]): the agent connects to new ones and leaves
@@ -247,6 +268,13 @@ pub struct StreamHeader {
     /// bytes to its upstream as they are (no TLS to terminate).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub plain: bool,
+    /// A raw TCP service (`edge-server service add`): the agent connects
+    /// the local target it declared under this name and splices the bytes
+    /// (no TLS, no routes). `sni` is then the node's own name. Only sent on
+    /// tunnels of agents that announced [`CAPABILITY_SERVICES`] (older
+    /// agents refuse the field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// Errors decoding tunnel frames.
@@ -294,6 +322,9 @@ impl StreamHeader {
         let header: StreamHeader = serde_json::from_slice(json)?;
         if crate::names::normalize_hostname(&header.sni).as_deref() != Some(header.sni.as_str()) {
             return Err(TunnelError::Json(serde::de::Error::custom("sni is not a normalized hostname")));
+        }
+        if header.service.as_deref().is_some_and(|s| crate::routes::validate_service_name(s).is_err()) {
+            return Err(TunnelError::Json(serde::de::Error::custom("service is not a valid service name")));
         }
         Ok(Some((header, 2 + len)))
     }
@@ -364,8 +395,14 @@ mod tests {
             local: "[2001:db8::1]:443".parse().unwrap(),
             sni: "app.n1.example".into(),
             plain: false,
+            service: None,
         };
-        assert!(!String::from_utf8_lossy(&header.encode()).contains("plain"), "old agents still read it");
+        let text = String::from_utf8_lossy(&header.encode()).into_owned();
+        assert!(!text.contains("plain") && !text.contains("service"), "old agents still read it");
+        let ssh = StreamHeader { service: Some("ssh".into()), ..header.clone() };
+        assert_eq!(StreamHeader::decode(&ssh.encode()).unwrap().unwrap().0, ssh);
+        let bad = StreamHeader { service: Some("../x".into()), ..header.clone() };
+        assert!(StreamHeader::decode(&bad.encode()).is_err(), "service names are checked");
         let mut wire = header.encode();
         wire.extend_from_slice(b"\x16\x03\x01rest");
         for end in 0..wire.len() - 9 {
@@ -417,6 +454,20 @@ mod tests {
     }
 
     #[test]
+    fn routes_reports_round_trip() {
+        use crate::routes::{RouteMode, RouteReport, UpstreamReport};
+        let up = UpstreamReport { addr: "127.0.0.1:4000".into(), up: true, check: "none".into() };
+        let msg = AgentMessage::Routes {
+            routes: vec![RouteReport { host: "*".into(), mode: RouteMode::Passthrough, upstreams: vec![up] }],
+        };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert_eq!(serde_json::from_str::<AgentMessage>(&json).unwrap(), msg);
+        assert!(json.contains(r#""type":"routes""#) && json.contains(r#""mode":"passthrough""#), "{json}");
+        let extra = json.replace(r#""check":"none""#, r#""check":"none","x":1"#);
+        assert!(serde_json::from_str::<AgentMessage>(&extra).is_ok(), "a newer agent's extra fields are ignored");
+    }
+
+    #[test]
     fn welcome_lists_servers_only_when_there_are_some() {
         let welcome = |servers: Vec<ClusterServer>| ServerMessage::Welcome {
             node: "n1".into(),
@@ -425,9 +476,11 @@ mod tests {
             server_version: "0.1.0".into(),
             servers_revision: if servers.is_empty() { 0 } else { 7 },
             servers,
+            capabilities: Vec::new(),
         };
         let json = serde_json::to_string(&welcome(Vec::new())).unwrap();
         assert!(!json.contains("servers"), "agents without the cluster capability still read it: {json}");
+        assert!(!json.contains("capabilities"), "nor a capability list they never asked for: {json}");
         let server = ClusterServer {
             id: "a1b2".into(),
             name: "edge-b".into(),

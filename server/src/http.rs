@@ -129,6 +129,10 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared.metrics.http_answer("not_found");
         return respond(&mut tcp, "404 Not Found", "", &format!("no node serves {}\n", head.host)).await;
     };
+    if !shared.access.allows(&node.name, &edge_proto::access::Scope::Host(head.host.clone()), peer.ip()) {
+        shared.metrics.http_answer("forbidden");
+        return respond(&mut tcp, "403 Forbidden", "", "access denied\n").await;
+    }
     let location = format!("Location: https://{}{}\r\n", head.host, head.target);
     if node.current_mode() == Mode::Direct {
         shared.metrics.http_answer("redirect");
@@ -153,7 +157,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         return respond(&mut tcp, "503 Service Unavailable", "", "the node is at its connection limit\n").await;
     }
     let _active = crate::ingress::GaugeGuard::new(&node.metrics.active);
-    let mut first = StreamHeader { client: peer, local, sni: head.host.clone(), plain: true }.encode();
+    let mut first = StreamHeader { client: peer, local, sni: head.host.clone(), plain: true, service: None }.encode();
     // One request per connection: the head goes out with `Connection: close`,
     // so a later request for another host on the same connection can never
     // reach this node (the upstream stops reading after this one).

@@ -141,6 +141,11 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         send_alert(&mut tcp, AlertDescription::UnrecognizedName).await;
         return;
     };
+    if !shared.access.allows(&node.name, &edge_proto::access::Scope::Host(sni.clone()), peer.ip()) {
+        shared.metrics.reject("access_denied");
+        send_alert(&mut tcp, AlertDescription::AccessDenied).await;
+        return;
+    }
     let tunnels = node.tunnel_count();
     if tunnels == 0 {
         // A direct-mode node reached through a stale DNS answer: hand the
@@ -171,7 +176,7 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         return;
     }
     let _active = GaugeGuard::new(&node.metrics.active);
-    let mut first = StreamHeader { client: peer, local, sni: sni.clone(), plain: false }.encode();
+    let mut first = StreamHeader { client: peer, local, sni: sni.clone(), plain: false, service: None }.encode();
     first.extend_from_slice(&hello);
     let placed = if via_peer {
         let within = Duration::from_secs(limits.idle_timeout_secs);

@@ -29,11 +29,14 @@
 //!   [`endpoints`]: which endpoints may be probed at all; [`self_loop`]:
 //!   refusing our own connections that come back to us.
 //! - [`http`]: plain HTTP on :80 (redirects, Host-routed proxying).
+//! - [`access`]: access policies in force, checked by every listener.
+//! - [`services`]: raw TCP services, one listener each, spliced to agents.
 //! - [`limits`]: per-source rates, connection caps, refusal counting.
 //! - [`upgrade`]: zero-downtime upgrade: a successor process takes over the
 //!   sockets while this one drains.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod certificates;
@@ -54,6 +57,7 @@ pub mod reload;
 pub mod scrape;
 pub mod self_loop;
 pub mod server;
+pub mod services;
 pub mod sni;
 pub mod state;
 pub mod store;

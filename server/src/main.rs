@@ -75,6 +75,18 @@ enum Command {
     /// serves them; records in [dns] of a config file serve only there).
     #[command(subcommand)]
     Dns(DnsCommand),
+    /// Raw TCP services (SSH, databases...): this server listens on a port
+    /// of its own and splices each connection to a node, whose agent
+    /// connects a local target it declares under `[[services]]`.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Access policies: which client addresses may reach a node, one of
+    /// its hostnames, or a TCP service. Rules are evaluated in order, the
+    /// first match decides, else the default; a hostname's or service's
+    /// policy takes precedence over the node's. Denied TLS clients get the
+    /// alert access_denied, plain HTTP 403, TCP services are closed.
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// Operators who log in to the dashboard (listen.admin).
     #[command(subcommand)]
     User(UserCommand),
@@ -163,6 +175,91 @@ enum ClusterCommand {
     Remove {
         /// The server's id (see `cluster status`).
         id: String,
+    },
+}
+
+/// Which policy a command is about.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct ScopeArgs {
+    /// A node: every connection to its names and services.
+    #[arg(long)]
+    node: Option<String>,
+    /// One hostname of a node, exactly as clients send it.
+    #[arg(long)]
+    host: Option<String>,
+    /// One TCP service.
+    #[arg(long)]
+    service: Option<String>,
+}
+
+impl ScopeArgs {
+    fn scope(self) -> edge_proto::access::Scope {
+        use edge_proto::access::Scope;
+        match (self.node, self.host, self.service) {
+            (Some(n), _, _) => Scope::Node(n),
+            (_, Some(h), _) => Scope::Host(h.to_ascii_lowercase()),
+            (_, _, Some(s)) => Scope::Service(s),
+            _ => unreachable!("clap requires one of --node, --host, --service"),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum AccessCommand {
+    /// Set (replace) a policy, e.g.
+    /// `access set --host db.web1.example.com --rule allow=10.0.0.0/8 --rule deny=0.0.0.0/0 --default deny`.
+    Set {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// `allow=CIDR` or `deny=CIDR`, in the order they are evaluated
+        /// (IPv4 or IPv6; a bare address is one host).
+        #[arg(long = "rule", value_name = "ACTION=CIDR")]
+        rules: Vec<String>,
+        /// What happens when no rule matches: allow or deny.
+        #[arg(long, default_value = "allow")]
+        default: edge_proto::access::Action,
+    },
+    /// Remove a policy (the node's, or nothing, then applies).
+    Clear {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// List the policies.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// Add a service, e.g.
+    /// `service add ssh-web1 --node web1 --listen :2222 --target ssh`
+    /// (the agent of web1 declares `[[services]] name = "ssh"
+    /// target = "127.0.0.1:22"`). Every server on the store listens.
+    Add {
+        /// The service's name: lowercase letters, digits, '-'.
+        name: String,
+        /// The node that serves it.
+        #[arg(long)]
+        node: String,
+        /// Where the servers listen: `ip:port`, or `:port` for every IPv4
+        /// address.
+        #[arg(long)]
+        listen: String,
+        /// The name of the agent's `[[services]]` entry (never an address:
+        /// the agent connects only targets it declares).
+        #[arg(long)]
+        target: String,
+    },
+    /// Remove a service (its listeners close).
+    Remove {
+        /// The service's name.
+        name: String,
+    },
+    /// List the services.
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -311,6 +408,8 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Node(cmd) => cli_runtime()?.block_on(node(config, &cli.config, cmd)),
         Command::Dns(cmd) => cli_runtime()?.block_on(dns(config, cmd)),
+        Command::Service(cmd) => cli_runtime()?.block_on(service(config, cmd)),
+        Command::Access(cmd) => cli_runtime()?.block_on(access(config, cmd)),
         Command::Cluster(cmd) => cli_runtime()?.block_on(cluster(config, cmd)),
         Command::User(cmd) => cli_runtime()?.block_on(user(config, cmd)),
         Command::Token(cmd) => cli_runtime()?.block_on(token(config, cmd)),
@@ -392,6 +491,67 @@ async fn cluster(config: ServerConfig, cmd: ClusterCommand) -> Result<()> {
                 other => other.into(),
             })?;
             eprintln!("forgot server {id}");
+        }
+    }
+    Ok(())
+}
+
+async fn access(config: ServerConfig, cmd: AccessCommand) -> Result<()> {
+    let store = edge_server::store::open(&config.store, &config.data_dir).await?;
+    match cmd {
+        AccessCommand::Set { scope, rules, default } => {
+            let scope = scope.scope();
+            let mut parsed = Vec::with_capacity(rules.len());
+            for (i, text) in rules.iter().enumerate() {
+                let (action, cidr) = text
+                    .split_once('=')
+                    .with_context(|| format!("--rule {text:?} (rule {}): expected ACTION=CIDR", i + 1))?;
+                let action = action.parse().with_context(|| format!("--rule {text:?} (rule {})", i + 1))?;
+                let cidr = cidr.parse().with_context(|| format!("--rule {text:?} (rule {})", i + 1))?;
+                parsed.push(edge_proto::access::Rule { action, cidr });
+            }
+            let policy = edge_proto::access::Policy::new(parsed, default).context("--rule")?;
+            ops_for(&config, store.clone(), None).set_access(&Actor::cli(), &scope, policy).await?;
+            eprintln!("access policy set for {}", scope.key());
+        }
+        AccessCommand::Clear { scope } => {
+            let scope = scope.scope();
+            ops_for(&config, store.clone(), None).clear_access(&Actor::cli(), &scope).await?;
+            eprintln!("access policy cleared for {}", scope.key());
+        }
+        AccessCommand::List => {
+            for r in store.list_access().await? {
+                let rules: Vec<String> = r.policy.rules.iter().map(|x| format!("{}={}", x.action, x.cidr)).collect();
+                println!("{:<40} node {:<16} {} default={}", r.scope, r.node, rules.join(" "), r.policy.default);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn service(config: ServerConfig, cmd: ServiceCommand) -> Result<()> {
+    let store = edge_server::store::open(&config.store, &config.data_dir).await?;
+    match cmd {
+        ServiceCommand::Add { name, node, listen, target } => {
+            let s = ops_for(&config, store.clone(), None)
+                .add_service(&Actor::cli(), &name, &node, &listen, &target)
+                .await?;
+            eprintln!("added service {}: {} -> node {}, target {}", s.name, s.listen, s.node, s.target);
+        }
+        ServiceCommand::Remove { name } => {
+            ops_for(&config, store.clone(), None).remove_service(&Actor::cli(), &name).await?;
+            eprintln!("removed service {name}");
+        }
+        ServiceCommand::List { json } => {
+            let services = store.list_services().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&services)?);
+            } else {
+                println!("{:<24} {:<16} {:<24} TARGET", "NAME", "NODE", "LISTEN");
+                for s in &services {
+                    println!("{:<24} {:<16} {:<24} {}", s.name, s.node, s.listen, s.target);
+                }
+            }
         }
     }
     Ok(())
@@ -612,6 +772,31 @@ async fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeComm
             println!("mode transitions (newest first):");
             for c in &h.transitions {
                 println!("  {}  {} -> {}: {}", t(c.at), c.from, c.to, c.reason);
+            }
+            for r in store.list_access().await?.into_iter().filter(|r| r.node == node.name) {
+                let rules: Vec<String> = r.policy.rules.iter().map(|x| format!("{}={}", x.action, x.cidr)).collect();
+                println!("access:    {} {} default={}", r.scope, rules.join(" "), r.policy.default);
+            }
+            let services: Vec<_> = store.list_services().await?.into_iter().filter(|s| s.node == node.name).collect();
+            if !services.is_empty() {
+                println!("tcp services:");
+                for s in &services {
+                    println!("  {:<24} {:<24} -> target {}", s.name, s.listen, s.target);
+                }
+            }
+            match &node.status.routes {
+                None => println!("routes:    not reported (the agent predates routes, or never connected)"),
+                Some(routes) => {
+                    println!("routes (as the agent last reported):");
+                    for r in routes {
+                        let ups: Vec<String> = r
+                            .upstreams
+                            .iter()
+                            .map(|u| format!("{} {} ({})", u.addr, if u.up { "up" } else { "DOWN" }, u.check))
+                            .collect();
+                        println!("  {:<32} {:<11} {}", r.host, r.mode.to_string(), ups.join(", "));
+                    }
+                }
             }
         }
         NodeCommand::List { json } => {

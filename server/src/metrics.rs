@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::registry::Registry;
 
 /// Reasons a client connection is refused, as metric labels.
-pub const REJECTION_REASONS: [&str; 11] = [
+pub const REJECTION_REASONS: [&str; 12] = [
     "not_tls",
     "not_client_hello",
     "no_sni",
@@ -21,6 +21,7 @@ pub const REJECTION_REASONS: [&str; 11] = [
     "tunnel_failed",
     "node_busy",
     "self_loop",
+    "access_denied",
 ];
 
 /// Process-wide counters.
@@ -65,7 +66,8 @@ pub struct Metrics {
 }
 
 /// Answers of the :80 listener, as metric labels.
-pub const HTTP_ANSWERS: [&str; 6] = ["redirect", "proxied", "not_found", "offline", "bad_gateway", "bad_request"];
+pub const HTTP_ANSWERS: [&str; 7] =
+    ["redirect", "proxied", "not_found", "offline", "bad_gateway", "bad_request", "forbidden"];
 
 /// DNS response codes counted by name; anything else is `other`.
 pub const DNS_RCODES: [&str; 7] = ["NOERROR", "NXDOMAIN", "REFUSED", "NOTIMP", "FORMERR", "SERVFAIL", "other"];

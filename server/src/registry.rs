@@ -65,6 +65,9 @@ pub struct TunnelState {
     /// avoided: a stream on it went unanswered, so the agent may be dead
     /// without the connection having timed out yet.
     pub avoid_until_ms: AtomicU64,
+    /// The agent announced `services` (it reads stream headers naming a TCP
+    /// service; older agents refuse them).
+    pub serves_services: std::sync::atomic::AtomicBool,
 }
 
 /// Milliseconds since the first call: a cheap monotonic clock for
@@ -87,6 +90,8 @@ pub struct RuntimeStatus {
     pub agent_open_streams: u64,
     /// Expiry (Unix seconds) of the certificate the agent reported serving.
     pub cert_not_after: Option<i64>,
+    /// The routes the agent last reported (`AgentMessage::Routes`).
+    pub routes: Option<Vec<edge_proto::routes::RouteReport>>,
 }
 
 /// A node and its live tunnels.
@@ -151,6 +156,7 @@ impl NodeHandle {
             agent_version: status.agent_version,
             remote_addr: status.remote_addr,
             cert_not_after: status.cert_not_after,
+            routes: status.routes,
         }
     }
 

@@ -292,6 +292,8 @@ impl Server {
             retiring: std::sync::atomic::AtomicBool::new(false),
             agent_handover: tokio::sync::watch::Sender::new(0),
             handing_over: std::sync::atomic::AtomicBool::new(false),
+            services: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
+            access: crate::access::AccessTable::new(),
         });
         let sync = Arc::new(RoutingSync::new(shared.clone(), zone.clone()));
         let started = std::time::Instant::now();
@@ -554,6 +556,7 @@ impl BoundServer {
         if let Some(listener) = http {
             tasks.spawn("http listener", http::serve(listener, shared.clone(), shutdown.clone(), clients.clone()));
         }
+        tasks.spawn("tcp service listeners", crate::services::run(shared.clone(), shutdown.clone(), clients.clone()));
         let owner_jobs = TaskTracker::new();
         let owned = &owner_jobs;
         tasks.spawn("status flush", owned.track_future(jobs::status_flush::run(shared.clone(), shutdown.clone())));

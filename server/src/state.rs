@@ -61,6 +61,11 @@ pub struct Shared {
     /// Set while agents are being moved to a successor: an agent that
     /// connects meanwhile is told to move at once.
     pub handing_over: std::sync::atomic::AtomicBool,
+    /// The TCP services in the store (the sync publishes, the service
+    /// listeners follow).
+    pub services: tokio::sync::watch::Sender<Arc<Vec<crate::store::ServiceRecord>>>,
+    /// Access policies in force (the sync sets them).
+    pub access: crate::access::AccessTable,
 }
 
 /// Settings that take effect on new work when the config is reloaded.

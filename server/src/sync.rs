@@ -34,6 +34,10 @@ pub struct Work {
     pub modes: BTreeSet<String>,
     /// The cluster's servers are re-read.
     pub servers: bool,
+    /// The TCP services are re-read.
+    pub services: bool,
+    /// The access policies are re-read.
+    pub access: bool,
     /// Everything must be reloaded.
     pub everything: bool,
 }
@@ -44,7 +48,15 @@ impl Work {
         let mut work = Work::default();
         for change in changes {
             match change {
-                Change::NodeAdded(n) | Change::NodeRemoved(n) | Change::NodeUpdated(n) | Change::TokenRotated(n) => {
+                Change::NodeRemoved(n) => {
+                    // Its services and policies went with it (ON DELETE CASCADE).
+                    work.services = true;
+                    work.access = true;
+                    work.nodes.insert(n.clone());
+                    work.addresses.insert(n.clone());
+                    work.challenges.insert(n.clone());
+                }
+                Change::NodeAdded(n) | Change::NodeUpdated(n) | Change::TokenRotated(n) => {
                     work.nodes.insert(n.clone());
                     work.addresses.insert(n.clone());
                     work.challenges.insert(n.clone());
@@ -57,6 +69,8 @@ impl Work {
                     work.addresses.insert(n.clone());
                 }
                 Change::DnsRecordsChanged => work.dns_records = true,
+                Change::ServicesChanged => work.services = true,
+                Change::AccessChanged => work.access = true,
                 Change::ServersChanged => work.servers = true,
                 Change::Imported => work.everything = true,
             }
@@ -84,6 +98,8 @@ impl RoutingSync {
             }
         }
         self.shared.cluster.set_members(servers);
+        self.shared.services.send_replace(Arc::new(self.shared.store.list_services().await?));
+        self.shared.access.set(&self.shared.store.list_access().await?);
         if let Some(zone) = &self.zone {
             zone.set_servers(None, self.shared.cluster.members().zone_servers().as_ref());
             // Direct-mode nodes answer their own endpoint; the others the cluster.
@@ -136,6 +152,17 @@ impl RoutingSync {
         }
         if work.servers {
             self.shared.cluster.set_members(store.list_servers().await?);
+        }
+        if work.access {
+            self.shared.access.set(&store.list_access().await?);
+        }
+        if work.services {
+            let services = Arc::new(store.list_services().await?);
+            self.shared.services.send_if_modified(|current| {
+                let changed = *current != services;
+                *current = services;
+                changed
+            });
         }
         let Some(zone) = &self.zone else { return Ok(()) };
         let revision = (revision > 0).then_some(revision);

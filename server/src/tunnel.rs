@@ -185,6 +185,7 @@ async fn session(
         server_version: env!("CARGO_PKG_VERSION").to_string(),
         servers: listed,
         servers_revision,
+        capabilities: capabilities.iter().filter(|c| *c == edge_proto::tunnel::CAPABILITY_ROUTES).cloned().collect(),
     }))
     .await?;
 
@@ -196,6 +197,8 @@ async fn session(
     let stalls = edge_net::stall::StallBudget::for_windows(tuning.connection_window, tuning.stream_window);
     let tunnel = Tunnel::new(tunnel_id, conn.clone(), instance, replica.clone(), stalls);
     let state = tunnel.state.clone();
+    let services = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_SERVICES);
+    state.serves_services.store(services, std::sync::atomic::Ordering::Relaxed);
     let replaced = node.add_tunnel(tunnel);
     if replaced > 0 {
         tracing::warn!(node = %node.name, %replica, replaced,
@@ -269,6 +272,7 @@ async fn control_loop(
 ) -> Result<(), SessionError> {
     let Control { shared, conn, node, state, declared, draining, close_tunnels, mut servers, mut handover } = control;
     let mut told_draining: Option<std::time::Instant> = None;
+    let mut last_routes: Option<std::time::Instant> = None;
     let mut remote = conn.remote_address();
     let mut address_check = tokio::time::interval(ADDRESS_CHECK);
     address_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -331,6 +335,26 @@ async fn control_loop(
                     }
                     // A peer that stops reading must not park this loop.
                     step(writer.send(ServerMessage::HeartbeatAck { seq })).await?;
+                }
+                Some(Ok(AgentMessage::Routes { routes })) => {
+                    // What the agent says it serves, shown to operators; it
+                    // routes nothing here (the node's names are the store's).
+                    if !edge_proto::routes::valid_report(&routes) {
+                        return Err(close_with(conn, codes::CLOSE_PROTOCOL_ERROR,
+                            SessionError::Protocol("bad routes report (at most 64 routes of 16 plain upstreams)")));
+                    }
+                    let changed = {
+                        let mut status = node.status.lock().unwrap_or_else(|p| p.into_inner());
+                        let changed = status.routes.as_ref() != Some(&routes);
+                        status.routes = Some(routes);
+                        changed
+                    };
+                    // A prompt flush at most once a second per tunnel; the
+                    // periodic flush writes reports that come faster.
+                    if changed && last_routes.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last_routes = Some(std::time::Instant::now());
+                        shared.status_changed.notify_one();
+                    }
                 }
                 Some(Ok(AgentMessage::Leaving)) => {
                     if !state.leaving.swap(true, std::sync::atomic::Ordering::Relaxed) {

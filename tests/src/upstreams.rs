@@ -211,3 +211,105 @@ impl Gate {
         self.open.store(open, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// An HTTP upstream ([`http`]) that can be stopped (its port then refuses
+/// connections) and started again on the same port.
+#[derive(Debug)]
+pub struct Switchable {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    body: &'static str,
+    stop: std::sync::Mutex<Option<tokio_util::sync::CancellationToken>>,
+}
+
+impl Switchable {
+    /// Starts on a free loopback port.
+    pub async fn start(body: &'static str) -> Self {
+        let listener = listen().await;
+        let addr = listener.local_addr().expect("addr");
+        let s = Self { addr, body, stop: std::sync::Mutex::new(None) };
+        s.serve(listener);
+        s
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop.clone());
+        let body = self.body;
+        tokio::spawn(async move {
+            let conns = tokio_util::task::TaskTracker::new();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => {
+                            let stop = stop.clone();
+                            conns.spawn(async move {
+                                tokio::select! { _ = stop.cancelled() => {}, _ = http_conn(tcp, body) => {} }
+                            });
+                        }
+                        Err(_) => break,
+                    },
+                }
+            }
+        });
+    }
+
+    /// Stops listening and closes open connections.
+    pub async fn stop(&self) {
+        if let Some(stop) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            stop.cancel();
+        }
+        // Until the listener is gone, a connect could still succeed.
+        for _ in 0..100 {
+            if TcpStream::connect(self.addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&self) {
+        let listener = TcpListener::bind(self.addr).await.expect("rebind upstream");
+        self.serve(listener);
+    }
+}
+
+/// A TLS service of its own (a passthrough route's upstream): a
+/// self-signed certificate for `name` with common name `cn`, answering
+/// every HTTP/1.x request with 200 and `body`. Returns its address.
+pub async fn tls_http(name: &str, cn: &str, body: &'static str) -> SocketAddr {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let cert = params.self_signed(&key).expect("self-signed");
+    let der_key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der_key)
+        .expect("server config");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    serve(listen().await, move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while find(&buf, b"\r\n\r\n").is_none() && buf.len() < 64 * 1024 {
+                match tls.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let response =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = tls.write_all(response.as_bytes()).await;
+            let _ = tls.shutdown().await;
+        }
+    })
+}

@@ -124,6 +124,15 @@ async fn status(b: &Backend<'_>) {
         agent_version: Some("1.2".into()),
         remote_addr: Some("192.0.2.1:5000".into()),
         cert_not_after: Some(2_000_000_000),
+        routes: Some(vec![edge_proto::routes::RouteReport {
+            host: "*.n1.edge.test".into(),
+            mode: edge_proto::routes::RouteMode::Terminate,
+            upstreams: vec![edge_proto::routes::UpstreamReport {
+                addr: "127.0.0.1:8080".into(),
+                up: false,
+                check: "http".into(),
+            }],
+        }]),
     };
     let batch = vec![("n1".to_string(), up.clone()), ("gone".to_string(), up.clone()), ("n2".to_string(), up.clone())];
     s.record_statuses(&batch).await.unwrap();
@@ -133,6 +142,7 @@ async fn status(b: &Backend<'_>) {
     s.record_statuses(&[("n1".into(), sparse)]).await.unwrap();
     let kept = s.get_node("n1").await.unwrap().unwrap().status;
     assert_eq!((kept.connected, kept.last_heartbeat, kept.agent_version.as_deref()), (false, Some(100), Some("1.2")));
+    assert_eq!(kept.routes, up.routes, "{}: routes kept when a report has none", b.name());
     s.reset_status().await.unwrap();
     let n2 = s.get_node("n2").await.unwrap().unwrap().status;
     assert_eq!((n2.connected, n2.open_connections), (false, 0));
@@ -226,6 +236,51 @@ async fn dns_records(b: &Backend<'_>) {
     assert_eq!(s.counts().await.unwrap().dns_records, 1);
     let seen = changes(&mut feed, 5, Duration::from_secs(2)).await;
     assert_eq!(seen, vec![Change::DnsRecordsChanged; 5], "{}: one event per effective write", b.name());
+}
+
+async fn services(b: &Backend<'_>) {
+    let (cfg, dir) = b.fresh("services");
+    let s = open(&cfg, &dir).await;
+    s.add_node("n1", &[], &[1; 32]).await.unwrap();
+    let mut feed = s.subscribe();
+    let ssh = edge_server::store::ServiceRecord {
+        name: "ssh-n1".into(),
+        node: "n1".into(),
+        listen: "127.0.0.1:2222".into(),
+        target: "ssh".into(),
+        created_at: 0,
+    };
+    s.add_service(&ssh).await.unwrap();
+    for clash in [
+        edge_server::store::ServiceRecord { listen: "127.0.0.1:2223".into(), ..ssh.clone() },
+        edge_server::store::ServiceRecord { name: "other".into(), ..ssh.clone() },
+    ] {
+        let err = s.add_service(&clash).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{}: {err}", b.name());
+    }
+    let orphan = edge_server::store::ServiceRecord {
+        name: "x".into(),
+        node: "nope".into(),
+        listen: "127.0.0.1:9".into(),
+        ..ssh.clone()
+    };
+    assert!(matches!(s.add_service(&orphan).await.unwrap_err(), StoreError::NotFound(_)), "{}", b.name());
+    let listed = s.list_services().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].name.as_str(), listed[0].listen.as_str(), listed[0].target.as_str()),
+        ("ssh-n1", "127.0.0.1:2222", "ssh")
+    );
+    assert!(listed[0].created_at > 0);
+    let db = edge_server::store::ServiceRecord { name: "db-n1".into(), listen: "127.0.0.1:5433".into(), ..ssh.clone() };
+    s.add_service(&db).await.unwrap();
+    assert!(s.remove_service("ssh-n1").await.unwrap());
+    assert!(!s.remove_service("ssh-n1").await.unwrap());
+    // Removing the node takes its services.
+    s.remove_node("n1").await.unwrap();
+    assert!(s.list_services().await.unwrap().is_empty(), "{}: cascade", b.name());
+    let seen = changes(&mut feed, 4, Duration::from_secs(2)).await;
+    assert_eq!(seen[..3], [Change::ServicesChanged, Change::ServicesChanged, Change::ServicesChanged], "{}", b.name());
 }
 
 /// Every kind of change, seen by this handle's subscribers at once and by
@@ -599,6 +654,7 @@ async fn conformance(b: &Backend<'_>) {
     status(b).await;
     challenges(b).await;
     dns_records(b).await;
+    services(b).await;
     modes(b).await;
     events(b).await;
     concurrent_writers(b).await;

@@ -339,6 +339,20 @@ async fn node_page(State(api): State<Arc<AdminState>>, Path(name): Path<String>,
         let why = if n.endpoint.is_none() { "the node declared no endpoint for direct mode" } else { "none yet" };
         let _ = write!(probes, r#"<tr><td colspan="4">No probes: {why}.</td></tr>"#);
     }
+    let mut routes = String::new();
+    for r in &d.routes {
+        let ups: Vec<String> = r
+            .upstreams
+            .iter()
+            .map(|u| {
+                format!("{} {} ({})", esc(&u.addr), if u.up { "up" } else { "<strong>down</strong>" }, esc(&u.check))
+            })
+            .collect();
+        let _ = write!(routes, "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", esc(&r.host), r.mode, ups.join(", "));
+    }
+    if routes.is_empty() {
+        routes.push_str(r#"<tr><td colspan="3">Not reported yet.</td></tr>"#);
+    }
     let select = |m: HttpMode| if n.http_mode == m { " selected" } else { "" };
     let csrf = csrf_field(&s);
     let body = format!(
@@ -351,6 +365,7 @@ async fn node_page(State(api): State<Arc<AdminState>>, Path(name): Path<String>,
 <dt>Agent</dt><dd>{agent} from {remote}, last heartbeat {hb}</dd>
 <dt>Connections</dt><dd>{open} open, {total} in all; {to} bytes to the node, {from} from it (through this server)</dd>
 </dl></section>
+<h2>Routes</h2><div class="scroll"><table id="routes"><thead><tr><th scope="col">Host</th><th scope="col">Mode</th><th scope="col">Upstreams</th></tr></thead><tbody>{routes}</tbody></table></div>
 <h2>Mode timeline</h2><ol id="timeline" class="timeline">{timeline}</ol>
 <h2>Recent probes</h2><div class="scroll"><table id="probes"><thead><tr><th scope="col">When</th><th scope="col">Endpoint</th><th scope="col">Result</th><th scope="col">Detail</th></tr></thead><tbody>{probes}</tbody></table></div>
 <h2>Plain HTTP</h2><form method="post" action="/ui/nodes/{id}/http-mode" class="card">{csrf}<label for="http-mode">On :80 in proxy mode</label><select id="http-mode" name="mode"><option value="redirect"{r}>redirect to HTTPS</option><option value="proxy"{p}>proxy to the agent</option></select><button type="submit" id="set-http-mode">Save</button></form>

@@ -8,7 +8,7 @@ use edge_proto::admin::{AuditAction, AuditEntry, CreatedToken, JoinCredentials, 
 use edge_proto::join::JoinTicket;
 
 use crate::config::{DnsConfig, RecordField, ServerConfig};
-use crate::store::{ApiTokenRecord, HttpMode, StaticKind, StaticRecord, Store, StoreError, UserRecord};
+use crate::store::{ApiTokenRecord, HttpMode, ServiceRecord, StaticKind, StaticRecord, Store, StoreError, UserRecord};
 
 /// Why a change was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +328,114 @@ impl Ops {
             return Err(OpError::NotFound(format!("no such record at {absolute}")));
         }
         Ok(n)
+    }
+
+    /// Adds a raw TCP service: the server listens on `listen` (`ip:port`,
+    /// or `:port` for every IPv4 address) and sends each connection to
+    /// `node`'s agent, which connects the target it declared as `target`.
+    pub async fn add_service(
+        &self,
+        actor: &Actor,
+        name: &str,
+        node: &str,
+        listen: &str,
+        target: &str,
+    ) -> Result<ServiceRecord, OpError> {
+        edge_proto::routes::validate_service_name(name)
+            .map_err(|e| OpError::Invalid { field: "name", reason: e.to_string() })?;
+        edge_proto::routes::validate_service_name(target)
+            .map_err(|e| OpError::Invalid { field: "target", reason: e.to_string() })?;
+        let addr = crate::services::parse_listen(listen).ok_or_else(|| OpError::Invalid {
+            field: "listen",
+            reason: format!("{listen:?} is not ip:port or :port"),
+        })?;
+        if let Some(own) = crate::services::clashes_with(&self.config, addr) {
+            return Err(OpError::Conflict {
+                field: "listen",
+                message: format!("{addr} would take the port of this server's {own} listener"),
+            });
+        }
+        let record = ServiceRecord {
+            name: name.to_string(),
+            node: node.to_string(),
+            listen: addr.to_string(),
+            target: target.to_string(),
+            created_at: 0,
+        };
+        let entry = Self::entry(actor, AuditAction::ServiceCreate, name, format!("node {node}, {addr} -> {target}"));
+        self.audited(entry, self.store.add_service(&record)).await.map_err(|e| match e {
+            StoreError::Conflict(message) => OpError::Conflict { field: "name", message },
+            StoreError::NotFound(message) => OpError::Invalid { field: "node", reason: message },
+            other => OpError::Store(other),
+        })?;
+        Ok(record)
+    }
+
+    /// Removes a TCP service (its listener closes on every server).
+    pub async fn remove_service(&self, actor: &Actor, name: &str) -> Result<(), OpError> {
+        let entry = Self::entry(actor, AuditAction::ServiceRemove, name, String::new());
+        if !self.audited(entry, self.store.remove_service(name)).await? {
+            return Err(OpError::NotFound(format!("no service named {name:?}")));
+        }
+        Ok(())
+    }
+
+    /// The node `scope` belongs to: the node itself, the node owning the
+    /// hostname (exact or by its wildcard), or the service's node.
+    async fn node_of_scope(&self, scope: &edge_proto::access::Scope) -> Result<String, OpError> {
+        use edge_proto::access::Scope;
+        match scope {
+            Scope::Node(n) => match self.store.get_node(n).await? {
+                Some(_) => Ok(n.clone()),
+                None => Err(OpError::Invalid { field: "node", reason: format!("no node named {n:?}") }),
+            },
+            Scope::Host(h) => {
+                let host = edge_proto::names::normalize_hostname(h).filter(|n| n == h).ok_or_else(|| {
+                    OpError::Invalid { field: "host", reason: format!("{h:?} is not a lowercase hostname") }
+                })?;
+                let pattern = edge_proto::routes::HostPattern::Exact(host);
+                let nodes = self.store.list_nodes().await?;
+                nodes
+                    .into_iter()
+                    .find(|n| pattern.within(&n.hostnames))
+                    .map(|n| n.name)
+                    .ok_or_else(|| OpError::Invalid { field: "host", reason: format!("no node owns {h:?}") })
+            }
+            Scope::Service(s) => {
+                let services = self.store.list_services().await?;
+                services
+                    .into_iter()
+                    .find(|x| &x.name == s)
+                    .map(|x| x.node)
+                    .ok_or_else(|| OpError::Invalid { field: "service", reason: format!("no service named {s:?}") })
+            }
+        }
+    }
+
+    /// Sets the access policy of a node, hostname or TCP service (the
+    /// rules in order, then the default).
+    pub async fn set_access(
+        &self,
+        actor: &Actor,
+        scope: &edge_proto::access::Scope,
+        policy: edge_proto::access::Policy,
+    ) -> Result<(), OpError> {
+        let node = self.node_of_scope(scope).await?;
+        let rules: Vec<String> = policy.rules.iter().map(|r| format!("{} {}", r.action, r.cidr)).collect();
+        let summary = format!("{}; default {}", rules.join(", "), policy.default);
+        let record = crate::store::AccessRecord { scope: scope.key(), node, policy };
+        let entry = Self::entry(actor, AuditAction::AccessSet, &scope.key(), summary);
+        self.audited(entry, self.store.set_access(&record)).await?;
+        Ok(())
+    }
+
+    /// Clears the access policy of a scope.
+    pub async fn clear_access(&self, actor: &Actor, scope: &edge_proto::access::Scope) -> Result<(), OpError> {
+        let entry = Self::entry(actor, AuditAction::AccessClear, &scope.key(), String::new());
+        if !self.audited(entry, self.store.clear_access(&scope.key())).await? {
+            return Err(OpError::NotFound(format!("no access policy for {}", scope.key())));
+        }
+        Ok(())
     }
 
     /// Forgets a retired server.

@@ -284,6 +284,10 @@ pub async fn node_detail(api: &AdminState, name: &str) -> Result<Option<NodeDeta
         return Ok(None);
     };
     let history = api.shared.store.mode_history(name, 20).await?;
+    // This server's live report first, else what the store last recorded.
+    let live_routes =
+        api.shared.registry.node(name).and_then(|h| h.status.lock().unwrap_or_else(|p| p.into_inner()).routes.clone());
+    let routes = live_routes.or_else(|| n.status.routes.clone()).unwrap_or_default();
     Ok(Some(NodeDetail {
         summary: node_summary(api, &n),
         mode_since: history.since,
@@ -297,6 +301,7 @@ pub async fn node_detail(api: &AdminState, name: &str) -> Result<Option<NodeDeta
             .into_iter()
             .map(|s| Probe { at: s.at, endpoint: s.endpoint, ok: s.ok, detail: s.detail })
             .collect(),
+        routes,
     }))
 }
 

@@ -22,6 +22,10 @@ pub enum Change {
     ModeChanged(String),
     /// Static DNS records were added or removed.
     DnsRecordsChanged,
+    /// TCP services were added or removed.
+    ServicesChanged,
+    /// Access policies were set or cleared.
+    AccessChanged,
     /// A server joined the cluster, left it, or was declared gone.
     ServersChanged,
     /// A whole store was written by `store copy`: reload everything.
@@ -39,7 +43,11 @@ impl Change {
             | Change::ChallengePut(n)
             | Change::ChallengeRemoved(n)
             | Change::ModeChanged(n) => Some(n),
-            Change::DnsRecordsChanged | Change::ServersChanged | Change::Imported => None,
+            Change::DnsRecordsChanged
+            | Change::ServicesChanged
+            | Change::AccessChanged
+            | Change::ServersChanged
+            | Change::Imported => None,
         }
     }
 
@@ -54,6 +62,8 @@ impl Change {
             Change::ChallengeRemoved(_) => "challenge_removed",
             Change::ModeChanged(_) => "mode_changed",
             Change::DnsRecordsChanged => "dns_records_changed",
+            Change::ServicesChanged => "services_changed",
+            Change::AccessChanged => "access_changed",
             Change::ServersChanged => "servers_changed",
             Change::Imported => "imported",
         }
@@ -72,6 +82,8 @@ impl Change {
             "challenge_removed" => Change::ChallengeRemoved(n),
             "mode_changed" => Change::ModeChanged(n),
             "dns_records_changed" => Change::DnsRecordsChanged,
+            "services_changed" => Change::ServicesChanged,
+            "access_changed" => Change::AccessChanged,
             "servers_changed" => Change::ServersChanged,
             _ => Change::Imported,
         }

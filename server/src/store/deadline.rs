@@ -15,9 +15,10 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AccountStore, ApiTokenRecord, AuditEntry, AuditQuery, ChallengeRecord, Counts, FeedEvent, Fence, HttpMode, Lease,
-    ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerList,
-    ServerRecord, SessionRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, UserRecord,
+    AccessRecord, AccountStore, ApiTokenRecord, AuditEntry, AuditQuery, ChallengeRecord, Counts, FeedEvent, Fence,
+    HttpMode, Lease, ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState,
+    ServerList, ServerRecord, ServiceRecord, SessionRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError,
+    UserRecord,
 };
 
 /// `inner` with deadlines.
@@ -174,6 +175,24 @@ impl<S: Store> Store for WithDeadline<S> {
         value: Option<&str>,
     ) -> Result<usize, StoreError> {
         self.within(self.point, self.inner.remove_dns_records(name, kind, value)).await
+    }
+    async fn list_services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+        self.within(self.point, self.inner.list_services()).await
+    }
+    async fn add_service(&self, service: &ServiceRecord) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.add_service(service)).await
+    }
+    async fn remove_service(&self, name: &str) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.remove_service(name)).await
+    }
+    async fn list_access(&self) -> Result<Vec<AccessRecord>, StoreError> {
+        self.within(self.point, self.inner.list_access()).await
+    }
+    async fn set_access(&self, record: &AccessRecord) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.set_access(record)).await
+    }
+    async fn clear_access(&self, scope: &str) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.clear_access(scope)).await
     }
     async fn counts(&self) -> Result<Counts, StoreError> {
         self.within(self.bulk, self.inner.counts()).await

@@ -26,7 +26,7 @@ pub use changes::{Change, ChangeEvent, FeedEvent};
 pub use cluster::{Fence, Lease, OrderLock, ServerEntry, ServerList, ServerRecord, MODE_DECIDER};
 pub use error::StoreError;
 pub use location::{StoreConfig, StoreLocation, StoreTls};
-pub use values::{HttpMode, Mode, StaticKind, StaticRecord};
+pub use values::{AccessRecord, HttpMode, Mode, ServiceRecord, StaticKind, StaticRecord};
 
 /// A node as stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -99,6 +99,10 @@ pub struct NodeStatus {
     pub remote_addr: Option<String>,
     /// Expiry (Unix seconds) of the certificate the agent serves.
     pub cert_not_after: Option<i64>,
+    /// The routes the agent last reported, with its upstreams' health
+    /// (`None`: never reported, e.g. an older agent; a write of `None`
+    /// keeps the stored value).
+    pub routes: Option<Vec<edge_proto::routes::RouteReport>>,
 }
 
 /// One reachability probe of a node's endpoint.
@@ -358,6 +362,20 @@ pub trait Store: AccountStore + Send + Sync + std::fmt::Debug + 'static {
     /// Adds a static DNS record; [`StoreError::Conflict`] if the same name,
     /// type and value exist.
     async fn add_dns_record(&self, record: &StaticRecord) -> Result<(), StoreError>;
+    /// Every TCP service, by name.
+    async fn list_services(&self) -> Result<Vec<ServiceRecord>, StoreError>;
+    /// Adds a TCP service: [`StoreError::NotFound`] without its node,
+    /// [`StoreError::Conflict`] when the name or the listen address is taken.
+    async fn add_service(&self, service: &ServiceRecord) -> Result<(), StoreError>;
+    /// Removes a TCP service; whether it existed.
+    async fn remove_service(&self, name: &str) -> Result<bool, StoreError>;
+    /// Every access policy.
+    async fn list_access(&self) -> Result<Vec<AccessRecord>, StoreError>;
+    /// Sets (replaces) the policy of a scope; [`StoreError::NotFound`]
+    /// without its node.
+    async fn set_access(&self, record: &AccessRecord) -> Result<(), StoreError>;
+    /// Clears the policy of a scope; whether there was one.
+    async fn clear_access(&self, scope: &str) -> Result<bool, StoreError>;
     /// Removes the records at `name` (of `kind`, with `value`, when given);
     /// returns how many.
     async fn remove_dns_records(

@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use super::changes::new_origin;
 use super::location::{PostgresOptions, StoreTls};
 use super::{
-    now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode, ModeChange,
-    ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerList,
-    ServerRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
+    now, AccessRecord, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode,
+    ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry,
+    ServerList, ServerRecord, ServiceRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -142,6 +142,21 @@ pub const MIGRATIONS: &[&str] = &[
         summary TEXT NOT NULL
     );
     CREATE INDEX audit_by_target ON audit (target, id);",
+    // 6: the routes an agent last reported (JSON), for `node show` and the
+    // API; raw TCP services.
+    "ALTER TABLE node_status ADD COLUMN routes TEXT;
+    CREATE TABLE services (
+        name TEXT PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        listen TEXT NOT NULL UNIQUE,
+        target TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE access_policies (
+        scope TEXT PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        policy TEXT NOT NULL
+    );",
 ];
 
 /// The database's clock in milliseconds: every server's lease is timed by
@@ -375,7 +390,7 @@ fn col<'a, T: FromSql<'a>>(store: &str, row: &'a Row, i: usize) -> Result<T, Sto
 
 const SELECT_NODES: &str = "SELECT n.name, n.hostnames, n.token_hash, n.created_at,
         COALESCE(s.connected, false), s.last_heartbeat, COALESCE(s.open_connections, 0), s.agent_version,
-        s.remote_addr, s.cert_not_after, n.http_mode, COALESCE(m.mode, 'offline'), m.endpoint, m.since
+        s.remote_addr, s.cert_not_after, n.http_mode, COALESCE(m.mode, 'offline'), m.endpoint, m.since, s.routes
     FROM nodes n LEFT JOIN node_status s ON s.name = n.name LEFT JOIN node_modes m ON m.name = n.name";
 
 fn node_row(store: &str, row: &Row) -> Result<NodeRecord, StoreError> {
@@ -395,6 +410,7 @@ fn node_row(store: &str, row: &Row) -> Result<NodeRecord, StoreError> {
             agent_version: col(store, row, 7)?,
             remote_addr: col(store, row, 8)?,
             cert_not_after: col(store, row, 9)?,
+            routes: super::values::decode_routes(col::<Option<String>>(store, row, 14)?.as_deref()),
         },
         http_mode: HttpMode::parse(&http_mode).ok_or_else(|| corrupt("http_mode"))?,
         mode: Mode::parse(&mode).ok_or_else(|| corrupt("mode"))?,
@@ -665,13 +681,15 @@ impl PostgresStore {
         let version: Vec<Option<&str>> = statuses.iter().map(|(_, s)| s.agent_version.as_deref()).collect();
         let remote: Vec<Option<&str>> = statuses.iter().map(|(_, s)| s.remote_addr.as_deref()).collect();
         let cert: Vec<Option<i64>> = statuses.iter().map(|(_, s)| s.cert_not_after).collect();
+        let routes: Vec<Option<String>> =
+            statuses.iter().map(|(_, s)| super::values::encode_routes(s.routes.as_deref())).collect();
         // One statement for the whole batch: a status flush of thousands of
         // nodes is one round trip.
         tx.execute(
-            "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, cert_not_after, updated_at)
-             SELECT u.name, u.connected, u.last_heartbeat, u.open_connections, u.agent_version, u.remote_addr, u.cert_not_after, $8
-             FROM UNNEST($1::text[], $2::bool[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[])
-                AS u(name, connected, last_heartbeat, open_connections, agent_version, remote_addr, cert_not_after)
+            "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, cert_not_after, updated_at, routes)
+             SELECT u.name, u.connected, u.last_heartbeat, u.open_connections, u.agent_version, u.remote_addr, u.cert_not_after, $8, u.routes
+             FROM UNNEST($1::text[], $2::bool[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[], $9::text[])
+                AS u(name, connected, last_heartbeat, open_connections, agent_version, remote_addr, cert_not_after, routes)
              WHERE EXISTS (SELECT 1 FROM nodes n WHERE n.name = u.name)
              ON CONFLICT (name) DO UPDATE SET connected = excluded.connected,
                 last_heartbeat = COALESCE(excluded.last_heartbeat, node_status.last_heartbeat),
@@ -679,8 +697,9 @@ impl PostgresStore {
                 agent_version = COALESCE(excluded.agent_version, node_status.agent_version),
                 remote_addr = COALESCE(excluded.remote_addr, node_status.remote_addr),
                 cert_not_after = COALESCE(excluded.cert_not_after, node_status.cert_not_after),
+                routes = COALESCE(excluded.routes, node_status.routes),
                 updated_at = excluded.updated_at",
-            &[&names, &connected, &heartbeat, &open, &version, &remote, &cert, &now()],
+            &[&names, &connected, &heartbeat, &open, &version, &remote, &cert, &now(), &routes],
         )
         .await
         .map_err(|e| self.err(e))?;
@@ -1027,6 +1046,116 @@ impl Store for PostgresStore {
         }
         let event = self.log(&tx, Change::DnsRecordsChanged).await?;
         self.commit(tx, vec![event]).await
+    }
+
+    async fn list_services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT name, node, listen, target, created_at FROM services ORDER BY name", &[])
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(ServiceRecord {
+                    name: col(self.store(), r, 0)?,
+                    node: col(self.store(), r, 1)?,
+                    listen: col(self.store(), r, 2)?,
+                    target: col(self.store(), r, 3)?,
+                    created_at: col(self.store(), r, 4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn add_service(&self, service: &ServiceRecord) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let node = tx
+            .query_opt("SELECT 1 FROM nodes WHERE name = $1 FOR SHARE", &[&service.node])
+            .await
+            .map_err(|e| self.err(e))?;
+        if node.is_none() {
+            return Err(StoreError::NotFound(format!("no node named {:?}", service.node)));
+        }
+        let n = tx
+            .execute(
+                "INSERT INTO services (name, node, listen, target, created_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING",
+                &[&service.name, &service.node, &service.listen, &service.target, &now()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!(
+                "a service named {:?} or listening on {} exists already",
+                service.name, service.listen
+            )));
+        }
+        let event = self.log(&tx, Change::ServicesChanged).await?;
+        self.commit(tx, vec![event]).await
+    }
+
+    async fn list_access(&self) -> Result<Vec<AccessRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT scope, node, policy FROM access_policies ORDER BY scope", &[])
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(|r| {
+                let scope: String = col(self.store(), r, 0)?;
+                let text: String = col(self.store(), r, 2)?;
+                let policy = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                    store: self.store().to_string(),
+                    what: format!("access policy of {scope:?}: {e}"),
+                })?;
+                Ok(AccessRecord { node: col(self.store(), r, 1)?, scope, policy })
+            })
+            .collect()
+    }
+
+    async fn set_access(&self, record: &AccessRecord) -> Result<(), StoreError> {
+        let policy = serde_json::to_string(&record.policy).unwrap_or_default();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx
+            .execute(
+                "INSERT INTO access_policies (scope, node, policy)
+                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = $2)
+                 ON CONFLICT (scope) DO UPDATE SET node = excluded.node, policy = excluded.policy",
+                &[&record.scope, &record.node, &policy],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("no node named {:?}", record.node)));
+        }
+        let event = self.log(&tx, Change::AccessChanged).await?;
+        self.commit(tx, vec![event]).await
+    }
+
+    async fn clear_access(&self, scope: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx.execute("DELETE FROM access_policies WHERE scope = $1", &[&scope]).await.map_err(|e| self.err(e))?;
+        let mut events = Vec::new();
+        if n > 0 {
+            events.push(self.log(&tx, Change::AccessChanged).await?);
+        }
+        self.commit(tx, events).await?;
+        Ok(n > 0)
+    }
+
+    async fn remove_service(&self, name: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx.execute("DELETE FROM services WHERE name = $1", &[&name]).await.map_err(|e| self.err(e))?;
+        let mut events = Vec::new();
+        if n > 0 {
+            events.push(self.log(&tx, Change::ServicesChanged).await?);
+        }
+        self.commit(tx, events).await?;
+        Ok(n > 0)
     }
 
     async fn remove_dns_records(

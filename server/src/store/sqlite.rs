@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::changes::new_origin;
 use super::{
-    now, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode, ModeChange,
-    ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry, ServerList,
-    ServerRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
+    now, AccessRecord, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode,
+    ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry,
+    ServerList, ServerRecord, ServiceRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -145,6 +145,21 @@ pub const MIGRATIONS: &[&str] = &[
         summary TEXT NOT NULL
     );
     CREATE INDEX audit_by_target ON audit (target, id);",
+    // 8: the routes an agent last reported (JSON), for `node show` and the
+    // API; raw TCP services.
+    "ALTER TABLE node_status ADD COLUMN routes TEXT;
+    CREATE TABLE services (
+        name TEXT PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        listen TEXT NOT NULL UNIQUE,
+        target TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE access_policies (
+        scope TEXT PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        policy TEXT NOT NULL
+    );",
 ];
 
 std::thread_local! {
@@ -481,7 +496,7 @@ struct RawNode {
 
 const SELECT_NODES: &str = "SELECT n.name, n.hostnames, n.token_hash, n.created_at,
         COALESCE(s.connected, 0), s.last_heartbeat, COALESCE(s.open_connections, 0), s.agent_version, s.remote_addr, s.cert_not_after, n.http_mode,
-        COALESCE(m.mode, 'offline'), m.endpoint, m.since
+        COALESCE(m.mode, 'offline'), m.endpoint, m.since, s.routes
     FROM nodes n LEFT JOIN node_status s ON s.name = n.name LEFT JOIN node_modes m ON m.name = n.name";
 
 fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
@@ -497,6 +512,7 @@ fn raw_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
             agent_version: row.get(7)?,
             remote_addr: row.get(8)?,
             cert_not_after: row.get(9)?,
+            routes: super::values::decode_routes(row.get::<_, Option<String>>(14)?.as_deref()),
         },
         http_mode: row.get(10)?,
         mode: row.get(11)?,
@@ -565,15 +581,16 @@ fn counts(conn: &Connection) -> rusqlite::Result<Counts> {
 
 fn upsert_status(tx: &Connection, name: &str, status: &NodeStatus) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, updated_at, cert_not_after)
-         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)
+        "INSERT INTO node_status (name, connected, last_heartbeat, open_connections, agent_version, remote_addr, updated_at, cert_not_after, routes)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?1)
          ON CONFLICT(name) DO UPDATE SET connected = excluded.connected,
             last_heartbeat = COALESCE(excluded.last_heartbeat, node_status.last_heartbeat),
             open_connections = excluded.open_connections,
             agent_version = COALESCE(excluded.agent_version, node_status.agent_version),
             remote_addr = COALESCE(excluded.remote_addr, node_status.remote_addr),
             updated_at = excluded.updated_at,
-            cert_not_after = COALESCE(excluded.cert_not_after, node_status.cert_not_after)",
+            cert_not_after = COALESCE(excluded.cert_not_after, node_status.cert_not_after),
+            routes = COALESCE(excluded.routes, node_status.routes)",
     )?;
     stmt.execute(params![
         name,
@@ -583,7 +600,8 @@ fn upsert_status(tx: &Connection, name: &str, status: &NodeStatus) -> rusqlite::
         status.agent_version,
         status.remote_addr,
         now(),
-        status.cert_not_after
+        status.cert_not_after,
+        super::values::encode_routes(status.routes.as_deref())
     ])
     .map(|_| ())
 }
@@ -948,6 +966,129 @@ impl Store for SqliteStore {
             )));
         }
         Ok(())
+    }
+
+    async fn list_services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT name, node, listen, target, created_at FROM services ORDER BY name")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(ServiceRecord {
+                    name: r.get(0)?,
+                    node: r.get(1)?,
+                    listen: r.get(2)?,
+                    target: r.get(3)?,
+                    created_at: r.get(4)?,
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await
+    }
+
+    async fn add_service(&self, service: &ServiceRecord) -> Result<(), StoreError> {
+        let svc = service.clone();
+        let outcome = self
+            .run(move |db| {
+                db.write(|tx, events| {
+                    let node = tx.query_row("SELECT COUNT(*) FROM nodes WHERE name = ?1", [&svc.node], |r| r.get::<_, i64>(0))?;
+                    if node == 0 {
+                        return Ok(Some(false));
+                    }
+                    let n = tx.execute(
+                        "INSERT OR IGNORE INTO services (name, node, listen, target, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![svc.name, svc.node, svc.listen, svc.target, now()],
+                    )?;
+                    if n == 1 {
+                        db.log(tx, events, Change::ServicesChanged)?;
+                        return Ok(None);
+                    }
+                    Ok(Some(true))
+                })
+            })
+            .await?;
+        match outcome {
+            None => Ok(()),
+            Some(false) => Err(StoreError::NotFound(format!("no node named {:?}", service.node))),
+            Some(true) => Err(StoreError::Conflict(format!(
+                "a service named {:?} or listening on {} exists already",
+                service.name, service.listen
+            ))),
+        }
+    }
+
+    async fn list_access(&self) -> Result<Vec<AccessRecord>, StoreError> {
+        let store = self.db.describe.clone();
+        let rows = self
+            .read(|conn| {
+                let mut stmt = conn.prepare_cached("SELECT scope, node, policy FROM access_policies ORDER BY scope")?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(scope, node, policy)| {
+                let policy = serde_json::from_str(&policy).map_err(|e| StoreError::Corrupt {
+                    store: store.clone(),
+                    what: format!("access policy of {scope:?}: {e}"),
+                })?;
+                Ok(AccessRecord { scope, node, policy })
+            })
+            .collect()
+    }
+
+    async fn set_access(&self, record: &AccessRecord) -> Result<(), StoreError> {
+        let r = record.clone();
+        let policy = serde_json::to_string(&record.policy).unwrap_or_default();
+        let set = self
+            .run(move |db| {
+                db.write(|tx, events| {
+                    let n = tx.execute(
+                        "INSERT INTO access_policies (scope, node, policy)
+                         SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM nodes WHERE name = ?2)
+                         ON CONFLICT(scope) DO UPDATE SET node = excluded.node, policy = excluded.policy",
+                        params![r.scope, r.node, policy],
+                    )?;
+                    if n > 0 {
+                        db.log(tx, events, Change::AccessChanged)?;
+                    }
+                    Ok(n > 0)
+                })
+            })
+            .await?;
+        if !set {
+            return Err(StoreError::NotFound(format!("no node named {:?}", record.node)));
+        }
+        Ok(())
+    }
+
+    async fn clear_access(&self, scope: &str) -> Result<bool, StoreError> {
+        let scope = own(scope);
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n = tx.execute("DELETE FROM access_policies WHERE scope = ?1", [&scope])?;
+                if n > 0 {
+                    db.log(tx, events, Change::AccessChanged)?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
+    }
+
+    async fn remove_service(&self, name: &str) -> Result<bool, StoreError> {
+        let name = own(name);
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n = tx.execute("DELETE FROM services WHERE name = ?1", [&name])?;
+                if n > 0 {
+                    db.log(tx, events, Change::ServicesChanged)?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
     }
 
     async fn remove_dns_records(

@@ -15,9 +15,61 @@ pub struct StaticRecord {
     pub ttl_secs: u32,
 }
 
+/// A raw TCP service: the server listens on `listen` and splices each
+/// connection over the tunnel of `node`, whose agent connects the target it
+/// declared as `target`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct ServiceRecord {
+    /// The service's name (unique).
+    pub name: String,
+    /// The node that serves it.
+    pub node: String,
+    /// Where the server listens, `ip:port` (unique).
+    pub listen: String,
+    /// The name of the agent's `[[services]]` entry.
+    pub target: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// An access policy as stored: its scope's key (`node:web1`,
+/// `host:api.web1.example.com`, `service:ssh-web1`), the node it belongs
+/// to (removed with it) and the policy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AccessRecord {
+    /// [`edge_proto::access::Scope::key`].
+    pub scope: String,
+    /// The node the scope is part of.
+    pub node: String,
+    /// The rules and default.
+    pub policy: edge_proto::access::Policy,
+}
+
+/// The routes column: JSON text, `None` when never reported.
+pub fn encode_routes(routes: Option<&[edge_proto::routes::RouteReport]>) -> Option<String> {
+    routes.map(|r| serde_json::to_string(r).unwrap_or_else(|_| "[]".into()))
+}
+
+/// Reads the routes column. A value that does not decode (say, written by
+/// a newer server of the cluster) reads as not reported: it is what the
+/// agent said, shown to operators, and never routes anything.
+pub fn decode_routes(text: Option<&str>) -> Option<Vec<edge_proto::routes::RouteReport>> {
+    text.and_then(|t| serde_json::from_str(t).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_round_trip() {
+        use edge_proto::routes::{RouteMode, RouteReport, UpstreamReport};
+        let up = UpstreamReport { addr: "127.0.0.1:80".into(), up: false, check: "http".into() };
+        let routes = vec![RouteReport { host: "*".into(), mode: RouteMode::Passthrough, upstreams: vec![up] }];
+        assert_eq!(decode_routes(encode_routes(Some(&routes)).as_deref()), Some(routes));
+        assert_eq!(decode_routes(None), None);
+        assert_eq!(decode_routes(Some("{not json")), None);
+    }
 
     #[test]
     fn names_round_trip() {
