@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use edge_certs::acme::{AcmeClient, BoxFuture, ChallengeSink};
+use edge_certs::acme::{AcmeClient, BoxFuture, ChallengeKind, ChallengeSink};
 use edge_certs::info::CertInfo;
 use edge_certs::store::{write_atomic, Sensitivity};
 use serde::{Deserialize, Serialize};
@@ -59,6 +59,26 @@ pub struct Stored {
 /// Where the ACME certificate of a node lives.
 pub fn store_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("certs").join("acme")
+}
+
+/// Which certificate a manager keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot {
+    /// The node's own names, validated by DNS-01 in the cluster's zone.
+    Node,
+    /// A verified custom domain, validated by TLS-ALPN-01 through the
+    /// tunnel (its DNS is the customer's).
+    Domain(String),
+}
+
+impl Slot {
+    /// Where this slot's key and chain live.
+    pub fn dir(&self, data_dir: &Path) -> PathBuf {
+        match self {
+            Slot::Node => store_dir(data_dir),
+            Slot::Domain(domain) => store_dir(data_dir).join("domains").join(domain),
+        }
+    }
 }
 
 fn bundle_path(dir: &Path) -> PathBuf {
@@ -122,16 +142,17 @@ enum ObtainError {
     Failed(String),
 }
 
-/// Keeps the node's certificate obtained and fresh until `shutdown`.
+/// Keeps the certificate of `slot` obtained and fresh until `shutdown`.
 pub async fn run(
     shared: Arc<AgentShared>,
+    slot: Slot,
     hostnames: Vec<String>,
     mut current: Option<Stored>,
     shutdown: CancellationToken,
 ) {
     let flow = shared.config.acme.flow;
     let policy = shared.config.acme.renewal;
-    let dir = store_dir(&shared.config.data_dir);
+    let dir = slot.dir(&shared.config.data_dir);
     let client = (flow == AcmeFlow::Node)
         .then(|| AcmeClient::new(shared.config.acme.settings(), &shared.config.data_dir.join("acme")));
     let mut attempt: u32 = 0;
@@ -164,7 +185,7 @@ pub async fn run(
         tracing::info!(?flow, names = ?hostnames, renewing, "requesting a certificate through ACME");
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = obtain(&shared, &hostnames, client.as_ref()) => r,
+            r = obtain(&shared, &slot, &hostnames, client.as_ref()) => r,
         };
         match result {
             Ok(obtained) => {
@@ -175,7 +196,7 @@ pub async fn run(
                     renewal_window: obtained.renewal_window,
                     serial: edge_certs::acme::leaf_info(&obtained.chain_pem).map(|i| i.serial).unwrap_or_default(),
                 };
-                match install(&shared, &dir, &obtained.key_pem, &obtained.chain_pem, meta) {
+                match install(&shared, &slot, &dir, &obtained.key_pem, &obtained.chain_pem, meta) {
                     Ok(stored) => {
                         shared.metrics.cert_renewals.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(serial = %stored.info.serial, issuer = %stored.info.issuer,
@@ -228,7 +249,14 @@ async fn sleep_retry(
 }
 
 /// Stores a new key and chain, then swaps them into the TLS terminator.
-fn install(shared: &AgentShared, dir: &Path, key_pem: &str, chain_pem: &str, meta: Meta) -> Result<Stored, String> {
+fn install(
+    shared: &AgentShared,
+    slot: &Slot,
+    dir: &Path,
+    key_pem: &str,
+    chain_pem: &str,
+    meta: Meta,
+) -> Result<Stored, String> {
     // Check the pair before it replaces anything on disk.
     let check = dir.join(".incoming.pem");
     write_atomic(&check, format!("{}\n{}", key_pem.trim_end(), chain_pem).as_bytes(), Sensitivity::Secret)
@@ -238,12 +266,16 @@ fn install(shared: &AgentShared, dir: &Path, key_pem: &str, chain_pem: &str, met
     verified?;
     save(dir, key_pem, chain_pem, &meta)?;
     let stored = load_stored(dir)?.ok_or("certificate vanished after writing")?;
-    shared.install_certificate(stored.key.clone());
+    match slot {
+        Slot::Node => shared.install_certificate(stored.key.clone()),
+        Slot::Domain(domain) => shared.install_domain_certificate(domain, Some(stored.key.clone())),
+    }
     Ok(stored)
 }
 
 async fn obtain(
     shared: &AgentShared,
+    slot: &Slot,
     hostnames: &[String],
     client: Option<&AcmeClient>,
 ) -> Result<Obtained, ObtainError> {
@@ -256,8 +288,14 @@ async fn obtain(
     match client {
         Some(client) => {
             let sink = SignalSink { shared };
-            let issued =
-                client.issue(hostnames, csr.der(), &sink).await.map_err(|e| ObtainError::Failed(e.to_string()))?;
+            let kind = match slot {
+                Slot::Node => ChallengeKind::Dns01,
+                Slot::Domain(_) => ChallengeKind::TlsAlpn01,
+            };
+            let issued = client
+                .issue_by(hostnames, csr.der(), &sink, kind)
+                .await
+                .map_err(|e| ObtainError::Failed(e.to_string()))?;
             Ok(Obtained {
                 key_pem,
                 chain_pem: issued.chain_pem,
@@ -265,6 +303,10 @@ async fn obtain(
                 renewal_window: issued.renewal_window,
             })
         }
+        None if *slot != Slot::Node => Err(ObtainError::NotOffered(
+            "custom domains get certificates with acme.flow = \"node\" (the CSR flow covers the node's own names)"
+                .into(),
+        )),
         None => {
             let body = edge_proto::signal::CertificateRequest {
                 csr: base64::engine::general_purpose::STANDARD.encode(csr.der()),
@@ -326,5 +368,20 @@ impl ChallengeSink for SignalSink<'_> {
 
     fn remove<'a>(&'a self, name: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(self.call(hyper::Method::DELETE, name, value))
+    }
+
+    /// Served here: the CA's validation reaches this agent through the
+    /// server, routed by the domain's name like any client.
+    fn publish_tls_alpn<'a>(&'a self, host: &'a str, digest: [u8; 32]) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let key = edge_certs::tls_alpn::challenge_certificate(host, &digest).map_err(|e| e.to_string())?;
+            self.shared.challenges.set(host, Some(key));
+            Ok(())
+        })
+    }
+
+    fn remove_tls_alpn<'a>(&'a self, host: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        self.shared.challenges.set(host, None);
+        Box::pin(async { Ok(()) })
     }
 }

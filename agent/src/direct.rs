@@ -89,11 +89,9 @@ async fn terminate_direct(
     config: Arc<rustls::ServerConfig>,
     node: &Node,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let mut tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "direct client TLS handshake failed"),
-        Err(_) => return tracing::debug!(%peer, "direct client TLS handshake timed out"),
+    let mut tls = match crate::streams::accept(tcp, config, &node.shared.challenges).await {
+        Ok(tls) => tls,
+        Err(e) => return tracing::debug!(%peer, error = %e, "direct client TLS handshake"),
     };
     if tls.get_ref().1.alpn_protocol() == Some(probe::ALPN) {
         let mut nonce = [0u8; probe::NONCE_LEN];

@@ -15,12 +15,14 @@
 //! - [`status`]: local `/ready` and `/metrics`.
 //! - [`metrics`]: the agent's counters.
 //! - [`acme`]: the node's ACME certificate: obtain, store, renew, swap.
+//! - [`domain_certs`]: a certificate for each verified custom domain.
 #![forbid(unsafe_code)]
 
 pub mod acme;
 pub mod cluster;
 pub mod config;
 pub mod direct;
+pub mod domain_certs;
 pub mod health;
 pub mod metrics;
 pub mod routes;
@@ -104,6 +106,10 @@ pub struct AgentShared {
     certificate: Mutex<Option<edge_certs::info::CertInfo>>,
     /// Set once the ACME manager runs.
     acme_started: std::sync::atomic::AtomicBool,
+    /// The node's verified custom domains, as a server last sent them.
+    domains: tokio::sync::watch::Sender<Vec<String>>,
+    /// TLS-ALPN-01 answers being served.
+    pub challenges: tls::ChallengeCerts,
     /// Stops the agent's tasks.
     shutdown: CancellationToken,
 }
@@ -125,10 +131,12 @@ pub struct Node {
 }
 
 impl Node {
-    /// Whether `sni` is one of this node's names (exact or one-label wildcard).
+    /// Whether `sni` is one of this node's names (exact or one-label
+    /// wildcard) or one of its verified custom domains.
     pub fn owns(&self, sni: &str) -> bool {
         self.hostnames.iter().any(|h| h == sni)
             || edge_proto::names::wildcard_parent(sni).is_some_and(|w| self.hostnames.contains(&w))
+            || self.shared.domains.borrow().iter().any(|d| d == sni)
     }
 }
 
@@ -152,6 +160,36 @@ impl AgentShared {
             }
             changed
         });
+    }
+
+    /// Takes the node's verified custom domains from a server (names that
+    /// are not plain lowercase hostnames, and any beyond the bound, are
+    /// dropped).
+    pub fn learn_domains(&self, mut domains: Vec<String>) {
+        domains.retain(|d| {
+            edge_proto::names::normalize_hostname(d).as_deref() == Some(d.as_str()) && !d.starts_with("*.")
+        });
+        domains.sort();
+        domains.dedup();
+        domains.truncate(edge_proto::domains::MAX_DOMAINS_PER_NODE);
+        self.domains.send_if_modified(|current| {
+            let changed = *current != domains;
+            if changed {
+                tracing::info!(domains = ?domains, "custom domains of this node");
+                *current = domains;
+            }
+            changed
+        });
+    }
+
+    /// The node's verified custom domains.
+    pub fn domains(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
+        self.domains.subscribe()
+    }
+
+    /// Serves `key` (or with `None` no own certificate) for a custom domain.
+    pub fn install_domain_certificate(&self, domain: &str, key: Option<Arc<rustls::sign::CertifiedKey>>) {
+        self.resolver.set_domain(domain, key);
     }
 
     /// The servers last listed (for the signal API when the join string's
@@ -252,7 +290,7 @@ impl AgentShared {
         .map_err(|e| AgentError::Fatal(format!("certificate task failed: {e}")))??;
         self.install_certificate(key);
         if use_acme && !self.acme_started.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            tokio::spawn(acme::run(self.clone(), hostnames.to_vec(), stored, self.shutdown.clone()));
+            tokio::spawn(acme::run(self.clone(), acme::Slot::Node, hostnames.to_vec(), stored, self.shutdown.clone()));
         }
         let node = Arc::new(Node { shared: self.clone(), name: name.to_string(), hostnames: hostnames.to_vec() });
         let unreachable = self.routes().unreachable(hostnames);
@@ -384,6 +422,8 @@ pub async fn run(
         servers_revision: std::sync::atomic::AtomicU64::new(0),
         certificate: Mutex::new(None),
         acme_started: std::sync::atomic::AtomicBool::new(false),
+        domains: tokio::sync::watch::Sender::new(Vec::new()),
+        challenges: tls::ChallengeCerts::default(),
         shutdown: shutdown.clone(),
     });
     let config = shared.config.clone();
@@ -400,6 +440,7 @@ pub async fn run(
         announce(&listener, &shared.config.data_dir.join("direct.addr"), "direct listener accepting");
         tokio::spawn(direct::serve(listener, shared.clone(), shutdown.clone()));
     }
+    tokio::spawn(domain_certs::run(shared.clone(), shutdown.clone()));
     let heartbeats = tokio::spawn(signal::run(shared.clone(), shutdown.clone()));
     // Reconnecting sessions to every server of the cluster; a fatal error
     // in any of them (token refused, node removed) stops the agent.

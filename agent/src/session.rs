@@ -133,6 +133,7 @@ pub fn capabilities(config: &crate::config::AgentConfig) -> Vec<String> {
         edge_proto::tunnel::CAPABILITY_HANDOVER.to_string(),
         edge_proto::tunnel::CAPABILITY_ROUTES.to_string(),
         edge_proto::tunnel::CAPABILITY_SERVICES.to_string(),
+        edge_proto::tunnel::CAPABILITY_DOMAINS.to_string(),
     ];
     if config.proxy_protocol {
         capabilities.push("proxy_v2".into());
@@ -440,6 +441,7 @@ async fn tunnel(
                 }
                 Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),
                 Some(Ok(ServerMessage::Servers { servers, revision })) => shared.learn_servers(servers, revision),
+                Some(Ok(ServerMessage::Domains { domains })) => shared.learn_domains(domains),
                 Some(Ok(ServerMessage::Rejected { code, reason })) => break verdict(u64::from(code), &reason),
                 Some(Ok(ServerMessage::Welcome { .. })) => break End::Retry("unexpected second welcome".into()),
                 Some(Err(e)) => break ended(conn, format!("control stream: {e}")),

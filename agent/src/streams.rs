@@ -61,6 +61,9 @@ pub enum StreamError {
     /// The client was answered with an HTTP error (404, 502, 503).
     #[error("answered {0}: {1}")]
     Refused(u16, String),
+    /// The connection was an ACME TLS-ALPN-01 validation, now answered.
+    #[error("answered a TLS-ALPN-01 validation for {0}")]
+    AcmeChallenge(String),
 }
 
 /// Serves one data stream to completion. `stalls` is the budget of the
@@ -87,7 +90,9 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>,
                 // node's TLS when terminating, a reset when passing through.
                 None if header.plain => refuse_plain(send, recv, Refusal::NotFound).await,
                 None if table.fallback_mode == Mode::Terminate => {
-                    refuse_tls(tokio::io::join(recv, send), table.fallback_tls.clone(), Refusal::NotFound).await
+                    let challenges = &node.shared.challenges;
+                    refuse_tls(tokio::io::join(recv, send), table.fallback_tls.clone(), Refusal::NotFound, challenges)
+                        .await
                 }
                 None => {
                     reset(&mut send, &mut recv, codes::STREAM_UPSTREAM_FAILED);
@@ -128,7 +133,9 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>,
     };
     metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
     if let Err(e) = result {
-        metrics.stream_errors.fetch_add(1, Ordering::Relaxed);
+        if !matches!(e, StreamError::AcmeChallenge(_)) {
+            metrics.stream_errors.fetch_add(1, Ordering::Relaxed);
+        }
         tracing::debug!(error = %e, "stream failed");
     }
 }
@@ -209,11 +216,16 @@ async fn drain_until_closed<R: tokio::io::AsyncRead + Unpin>(r: &mut R) {
 }
 
 /// Completes the client's TLS handshake, then answers `refusal` over it.
-async fn refuse_tls<IO>(io: IO, tls: Arc<rustls::ServerConfig>, refusal: Refusal) -> Result<(), StreamError>
+async fn refuse_tls<IO>(
+    io: IO,
+    tls: Arc<rustls::ServerConfig>,
+    refusal: Refusal,
+    challenges: &crate::tls::ChallengeCerts,
+) -> Result<(), StreamError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
-    let tls = accept(io, tls).await?;
+    let tls = accept(io, tls, challenges).await?;
     answer_over_tls(tls, refusal).await;
     Err(StreamError::Refused(refusal.status().0, "no route for the name".into()))
 }
@@ -345,20 +357,65 @@ pub async fn pump<IO>(
     }
 }
 
-/// The client's TLS handshake on `io` with `tls`, under the deadline.
-async fn accept<IO>(io: IO, tls: Arc<rustls::ServerConfig>) -> Result<tokio_rustls::server::TlsStream<IO>, StreamError>
+/// The client's TLS handshake on `io` with `tls`, under the deadline. While
+/// a TLS-ALPN-01 answer is served, a client offering ALPN `acme-tls/1` for
+/// its host (the CA validating a custom domain) gets the challenge
+/// certificate instead, and the connection ends there
+/// ([`StreamError::AcmeChallenge`]).
+pub(crate) async fn accept<IO>(
+    io: IO,
+    tls: Arc<rustls::ServerConfig>,
+    challenges: &crate::tls::ChallengeCerts,
+) -> Result<tokio_rustls::server::TlsStream<IO>, StreamError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
-    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(io).into_fallible();
-    match tokio::time::timeout(HANDSHAKE_DEADLINE, accept).await {
-        Ok(Ok(tls)) => Ok(tls),
-        Ok(Err((e, io))) => {
-            io.abort(codes::STREAM_TLS_FAILED);
-            Err(StreamError::Tls(e.to_string()))
-        }
-        Err(_) => Err(StreamError::Tls("timed out".into())),
+    if challenges.is_empty() {
+        let accept = tokio_rustls::TlsAcceptor::from(tls).accept(io).into_fallible();
+        return match tokio::time::timeout(HANDSHAKE_DEADLINE, accept).await {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err((e, io))) => {
+                io.abort(codes::STREAM_TLS_FAILED);
+                Err(StreamError::Tls(e.to_string()))
+            }
+            Err(_) => Err(StreamError::Tls("timed out".into())),
+        };
     }
+    let handshake = async {
+        let mut lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+        let start = match (&mut lazy).await {
+            Ok(start) => start,
+            Err(e) => {
+                if let Some(io) = lazy.take_io() {
+                    io.abort(codes::STREAM_TLS_FAILED);
+                }
+                return Err(StreamError::Tls(e.to_string()));
+            }
+        };
+        let hello = start.client_hello();
+        let acme = hello.alpn().is_some_and(|mut alpn| alpn.any(|p| p == edge_proto::domains::ACME_TLS_ALPN));
+        let host = hello.server_name().map(str::to_ascii_lowercase).unwrap_or_default();
+        let answer = acme.then(|| challenges.config_for(&host)).flatten();
+        let config = answer.clone().unwrap_or(tls);
+        let stream = match start.into_stream(config).into_fallible().await {
+            Ok(stream) => stream,
+            Err((e, io)) => {
+                io.abort(codes::STREAM_TLS_FAILED);
+                return Err(StreamError::Tls(e.to_string()));
+            }
+        };
+        if answer.is_none() {
+            return Ok(stream);
+        }
+        // The handshake was the answer; the CA sends nothing more.
+        let mut stream = stream;
+        let _ = stream.shutdown().await;
+        tracing::info!(%host, "answered a TLS-ALPN-01 validation");
+        Err(StreamError::AcmeChallenge(host))
+    };
+    tokio::time::timeout(HANDSHAKE_DEADLINE, handshake)
+        .await
+        .unwrap_or_else(|_| Err(StreamError::Tls("timed out".into())))
 }
 
 /// Terminates the client's TLS on `io` with the route's TLS config, then
@@ -377,7 +434,7 @@ pub async fn terminate<IO>(
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
-    let tls = accept(io, route.tls.clone()).await?;
+    let tls = accept(io, route.tls.clone(), &node.shared.challenges).await?;
     serve_terminated(tls, header, route, node, stalls).await
 }
 

@@ -1,6 +1,7 @@
 //! TLS on the agent: the node certificate it terminates client TLS with
 //! (swappable at run time), and how it trusts the server.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -9,22 +10,33 @@ use rustls::sign::CertifiedKey;
 use crate::config::AgentConfig;
 use crate::AgentError;
 
-/// Serves whatever certificate is current; a swap affects new handshakes
-/// only, connections already open keep theirs.
+/// Serves whatever certificate is current: a custom domain's own when the
+/// client names one that has it, else the node's. A swap affects new
+/// handshakes only, connections already open keep theirs.
 #[derive(Debug)]
 pub struct NodeCertResolver {
     current: RwLock<Option<Arc<CertifiedKey>>>,
+    domains: RwLock<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl NodeCertResolver {
     /// An empty resolver (handshakes fail until a certificate is set).
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { current: RwLock::new(None) })
+        Arc::new(Self { current: RwLock::new(None), domains: RwLock::new(HashMap::new()) })
     }
 
     /// Installs a new certificate.
     pub fn set(&self, key: Arc<CertifiedKey>) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
+    }
+
+    /// Installs (or with `None` removes) the certificate of a custom domain.
+    pub fn set_domain(&self, domain: &str, key: Option<Arc<CertifiedKey>>) {
+        let mut domains = self.domains.write().unwrap_or_else(|p| p.into_inner());
+        match key {
+            Some(key) => domains.insert(domain.to_string(), key),
+            None => domains.remove(domain),
+        };
     }
 
     /// Whether a certificate is installed.
@@ -34,8 +46,62 @@ impl NodeCertResolver {
 }
 
 impl rustls::server::ResolvesServerCert for NodeCertResolver {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = hello.server_name() {
+            let domains = self.domains.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(key) = domains.get(&name.to_ascii_lowercase()) {
+                return Some(key.clone());
+            }
+        }
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// TLS-ALPN-01 answers being served, by host (RFC 8737): a connection with
+/// ALPN `acme-tls/1` for such a host gets the challenge certificate and
+/// nothing else.
+#[derive(Debug, Default)]
+pub struct ChallengeCerts {
+    certs: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl ChallengeCerts {
+    /// Serves `key` for `host` from now on.
+    pub fn set(&self, host: &str, key: Option<Arc<CertifiedKey>>) {
+        let mut certs = self.certs.write().unwrap_or_else(|p| p.into_inner());
+        match key {
+            Some(key) => certs.insert(host.to_string(), key),
+            None => certs.remove(host),
+        };
+    }
+
+    /// Whether no answer is served (the common case: handshakes skip the
+    /// look at the ClientHello).
+    pub fn is_empty(&self) -> bool {
+        self.certs.read().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// The TLS config answering `host`'s challenge, when one is served.
+    pub fn config_for(&self, host: &str) -> Option<Arc<rustls::ServerConfig>> {
+        let key = self.certs.read().unwrap_or_else(|p| p.into_inner()).get(host).cloned()?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Fixed(key)));
+        config.alpn_protocols = vec![edge_proto::domains::ACME_TLS_ALPN.to_vec()];
+        Some(Arc::new(config))
+    }
+}
+
+/// Always the one certificate.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
     }
 }
 

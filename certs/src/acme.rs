@@ -62,13 +62,36 @@ impl AcmeSettings {
 /// A boxed future, for the object-safe [`ChallengeSink`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Publishes and removes DNS-01 TXT values.
+/// Which ACME challenge an order answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeKind {
+    /// DNS-01: a TXT value at `_acme-challenge.<host>` (the cluster's zone).
+    Dns01,
+    /// TLS-ALPN-01 (RFC 8737): a certificate served on :443 to the CA's
+    /// connection with ALPN `acme-tls/1` (customers' own domains, whose DNS
+    /// is not ours).
+    TlsAlpn01,
+}
+
+/// Publishes and removes challenge answers.
 pub trait ChallengeSink: Send + Sync {
     /// Publishes `value` at `name` (`_acme-challenge.<host>`); resolves once
     /// the authoritative DNS serves it.
     fn publish<'a>(&'a self, name: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), String>>;
     /// Removes one value again.
     fn remove<'a>(&'a self, name: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// Serves a TLS-ALPN-01 answer for `host`: the SHA-256 of the key
+    /// authorization goes into the `acmeIdentifier` extension of a
+    /// certificate for `host`. Resolves once it is served.
+    fn publish_tls_alpn<'a>(&'a self, host: &'a str, digest: [u8; 32]) -> BoxFuture<'a, Result<(), String>> {
+        let _ = (host, digest);
+        Box::pin(async { Err("TLS-ALPN-01 answers are not served here".to_string()) })
+    }
+    /// Stops serving the TLS-ALPN-01 answer for `host`.
+    fn remove_tls_alpn<'a>(&'a self, host: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        let _ = host;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Errors of an issuance.
@@ -247,14 +270,26 @@ impl AcmeClient {
         Ok(account)
     }
 
-    /// Obtains a certificate for `names` with the CSR `csr_der`, trying each
-    /// directory in order.
+    /// Obtains a certificate for `names` with the CSR `csr_der` by DNS-01,
+    /// trying each directory in order.
     pub async fn issue(&self, names: &[String], csr_der: &[u8], sink: &dyn ChallengeSink) -> Result<Issued, AcmeError> {
+        self.issue_by(names, csr_der, sink, ChallengeKind::Dns01).await
+    }
+
+    /// [`AcmeClient::issue`] answering challenges of `kind`.
+    pub async fn issue_by(
+        &self,
+        names: &[String],
+        csr_der: &[u8],
+        sink: &dyn ChallengeSink,
+        kind: ChallengeKind,
+    ) -> Result<Issued, AcmeError> {
         let mut failures = Vec::new();
         for directory in &self.settings.directories {
             // Polling is bounded by instant-acme; plain requests are not, so
             // a CA that stalls a connection gets the same deadline overall.
-            let attempt = tokio::time::timeout(self.order_timeout * 2, self.issue_at(directory, names, csr_der, sink));
+            let attempt =
+                tokio::time::timeout(self.order_timeout * 2, self.issue_at(directory, names, csr_der, sink, kind));
             let result = attempt.await.unwrap_or_else(|_| {
                 Err(AcmeError::Ca {
                     directory: directory.clone(),
@@ -278,6 +313,7 @@ impl AcmeClient {
         names: &[String],
         csr_der: &[u8],
         sink: &dyn ChallengeSink,
+        kind: ChallengeKind,
     ) -> Result<Issued, AcmeError> {
         let ca = |message: String| AcmeError::Ca { directory: directory.to_string(), message };
         let account = self.account(directory).await?;
@@ -286,6 +322,7 @@ impl AcmeClient {
             account.new_order(&NewOrder::new(&identifiers)).await.map_err(|e| ca(format!("new order: {e}")))?;
         tracing::info!(%directory, names = ?names, order = order.url(), "ACME: order created");
         let mut published: Vec<(String, String)> = Vec::new();
+        let mut alpn_served: Vec<String> = Vec::new();
         let result = async {
             let mut authorizations = order.authorizations();
             while let Some(authz) = authorizations.next().await {
@@ -295,13 +332,28 @@ impl AcmeClient {
                     AuthorizationStatus::Pending => {}
                     other => return Err(ca(format!("authorization is {other:?}"))),
                 }
+                let wanted = match kind {
+                    ChallengeKind::Dns01 => ChallengeType::Dns01,
+                    ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+                };
                 let mut challenge = authz
-                    .challenge(ChallengeType::Dns01)
-                    .ok_or_else(|| ca("the CA offers no dns-01 challenge".into()))?;
+                    .challenge(wanted.clone())
+                    .ok_or_else(|| ca(format!("the CA offers no {wanted:?} challenge")))?;
                 let host = match challenge.identifier().identifier {
                     Identifier::Dns(host) => host.trim_start_matches("*.").to_string(),
                     other => return Err(ca(format!("unexpected identifier {other:?}"))),
                 };
+                if kind == ChallengeKind::TlsAlpn01 {
+                    let mut digest = [0u8; 32];
+                    digest.copy_from_slice(challenge.key_authorization().digest().as_ref());
+                    alpn_served.push(host.clone());
+                    sink.publish_tls_alpn(&host, digest)
+                        .await
+                        .map_err(|e| ca(format!("serving the TLS-ALPN-01 answer for {host}: {e}")))?;
+                    tracing::info!(%host, "ACME: TLS-ALPN-01 answer served; asking the CA to validate");
+                    challenge.set_ready().await.map_err(|e| ca(format!("challenge ready: {e}")))?;
+                    continue;
+                }
                 let name = format!("_acme-challenge.{host}");
                 let value = challenge.key_authorization().dns_value();
                 // Recorded first: a publish that fails half-way is removed too.
@@ -314,7 +366,7 @@ impl AcmeClient {
             let status = order.poll_ready(&retry).await.map_err(|e| ca(format!("waiting for validation: {e}")))?;
             if status != OrderStatus::Ready {
                 return Err(ca(format!(
-                    "order is {status:?} after validation (the CA could not verify the TXT records)"
+                    "order is {status:?} after validation (the CA could not verify the {kind:?} answers)"
                 )));
             }
             tracing::info!(%directory, names = ?names, "ACME: validated");
@@ -325,6 +377,11 @@ impl AcmeClient {
         for (name, value) in &published {
             if let Err(e) = sink.remove(name, value).await {
                 tracing::warn!(%name, error = %e, "removing a DNS-01 TXT value failed; the server expires it later");
+            }
+        }
+        for host in &alpn_served {
+            if let Err(e) = sink.remove_tls_alpn(host).await {
+                tracing::warn!(%host, error = %e, "removing a TLS-ALPN-01 answer failed");
             }
         }
         let chain_pem = result?;

@@ -7,10 +7,11 @@
 //! - [`store`]: atomic writes (temp file + rename) with private key files
 //!   created mode 0600, so a crash never leaves a half-written key.
 //!
-//! - [`acme`]: ACME issuance with DNS-01 (instant-acme), several directories
+//! - [`acme`]: ACME issuance with DNS-01 or TLS-ALPN-01 (instant-acme), several directories
 //!   tried in order, accounts persisted; used by server and agent.
 //! - [`info`]: names, issuer and validity of a certificate or CSR.
 //! - [`renewal`]: when to renew and how to back off (pure functions).
+//! - [`tls_alpn`]: the certificate answering a TLS-ALPN-01 challenge.
 #![forbid(unsafe_code)]
 
 pub mod acme;
@@ -19,6 +20,7 @@ pub mod info;
 pub mod pem;
 pub mod renewal;
 pub mod store;
+pub mod tls_alpn;
 
 /// Unix seconds as RFC 3339 (UTC), for logs and status output.
 pub fn format_unix(secs: i64) -> String {
@@ -57,4 +59,7 @@ pub enum CertError {
     /// Certificate generation failed.
     #[error("generating certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A generated key or certificate was refused by rustls.
+    #[error("{0}")]
+    Invalid(String),
 }

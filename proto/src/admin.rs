@@ -217,6 +217,12 @@ pub enum AuditAction {
     /// A TCP service was removed.
     #[serde(rename = "service.remove")]
     ServiceRemove,
+    /// A custom domain was claimed for a node.
+    #[serde(rename = "domain.create")]
+    DomainCreate,
+    /// A custom domain was removed.
+    #[serde(rename = "domain.remove")]
+    DomainRemove,
     /// An access policy was set.
     #[serde(rename = "access.set")]
     AccessSet,
@@ -245,7 +251,7 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// Every action, for filters and documentation.
-    pub const ALL: [AuditAction; 17] = [
+    pub const ALL: [AuditAction; 19] = [
         Self::NodeCreate,
         Self::NodeRemove,
         Self::NodeRotateToken,
@@ -255,6 +261,8 @@ impl AuditAction {
         Self::ServerRemove,
         Self::ServiceCreate,
         Self::ServiceRemove,
+        Self::DomainCreate,
+        Self::DomainRemove,
         Self::AccessSet,
         Self::AccessClear,
         Self::UserAdd,
@@ -277,6 +285,8 @@ impl AuditAction {
             Self::ServerRemove => "server.remove",
             Self::ServiceCreate => "service.create",
             Self::ServiceRemove => "service.remove",
+            Self::DomainCreate => "domain.create",
+            Self::DomainRemove => "domain.remove",
             Self::AccessSet => "access.set",
             Self::AccessClear => "access.clear",
             Self::UserAdd => "user.add",

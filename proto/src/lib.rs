@@ -18,6 +18,8 @@
 //! - [`signal`]: the signal API's JSON request bodies.
 //! - [`access`]: allow/deny rules over client CIDRs for nodes, hostnames
 //!   and TCP services.
+//! - [`domains`]: customers' own domains: which names may be claimed, the
+//!   ownership TXT record, and what a check does to a domain's state.
 //! - [`admin`]: the admin API's (`/api/v1`) request, response and error bodies.
 //! - [`handover`]: the zero-downtime upgrade between a running server and its
 //!   successor, and the control socket `edge-server upgrade` talks to.
@@ -27,6 +29,7 @@ pub mod access;
 pub mod admin;
 pub mod client_hello;
 pub mod dns_zone;
+pub mod domains;
 pub mod handover;
 pub mod join;
 pub mod names;

@@ -42,6 +42,10 @@ pub const CAPABILITY_ROUTES: &str = "routes";
 /// Capability an agent sends when it serves raw TCP services (data streams
 /// whose header names a `service`).
 pub const CAPABILITY_SERVICES: &str = "services";
+/// Capability an agent sends when it serves customers' own domains: the
+/// server then sends [`ServerMessage::Domains`] (older agents would refuse
+/// the message).
+pub const CAPABILITY_DOMAINS: &str = "domains";
 /// Most servers listed to an agent.
 pub const MAX_CLUSTER_SERVERS: usize = 64;
 /// Protocol version carried in [`AgentMessage::Hello`].
@@ -213,6 +217,16 @@ pub enum ServerMessage {
     /// closes it with `CLOSE_SHUTDOWN` once they finished, and the agent
     /// does not reconnect for that.
     Handover,
+    /// The node's custom domains whose ownership is verified, the ones the
+    /// server routes to it (only to agents that sent
+    /// [`CAPABILITY_DOMAINS`]): after the welcome and at every change. The
+    /// agent serves them (certificates, routes) and nothing else beyond its
+    /// own names.
+    Domains {
+        /// Lowercase hostnames, at most
+        /// [`crate::domains::MAX_DOMAINS_PER_NODE`].
+        domains: Vec<String>,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {

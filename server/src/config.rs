@@ -64,6 +64,82 @@ pub struct ServerConfig {
     /// login limits, the certificate it shows browsers.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Customers' own domains (`edge-server domain add`): how their
+    /// ownership is checked.
+    #[serde(default)]
+    pub domains: DomainsConfig,
+}
+
+/// How customers' own domains are verified.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DomainsConfig {
+    /// The DNS resolver asked for `_edge-verify.<domain>` TXT records,
+    /// `ip:port` (a recursive resolver, or for tests and private DNS the
+    /// authoritative server itself); default: the first `nameserver` of
+    /// `/etc/resolv.conf`.
+    pub resolver: Option<SocketAddr>,
+    /// Seconds between checks of a domain that is not verified yet (or
+    /// whose last check failed).
+    pub check_interval_secs: u64,
+    /// Seconds between re-checks of a verified domain.
+    pub recheck_interval_secs: u64,
+    /// Seconds a verified domain keeps routing after its TXT record went
+    /// missing; then it stops until the record is back.
+    pub grace_secs: u64,
+    /// Deadline of one lookup, in milliseconds.
+    pub lookup_timeout_ms: u64,
+}
+
+impl Default for DomainsConfig {
+    fn default() -> Self {
+        Self {
+            resolver: None,
+            check_interval_secs: 60,
+            recheck_interval_secs: 3600,
+            grace_secs: 3 * 86_400,
+            lookup_timeout_ms: 3000,
+        }
+    }
+}
+
+impl DomainsConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=86_400).contains(&self.check_interval_secs) {
+            return Err(format!(
+                "domains.check_interval_secs = {} must be between 1 and 86400",
+                self.check_interval_secs
+            ));
+        }
+        if self.recheck_interval_secs < self.check_interval_secs || self.recheck_interval_secs > 7 * 86_400 {
+            return Err(format!(
+                "domains.recheck_interval_secs = {} must be at least domains.check_interval_secs ({}) and at most 604800",
+                self.recheck_interval_secs, self.check_interval_secs
+            ));
+        }
+        if self.grace_secs > 90 * 86_400 {
+            return Err(format!("domains.grace_secs = {} must be at most 7776000 (90 days)", self.grace_secs));
+        }
+        if !(100..=30_000).contains(&self.lookup_timeout_ms) {
+            return Err(format!(
+                "domains.lookup_timeout_ms = {} must be between 100 and 30000",
+                self.lookup_timeout_ms
+            ));
+        }
+        if self.resolver.is_some_and(|r| r.port() == 0 || r.ip().is_unspecified()) {
+            return Err(format!("domains.resolver = {:?} must be an address with a port", self.resolver));
+        }
+        Ok(())
+    }
+
+    /// The check timings.
+    pub fn policy(&self) -> edge_proto::domains::CheckPolicy {
+        edge_proto::domains::CheckPolicy {
+            pending_interval_secs: self.check_interval_secs as i64,
+            recheck_interval_secs: self.recheck_interval_secs as i64,
+            grace_secs: self.grace_secs as i64,
+        }
+    }
 }
 
 /// The dashboard and `/api/v1` for operators.
@@ -735,6 +811,7 @@ impl fmt::Debug for ServerConfig {
             .field("modes", &self.modes)
             .field("cluster", &self.cluster)
             .field("admin", &self.admin)
+            .field("domains", &self.domains)
             .field("log_filter", &self.log_filter)
             .finish()
     }
@@ -808,6 +885,7 @@ impl ServerConfig {
         self.store.validate()?;
         self.cluster.validate()?;
         self.admin.validate()?;
+        self.domains.validate()?;
         if let Some(f) = &self.log_filter {
             edge_net::logging::check_filter(f).map_err(|e| format!("log_filter = {f:?}: {e}"))?;
         }
@@ -968,6 +1046,10 @@ mod tests {
                 "dns.records[0].value",
             ),
             (&format!("{MINIMAL}[acme]\ndirectories = [\"https://ca/dir\"]"), "acme: needs a [dns]"),
+            (&format!("{MINIMAL}[domains]\ncheck_interval_secs = 0"), "domains.check_interval_secs"),
+            (&format!("{MINIMAL}[domains]\ncheck_interval_secs = 600\nrecheck_interval_secs = 60"), "domains.recheck_interval_secs"),
+            (&format!("{MINIMAL}[domains]\nresolver = \"127.0.0.1:0\""), "domains.resolver"),
+            (&format!("{MINIMAL}[domains]\nbogus = 1"), "bogus"),
             (
                 &format!("{MINIMAL}[dns]\nlisten = \"127.0.0.1:53\"\naddresses = [\"192.0.2.1\"]\n[acme]\ndirectories = []"),
                 "acme.directories",
@@ -991,6 +1073,7 @@ mod tests {
         assert_eq!(acme.caa_issuers().unwrap(), vec!["letsencrypt.org", "sectigo.com"], "derived from the directories");
         crate::dns::ZoneCell::from_config(dns, c.zone(), c.listen.tls, &acme.caa_issuers().unwrap()).unwrap();
         assert_eq!(acme.settings.directories.len(), 2);
+        assert_eq!(c.domains.policy().recheck_interval_secs, 3600);
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //!   [`endpoints`]: which endpoints may be probed at all; [`self_loop`]:
 //!   refusing our own connections that come back to us.
 //! - [`http`]: plain HTTP on :80 (redirects, Host-routed proxying).
+//! - [`domains`]: customers' own domains: ownership checks by TXT lookup.
 //! - [`access`]: access policies in force, checked by every listener.
 //! - [`services`]: raw TCP services, one listener each, spliced to agents.
 //! - [`limits`]: per-source rates, connection caps, refusal counting.
@@ -44,6 +45,7 @@ pub mod cluster;
 pub mod config;
 pub mod detector;
 pub mod dns;
+pub mod domains;
 pub mod endpoints;
 pub mod http;
 pub mod identity;

@@ -80,6 +80,12 @@ enum Command {
     /// connects a local target it declares under `[[services]]`.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Customers' own domains on a node (www.customer.com): claimed here,
+    /// routed to the node once the customer publishes the TXT record this
+    /// prints (checked with [domains] resolver, then re-checked on
+    /// schedule). The agent gets a certificate for it by TLS-ALPN-01.
+    #[command(subcommand)]
+    Domain(DomainCommand),
     /// Access policies: which client addresses may reach a node, one of
     /// its hostnames, or a TCP service. Rules are evaluated in order, the
     /// first match decides, else the default; a hostname's or service's
@@ -264,6 +270,39 @@ enum ServiceCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum DomainCommand {
+    /// Claim a domain for a node, e.g. `domain add www.customer.com --node
+    /// web1`, and print the records the customer publishes. No other node
+    /// can claim it while this one holds it.
+    Add {
+        /// The domain (not inside this cluster's zone, no wildcard).
+        name: String,
+        /// The node that is to serve it.
+        #[arg(long)]
+        node: String,
+    },
+    /// Check a domain's TXT record now and show the result (servers check
+    /// on their own too: every [domains] check_interval_secs until it is
+    /// verified, then every recheck_interval_secs).
+    Verify {
+        /// The domain.
+        name: String,
+    },
+    /// Remove a domain: no server routes it any more.
+    Remove {
+        /// The domain.
+        name: String,
+    },
+    /// List the domains with their state (pending, verified, lapsing,
+    /// lapsed).
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DnsCommand {
     /// Add a record, e.g. `dns add www A 192.0.2.80` or
     /// `dns add @ TXT "v=spf1 -all"`.
@@ -409,6 +448,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Node(cmd) => cli_runtime()?.block_on(node(config, &cli.config, cmd)),
         Command::Dns(cmd) => cli_runtime()?.block_on(dns(config, cmd)),
         Command::Service(cmd) => cli_runtime()?.block_on(service(config, cmd)),
+        Command::Domain(cmd) => cli_runtime()?.block_on(domain(config, cmd)),
         Command::Access(cmd) => cli_runtime()?.block_on(access(config, cmd)),
         Command::Cluster(cmd) => cli_runtime()?.block_on(cluster(config, cmd)),
         Command::User(cmd) => cli_runtime()?.block_on(user(config, cmd)),
@@ -550,6 +590,65 @@ async fn service(config: ServerConfig, cmd: ServiceCommand) -> Result<()> {
                 println!("{:<24} {:<16} {:<24} TARGET", "NAME", "NODE", "LISTEN");
                 for s in &services {
                     println!("{:<24} {:<16} {:<24} {}", s.name, s.node, s.listen, s.target);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn domain(config: ServerConfig, cmd: DomainCommand) -> Result<()> {
+    let store = edge_server::store::open(&config.store, &config.data_dir).await?;
+    let zone = config.zone().to_string();
+    match cmd {
+        DomainCommand::Add { name, node } => {
+            let d = ops_for(&config, store.clone(), None).add_domain(&Actor::cli(), &name, &node).await?;
+            let view = edge_server::domains::view(&d, &zone);
+            eprintln!("claimed {} for node {}; it is routed once its ownership is verified.", view.name, view.node);
+            eprintln!("Publish in the customer's DNS:");
+            println!("{} TXT \"{}\"", view.verify_name, view.verify_value);
+            println!("{} CNAME {}", view.name, view.cname_target);
+            eprintln!(
+                "then run `edge-server domain verify {}` (servers also check every {} s).",
+                view.name, config.domains.check_interval_secs
+            );
+        }
+        DomainCommand::Verify { name } => {
+            let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+            let record = store
+                .list_domains()
+                .await?
+                .into_iter()
+                .find(|d| d.name == name)
+                .ok_or_else(|| anyhow::anyhow!("no domain named {name:?} (see `domain list`)"))?;
+            let Some(state) = edge_server::domains::check_and_record(store.as_ref(), &config.domains, &record).await?
+            else {
+                anyhow::bail!("{name} was removed or reclaimed during the check");
+            };
+            let view = edge_server::domains::view(&edge_server::store::DomainRecord { state, ..record }, &zone);
+            match view.state.last_error.as_deref() {
+                None => println!("{}: {} (TXT {} found)", view.name, view.status, view.verify_name),
+                Some(e) => println!("{}: {} ({}: {e})", view.name, view.status, view.verify_name),
+            }
+            if !view.state.routed {
+                std::process::exit(1);
+            }
+        }
+        DomainCommand::Remove { name } => {
+            ops_for(&config, store.clone(), None).remove_domain(&Actor::cli(), &name).await?;
+            eprintln!("removed domain {name}");
+        }
+        DomainCommand::List { json } => {
+            let views: Vec<_> =
+                store.list_domains().await?.iter().map(|d| edge_server::domains::view(d, &zone)).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+            } else {
+                println!("{:<32} {:<16} {:<9} {:<20} LAST ERROR", "DOMAIN", "NODE", "STATUS", "VERIFIED");
+                for v in &views {
+                    let verified = v.state.verified_at.map(edge_certs::format_unix).unwrap_or_else(|| "-".into());
+                    let error = v.state.last_error.as_deref().unwrap_or("");
+                    println!("{:<32} {:<16} {:<9} {:<20} {error}", v.name, v.node, v.status.as_str(), verified);
                 }
             }
         }
@@ -776,6 +875,14 @@ async fn node(config: ServerConfig, config_path: &std::path::Path, cmd: NodeComm
             for r in store.list_access().await?.into_iter().filter(|r| r.node == node.name) {
                 let rules: Vec<String> = r.policy.rules.iter().map(|x| format!("{}={}", x.action, x.cidr)).collect();
                 println!("access:    {} {} default={}", r.scope, rules.join(" "), r.policy.default);
+            }
+            let domains: Vec<_> = store.list_domains().await?.into_iter().filter(|d| d.node == node.name).collect();
+            if !domains.is_empty() {
+                println!("custom domains:");
+                for d in &domains {
+                    let error = d.state.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+                    println!("  {:<32} {}{error}", d.name, d.state.status());
+                }
             }
             let services: Vec<_> = store.list_services().await?.into_iter().filter(|s| s.node == node.name).collect();
             if !services.is_empty() {

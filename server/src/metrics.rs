@@ -42,6 +42,8 @@ pub struct Metrics {
     /// Challenge or certificate requests refused because they named another
     /// node's names.
     pub foreign_name_refusals: AtomicU64,
+    /// Ownership checks of custom domains (scheduled ones).
+    pub domain_checks: AtomicU64,
     /// Reachability probes that verified the node.
     pub probes_ok: AtomicU64,
     /// Reachability probes that failed.
@@ -151,6 +153,11 @@ impl Metrics {
                 "edge_foreign_name_refusals_total",
                 "Challenge or certificate requests refused for naming another node's names.",
                 &self.foreign_name_refusals,
+            ),
+            (
+                "edge_domain_checks_total",
+                "Scheduled ownership checks of customers' domains (_edge-verify TXT lookups).",
+                &self.domain_checks,
             ),
             (
                 "edge_store_changes_applied_total",

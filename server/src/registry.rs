@@ -288,6 +288,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Tables {
     nodes: HashMap<String, Arc<NodeHandle>>,
     routes: HashMap<String, Arc<NodeHandle>>,
+    /// Verified custom domains → node name (by name, so a node whose
+    /// handle is replaced keeps its domains).
+    domains: HashMap<String, String>,
 }
 
 /// Routes and tunnels of all nodes.
@@ -299,14 +302,32 @@ pub struct Registry {
 
 impl Registry {
     /// The node that owns `sni` (already lowercased): exact name first, then
-    /// the one-label wildcard.
+    /// the one-label wildcard, then the verified custom domains (which lie
+    /// outside the zone, so they never shadow a node's name).
     pub fn route(&self, sni: &str) -> Option<Arc<NodeHandle>> {
         let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
         if let Some(node) = tables.routes.get(sni) {
             return Some(node.clone());
         }
-        let wildcard = edge_proto::names::wildcard_parent(sni)?;
-        tables.routes.get(&wildcard).cloned()
+        if let Some(node) = edge_proto::names::wildcard_parent(sni).and_then(|w| tables.routes.get(&w)) {
+            return Some(node.clone());
+        }
+        tables.domains.get(sni).and_then(|n| tables.nodes.get(n)).cloned()
+    }
+
+    /// Routes exactly these custom domains (the routed ones of the store).
+    pub fn set_domains(&self, domains: &[crate::store::DomainRecord]) {
+        let map = domains.iter().filter(|d| d.state.routed).map(|d| (d.name.clone(), d.node.clone())).collect();
+        self.tables.write().unwrap_or_else(|p| p.into_inner()).domains = map;
+    }
+
+    /// The custom domains routed to `node`, sorted.
+    pub fn domains_of(&self, node: &str) -> Vec<String> {
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> =
+            tables.domains.iter().filter(|(_, n)| *n == node).map(|(d, _)| d.clone()).collect();
+        names.sort();
+        names
     }
 
     /// A node by name.
@@ -347,7 +368,8 @@ impl Registry {
                     routes.insert(host.clone(), node.clone());
                 }
             }
-            *tables = Tables { nodes, routes };
+            let domains = std::mem::take(&mut tables.domains);
+            *tables = Tables { nodes, routes, domains };
         }
         for node in removed {
             retire(&node);
@@ -472,6 +494,31 @@ mod tests {
         assert!(reg.route("z.test").is_none());
         assert!(reg.route("n3.z.test").is_none());
         assert!(reg.route("n1.z.test.evil").is_none());
+    }
+
+    #[test]
+    fn custom_domains_route_after_node_names() {
+        use edge_proto::domains::VerifyState;
+        let reg = Registry::default();
+        reg.reload(&[record("n1", 1), record("n2", 2)]);
+        let domain = |name: &str, node: &str, routed: bool| crate::store::DomainRecord {
+            name: name.into(),
+            node: node.into(),
+            verify_value: String::new(),
+            created_at: 0,
+            state: VerifyState { routed, ..VerifyState::default() },
+        };
+        reg.set_domains(&[domain("www.c.com", "n1", true), domain("api.c.com", "n2", false)]);
+        assert_eq!(reg.route("www.c.com").unwrap().name, "n1");
+        assert!(reg.route("api.c.com").is_none(), "an unverified domain is not routed");
+        assert!(reg.route("x.www.c.com").is_none(), "no wildcard for a custom domain");
+        assert_eq!(reg.domains_of("n1"), vec!["www.c.com".to_string()]);
+        assert!(reg.domains_of("n2").is_empty());
+        reg.upsert(&record("n1", 7));
+        reg.reload(&[record("n1", 8), record("n2", 2)]);
+        assert_eq!(reg.route("www.c.com").unwrap().name, "n1", "kept across reloads");
+        reg.remove("n1");
+        assert!(reg.route("www.c.com").is_none(), "a removed node's domain routes nowhere");
     }
 
     #[test]

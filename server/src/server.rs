@@ -293,6 +293,7 @@ impl Server {
             agent_handover: tokio::sync::watch::Sender::new(0),
             handing_over: std::sync::atomic::AtomicBool::new(false),
             services: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
+            domains: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             access: crate::access::AccessTable::new(),
         });
         let sync = Arc::new(RoutingSync::new(shared.clone(), zone.clone()));
@@ -564,6 +565,7 @@ impl BoundServer {
             "challenge expiry",
             owned.track_future(jobs::challenge_expiry::run(shared.clone(), shutdown.clone())),
         );
+        tasks.spawn("domain checks", owned.track_future(jobs::domain_check::run(shared.clone(), shutdown.clone())));
         tasks.spawn("mode detector", owned.track_future(detector::run(shared.clone(), shutdown.clone())));
         tasks.spawn(
             "cluster membership",

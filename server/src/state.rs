@@ -64,6 +64,9 @@ pub struct Shared {
     /// The TCP services in the store (the sync publishes, the service
     /// listeners follow).
     pub services: tokio::sync::watch::Sender<Arc<Vec<crate::store::ServiceRecord>>>,
+    /// The custom domains in the store (the sync publishes; each agent's
+    /// session sends its node's routed ones).
+    pub domains: tokio::sync::watch::Sender<Arc<Vec<crate::store::DomainRecord>>>,
     /// Access policies in force (the sync sets them).
     pub access: crate::access::AccessTable,
 }

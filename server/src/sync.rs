@@ -38,6 +38,8 @@ pub struct Work {
     pub services: bool,
     /// The access policies are re-read.
     pub access: bool,
+    /// The custom domains are re-read.
+    pub domains: bool,
     /// Everything must be reloaded.
     pub everything: bool,
 }
@@ -52,6 +54,7 @@ impl Work {
                     // Its services and policies went with it (ON DELETE CASCADE).
                     work.services = true;
                     work.access = true;
+                    work.domains = true;
                     work.nodes.insert(n.clone());
                     work.addresses.insert(n.clone());
                     work.challenges.insert(n.clone());
@@ -71,6 +74,7 @@ impl Work {
                 Change::DnsRecordsChanged => work.dns_records = true,
                 Change::ServicesChanged => work.services = true,
                 Change::AccessChanged => work.access = true,
+                Change::DomainsChanged => work.domains = true,
                 Change::ServersChanged => work.servers = true,
                 Change::Imported => work.everything = true,
             }
@@ -100,6 +104,7 @@ impl RoutingSync {
         self.shared.cluster.set_members(servers);
         self.shared.services.send_replace(Arc::new(self.shared.store.list_services().await?));
         self.shared.access.set(&self.shared.store.list_access().await?);
+        self.set_domains(self.shared.store.list_domains().await?);
         if let Some(zone) = &self.zone {
             zone.set_servers(None, self.shared.cluster.members().zone_servers().as_ref());
             // Direct-mode nodes answer their own endpoint; the others the cluster.
@@ -156,6 +161,9 @@ impl RoutingSync {
         if work.access {
             self.shared.access.set(&store.list_access().await?);
         }
+        if work.domains {
+            self.set_domains(store.list_domains().await?);
+        }
         if work.services {
             let services = Arc::new(store.list_services().await?);
             self.shared.services.send_if_modified(|current| {
@@ -191,6 +199,17 @@ impl RoutingSync {
         // Last: the serial moves once the whole batch is in.
         zone.edit(revision, addresses, challenges);
         Ok(())
+    }
+
+    /// Routes the verified domains and tells the agents' sessions.
+    fn set_domains(&self, domains: Vec<crate::store::DomainRecord>) {
+        self.shared.registry.set_domains(&domains);
+        let domains = Arc::new(domains);
+        self.shared.domains.send_if_modified(|current| {
+            let changed = *current != domains;
+            *current = domains;
+            changed
+        });
     }
 
     /// The part of `changes` that needs no store: DNS answers of nodes

@@ -223,6 +223,15 @@ async fn session(
         }
         moves
     });
+    // Agents that serve custom domains learn the node's verified ones now
+    // and at every change.
+    let mut domains =
+        capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_DOMAINS).then(|| shared.domains.subscribe());
+    let mut sent_domains = Vec::new();
+    if let Some(rx) = domains.as_mut() {
+        sent_domains = routed_domains(&rx.borrow_and_update(), &node.name);
+        step(writer.send(ServerMessage::Domains { domains: sent_domains.clone() })).await?;
+    }
     let control = Control {
         shared: &shared,
         conn: &conn,
@@ -233,6 +242,8 @@ async fn session(
         close_tunnels: &close_tunnels,
         servers,
         handover,
+        domains,
+        sent_domains,
     };
     let result = control_loop(control, &mut reader, &mut writer, shared.limits().drain_timeout_secs).await;
     let remaining = node.remove_tunnel(tunnel_id);
@@ -262,6 +273,15 @@ struct Control<'a> {
     /// Moves on when agents are to connect to a successor (for agents that
     /// understand it).
     handover: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The store's custom domains, for agents that serve them.
+    domains: Option<tokio::sync::watch::Receiver<Arc<Vec<crate::store::DomainRecord>>>>,
+    /// The node's domains as last sent.
+    sent_domains: Vec<String>,
+}
+
+/// The domains routed to `node`, sorted by name (as the store lists them).
+fn routed_domains(all: &[crate::store::DomainRecord], node: &str) -> Vec<String> {
+    all.iter().filter(|d| d.node == node && d.state.routed).map(|d| d.name.clone()).collect()
 }
 
 async fn control_loop(
@@ -270,7 +290,19 @@ async fn control_loop(
     writer: &mut Writer,
     drain_secs: u64,
 ) -> Result<(), SessionError> {
-    let Control { shared, conn, node, state, declared, draining, close_tunnels, mut servers, mut handover } = control;
+    let Control {
+        shared,
+        conn,
+        node,
+        state,
+        declared,
+        draining,
+        close_tunnels,
+        mut servers,
+        mut handover,
+        mut domains,
+        mut sent_domains,
+    } = control;
     let mut told_draining: Option<std::time::Instant> = None;
     let mut last_routes: Option<std::time::Instant> = None;
     let mut remote = conn.remote_address();
@@ -312,6 +344,17 @@ async fn control_loop(
                 let list = servers.as_mut().map(|rx| rx.borrow_and_update().as_ref().clone()).unwrap_or_default();
                 let revision = list.revision.max(0) as u64;
                 step(writer.send(ServerMessage::Servers { servers: list.servers, revision })).await?;
+            }
+            changed = async { domains.as_mut()?.changed().await.ok() }, if domains.is_some() => {
+                let Some(()) = changed else {
+                    domains = None;
+                    continue;
+                };
+                let now = domains.as_mut().map(|rx| routed_domains(&rx.borrow_and_update(), &node.name)).unwrap_or_default();
+                if now != sent_domains {
+                    sent_domains = now;
+                    step(writer.send(ServerMessage::Domains { domains: sent_domains.clone() })).await?;
+                }
             }
             _ = address_check.tick() => {
                 let now = conn.remote_address();

@@ -1,4 +1,4 @@
-//! Real TLS clients (rustls) for the data path.
+//! Real TLS clients (rustls, curl) for the data path.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -96,4 +96,23 @@ pub enum Closed {
     Reset,
     /// Still open at the deadline.
     StillOpen,
+}
+
+/// curl with only `root` trusted (no -k), to `host` through a server's TLS
+/// listener `tls` on 127.0.0.1: (success, body, stderr).
+pub fn curl_verified(root: &Path, host: &str, tls: SocketAddr) -> (bool, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "10", "--cacert"])
+        .arg(root)
+        .args(["--resolve", &format!("{host}:{}:127.0.0.1", tls.port())])
+        .arg(format!("https://{host}:{}/", tls.port()))
+        .output();
+    match out {
+        Ok(out) => (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ),
+        Err(e) => (false, String::new(), format!("running curl: {e}")),
+    }
 }

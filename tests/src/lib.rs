@@ -152,23 +152,31 @@ impl Server {
     /// Like [`Server::start_on`]; `rust_log` is the server's `RUST_LOG`,
     /// `Some("")` to leave it unset (the binary's default filter).
     pub fn start_with_log(dir: &Path, extra: &str, addrs: Option<ServerAddrs>, rust_log: Option<&str>) -> Result<Self> {
-        Self::launch(dir, extra, addrs, IpAddr::from([127, 0, 0, 1]), rust_log, &[])
+        Self::launch(dir, ZONE, extra, addrs, IpAddr::from([127, 0, 0, 1]), rust_log, &[])
+    }
+
+    /// Starts a server for another zone than [`ZONE`] (say, a customer's
+    /// authoritative DNS), ports chosen by the kernel.
+    pub fn start_zone(dir: &Path, zone: &str, extra: &str) -> Result<Self> {
+        Self::launch(dir, zone, extra, None, IpAddr::from([127, 0, 0, 1]), None, &[])
     }
 
     /// Starts a server with extra environment variables (e.g.
     /// `NOTIFY_SOCKET`), ports chosen by the kernel.
     pub fn start_with_env(dir: &Path, extra: &str, env: &[(&str, &std::ffi::OsStr)]) -> Result<Self> {
-        Self::launch(dir, extra, None, IpAddr::from([127, 0, 0, 1]), None, env)
+        Self::launch(dir, ZONE, extra, None, IpAddr::from([127, 0, 0, 1]), None, env)
     }
 
     /// Starts a server whose listeners all bind `host` (e.g. `::1`), ports
     /// chosen by the kernel.
     pub fn start_at(dir: &Path, extra: &str, host: IpAddr) -> Result<Self> {
-        Self::launch(dir, extra, None, host, None, &[])
+        Self::launch(dir, ZONE, extra, None, host, None, &[])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         dir: &Path,
+        zone: &str,
         extra: &str,
         addrs: Option<ServerAddrs>,
         host: IpAddr,
@@ -209,7 +217,7 @@ impl Server {
             format!("{extra}\n[modes]\n{loopback}")
         };
         let text = format!(
-            "zone = \"{ZONE}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\nmetrics = \"{metrics}\"\nadmin = \"{admin}\"\n"
+            "zone = \"{zone}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\nmetrics = \"{metrics}\"\nadmin = \"{admin}\"\n"
         );
         std::fs::write(&config, text)?;
         let listening = dir.join("data/listening.json");

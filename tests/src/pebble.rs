@@ -86,6 +86,12 @@ impl Pebble {
     /// Starts Pebble in `dir` on `port` (see [`free_port`]), validating
     /// DNS-01 against `dns`.
     pub fn start(dir: &Path, port: u16, dns: SocketAddr) -> Result<Self> {
+        Self::start_with_tls_port(dir, port, dns, free_port()?)
+    }
+
+    /// [`Pebble::start`] validating TLS-ALPN-01 on `tls_port` (an
+    /// edge-server's TLS listener, which routes the validation to a node).
+    pub fn start_with_tls_port(dir: &Path, port: u16, dns: SocketAddr, tls_port: u16) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let (listener_ca, cert, key) = listener_certs(dir)?;
         let management: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
@@ -97,7 +103,7 @@ impl Pebble {
                 "certificate": cert,
                 "privateKey": key,
                 "httpPort": free_port()?,
-                "tlsPort": free_port()?,
+                "tlsPort": tls_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": false
             }

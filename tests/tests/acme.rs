@@ -3,7 +3,6 @@
 //! the rule that a node touches only its own names.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -25,22 +24,6 @@ fn renewals(agent: &Agent) -> f64 {
 fn wait_renewals(agent: &Agent, at_least: f64, limit: Duration) {
     wait_for("certificate installed", limit, || (renewals(agent) >= at_least).then_some(()))
         .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.proc.log_text()));
-}
-
-/// curl with only Pebble's root trusted (no -k), through the cluster.
-fn curl_verified(root: &Path, host: &str, tls: SocketAddr) -> (bool, String, String) {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "10", "--cacert"])
-        .arg(root)
-        .args(["--resolve", &format!("{host}:{}:127.0.0.1", tls.port())])
-        .arg(format!("https://{host}:{}/", tls.port()))
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Serial of the certificate a TLS stream was served.
@@ -142,7 +125,7 @@ fn csr_flow_issues_through_server_and_renews_without_dropping_connections() {
     // cluster, for the node name and the wildcard.
     let root = pebble.issuing_root().unwrap();
     for host in ["n1.edge.test", "api.n1.edge.test"] {
-        let (ok, body, err) = curl_verified(&root, host, server.addrs.tls);
+        let (ok, body, err) = clients::curl_verified(&root, host, server.addrs.tls);
         assert!(ok && body == "hello from n1", "{host}: {err}");
     }
     let log = agent.proc.log_text();
@@ -233,7 +216,7 @@ fn node_flow_falls_back_to_next_directory_and_keeps_serving_through_a_ca_outage(
         serde_json::from_slice(&std::fs::read(agent_dir.join("certs/acme/meta.json")).unwrap()).unwrap();
     assert_eq!(meta["directory"], pebble.directory.as_str(), "issued by the second directory");
     let root = pebble.issuing_root().unwrap();
-    let (ok, body, err) = curl_verified(&root, "n1.edge.test", server.addrs.tls);
+    let (ok, body, err) = clients::curl_verified(&root, "n1.edge.test", server.addrs.tls);
     assert!(ok && body == "node flow", "{err}");
     assert!(server.proc.log_text().contains("DNS-01 TXT value published"));
     wait_for("TXT values removed", Duration::from_secs(5), || {

@@ -283,6 +283,51 @@ async fn services(b: &Backend<'_>) {
     assert_eq!(seen[..3], [Change::ServicesChanged, Change::ServicesChanged, Change::ServicesChanged], "{}", b.name());
 }
 
+async fn domains(b: &Backend<'_>) {
+    use edge_proto::domains::VerifyState;
+    let (cfg, dir) = b.fresh("domains");
+    let s = open(&cfg, &dir).await;
+    s.add_node("n1", &[], &[1; 32]).await.unwrap();
+    s.add_node("n2", &[], &[2; 32]).await.unwrap();
+    let mut feed = s.subscribe();
+    let www = edge_server::store::DomainRecord {
+        name: "www.c.test".into(),
+        node: "n1".into(),
+        verify_value: edge_proto::domains::verify_value([1; 16]),
+        created_at: 0,
+        state: VerifyState::default(),
+    };
+    s.add_domain(&www).await.unwrap();
+    let other = edge_server::store::DomainRecord { node: "n2".into(), ..www.clone() };
+    assert!(matches!(s.add_domain(&other).await.unwrap_err(), StoreError::Conflict(_)), "{}", b.name());
+    let orphan = edge_server::store::DomainRecord { name: "x.c.test".into(), node: "nope".into(), ..www.clone() };
+    assert!(matches!(s.add_domain(&orphan).await.unwrap_err(), StoreError::NotFound(_)), "{}", b.name());
+    let listed = s.list_domains().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].node.as_str(), listed[0].verify_value.as_str()), ("n1", www.verify_value.as_str()));
+    assert!(listed[0].created_at > 0 && !listed[0].state.routed);
+    let revision = s.revision().await.unwrap();
+    // A check that changes nothing about routing moves no revision.
+    let missed =
+        VerifyState { checked_at: Some(5), last_error: Some("no TXT record".into()), ..VerifyState::default() };
+    assert!(s.record_domain_check("www.c.test", "n1", &missed).await.unwrap());
+    assert_eq!(s.revision().await.unwrap(), revision, "{}", b.name());
+    let found = VerifyState { verified_at: Some(6), checked_at: Some(6), routed: true, ..VerifyState::default() };
+    assert!(!s.record_domain_check("www.c.test", "n2", &found).await.unwrap(), "not n2's: nothing written");
+    assert!(s.record_domain_check("www.c.test", "n1", &found).await.unwrap());
+    assert!(s.revision().await.unwrap() > revision, "{}: routed flipped", b.name());
+    assert_eq!(s.list_domains().await.unwrap()[0].state, found, "{}", b.name());
+    assert!(!s.record_domain_check("nope.c.test", "n1", &found).await.unwrap());
+    s.add_domain(&edge_server::store::DomainRecord { name: "api.c.test".into(), ..www.clone() }).await.unwrap();
+    assert!(s.remove_domain("api.c.test").await.unwrap());
+    assert!(!s.remove_domain("api.c.test").await.unwrap());
+    // Removing the node takes its domains.
+    s.remove_node("n1").await.unwrap();
+    assert!(s.list_domains().await.unwrap().is_empty(), "{}: cascade", b.name());
+    let seen = changes(&mut feed, 5, Duration::from_secs(2)).await;
+    assert_eq!(seen[..4], vec![Change::DomainsChanged; 4][..], "{}", b.name());
+}
+
 /// Every kind of change, seen by this handle's subscribers at once and by
 /// another handle's (another process) through its watch.
 async fn events(b: &Backend<'_>) {
@@ -655,6 +700,7 @@ async fn conformance(b: &Backend<'_>) {
     challenges(b).await;
     dns_records(b).await;
     services(b).await;
+    domains(b).await;
     modes(b).await;
     events(b).await;
     concurrent_writers(b).await;

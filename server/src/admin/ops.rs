@@ -380,6 +380,56 @@ impl Ops {
         Ok(())
     }
 
+    /// Claims `name` for `node`; the domain routes once its ownership TXT
+    /// record is found. Refused when the name is inside the zone, held by
+    /// any node, or the node holds its most domains.
+    pub async fn add_domain(
+        &self,
+        actor: &Actor,
+        name: &str,
+        node: &str,
+    ) -> Result<crate::store::DomainRecord, OpError> {
+        use edge_proto::domains::{validate_domain, verify_value, MAX_DOMAINS_PER_NODE};
+        let name = validate_domain(name, self.config.zone())
+            .map_err(|e| OpError::Invalid { field: "name", reason: e.to_string() })?;
+        let held = self.store.list_domains().await?;
+        if let Some(d) = held.iter().find(|d| d.name == name) {
+            let whose = if d.node == node { "this node" } else { "another node" };
+            return Err(OpError::Conflict { field: "name", message: format!("{name} is held by {whose} already") });
+        }
+        if held.iter().filter(|d| d.node == node).count() >= MAX_DOMAINS_PER_NODE {
+            return Err(OpError::Invalid {
+                field: "node",
+                reason: format!("node {node:?} holds {MAX_DOMAINS_PER_NODE} domains, the most a node may"),
+            });
+        }
+        let record = crate::store::DomainRecord {
+            name: name.clone(),
+            node: node.to_string(),
+            verify_value: verify_value(rand::random()),
+            created_at: crate::unix_now(),
+            state: edge_proto::domains::VerifyState::default(),
+        };
+        let entry = Self::entry(actor, AuditAction::DomainCreate, &name, format!("node {node}"));
+        self.audited(entry, self.store.add_domain(&record)).await.map_err(|e| match e {
+            // Another claim won a race with the check above.
+            StoreError::Conflict(message) => OpError::Conflict { field: "name", message },
+            StoreError::NotFound(message) => OpError::Invalid { field: "node", reason: message },
+            other => OpError::Store(other),
+        })?;
+        Ok(record)
+    }
+
+    /// Removes a custom domain: every server stops routing it at once.
+    pub async fn remove_domain(&self, actor: &Actor, name: &str) -> Result<(), OpError> {
+        let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        let entry = Self::entry(actor, AuditAction::DomainRemove, &name, String::new());
+        if !self.audited(entry, self.store.remove_domain(&name)).await? {
+            return Err(OpError::NotFound(format!("no domain named {name:?}")));
+        }
+        Ok(())
+    }
+
     /// The node `scope` belongs to: the node itself, the node owning the
     /// hostname (exact or by its wildcard), or the service's node.
     async fn node_of_scope(&self, scope: &edge_proto::access::Scope) -> Result<String, OpError> {
@@ -395,10 +445,15 @@ impl Ops {
                 })?;
                 let pattern = edge_proto::routes::HostPattern::Exact(host);
                 let nodes = self.store.list_nodes().await?;
-                nodes
+                if let Some(n) = nodes.into_iter().find(|n| pattern.within(&n.hostnames)) {
+                    return Ok(n.name);
+                }
+                // A custom domain, verified or not yet.
+                let domains = self.store.list_domains().await?;
+                domains
                     .into_iter()
-                    .find(|n| pattern.within(&n.hostnames))
-                    .map(|n| n.name)
+                    .find(|d| &d.name == h)
+                    .map(|d| d.node)
                     .ok_or_else(|| OpError::Invalid { field: "host", reason: format!("no node owns {h:?}") })
             }
             Scope::Service(s) => {

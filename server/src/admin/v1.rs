@@ -42,6 +42,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/dns/records"),
     ("post", "/api/v1/dns/records"),
     ("delete", "/api/v1/dns/records"),
+    ("get", "/api/v1/domains"),
+    ("post", "/api/v1/domains"),
+    ("delete", "/api/v1/domains/{name}"),
     ("get", "/api/v1/servers"),
     ("delete", "/api/v1/servers/{id}"),
     ("get", "/api/v1/audit"),
@@ -70,6 +73,8 @@ pub fn router(sessions: bool) -> Router<Arc<AdminState>> {
         .route("/api/v1/nodes/{name}/rotate-token", post(rotate_token))
         .route("/api/v1/nodes/{name}/http-mode", put(set_http_mode))
         .route("/api/v1/dns/records", get(list_dns).post(create_dns).delete(delete_dns))
+        .route("/api/v1/domains", get(list_domains).post(create_domain))
+        .route("/api/v1/domains/{name}", delete(remove_domain))
         .route("/api/v1/servers", get(list_servers))
         .route("/api/v1/servers/{id}", delete(remove_server))
         .route("/api/v1/audit", get(audit))
@@ -374,6 +379,31 @@ async fn create_dns(
     let r = api.ops.add_dns_record(&c.actor, &req.name, req.kind, &req.value, req.ttl).await?;
     let body = DnsRecord { name: r.name, kind: r.kind, value: r.value, ttl: r.ttl_secs };
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn list_domains(State(api): State<Arc<AdminState>>, _: Reader) -> Result<Response, OpError> {
+    let zone = api.shared.config.zone();
+    let domains = api.shared.store.list_domains().await?;
+    let views: Vec<_> = domains.iter().map(|d| crate::domains::view(d, zone)).collect();
+    Ok(Json(views).into_response())
+}
+
+async fn create_domain(
+    State(api): State<Arc<AdminState>>,
+    Writer(c): Writer,
+    JsonBody(req): JsonBody<edge_proto::domains::CreateDomain>,
+) -> Result<Response, OpError> {
+    let d = api.ops.add_domain(&c.actor, &req.name, &req.node).await?;
+    Ok((StatusCode::CREATED, Json(crate::domains::view(&d, api.shared.config.zone()))).into_response())
+}
+
+async fn remove_domain(
+    State(api): State<Arc<AdminState>>,
+    Writer(c): Writer,
+    Path(name): Path<String>,
+) -> Result<StatusCode, OpError> {
+    api.ops.remove_domain(&c.actor, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `DELETE /api/v1/dns/records?name=...&kind=...&value=...`.

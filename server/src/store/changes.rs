@@ -26,6 +26,8 @@ pub enum Change {
     ServicesChanged,
     /// Access policies were set or cleared.
     AccessChanged,
+    /// Custom domains were claimed, removed, or started or stopped routing.
+    DomainsChanged,
     /// A server joined the cluster, left it, or was declared gone.
     ServersChanged,
     /// A whole store was written by `store copy`: reload everything.
@@ -46,6 +48,7 @@ impl Change {
             Change::DnsRecordsChanged
             | Change::ServicesChanged
             | Change::AccessChanged
+            | Change::DomainsChanged
             | Change::ServersChanged
             | Change::Imported => None,
         }
@@ -64,6 +67,7 @@ impl Change {
             Change::DnsRecordsChanged => "dns_records_changed",
             Change::ServicesChanged => "services_changed",
             Change::AccessChanged => "access_changed",
+            Change::DomainsChanged => "domains_changed",
             Change::ServersChanged => "servers_changed",
             Change::Imported => "imported",
         }
@@ -84,6 +88,7 @@ impl Change {
             "dns_records_changed" => Change::DnsRecordsChanged,
             "services_changed" => Change::ServicesChanged,
             "access_changed" => Change::AccessChanged,
+            "domains_changed" => Change::DomainsChanged,
             "servers_changed" => Change::ServersChanged,
             _ => Change::Imported,
         }
@@ -153,6 +158,7 @@ mod tests {
         assert_eq!(Change::from_parts("dns_records_changed", ""), Change::DnsRecordsChanged);
         let event = ChangeEvent { revision: 1, change: Change::DnsRecordsChanged, origin: "o".into() };
         assert_eq!(ChangeEvent::decode(&event.encode()), Some(event));
+        assert_eq!(Change::from_parts("domains_changed", ""), Change::DomainsChanged);
         assert_eq!(Change::from_parts("route_added", "a"), Change::Imported);
         assert_eq!(ChangeEvent::decode("{\"revision\":1}"), None);
         assert_eq!(ChangeEvent::decode("not json"), None);

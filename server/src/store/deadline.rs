@@ -15,10 +15,10 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AccessRecord, AccountStore, ApiTokenRecord, AuditEntry, AuditQuery, ChallengeRecord, Counts, FeedEvent, Fence,
-    HttpMode, Lease, ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState,
-    ServerList, ServerRecord, ServiceRecord, SessionRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError,
-    UserRecord,
+    AccessRecord, AccountStore, ApiTokenRecord, AuditEntry, AuditQuery, ChallengeRecord, Counts, DomainRecord,
+    FeedEvent, Fence, HttpMode, Lease, ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample,
+    Published, RoutingState, ServerList, ServerRecord, ServiceRecord, SessionRecord, Snapshot, StaticKind,
+    StaticRecord, Store, StoreError, UserRecord,
 };
 
 /// `inner` with deadlines.
@@ -184,6 +184,23 @@ impl<S: Store> Store for WithDeadline<S> {
     }
     async fn remove_service(&self, name: &str) -> Result<bool, StoreError> {
         self.within(self.point, self.inner.remove_service(name)).await
+    }
+    async fn list_domains(&self) -> Result<Vec<DomainRecord>, StoreError> {
+        self.within(self.point, self.inner.list_domains()).await
+    }
+    async fn add_domain(&self, domain: &DomainRecord) -> Result<(), StoreError> {
+        self.within(self.point, self.inner.add_domain(domain)).await
+    }
+    async fn remove_domain(&self, name: &str) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.remove_domain(name)).await
+    }
+    async fn record_domain_check(
+        &self,
+        name: &str,
+        node: &str,
+        state: &edge_proto::domains::VerifyState,
+    ) -> Result<bool, StoreError> {
+        self.within(self.point, self.inner.record_domain_check(name, node, state)).await
     }
     async fn list_access(&self) -> Result<Vec<AccessRecord>, StoreError> {
         self.within(self.point, self.inner.list_access()).await

@@ -26,7 +26,7 @@ pub use changes::{Change, ChangeEvent, FeedEvent};
 pub use cluster::{Fence, Lease, OrderLock, ServerEntry, ServerList, ServerRecord, MODE_DECIDER};
 pub use error::StoreError;
 pub use location::{StoreConfig, StoreLocation, StoreTls};
-pub use values::{AccessRecord, HttpMode, Mode, ServiceRecord, StaticKind, StaticRecord};
+pub use values::{AccessRecord, DomainRecord, HttpMode, Mode, ServiceRecord, StaticKind, StaticRecord};
 
 /// A node as stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -369,6 +369,23 @@ pub trait Store: AccountStore + Send + Sync + std::fmt::Debug + 'static {
     async fn add_service(&self, service: &ServiceRecord) -> Result<(), StoreError>;
     /// Removes a TCP service; whether it existed.
     async fn remove_service(&self, name: &str) -> Result<bool, StoreError>;
+    /// Every custom domain, by name.
+    async fn list_domains(&self) -> Result<Vec<DomainRecord>, StoreError>;
+    /// Claims a custom domain for its node: [`StoreError::NotFound`]
+    /// without the node, [`StoreError::Conflict`] when any node holds the
+    /// name already.
+    async fn add_domain(&self, domain: &DomainRecord) -> Result<(), StoreError>;
+    /// Removes a custom domain; whether it existed.
+    async fn remove_domain(&self, name: &str) -> Result<bool, StoreError>;
+    /// Records a check's result for `name` if it is still held by `node`
+    /// (removed or reclaimed meanwhile: nothing is written, `false`). The
+    /// revision moves only when whether it is routed changes.
+    async fn record_domain_check(
+        &self,
+        name: &str,
+        node: &str,
+        state: &edge_proto::domains::VerifyState,
+    ) -> Result<bool, StoreError>;
     /// Every access policy.
     async fn list_access(&self) -> Result<Vec<AccessRecord>, StoreError>;
     /// Sets (replaces) the policy of a scope; [`StoreError::NotFound`]

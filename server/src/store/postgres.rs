@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use super::changes::new_origin;
 use super::location::{PostgresOptions, StoreTls};
 use super::{
-    now, AccessRecord, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode,
-    ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry,
-    ServerList, ServerRecord, ServiceRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
+    now, AccessRecord, ChallengeRecord, Change, ChangeEvent, Counts, DomainRecord, FeedEvent, Fence, HttpMode, Lease,
+    Mode, ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState,
+    ServerEntry, ServerList, ServerRecord, ServiceRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError,
+    FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -156,6 +157,18 @@ pub const MIGRATIONS: &[&str] = &[
         scope TEXT PRIMARY KEY,
         node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
         policy TEXT NOT NULL
+    );",
+    // 7: customers' own domains, each held by one node at most.
+    "CREATE TABLE domains (
+        name TEXT PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        verify_value TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        verified_at BIGINT,
+        checked_at BIGINT,
+        failing_since BIGINT,
+        last_error TEXT,
+        routed BOOLEAN NOT NULL DEFAULT false
     );",
 ];
 
@@ -1144,6 +1157,120 @@ impl Store for PostgresStore {
         }
         self.commit(tx, events).await?;
         Ok(n > 0)
+    }
+
+    async fn list_domains(&self) -> Result<Vec<DomainRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT name, node, verify_value, created_at, verified_at, checked_at, failing_since, last_error, routed
+                 FROM domains ORDER BY name",
+                &[],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(DomainRecord {
+                    name: col(self.store(), r, 0)?,
+                    node: col(self.store(), r, 1)?,
+                    verify_value: col(self.store(), r, 2)?,
+                    created_at: col(self.store(), r, 3)?,
+                    state: edge_proto::domains::VerifyState {
+                        verified_at: col(self.store(), r, 4)?,
+                        checked_at: col(self.store(), r, 5)?,
+                        failing_since: col(self.store(), r, 6)?,
+                        last_error: col(self.store(), r, 7)?,
+                        routed: col(self.store(), r, 8)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn add_domain(&self, domain: &DomainRecord) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let node = tx
+            .query_opt("SELECT 1 FROM nodes WHERE name = $1 FOR SHARE", &[&domain.node])
+            .await
+            .map_err(|e| self.err(e))?;
+        if node.is_none() {
+            return Err(StoreError::NotFound(format!("no node named {:?}", domain.node)));
+        }
+        let st = &domain.state;
+        let n = tx
+            .execute(
+                "INSERT INTO domains (name, node, verify_value, created_at, verified_at, checked_at, failing_since, last_error, routed)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                &[
+                    &domain.name,
+                    &domain.node,
+                    &domain.verify_value,
+                    &now(),
+                    &st.verified_at,
+                    &st.checked_at,
+                    &st.failing_since,
+                    &st.last_error,
+                    &st.routed,
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!("the domain {} is held by a node already", domain.name)));
+        }
+        let event = self.log(&tx, Change::DomainsChanged).await?;
+        self.commit(tx, vec![event]).await
+    }
+
+    async fn remove_domain(&self, name: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let n = tx.execute("DELETE FROM domains WHERE name = $1", &[&name]).await.map_err(|e| self.err(e))?;
+        let mut events = Vec::new();
+        if n > 0 {
+            events.push(self.log(&tx, Change::DomainsChanged).await?);
+        }
+        self.commit(tx, events).await?;
+        Ok(n > 0)
+    }
+
+    async fn record_domain_check(
+        &self,
+        name: &str,
+        node: &str,
+        state: &edge_proto::domains::VerifyState,
+    ) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        let before = tx
+            .query_opt("SELECT routed FROM domains WHERE name = $1 AND node = $2 FOR UPDATE", &[&name, &node])
+            .await
+            .map_err(|e| self.err(e))?;
+        let Some(row) = before else { return Ok(false) };
+        let routed: bool = col(self.store(), &row, 0)?;
+        tx.execute(
+            "UPDATE domains SET verified_at = $3, checked_at = $4, failing_since = $5, last_error = $6, routed = $7
+             WHERE name = $1 AND node = $2",
+            &[
+                &name,
+                &node,
+                &state.verified_at,
+                &state.checked_at,
+                &state.failing_since,
+                &state.last_error,
+                &state.routed,
+            ],
+        )
+        .await
+        .map_err(|e| self.err(e))?;
+        let mut events = Vec::new();
+        if routed != state.routed {
+            events.push(self.log(&tx, Change::DomainsChanged).await?);
+        }
+        self.commit(tx, events).await?;
+        Ok(true)
     }
 
     async fn remove_service(&self, name: &str) -> Result<bool, StoreError> {

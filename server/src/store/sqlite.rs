@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::changes::new_origin;
 use super::{
-    now, AccessRecord, ChallengeRecord, Change, ChangeEvent, Counts, FeedEvent, Fence, HttpMode, Lease, Mode,
-    ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState, ServerEntry,
-    ServerList, ServerRecord, ServiceRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError, FEED_CAPACITY,
+    now, AccessRecord, ChallengeRecord, Change, ChangeEvent, Counts, DomainRecord, FeedEvent, Fence, HttpMode, Lease,
+    Mode, ModeChange, ModeHistory, NodeRecord, NodeStatus, OrderLock, ProbeSample, Published, RoutingState,
+    ServerEntry, ServerList, ServerRecord, ServiceRecord, Snapshot, StaticKind, StaticRecord, Store, StoreError,
+    FEED_CAPACITY,
 };
 
 /// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
@@ -159,6 +160,18 @@ pub const MIGRATIONS: &[&str] = &[
         scope TEXT PRIMARY KEY,
         node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
         policy TEXT NOT NULL
+    );",
+    // 9: customers' own domains, each held by one node at most.
+    "CREATE TABLE domains (
+        name TEXT PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        verify_value TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        verified_at INTEGER,
+        checked_at INTEGER,
+        failing_since INTEGER,
+        last_error TEXT,
+        routed INTEGER NOT NULL DEFAULT 0
     );",
 ];
 
@@ -1072,6 +1085,103 @@ impl Store for SqliteStore {
                     db.log(tx, events, Change::AccessChanged)?;
                 }
                 Ok(n > 0)
+            })
+        })
+        .await
+    }
+
+    async fn list_domains(&self) -> Result<Vec<DomainRecord>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name, node, verify_value, created_at, verified_at, checked_at, failing_since, last_error, routed
+                 FROM domains ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(DomainRecord {
+                    name: r.get(0)?,
+                    node: r.get(1)?,
+                    verify_value: r.get(2)?,
+                    created_at: r.get(3)?,
+                    state: edge_proto::domains::VerifyState {
+                        verified_at: r.get(4)?,
+                        checked_at: r.get(5)?,
+                        failing_since: r.get(6)?,
+                        last_error: r.get(7)?,
+                        routed: r.get(8)?,
+                    },
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await
+    }
+
+    async fn add_domain(&self, domain: &DomainRecord) -> Result<(), StoreError> {
+        let d = domain.clone();
+        let outcome = self
+            .run(move |db| {
+                db.write(|tx, events| {
+                    let node = tx.query_row("SELECT COUNT(*) FROM nodes WHERE name = ?1", [&d.node], |r| r.get::<_, i64>(0))?;
+                    if node == 0 {
+                        return Ok(Some(false));
+                    }
+                    let st = &d.state;
+                    let n = tx.execute(
+                        "INSERT OR IGNORE INTO domains (name, node, verify_value, created_at, verified_at, checked_at, failing_since, last_error, routed)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        params![d.name, d.node, d.verify_value, now(), st.verified_at, st.checked_at, st.failing_since, st.last_error, st.routed],
+                    )?;
+                    if n == 1 {
+                        db.log(tx, events, Change::DomainsChanged)?;
+                        return Ok(None);
+                    }
+                    Ok(Some(true))
+                })
+            })
+            .await?;
+        match outcome {
+            None => Ok(()),
+            Some(false) => Err(StoreError::NotFound(format!("no node named {:?}", domain.node))),
+            Some(true) => Err(StoreError::Conflict(format!("the domain {} is held by a node already", domain.name))),
+        }
+    }
+
+    async fn remove_domain(&self, name: &str) -> Result<bool, StoreError> {
+        let name = own(name);
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let n = tx.execute("DELETE FROM domains WHERE name = ?1", [&name])?;
+                if n > 0 {
+                    db.log(tx, events, Change::DomainsChanged)?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
+    }
+
+    async fn record_domain_check(
+        &self,
+        name: &str,
+        node: &str,
+        state: &edge_proto::domains::VerifyState,
+    ) -> Result<bool, StoreError> {
+        let (name, node, st) = (own(name), own(node), state.clone());
+        self.run(move |db| {
+            db.write(|tx, events| {
+                let before: Option<bool> = tx
+                    .query_row("SELECT routed FROM domains WHERE name = ?1 AND node = ?2", [&name, &node], |r| r.get(0))
+                    .optional()?;
+                let Some(routed) = before else { return Ok(false) };
+                tx.execute(
+                    "UPDATE domains SET verified_at = ?3, checked_at = ?4, failing_since = ?5, last_error = ?6, routed = ?7
+                     WHERE name = ?1 AND node = ?2",
+                    params![name, node, st.verified_at, st.checked_at, st.failing_since, st.last_error, st.routed],
+                )?;
+                if routed != st.routed {
+                    db.log(tx, events, Change::DomainsChanged)?;
+                }
+                Ok(true)
             })
         })
         .await

@@ -32,6 +32,22 @@ pub struct ServiceRecord {
     pub created_at: i64,
 }
 
+/// A customer's own domain claimed for a node (`edge-server domain add`):
+/// routed to it only while its ownership is verified.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DomainRecord {
+    /// The domain, lowercase (unique: one node at most holds it).
+    pub name: String,
+    /// The node that serves it.
+    pub node: String,
+    /// The TXT value that proves ownership at `_edge-verify.<name>`.
+    pub verify_value: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// What the checks found.
+    pub state: edge_proto::domains::VerifyState,
+}
+
 /// An access policy as stored: its scope's key (`node:web1`,
 /// `host:api.web1.example.com`, `service:ssh-web1`), the node it belongs
 /// to (removed with it) and the policy.
