@@ -303,10 +303,6 @@ async fn obtain(
                 renewal_window: issued.renewal_window,
             })
         }
-        None if *slot != Slot::Node => Err(ObtainError::NotOffered(
-            "custom domains get certificates with acme.flow = \"node\" (the CSR flow covers the node's own names)"
-                .into(),
-        )),
         None => {
             let body = edge_proto::signal::CertificateRequest {
                 csr: base64::engine::general_purpose::STANDARD.encode(csr.der()),

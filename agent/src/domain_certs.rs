@@ -1,8 +1,10 @@
 //! A certificate for each verified custom domain the server sends
-//! (`ServerMessage::Domains`). With `acme.flow = "node"` it is obtained by
-//! ACME TLS-ALPN-01 — the CA's validation connection reaches this agent
-//! through the server, routed by the domain's name like any client — and
-//! renewed like the node's own ([`crate::acme::run`]). Until then, and
+//! (`ServerMessage::Domains`), obtained by ACME TLS-ALPN-01 — the CA's
+//! validation connection reaches this agent through the server, routed by
+//! the domain's name like any client — and renewed like the node's own
+//! ([`crate::acme::run`]). With `acme.flow = "node"` the agent runs the
+//! order; with `"server"` it sends a CSR and the server runs it, telling
+//! the agent what to answer ([`answer_for_server`]). Until then, and
 //! without ACME, a certificate from a local CA serves the domain. A domain
 //! the server stops sending loses its certificate at once; its files stay
 //! for a later claim.
@@ -50,11 +52,7 @@ pub async fn run(shared: Arc<AgentShared>, shutdown: CancellationToken) {
 /// Serves `domain` with the best certificate at hand, then keeps an ACME
 /// one fresh when the agent runs ACME itself.
 async fn keep(shared: Arc<AgentShared>, domain: String, stop: CancellationToken) {
-    let acme = shared.config.cert_file.is_none() && shared.config.acme.flow == AcmeFlow::Node;
-    if shared.config.acme.flow == AcmeFlow::Server {
-        tracing::warn!(%domain, "custom domains get publicly trusted certificates with acme.flow = \"node\"; \
-            serving a local certificate");
-    }
+    let acme = shared.config.cert_file.is_none() && shared.config.acme.flow != AcmeFlow::Off;
     let names = vec![domain.clone()];
     let data_dir = shared.config.data_dir.clone();
     let (d, n) = (domain.clone(), names.clone());
@@ -95,5 +93,36 @@ async fn keep(shared: Arc<AgentShared>, domain: String, stop: CancellationToken)
     };
     if acme {
         acme::run(shared, Slot::Domain(domain), names, stored, stop).await;
+    }
+}
+
+/// The server runs an order for one of this node's custom domains (CSR
+/// flow): serve (with a digest) or stop serving the TLS-ALPN-01 answer for
+/// `host`. Returns the confirmation to send, if any. Hosts that are not
+/// this node's domains and malformed digests are refused.
+pub fn answer_for_server(
+    shared: &AgentShared,
+    host: &str,
+    digest: Option<&str>,
+) -> Option<edge_proto::tunnel::AgentMessage> {
+    let Some(digest) = digest else {
+        shared.challenges.set(host, None);
+        return None;
+    };
+    let ours = shared.domains().borrow().iter().any(|d| d == host);
+    let Some(digest) = edge_proto::tunnel::decode_digest(digest).filter(|_| ours) else {
+        tracing::warn!(host = %edge_net::logging::Untrusted(host),
+            "the server asked for a TLS-ALPN-01 answer this agent does not give (not one of the node's domains)");
+        return None;
+    };
+    match edge_certs::tls_alpn::challenge_certificate(host, &digest) {
+        Ok(key) => {
+            shared.challenges.set(host, Some(key));
+            Some(edge_proto::tunnel::AgentMessage::AcmeTlsAlpnReady { host: host.to_string() })
+        }
+        Err(e) => {
+            tracing::warn!(%host, error = %e, "could not make a TLS-ALPN-01 certificate");
+            None
+        }
     }
 }

@@ -134,6 +134,7 @@ pub fn capabilities(config: &crate::config::AgentConfig) -> Vec<String> {
         edge_proto::tunnel::CAPABILITY_ROUTES.to_string(),
         edge_proto::tunnel::CAPABILITY_SERVICES.to_string(),
         edge_proto::tunnel::CAPABILITY_DOMAINS.to_string(),
+        edge_proto::tunnel::CAPABILITY_ACME_TLS_ALPN.to_string(),
     ];
     if config.proxy_protocol {
         capabilities.push("proxy_v2".into());
@@ -442,6 +443,13 @@ async fn tunnel(
                 Some(Ok(ServerMessage::Notice { level, message })) => tracing::info!(%level, %message, "notice from server"),
                 Some(Ok(ServerMessage::Servers { servers, revision })) => shared.learn_servers(servers, revision),
                 Some(Ok(ServerMessage::Domains { domains })) => shared.learn_domains(domains),
+                Some(Ok(ServerMessage::AcmeTlsAlpn { host, digest })) => {
+                    if let Some(ready) = crate::domain_certs::answer_for_server(shared, &host, digest.as_deref()) {
+                        if let Err(e) = writer.send(ready).await {
+                            break conn.close_reason().map_or_else(|| End::Retry(format!("tls-alpn: {e}")), |r| classify_close(&r));
+                        }
+                    }
+                }
                 Some(Ok(ServerMessage::Rejected { code, reason })) => break verdict(u64::from(code), &reason),
                 Some(Ok(ServerMessage::Welcome { .. })) => break End::Retry("unexpected second welcome".into()),
                 Some(Err(e)) => break ended(conn, format!("control stream: {e}")),

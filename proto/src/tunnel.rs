@@ -46,6 +46,10 @@ pub const CAPABILITY_SERVICES: &str = "services";
 /// server then sends [`ServerMessage::Domains`] (older agents would refuse
 /// the message).
 pub const CAPABILITY_DOMAINS: &str = "domains";
+/// Capability an agent sends when it answers TLS-ALPN-01 validations on
+/// the server's word ([`ServerMessage::AcmeTlsAlpn`]): the CSR flow for
+/// custom domains, where the server runs the order.
+pub const CAPABILITY_ACME_TLS_ALPN: &str = "acme_tls_alpn";
 /// Most servers listed to an agent.
 pub const MAX_CLUSTER_SERVERS: usize = 64;
 /// Protocol version carried in [`AgentMessage::Hello`].
@@ -134,6 +138,12 @@ pub enum AgentMessage {
     Routes {
         /// Every route, the default one (host `*`) included.
         routes: Vec<crate::routes::RouteReport>,
+    },
+    /// Answer to [`ServerMessage::AcmeTlsAlpn`] with a digest: the agent
+    /// now answers the CA's `acme-tls/1` connections for `host`.
+    AcmeTlsAlpnReady {
+        /// The host, as the server named it.
+        host: String,
     },
     /// The agent is shutting down: the server places new streams on other
     /// tunnels of the node (this one is used only if none is up) and
@@ -227,6 +237,36 @@ pub enum ServerMessage {
         /// [`crate::domains::MAX_DOMAINS_PER_NODE`].
         domains: Vec<String>,
     },
+    /// Answer the CA's TLS-ALPN-01 validation of `host` (one of the node's
+    /// custom domains) while the server runs the order of a CSR (only to
+    /// agents that sent [`CAPABILITY_ACME_TLS_ALPN`]). With `digest` (the
+    /// SHA-256 of the key authorization, 64 hex digits) the agent serves a
+    /// challenge certificate for `host` and confirms with
+    /// [`AgentMessage::AcmeTlsAlpnReady`]; without, it stops.
+    AcmeTlsAlpn {
+        /// The custom domain being validated.
+        host: String,
+        /// 64 lowercase hex digits, or absent to withdraw.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
+    },
+}
+
+/// A TLS-ALPN-01 digest as sent in [`ServerMessage::AcmeTlsAlpn`].
+pub fn encode_digest(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads [`encode_digest`]'s form; `None` for anything else.
+pub fn decode_digest(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -401,6 +441,19 @@ impl<In, Out: Serialize> Encoder<Out> for ControlCodec<In, Out> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_round_trip_and_refuse_other_text() {
+        let d = [0xa5u8; 32];
+        assert_eq!(decode_digest(&encode_digest(&d)), Some(d));
+        for bad in ["", "a5", &"g".repeat(64), &"a5".repeat(33), &"\u{e9}".repeat(32)] {
+            assert_eq!(decode_digest(bad), None, "{bad:?}");
+        }
+        let m = ServerMessage::AcmeTlsAlpn { host: "www.c.test".into(), digest: None };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, r#"{"type":"acme_tls_alpn","host":"www.c.test"}"#);
+        assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), m);
+    }
 
     #[test]
     fn stream_header_round_trip_and_prefixes() {

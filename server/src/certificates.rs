@@ -9,7 +9,10 @@
 //!
 //! Both refuse (403, nothing published) anything that is not the calling
 //! node's own names: `_acme-challenge.<node>.<zone>` for TXT values, and
-//! `<node>.<zone>` / `*.<node>.<zone>` in a CSR.
+//! `<node>.<zone>` / `*.<node>.<zone>` in a CSR, or else only the node's
+//! verified custom domains, validated by TLS-ALPN-01: the node's agents
+//! serve the answer ([`crate::tls_alpn`]), since the CA's connection is
+//! routed to them.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -338,7 +341,30 @@ impl edge_certs::acme::ChallengeSink for ZoneSink<'_> {
             remove(self.shared, self.certs, self.node, name, Some(value)).await.map(|_| ()).map_err(|e| e.to_string())
         })
     }
+
+    /// The node's agents answer: the CA's connection is routed to them.
+    fn publish_tls_alpn<'a>(
+        &'a self,
+        host: &'a str,
+        digest: [u8; 32],
+    ) -> edge_certs::acme::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let node = self.node;
+            let served = node.alpn.serve(host, digest, || node.tls_alpn_tunnels(), TLS_ALPN_CONFIRM).await;
+            served.map_err(|e| e.to_string())?;
+            tracing::info!(node = %node.name, host = %Untrusted(host), "TLS-ALPN-01 answer served by the node's agents");
+            Ok(())
+        })
+    }
+
+    fn remove_tls_alpn<'a>(&'a self, host: &'a str) -> edge_certs::acme::BoxFuture<'a, Result<(), String>> {
+        self.node.alpn.withdraw(host);
+        Box::pin(async { Ok(()) })
+    }
 }
+
+/// How long the node's agents may take to confirm a TLS-ALPN-01 answer.
+const TLS_ALPN_CONFIRM: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Per-node guards so one node runs one order at a time.
 #[derive(Debug, Default)]
@@ -365,7 +391,19 @@ pub async fn issue_for_csr(
         .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text.trim_end_matches('=')))
         .map_err(|_| CertRequestError::Invalid("csr must be base64 of a DER PKCS#10 request".into()))?;
     let names = edge_certs::info::csr_names(&der).map_err(|e| CertRequestError::Invalid(format!("csr: {e}")))?;
-    if let Some(foreign) = names.iter().find(|n| !node.hostnames.contains(n)) {
+    // The node's own names (DNS-01 in our zone), or its verified custom
+    // domains (TLS-ALPN-01 through the tunnel), never a mix.
+    let domains = shared.registry.domains_of(&node.name);
+    let kind = if !names.is_empty() && names.iter().all(|n| domains.contains(n)) {
+        edge_certs::acme::ChallengeKind::TlsAlpn01
+    } else {
+        edge_certs::acme::ChallengeKind::Dns01
+    };
+    let allowed = |n: &String| match kind {
+        edge_certs::acme::ChallengeKind::TlsAlpn01 => domains.contains(n),
+        edge_certs::acme::ChallengeKind::Dns01 => node.hostnames.contains(n),
+    };
+    if let Some(foreign) = names.iter().find(|n| !allowed(n)) {
         refused_foreign_name(
             shared,
             node,
@@ -374,9 +412,11 @@ pub async fn issue_for_csr(
             "refused a CSR naming another node's or an unknown name",
         );
         return Err(CertRequestError::Forbidden(format!(
-            "node {} may only request certificates for {:?}; the CSR names {}",
+            "node {} may only request certificates for {:?}, or for its verified custom domains {:?} \
+             (each CSR names either), not {}",
             node.name,
             node.hostnames,
+            domains,
             Untrusted(foreign)
         )));
     }
@@ -397,9 +437,9 @@ pub async fn issue_for_csr(
         Err(crate::store::StoreError::Conflict(_)) => return Err(CertRequestError::Busy),
         Err(e) => return Err(e.into()),
     };
-    tracing::info!(node = %node.name, names = ?names, "certificate requested (CSR flow)");
+    tracing::info!(node = %node.name, names = ?names, ?kind, "certificate requested (CSR flow)");
     let sink = ZoneSink { shared, certs, node };
-    match acme.issue(&names, &der, &sink).await {
+    match acme.issue_by(&names, &der, &sink, kind).await {
         Ok(issued) => {
             shared.metrics.certificates_issued.fetch_add(1, Ordering::Relaxed);
             Ok(CertificateResponse {

@@ -24,7 +24,8 @@
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`identity`]: the server certificate agents pin.
 //! - [`dns`]: authoritative DNS for the zone (hickory-server).
-//! - [`certificates`]: DNS-01 challenges and the CSR flow for nodes.
+//! - [`certificates`]: DNS-01 challenges and the CSR flow for nodes;
+//!   [`tls_alpn`]: TLS-ALPN-01 answers relayed to a node's agents.
 //! - [`modes`], [`detector`]: direct/proxy mode from verified probes;
 //!   [`endpoints`]: which endpoints may be probed at all; [`self_loop`]:
 //!   refusing our own connections that come back to us.
@@ -64,6 +65,7 @@ pub mod sni;
 pub mod state;
 pub mod store;
 pub mod sync;
+pub mod tls_alpn;
 pub mod tunnel;
 pub mod upgrade;
 

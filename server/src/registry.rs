@@ -68,6 +68,9 @@ pub struct TunnelState {
     /// The agent announced `services` (it reads stream headers naming a TCP
     /// service; older agents refuse them).
     pub serves_services: std::sync::atomic::AtomicBool,
+    /// The agent announced `acme_tls_alpn` (it answers TLS-ALPN-01 on the
+    /// server's word).
+    pub answers_tls_alpn: std::sync::atomic::AtomicBool,
 }
 
 /// Milliseconds since the first call: a cheap monotonic clock for
@@ -118,6 +121,9 @@ pub struct NodeHandle {
     /// Requests the node may still make of the signal API
     /// (`limits.node_signal_rate`).
     pub signal_budget: Mutex<crate::limits::TokenBucket>,
+    /// TLS-ALPN-01 answers for the node's agents (CSR flow of its custom
+    /// domains).
+    pub alpn: crate::tls_alpn::AlpnRelay,
 }
 
 impl NodeHandle {
@@ -137,6 +143,7 @@ impl NodeHandle {
             endpoint: Mutex::new(record.endpoint.as_deref().and_then(|e| e.parse().ok())),
             http_mode: Mutex::new(record.http_mode),
             signal_budget: Mutex::default(),
+            alpn: crate::tls_alpn::AlpnRelay::default(),
         }
     }
 
@@ -265,6 +272,15 @@ impl NodeHandle {
         let mut tunnels = lock(&self.tunnels);
         tunnels.retain(|t| t.id != id);
         tunnels.len()
+    }
+
+    /// Ids of the live tunnels whose agent answers TLS-ALPN-01.
+    pub fn tls_alpn_tunnels(&self) -> Vec<u64> {
+        lock(&self.tunnels)
+            .iter()
+            .filter(|t| t.conn.close_reason().is_none() && t.state.answers_tls_alpn.load(Ordering::Relaxed))
+            .map(|t| t.id)
+            .collect()
     }
 
     /// Number of live tunnels.

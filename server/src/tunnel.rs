@@ -199,6 +199,11 @@ async fn session(
     let state = tunnel.state.clone();
     let services = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_SERVICES);
     state.serves_services.store(services, std::sync::atomic::Ordering::Relaxed);
+    let answers_alpn = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_ACME_TLS_ALPN);
+    // Subscribed before the tunnel is listed: an order that sees it never
+    // misses its command.
+    let alpn = answers_alpn.then(|| node.alpn.subscribe());
+    state.answers_tls_alpn.store(answers_alpn, std::sync::atomic::Ordering::Relaxed);
     let replaced = node.add_tunnel(tunnel);
     if replaced > 0 {
         tracing::warn!(node = %node.name, %replica, replaced,
@@ -244,6 +249,8 @@ async fn session(
         handover,
         domains,
         sent_domains,
+        alpn,
+        tunnel_id,
     };
     let result = control_loop(control, &mut reader, &mut writer, shared.limits().drain_timeout_secs).await;
     let remaining = node.remove_tunnel(tunnel_id);
@@ -277,6 +284,10 @@ struct Control<'a> {
     domains: Option<tokio::sync::watch::Receiver<Arc<Vec<crate::store::DomainRecord>>>>,
     /// The node's domains as last sent.
     sent_domains: Vec<String>,
+    /// TLS-ALPN-01 answers to relay, for agents that give them.
+    alpn: Option<tokio::sync::broadcast::Receiver<crate::tls_alpn::AlpnCommand>>,
+    /// This tunnel.
+    tunnel_id: u64,
 }
 
 /// The domains routed to `node`, sorted by name (as the store lists them).
@@ -302,6 +313,8 @@ async fn control_loop(
         mut handover,
         mut domains,
         mut sent_domains,
+        mut alpn,
+        tunnel_id,
     } = control;
     let mut told_draining: Option<std::time::Instant> = None;
     let mut last_routes: Option<std::time::Instant> = None;
@@ -356,6 +369,21 @@ async fn control_loop(
                     step(writer.send(ServerMessage::Domains { domains: sent_domains.clone() })).await?;
                 }
             }
+            command = async { Some(alpn.as_mut()?.recv().await) }, if alpn.is_some() => {
+                use tokio::sync::broadcast::error::RecvError;
+                let command = match command {
+                    Some(Ok(command)) => command,
+                    // A lagging receiver skips to the newest commands: the
+                    // order waits for confirmations and the node retries.
+                    Some(Err(RecvError::Lagged(_))) => continue,
+                    Some(Err(RecvError::Closed)) | None => {
+                        alpn = None;
+                        continue;
+                    }
+                };
+                let digest = command.digest.as_ref().map(edge_proto::tunnel::encode_digest);
+                step(writer.send(ServerMessage::AcmeTlsAlpn { host: command.host, digest })).await?;
+            }
             _ = address_check.tick() => {
                 let now = conn.remote_address();
                 if now != remote {
@@ -397,6 +425,11 @@ async fn control_loop(
                     if changed && last_routes.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                         last_routes = Some(std::time::Instant::now());
                         shared.status_changed.notify_one();
+                    }
+                }
+                Some(Ok(AgentMessage::AcmeTlsAlpnReady { host })) => {
+                    if host.len() <= edge_proto::names::MAX_NAME_LEN {
+                        node.alpn.confirmed(&host, tunnel_id);
                     }
                 }
                 Some(Ok(AgentMessage::Leaving)) => {

@@ -11,6 +11,8 @@
 
 use std::time::Duration;
 
+use base64::Engine;
+
 use edge_tests::pebble::{free_port, Pebble};
 use edge_tests::{clients, metric, upstreams, wait_for, Agent, Server};
 
@@ -21,58 +23,77 @@ fn domain_json(server: &Server) -> serde_json::Value {
     list.as_array().unwrap().iter().find(|d| d["name"] == DOMAIN).cloned().unwrap_or_default()
 }
 
-#[test]
-fn custom_domain_is_routed_once_verified_gets_a_tls_alpn_certificate_and_lapses() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+/// The customer's DNS (a second edge-server authoritative for
+/// customer.test, with `www` at 127.0.0.1), the cluster's server checking
+/// domains there (`extra` appended to its config), and Pebble resolving
+/// through the customer's DNS and validating TLS-ALPN-01 on the server's
+/// TLS port.
+fn start(dir: &std::path::Path, extra: &str) -> (Server, Server, Pebble) {
+    start_on_port(dir, extra, free_port().unwrap())
+}
 
-    // The customer's DNS: a second edge-server authoritative for customer.test.
+/// [`start`] with Pebble on `pebble_port`.
+fn start_on_port(dir: &std::path::Path, extra: &str, pebble_port: u16) -> (Server, Server, Pebble) {
     let customer = Server::start_zone(
-        &tmp.path().join("customer-dns"),
+        &dir.join("customer-dns"),
         "customer.test",
         "[dns]\nlisten = \"127.0.0.1:0\"\naddresses = [\"127.0.0.1\"]\n[store]\npoll_ms = 100\n",
     )
     .unwrap();
     let customer_dns = customer.addrs.dns.unwrap();
     customer.cli(&["dns", "add", "www", "A", "127.0.0.1"]).unwrap();
-
     let server = Server::start(
-        &tmp.path().join("server"),
+        &dir.join("server"),
         &format!(
-            "[domains]\nresolver = \"{customer_dns}\"\ncheck_interval_secs = 1\nrecheck_interval_secs = 1\n\
+            "{extra}[domains]\nresolver = \"{customer_dns}\"\ncheck_interval_secs = 1\nrecheck_interval_secs = 1\n\
              grace_secs = 3\n[store]\npoll_ms = 100\n"
         ),
     )
     .unwrap();
-    let pebble_port = free_port().unwrap();
     let pebble =
-        Pebble::start_with_tls_port(&tmp.path().join("pebble"), pebble_port, customer_dns, server.addrs.tls.port())
-            .unwrap();
+        Pebble::start_with_tls_port(&dir.join("pebble"), pebble_port, customer_dns, server.addrs.tls.port()).unwrap();
+    (customer, server, pebble)
+}
+
+/// The agent's `[acme]`: running the orders itself at Pebble (`node`), or
+/// sending CSRs to the server (`server`).
+fn agent_acme(pebble: &Pebble, flow: &str) -> String {
+    let renewal = "[acme.renewal]\nretry_initial_secs = 1\nretry_max_secs = 4\n";
+    if flow == "server" {
+        return format!("[acme]\nflow = \"server\"\n{renewal}");
+    }
+    format!(
+        "[acme]\nflow = \"node\"\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\n{renewal}",
+        pebble.directory,
+        pebble.listener_ca.display()
+    )
+}
+
+/// Claims DOMAIN for `node` and returns the TXT value to publish.
+fn claim(server: &Server, node: &str) -> String {
+    let printed = server.cli(&["domain", "add", DOMAIN, "--node", node]).unwrap();
+    let txt_line = printed.lines().find(|l| l.starts_with("_edge-verify.www.customer.test TXT")).unwrap();
+    let value = txt_line.split('"').nth(1).unwrap().to_string();
+    assert!(edge_proto::domains::is_verify_value(&value), "{printed}");
+    assert!(printed.contains(&format!("www.customer.test CNAME {node}.edge.test")), "{printed}");
+    value
+}
+
+#[test]
+fn custom_domain_is_routed_once_verified_gets_a_tls_alpn_certificate_and_lapses() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (customer, server, pebble) = start(tmp.path(), "");
     let join = server.add_node("web1").unwrap();
     let join2 = server.add_node("web2").unwrap();
     let upstream = rt.block_on(upstreams::http("customer site"));
     let agent_dir = tmp.path().join("agent");
-    let agent = Agent::spawn_with_config(
-        &agent_dir,
-        &join,
-        upstream,
-        &format!(
-            "[acme]\nflow = \"node\"\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\n\
-             [acme.renewal]\nretry_initial_secs = 1\nretry_max_secs = 4\n",
-            pebble.directory,
-            pebble.listener_ca.display()
-        ),
-    )
-    .unwrap();
+    let agent = Agent::spawn_with_config(&agent_dir, &join, upstream, &agent_acme(&pebble, "node")).unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
     let agent2 = Agent::start(&tmp.path().join("agent2"), &join2, upstream, &[]).unwrap();
 
     // Claimed: the output says what to publish.
-    let printed = server.cli(&["domain", "add", DOMAIN, "--node", "web1"]).unwrap();
-    let txt_line = printed.lines().find(|l| l.starts_with("_edge-verify.www.customer.test TXT")).unwrap();
-    let value = txt_line.split('"').nth(1).unwrap().to_string();
-    assert!(edge_proto::domains::is_verify_value(&value), "{printed}");
-    assert!(printed.contains("www.customer.test CNAME web1.edge.test"), "{printed}");
+    let value = claim(&server, "web1");
 
     // Refused before the TXT is published: not routed, the check says why.
     let out = server.cli_output(&["domain", "verify", DOMAIN]).unwrap();
@@ -139,4 +160,57 @@ fn custom_domain_is_routed_once_verified_gets_a_tls_alpn_certificate_and_lapses(
     server.cli(&["domain", "remove", DOMAIN]).unwrap();
     let again = server.cli(&["domain", "add", DOMAIN, "--node", "web2"]).unwrap();
     assert!(!again.contains(&value), "a new claim gets a new value");
+}
+
+#[test]
+fn csr_flow_gets_the_domain_certificate_with_the_agent_answering_for_the_server() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // The server runs the orders: [acme] (which needs [dns]) with Pebble.
+    let (customer, server, pebble) = start_csr(tmp.path());
+    let join = server.add_node("web1").unwrap();
+    let join2 = server.add_node("web2").unwrap();
+    let upstream = rt.block_on(upstreams::http("csr site"));
+    let agent =
+        Agent::spawn_with_config(&tmp.path().join("agent"), &join, upstream, &agent_acme(&pebble, "server")).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+
+    let value = claim(&server, "web1");
+    customer.cli(&["dns", "add", "_edge-verify.www", "TXT", &value]).unwrap();
+    wait_for("domain verified", Duration::from_secs(20), || {
+        server.cli_output(&["domain", "verify", DOMAIN]).ok()?.status.success().then_some(())
+    })
+    .unwrap();
+
+    // Another node's CSR for the domain is refused before any order.
+    let token2 = edge_proto::join::JoinTicket::parse(&join2).unwrap().token;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![DOMAIN.to_string()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let der = params.serialize_request(&key).unwrap().der().to_vec();
+    let body = format!(r#"{{"csr":"{}"}}"#, base64::engine::general_purpose::STANDARD.encode(der));
+    let (status, text) = server.api_call("POST", "/api/signal/certificate", Some(&token2), Some(&body)).unwrap();
+    assert_eq!(status, 403, "{text}");
+
+    let root = pebble.issuing_root().unwrap();
+    wait_for("a Pebble certificate for the domain (CSR flow)", Duration::from_secs(90), || {
+        let (ok, body, _) = clients::curl_verified(&root, DOMAIN, server.addrs.tls);
+        (ok && body == "csr site").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}\nagent log:\n{}", server.proc.log_text(), agent.proc.log_text()));
+    assert!(server.proc.log_text().contains("TLS-ALPN-01 answer served by the node's agents"));
+    assert!(agent.proc.log_text().contains("answered a TLS-ALPN-01 validation"));
+}
+
+/// [`start`] with `[dns]` and `[acme]` on the server, for the CSR flow.
+fn start_csr(dir: &std::path::Path) -> (Server, Server, Pebble) {
+    // Pebble's address must be known before the server's config is written.
+    let port = free_port().unwrap();
+    let listener_ca = dir.join("pebble").join("listener-ca.pem");
+    let extra = format!(
+        "[dns]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectories = [\"{}\"]\nroot_ca_file = \"{}\"\ncaa_issuers = []\n",
+        Pebble::directory_for(port),
+        listener_ca.display()
+    );
+    start_on_port(dir, &extra, port)
 }
