@@ -439,6 +439,20 @@ pub struct CreateNode {
     pub name: String,
 }
 
+/// `POST /api/v1/services`: a raw TCP service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    /// The service's name: lowercase letters, digits, `-`.
+    pub name: String,
+    /// The node that serves it.
+    pub node: String,
+    /// Where every server listens: `ip:port`, or `:port`.
+    pub listen: String,
+    /// The name of the agent's `[[services]]` entry.
+    pub target: String,
+}
+
 /// A node's join string, shown once.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinCredentials {

@@ -136,4 +136,41 @@ async fn access_rules_allow_one_source_and_deny_another_for_a_hostname_and_a_tcp
     .unwrap();
     let audit = server.cli(&["audit", "--action", "access.set"]).unwrap();
     assert!(audit.contains("service:echo-web1"), "{audit}");
+
+    // The admin API covers policies and services too.
+    let token = server.admin_token();
+    let api = |method: &str, path: &str, body: Option<&str>| {
+        tokio::task::block_in_place(|| server.api_call(method, path, Some(&token), body).unwrap())
+    };
+    let (status, body) = api("GET", "/api/v1/access", None);
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(listed.as_array().unwrap().iter().any(|p| p["scope"] == "service:echo-web1"), "{body}");
+    let app_scope = format!("/api/v1/access/host:{app}");
+    let policy = r#"{"rules":[{"action":"deny","cidr":"127.0.0.2"}],"default":"allow"}"#;
+    assert_eq!(api("PUT", &app_scope, Some(policy)).0, 204);
+    wait_for("the API's policy in force", Duration::from_secs(10), || {
+        let r = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(get_from("127.0.0.2", &server, &app, config.clone()))
+        });
+        r.is_err().then_some(())
+    })
+    .unwrap();
+    assert_eq!(api("PUT", "/api/v1/access/planet:x", Some(policy)).0, 422, "scopes are checked");
+    assert_eq!(api("PUT", &app_scope, Some(r#"{"rules":[],"default":"maybe"}"#)).0, 422, "the field is named");
+    assert_eq!(api("DELETE", &app_scope, None).0, 204);
+    assert_eq!(api("DELETE", &app_scope, None).0, 404);
+    let (status, body) = api("GET", "/api/v1/services", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("echo-web1") && body.contains(&service.to_string()), "{body}");
+    let port = free_port().unwrap();
+    let create = format!(r#"{{"name":"echo2","node":"web1","listen":"127.0.0.1:{port}","target":"echo"}}"#);
+    assert_eq!(api("POST", "/api/v1/services", Some(&create)).0, 201);
+    assert_eq!(api("POST", "/api/v1/services", Some(&create)).0, 409, "the name is taken");
+    let echo2: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for("the API's service listening", Duration::from_secs(10), || std::net::TcpStream::connect(echo2).ok())
+        .unwrap();
+    assert!(echoed_from("127.0.0.2", echo2).await);
+    assert_eq!(api("DELETE", "/api/v1/services/echo2", None).0, 204);
+    assert_eq!(api("DELETE", "/api/v1/services/echo2", None).0, 404);
 }

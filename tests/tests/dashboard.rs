@@ -252,6 +252,20 @@ async fn operator_adds_watches_rotates_and_removes_a_node_in_chromium() {
     assert!(exited.is_some_and(|s| !s.success()), "the agent with the old token was not refused");
     assert!(agent.proc.log_text().to_lowercase().contains("token"), "{}", agent.proc.log_text());
 
+    // Claim a customer's domain for the node: pending, with what to publish.
+    c.goto(&format!("{base}/ui/domains")).await.unwrap();
+    c.find(Locator::Id("dname")).await.unwrap().send_keys("www.shop.test").await.unwrap();
+    c.find(Locator::Id("add-domain")).await.unwrap().click().await.unwrap();
+    wait_path(&c, "/ui/domains").await;
+    let domains = text_of(&c, "#domains").await;
+    assert!(
+        domains.contains("www.shop.test")
+            && domains.contains("pending")
+            && domains.contains("_edge-verify.www.shop.test"),
+        "{domains}"
+    );
+    shot(&c, &shots, "domains").await;
+
     // Remove the node (with confirmation).
     c.goto(&node_url).await.unwrap();
     c.find(Locator::Id("remove")).await.unwrap().click().await.unwrap();
@@ -272,7 +286,7 @@ async fn operator_adds_watches_rotates_and_removes_a_node_in_chromium() {
     // The audit log page has all three changes.
     c.goto(&format!("{base}/ui/audit")).await.unwrap();
     let audit = text_of(&c, "#audit").await;
-    for action in ["node.create", "node.rotate_token", "node.remove"] {
+    for action in ["node.create", "node.rotate_token", "node.remove", "domain.create"] {
         assert!(
             audit.lines().any(|l| l.contains(action) && l.contains("web1") && l.contains("user:alice")),
             "{action} missing:\n{audit}"

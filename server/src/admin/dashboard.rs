@@ -44,6 +44,8 @@ pub fn router() -> Router<Arc<AdminState>> {
         .route("/ui/nodes/{name}/http-mode", post(http_mode))
         .route("/ui/dns", get(dns_page).post(add_dns))
         .route("/ui/dns/delete", post(delete_dns))
+        .route("/ui/domains", get(domains_page).post(add_domain))
+        .route("/ui/domains/remove", post(remove_domain))
         .route("/ui/servers", get(servers_page))
         .route("/ui/access", get(access_page))
         .route("/ui/users", post(add_user))
@@ -79,7 +81,7 @@ fn page(title: &str, session: Option<&auth::Session>, body: &str) -> Html<String
     if let Some(s) = session {
         let _ = write!(
             nav,
-            r#"<nav aria-label="main"><a href="/ui/nodes">Nodes</a><a href="/ui/nodes/new">Add node</a><a href="/ui/dns">DNS</a><a href="/ui/servers">Servers</a><a href="/ui/access">Users &amp; tokens</a><a href="/ui/audit">Audit log</a>
+            r#"<nav aria-label="main"><a href="/ui/nodes">Nodes</a><a href="/ui/nodes/new">Add node</a><a href="/ui/dns">DNS</a><a href="/ui/domains">Domains</a><a href="/ui/servers">Servers</a><a href="/ui/access">Users &amp; tokens</a><a href="/ui/audit">Audit log</a>
 <form method="post" action="/ui/logout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit" id="logout">Log out {}</button></form></nav>"#,
             esc(&s.csrf),
             esc(&s.user)
@@ -501,6 +503,59 @@ async fn delete_dns(State(api): State<Arc<AdminState>>, Posted(c, s, form): Post
     let kind = StaticKind::parse(&form.kind);
     match api.ops.remove_dns_records(&c.actor, &form.name, kind, Some(&form.value)).await {
         Ok(_) => see_other("/ui/dns"),
+        Err(e) => op_error(e, &s),
+    }
+}
+
+async fn domains_page(State(api): State<Arc<AdminState>>, Page(s): Page) -> Response {
+    let (domains, nodes) = match (api.shared.store.list_domains().await, api.shared.store.list_nodes().await) {
+        (Ok(d), Ok(n)) => (d, n),
+        (Err(e), _) | (_, Err(e)) => return error_page(StatusCode::SERVICE_UNAVAILABLE, Some(&s), &e.to_string()),
+    };
+    let zone = api.shared.config.zone();
+    let csrf = csrf_field(&s);
+    let mut rows = String::new();
+    for d in &domains {
+        let v = crate::domains::view(d, zone);
+        let _ = write!(
+            rows,
+            r#"<tr id="domain-{name}" data-status="{status}"><td data-label="Domain">{name}</td><td data-label="Node"><a href="/ui/nodes/{node}">{node}</a></td><td data-label="Status">{status}</td><td data-label="Verified">{verified}</td><td data-label="Publish"><code>{vname} TXT "{value}"</code><br><code>{name} CNAME {target}</code></td><td data-label="Last error">{error}</td><td><form method="post" action="/ui/domains/remove" data-confirm="Remove {name}? No server routes it any more.">{csrf}<input type="hidden" name="name" value="{name}"><button type="submit" aria-label="Remove {name}">Remove</button></form></td></tr>"#,
+            name = esc(&v.name),
+            node = esc(&v.node),
+            status = v.status,
+            verified = time(v.state.verified_at),
+            vname = esc(&v.verify_name),
+            value = esc(&v.verify_value),
+            target = esc(&v.cname_target),
+            error = esc(v.state.last_error.as_deref().unwrap_or("")),
+        );
+    }
+    let options: String = nodes.iter().map(|n| format!("<option>{}</option>", esc(&n.name))).collect();
+    let body = format!(
+        r#"<p class="hint">A customer's domain routes to its node once the TXT record shown is published in the customer's DNS; the agent then gets its certificate by TLS-ALPN-01.</p><div class="scroll"><table id="domains"><thead><tr><th scope="col">Domain</th><th scope="col">Node</th><th scope="col">Status</th><th scope="col">Verified</th><th scope="col">Publish</th><th scope="col">Last error</th><th scope="col">Action</th></tr></thead><tbody>{rows}</tbody></table></div>
+<h2>Claim a domain</h2><form method="post" action="/ui/domains" class="card">{csrf}<label for="dname">Domain (outside {zone})</label><input id="dname" name="name" required maxlength="253"><label for="dnode">Node</label><select id="dnode" name="node">{options}</select><button type="submit" id="add-domain">Claim domain</button></form>"#,
+        zone = esc(zone)
+    );
+    page("Domains", Some(&s), &body).into_response()
+}
+
+/// The domain claim form.
+#[derive(Deserialize)]
+struct DomainForm {
+    name: String,
+    node: String,
+}
+
+async fn add_domain(State(api): State<Arc<AdminState>>, Posted(c, s, form): Posted<DomainForm>) -> Response {
+    match api.ops.add_domain(&c.actor, &form.name, &form.node).await {
+        Ok(_) => see_other("/ui/domains"),
+        Err(e) => op_error(e, &s),
+    }
+}
+
+async fn remove_domain(State(api): State<Arc<AdminState>>, Posted(c, s, form): Posted<NameForm>) -> Response {
+    match api.ops.remove_domain(&c.actor, &form.name).await {
+        Ok(()) => see_other("/ui/domains"),
         Err(e) => op_error(e, &s),
     }
 }

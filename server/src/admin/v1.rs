@@ -45,6 +45,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/domains"),
     ("post", "/api/v1/domains"),
     ("delete", "/api/v1/domains/{name}"),
+    ("get", "/api/v1/services"),
+    ("post", "/api/v1/services"),
+    ("delete", "/api/v1/services/{name}"),
+    ("get", "/api/v1/access"),
+    ("put", "/api/v1/access/{scope}"),
+    ("delete", "/api/v1/access/{scope}"),
     ("get", "/api/v1/servers"),
     ("delete", "/api/v1/servers/{id}"),
     ("get", "/api/v1/audit"),
@@ -75,6 +81,10 @@ pub fn router(sessions: bool) -> Router<Arc<AdminState>> {
         .route("/api/v1/dns/records", get(list_dns).post(create_dns).delete(delete_dns))
         .route("/api/v1/domains", get(list_domains).post(create_domain))
         .route("/api/v1/domains/{name}", delete(remove_domain))
+        .route("/api/v1/services", get(list_services).post(create_service))
+        .route("/api/v1/services/{name}", delete(remove_service))
+        .route("/api/v1/access", get(list_access))
+        .route("/api/v1/access/{scope}", put(set_access).delete(clear_access))
         .route("/api/v1/servers", get(list_servers))
         .route("/api/v1/servers/{id}", delete(remove_server))
         .route("/api/v1/audit", get(audit))
@@ -403,6 +413,61 @@ async fn remove_domain(
     Path(name): Path<String>,
 ) -> Result<StatusCode, OpError> {
     api.ops.remove_domain(&c.actor, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_services(State(api): State<Arc<AdminState>>, _: Reader) -> Result<Response, OpError> {
+    Ok(Json(api.shared.store.list_services().await?).into_response())
+}
+
+async fn create_service(
+    State(api): State<Arc<AdminState>>,
+    Writer(c): Writer,
+    JsonBody(req): JsonBody<edge_proto::admin::CreateService>,
+) -> Result<Response, OpError> {
+    let record = api.ops.add_service(&c.actor, &req.name, &req.node, &req.listen, &req.target).await?;
+    Ok((StatusCode::CREATED, Json(record)).into_response())
+}
+
+async fn remove_service(
+    State(api): State<Arc<AdminState>>,
+    Writer(c): Writer,
+    Path(name): Path<String>,
+) -> Result<StatusCode, OpError> {
+    api.ops.remove_service(&c.actor, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_access(State(api): State<Arc<AdminState>>, _: Reader) -> Result<Response, OpError> {
+    Ok(Json(api.shared.store.list_access().await?).into_response())
+}
+
+fn scope_of(key: &str) -> Result<edge_proto::access::Scope, OpError> {
+    edge_proto::access::Scope::parse(key).ok_or_else(|| OpError::Invalid {
+        field: "scope",
+        reason: format!("{:?} is not node:NAME, host:NAME or service:NAME", key.chars().take(80).collect::<String>()),
+    })
+}
+
+async fn set_access(
+    State(api): State<Arc<AdminState>>,
+    Writer(c): Writer,
+    Path(scope): Path<String>,
+    JsonBody(policy): JsonBody<edge_proto::access::Policy>,
+) -> Result<StatusCode, OpError> {
+    let scope = scope_of(&scope)?;
+    let policy = edge_proto::access::Policy::new(policy.rules, policy.default)
+        .map_err(|e| OpError::Invalid { field: "rules", reason: e.to_string() })?;
+    api.ops.set_access(&c.actor, &scope, policy).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn clear_access(
+    State(api): State<Arc<AdminState>>,
+    Writer(c): Writer,
+    Path(scope): Path<String>,
+) -> Result<StatusCode, OpError> {
+    api.ops.clear_access(&c.actor, &scope_of(&scope)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
