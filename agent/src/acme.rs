@@ -304,6 +304,9 @@ async fn obtain(
             })
         }
         None => {
+            // One CSR at a time from this agent: the server runs one order
+            // per node and answers a second one 409.
+            let _one = shared.csr_lock.lock().await;
             let body = edge_proto::signal::CertificateRequest {
                 csr: base64::engine::general_purpose::STANDARD.encode(csr.der()),
             };

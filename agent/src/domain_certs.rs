@@ -81,6 +81,9 @@ async fn keep(shared: Arc<AgentShared>, domain: String, stop: CancellationToken)
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
+    if stop.is_cancelled() {
+        return; // retired while loading
+    }
     let stored = match loaded {
         Ok((key, stored)) => {
             shared.install_domain_certificate(&domain, Some(key));
@@ -91,7 +94,12 @@ async fn keep(shared: Arc<AgentShared>, domain: String, stop: CancellationToken)
             None
         }
     };
-    if acme {
+    // A passthrough route's upstream terminates TLS itself: it holds the
+    // domain's certificate, and the CA's acme-tls/1 connection goes to it.
+    let passthrough = shared.routes().select(&domain).is_some_and(|r| r.mode == crate::config::Mode::Passthrough);
+    if acme && passthrough {
+        tracing::info!(%domain, "custom domain routed in passthrough mode: its upstream holds the certificate");
+    } else if acme {
         acme::run(shared, Slot::Domain(domain), names, stored, stop).await;
     }
 }
@@ -118,7 +126,8 @@ pub fn answer_for_server(
     match edge_certs::tls_alpn::challenge_certificate(host, &digest) {
         Ok(key) => {
             shared.challenges.set(host, Some(key));
-            Some(edge_proto::tunnel::AgentMessage::AcmeTlsAlpnReady { host: host.to_string() })
+            let digest = edge_proto::tunnel::encode_digest(&digest);
+            Some(edge_proto::tunnel::AgentMessage::AcmeTlsAlpnReady { host: host.to_string(), digest })
         }
         Err(e) => {
             tracing::warn!(%host, error = %e, "could not make a TLS-ALPN-01 certificate");

@@ -110,6 +110,9 @@ pub struct AgentShared {
     domains: tokio::sync::watch::Sender<Vec<String>>,
     /// TLS-ALPN-01 answers being served.
     pub challenges: tls::ChallengeCerts,
+    /// Held while a CSR is with the server (the node's and its domains'
+    /// certificates are ordered one after another).
+    pub csr_lock: tokio::sync::Mutex<()>,
     /// Stops the agent's tasks.
     shutdown: CancellationToken,
 }
@@ -424,6 +427,7 @@ pub async fn run(
         acme_started: std::sync::atomic::AtomicBool::new(false),
         domains: tokio::sync::watch::Sender::new(Vec::new()),
         challenges: tls::ChallengeCerts::default(),
+        csr_lock: tokio::sync::Mutex::new(()),
         shutdown: shutdown.clone(),
     });
     let config = shared.config.clone();

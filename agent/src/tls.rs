@@ -62,15 +62,22 @@ impl rustls::server::ResolvesServerCert for NodeCertResolver {
 /// nothing else.
 #[derive(Debug, Default)]
 pub struct ChallengeCerts {
-    certs: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    certs: RwLock<HashMap<String, (Arc<CertifiedKey>, std::time::Instant)>>,
 }
 
+/// How long an answer is served at most: orders take minutes, and an
+/// answer whose withdrawal was lost (a session that ended, an order
+/// cancelled) must not linger.
+const CHALLENGE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl ChallengeCerts {
-    /// Serves `key` for `host` from now on.
+    /// Serves `key` for `host` from now on (for [`CHALLENGE_LIFETIME`] at
+    /// most), or with `None` no longer.
     pub fn set(&self, host: &str, key: Option<Arc<CertifiedKey>>) {
         let mut certs = self.certs.write().unwrap_or_else(|p| p.into_inner());
+        certs.retain(|_, (_, since)| since.elapsed() < CHALLENGE_LIFETIME);
         match key {
-            Some(key) => certs.insert(host.to_string(), key),
+            Some(key) => certs.insert(host.to_string(), (key, std::time::Instant::now())),
             None => certs.remove(host),
         };
     }
@@ -78,12 +85,24 @@ impl ChallengeCerts {
     /// Whether no answer is served (the common case: handshakes skip the
     /// look at the ClientHello).
     pub fn is_empty(&self) -> bool {
-        self.certs.read().unwrap_or_else(|p| p.into_inner()).is_empty()
+        let certs = self.certs.read().unwrap_or_else(|p| p.into_inner());
+        if certs.is_empty() {
+            return true;
+        }
+        let stale = certs.values().all(|(_, since)| since.elapsed() >= CHALLENGE_LIFETIME);
+        drop(certs);
+        if stale {
+            self.certs.write().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        stale
     }
 
     /// The TLS config answering `host`'s challenge, when one is served.
     pub fn config_for(&self, host: &str) -> Option<Arc<rustls::ServerConfig>> {
-        let key = self.certs.read().unwrap_or_else(|p| p.into_inner()).get(host).cloned()?;
+        let (key, since) = self.certs.read().unwrap_or_else(|p| p.into_inner()).get(host).cloned()?;
+        if since.elapsed() >= CHALLENGE_LIFETIME {
+            return None;
+        }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

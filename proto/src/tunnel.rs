@@ -144,6 +144,9 @@ pub enum AgentMessage {
     AcmeTlsAlpnReady {
         /// The host, as the server named it.
         host: String,
+        /// The digest now served, as the server sent it (a confirmation
+        /// of an earlier order's answer never counts for a later one).
+        digest: String,
     },
     /// The agent is shutting down: the server places new streams on other
     /// tunnels of the node (this one is used only if none is up) and

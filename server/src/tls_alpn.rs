@@ -19,11 +19,17 @@ pub struct AlpnCommand {
     pub digest: Option<[u8; 32]>,
 }
 
+/// One answer being put in place: its digest and the tunnels that
+/// confirmed it.
+type Waiting = ([u8; 32], HashSet<u64>);
+
 /// Commands to a node's tunnels and the confirmations they got back.
 #[derive(Debug)]
 pub struct AlpnRelay {
     commands: tokio::sync::broadcast::Sender<AlpnCommand>,
-    ready: Mutex<HashMap<String, HashSet<u64>>>,
+    /// Per host being validated: the digest served and the tunnels that
+    /// confirmed it.
+    ready: Mutex<HashMap<String, Waiting>>,
     changed: tokio::sync::Notify,
 }
 
@@ -61,12 +67,21 @@ impl AlpnRelay {
         self.commands.subscribe()
     }
 
-    /// The agent behind `tunnel` serves the answer for `host`.
-    pub fn confirmed(&self, host: &str, tunnel: u64) {
+    /// The answers being waited for, to send a tunnel that connects now.
+    pub fn pending(&self) -> Vec<(String, [u8; 32])> {
+        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready.iter().map(|(host, (digest, _))| (host.clone(), *digest)).collect()
+    }
+
+    /// The agent behind `tunnel` serves `digest` for `host` (a
+    /// confirmation of another digest counts for nothing).
+    pub fn confirmed(&self, host: &str, digest: &[u8; 32], tunnel: u64) {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tunnels) = ready.get_mut(host) {
-            tunnels.insert(tunnel);
-            self.changed.notify_waiters();
+        if let Some((wanted, tunnels)) = ready.get_mut(host) {
+            if wanted == digest {
+                tunnels.insert(tunnel);
+                self.changed.notify_waiters();
+            }
         }
     }
 
@@ -82,7 +97,7 @@ impl AlpnRelay {
         if tunnels().is_empty() {
             return Err(RelayError::NoAgent);
         }
-        self.ready.lock().unwrap_or_else(|p| p.into_inner()).insert(host.to_string(), HashSet::new());
+        self.ready.lock().unwrap_or_else(|p| p.into_inner()).insert(host.to_string(), (digest, HashSet::new()));
         let _ = self.commands.send(AlpnCommand { host: host.to_string(), digest: Some(digest) });
         let wait = async {
             loop {
@@ -90,7 +105,7 @@ impl AlpnRelay {
                 let wanted = tunnels();
                 let done = {
                     let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-                    let got = ready.get(host);
+                    let got = ready.get(host).map(|(_, tunnels)| tunnels);
                     !wanted.is_empty() && wanted.iter().all(|t| got.is_some_and(|g| g.contains(t)))
                 };
                 if done {
@@ -106,7 +121,7 @@ impl AlpnRelay {
         let wanted = tunnels();
         let confirmed = {
             let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-            ready.get(host).map_or(0, |g| wanted.iter().filter(|t| g.contains(t)).count())
+            ready.get(host).map_or(0, |(_, g)| wanted.iter().filter(|t| g.contains(t)).count())
         };
         self.withdraw(host);
         Err(RelayError::Unconfirmed { confirmed, wanted: wanted.len(), secs: deadline.as_secs() })
@@ -133,9 +148,11 @@ mod tests {
             tokio::spawn(async move {
                 let command = rx.recv().await.unwrap();
                 assert_eq!(command, AlpnCommand { host: "h".into(), digest: Some([1; 32]) });
-                relay.confirmed("h", 1);
-                relay.confirmed("other", 2);
-                relay.confirmed("h", 2);
+                relay.confirmed("h", &[1; 32], 1);
+                relay.confirmed("other", &[1; 32], 2);
+                relay.confirmed("h", &[2; 32], 2);
+                assert_eq!(relay.pending(), vec![("h".to_string(), [1; 32])]);
+                relay.confirmed("h", &[1; 32], 2);
             })
         };
         relay.serve("h", [1; 32], || vec![1, 2], Duration::from_secs(5)).await.unwrap();

@@ -232,11 +232,28 @@ async fn session(
     // and at every change.
     let mut domains =
         capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_DOMAINS).then(|| shared.domains.subscribe());
-    let mut sent_domains = Vec::new();
-    if let Some(rx) = domains.as_mut() {
-        sent_domains = routed_domains(&rx.borrow_and_update(), &node.name);
-        step(writer.send(ServerMessage::Domains { domains: sent_domains.clone() })).await?;
+    let sent_domains = domains.as_mut().map(|rx| routed_domains(&rx.borrow_and_update(), &node.name));
+    let greeted = async {
+        if let Some(list) = &sent_domains {
+            step(writer.send(ServerMessage::Domains { domains: list.clone() })).await?;
+        }
+        // Answers an order is waiting for right now reach this agent too
+        // (after its domains: it answers only for those).
+        let pending = if answers_alpn { node.alpn.pending() } else { Vec::new() };
+        for (host, digest) in pending {
+            let digest = Some(edge_proto::tunnel::encode_digest(&digest));
+            step(writer.send(ServerMessage::AcmeTlsAlpn { host, digest })).await?;
+        }
+        Ok::<_, SessionError>(())
     }
+    .await;
+    if let Err(e) = greeted {
+        node.remove_tunnel(tunnel_id);
+        shared.status_changed.notify_one();
+        shared.cluster.note_tunnels_changed();
+        return Err(e);
+    }
+    let sent_domains = sent_domains.unwrap_or_default();
     let control = Control {
         shared: &shared,
         conn: &conn,
@@ -292,7 +309,12 @@ struct Control<'a> {
 
 /// The domains routed to `node`, sorted by name (as the store lists them).
 fn routed_domains(all: &[crate::store::DomainRecord], node: &str) -> Vec<String> {
-    all.iter().filter(|d| d.node == node && d.state.routed).map(|d| d.name.clone()).collect()
+    // Bounded as the agent reads it, whatever the store holds.
+    all.iter()
+        .filter(|d| d.node == node && d.state.routed)
+        .map(|d| d.name.clone())
+        .take(edge_proto::domains::MAX_DOMAINS_PER_NODE)
+        .collect()
 }
 
 async fn control_loop(
@@ -427,9 +449,9 @@ async fn control_loop(
                         shared.status_changed.notify_one();
                     }
                 }
-                Some(Ok(AgentMessage::AcmeTlsAlpnReady { host })) => {
-                    if host.len() <= edge_proto::names::MAX_NAME_LEN {
-                        node.alpn.confirmed(&host, tunnel_id);
+                Some(Ok(AgentMessage::AcmeTlsAlpnReady { host, digest })) => {
+                    if let Some(digest) = edge_proto::tunnel::decode_digest(&digest) {
+                        node.alpn.confirmed(&host, &digest, tunnel_id);
                     }
                 }
                 Some(Ok(AgentMessage::Leaving)) => {

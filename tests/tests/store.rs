@@ -310,14 +310,17 @@ async fn domains(b: &Backend<'_>) {
     // A check that changes nothing about routing moves no revision.
     let missed =
         VerifyState { checked_at: Some(5), last_error: Some("no TXT record".into()), ..VerifyState::default() };
-    assert!(s.record_domain_check("www.c.test", "n1", &missed).await.unwrap());
+    assert!(s.record_domain_check(&www, &missed).await.unwrap());
     assert_eq!(s.revision().await.unwrap(), revision, "{}", b.name());
     let found = VerifyState { verified_at: Some(6), checked_at: Some(6), routed: true, ..VerifyState::default() };
-    assert!(!s.record_domain_check("www.c.test", "n2", &found).await.unwrap(), "not n2's: nothing written");
-    assert!(s.record_domain_check("www.c.test", "n1", &found).await.unwrap());
+    assert!(!s.record_domain_check(&other, &found).await.unwrap(), "not n2's: nothing written");
+    let old_claim =
+        edge_server::store::DomainRecord { verify_value: edge_proto::domains::verify_value([9; 16]), ..www.clone() };
+    assert!(!s.record_domain_check(&old_claim, &found).await.unwrap(), "a check of another claim: nothing written");
+    assert!(s.record_domain_check(&www, &found).await.unwrap());
     assert!(s.revision().await.unwrap() > revision, "{}: routed flipped", b.name());
     assert_eq!(s.list_domains().await.unwrap()[0].state, found, "{}", b.name());
-    assert!(!s.record_domain_check("nope.c.test", "n1", &found).await.unwrap());
+    assert!(!s.record_domain_check(&orphan, &found).await.unwrap());
     s.add_domain(&edge_server::store::DomainRecord { name: "api.c.test".into(), ..www.clone() }).await.unwrap();
     assert!(s.remove_domain("api.c.test").await.unwrap());
     assert!(!s.remove_domain("api.c.test").await.unwrap());

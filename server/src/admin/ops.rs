@@ -427,6 +427,13 @@ impl Ops {
         if !self.audited(entry, self.store.remove_domain(&name)).await? {
             return Err(OpError::NotFound(format!("no domain named {name:?}")));
         }
+        // A policy for the name belonged to this claim: the next node to
+        // claim the domain starts without it.
+        let scope = edge_proto::access::Scope::Host(name);
+        if self.store.list_access().await?.iter().any(|a| a.scope == scope.key()) {
+            let entry = Self::entry(actor, AuditAction::AccessClear, &scope.key(), "with its domain".into());
+            self.audited(entry, self.store.clear_access(&scope.key())).await?;
+        }
         Ok(())
     }
 

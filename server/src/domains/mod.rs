@@ -68,7 +68,7 @@ pub async fn check_and_record(
                 "custom domain no longer verified: not routed");
         }
     }
-    let written = store.record_domain_check(&record.name, &record.node, &state).await?;
+    let written = store.record_domain_check(record, &state).await?;
     Ok(written.then_some(state))
 }
 

@@ -60,7 +60,16 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         }))
         .buffer_unordered(CONCURRENT_CHECKS);
         let mut checks = std::pin::pin!(checks);
+        let mut renewed = tokio::time::Instant::now();
         loop {
+            // A long batch keeps the lease, or stops when another server
+            // took it (its results would race this one's).
+            if renewed.elapsed() >= period {
+                renewed = tokio::time::Instant::now();
+                if !matches!(shared.store.acquire_lease(DOMAIN_CHECKER, &id, ttl_ms).await, Ok(Some(_))) {
+                    break;
+                }
+            }
             let next = tokio::select! {
                 _ = shutdown.cancelled() => None,
                 next = checks.next() => next,

@@ -196,11 +196,10 @@ impl<S: Store> Store for WithDeadline<S> {
     }
     async fn record_domain_check(
         &self,
-        name: &str,
-        node: &str,
+        checked: &DomainRecord,
         state: &edge_proto::domains::VerifyState,
     ) -> Result<bool, StoreError> {
-        self.within(self.point, self.inner.record_domain_check(name, node, state)).await
+        self.within(self.point, self.inner.record_domain_check(checked, state)).await
     }
     async fn list_access(&self) -> Result<Vec<AccessRecord>, StoreError> {
         self.within(self.point, self.inner.list_access()).await

@@ -377,13 +377,14 @@ pub trait Store: AccountStore + Send + Sync + std::fmt::Debug + 'static {
     async fn add_domain(&self, domain: &DomainRecord) -> Result<(), StoreError>;
     /// Removes a custom domain; whether it existed.
     async fn remove_domain(&self, name: &str) -> Result<bool, StoreError>;
-    /// Records a check's result for `name` if it is still held by `node`
-    /// (removed or reclaimed meanwhile: nothing is written, `false`). The
-    /// revision moves only when whether it is routed changes.
+    /// Records a check's result for the claim `checked` (its name, node
+    /// and value) if it still stands: removed or claimed anew meanwhile,
+    /// nothing is written (`false`), so a check of an old claim never
+    /// verifies a new one. The revision moves only when whether it is
+    /// routed changes.
     async fn record_domain_check(
         &self,
-        name: &str,
-        node: &str,
+        checked: &DomainRecord,
         state: &edge_proto::domains::VerifyState,
     ) -> Result<bool, StoreError>;
     /// Every access policy.

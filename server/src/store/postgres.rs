@@ -1238,14 +1238,17 @@ impl Store for PostgresStore {
 
     async fn record_domain_check(
         &self,
-        name: &str,
-        node: &str,
+        checked: &DomainRecord,
         state: &edge_proto::domains::VerifyState,
     ) -> Result<bool, StoreError> {
+        let (name, node) = (&checked.name, &checked.node);
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.err(e))?;
         let before = tx
-            .query_opt("SELECT routed FROM domains WHERE name = $1 AND node = $2 FOR UPDATE", &[&name, &node])
+            .query_opt(
+                "SELECT routed FROM domains WHERE name = $1 AND node = $2 AND verify_value = $3 FOR UPDATE",
+                &[name, node, &checked.verify_value],
+            )
             .await
             .map_err(|e| self.err(e))?;
         let Some(row) = before else { return Ok(false) };

@@ -1162,15 +1162,19 @@ impl Store for SqliteStore {
 
     async fn record_domain_check(
         &self,
-        name: &str,
-        node: &str,
+        checked: &DomainRecord,
         state: &edge_proto::domains::VerifyState,
     ) -> Result<bool, StoreError> {
-        let (name, node, st) = (own(name), own(node), state.clone());
+        let (name, node, value, st) =
+            (checked.name.clone(), checked.node.clone(), checked.verify_value.clone(), state.clone());
         self.run(move |db| {
             db.write(|tx, events| {
                 let before: Option<bool> = tx
-                    .query_row("SELECT routed FROM domains WHERE name = ?1 AND node = ?2", [&name, &node], |r| r.get(0))
+                    .query_row(
+                        "SELECT routed FROM domains WHERE name = ?1 AND node = ?2 AND verify_value = ?3",
+                        [&name, &node, &value],
+                        |r| r.get(0),
+                    )
                     .optional()?;
                 let Some(routed) = before else { return Ok(false) };
                 tx.execute(
