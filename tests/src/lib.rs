@@ -11,6 +11,7 @@ pub mod admin;
 pub mod clients;
 pub mod dns;
 pub mod faults;
+pub mod load;
 pub mod pebble;
 pub mod postgres;
 pub mod upstreams;
@@ -59,7 +60,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
+    /// Starts `cmd` with its stderr in `log` (stdin and stdout closed).
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
         let file = std::fs::File::create(&log)?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
         // A caller that set or removed RUST_LOG itself keeps its choice.

@@ -114,40 +114,49 @@ pub async fn proxy_v2_reporter() -> SocketAddr {
 /// minute without another byte read (an application that stopped reading);
 /// anything else is served as HTTP/1.1 keep-alive with a 2-byte body.
 pub async fn bench() -> SocketAddr {
-    serve(listen().await, |mut tcp| async move {
-        let mut first = [0u8; 6];
-        if tcp.read_exact(&mut first).await.is_err() {
-            return;
+    serve(listen().await, bench_protocol)
+}
+
+/// The bench upstream's protocol on any byte stream (the TLS upstream of
+/// `edge-bench-upstream` runs it behind rustls): `BLAST n\n` sends `n`
+/// bytes and closes, `STALL\n` holds the connection for a minute, anything
+/// else is keep-alive HTTP/1.1 answered `ok`.
+pub async fn bench_protocol<S>(mut stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut first = [0u8; 6];
+    if stream.read_exact(&mut first).await.is_err() {
+        return;
+    }
+    if &first == b"STALL\n" {
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        return;
+    }
+    if &first == b"BLAST " {
+        let mut digits = Vec::new();
+        let mut byte = [0u8; 1];
+        while stream.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' && digits.len() < 20 {
+            digits.push(byte[0]);
         }
-        if &first == b"STALL\n" {
-            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-            return;
-        }
-        if &first == b"BLAST " {
-            let mut digits = Vec::new();
-            let mut byte = [0u8; 1];
-            while tcp.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' && digits.len() < 20 {
-                digits.push(byte[0]);
+        let n: usize = String::from_utf8_lossy(&digits).parse().unwrap_or(0);
+        let chunk = vec![0x5au8; 256 * 1024];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(chunk.len());
+            if stream.write_all(&chunk[..k]).await.is_err() {
+                return;
             }
-            let n: usize = String::from_utf8_lossy(&digits).parse().unwrap_or(0);
-            let chunk = vec![0x5au8; 256 * 1024];
-            let mut left = n;
-            while left > 0 {
-                let k = left.min(chunk.len());
-                if tcp.write_all(&chunk[..k]).await.is_err() {
-                    return;
-                }
-                left -= k;
-            }
-            let _ = tcp.shutdown().await;
-            return;
+            left -= k;
         }
-        // Not a blast: hand the bytes read so far to the HTTP loop.
-        let (mut r, w) = tcp.into_split();
-        let prefix = first.to_vec();
-        let mut joined = tokio::io::join(std::io::Cursor::new(prefix).chain(&mut r), w);
-        http_loop(&mut joined, "ok").await;
-    })
+        let _ = stream.shutdown().await;
+        return;
+    }
+    // Not a blast: hand the bytes read so far to the HTTP loop.
+    let (mut r, w) = tokio::io::split(stream);
+    let prefix = first.to_vec();
+    let mut joined = tokio::io::join(std::io::Cursor::new(prefix).chain(&mut r), w);
+    http_loop(&mut joined, "ok").await;
 }
 
 async fn http_loop<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(tcp: &mut S, body: &str) {

@@ -8,14 +8,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use edge_tests::load::{
+    blast, connect, conns_per_sec, handshake_request, latency, median, read_response, throughput, Target,
+};
 use edge_tests::{clients, cpu_seconds, rss_kib, upstreams, wait_for, Agent, Server, ZONE};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Benchmark the tunnel against a direct connection.
 #[derive(Debug, Parser)]
@@ -83,18 +84,6 @@ impl BulkRound {
     }
 }
 
-/// The median of `values` (the upper one for an even count).
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-struct Target {
-    addr: SocketAddr,
-    sni: String,
-    tls: Arc<rustls::ClientConfig>,
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     edge_net::raise_fd_limit();
@@ -151,14 +140,7 @@ impl Setup {
 }
 
 async fn bench(args: Args) -> Result<()> {
-    let mut tunnel_config = String::from("[tunnel]\n");
-    if let Some(n) = args.max_udp_payload {
-        tunnel_config.push_str(&format!("max_udp_payload = {n}\n"));
-    }
-    for setting in &args.tunnel_settings {
-        tunnel_config.push_str(setting);
-        tunnel_config.push('\n');
-    }
+    let tunnel_config = edge_tests::load::tunnel_config(args.max_udp_payload, &args.tunnel_settings);
     // Memory per idle connection first, each target with fresh processes:
     // RSS growth after other phases mostly shows how much freed heap the
     // allocator reuses, not what a connection costs.
@@ -367,111 +349,6 @@ fn print_rounds(rounds: &[BulkRound]) {
     };
     println!();
     println!("median tunnel/direct: 1 connection {:.0}%, 4 connections {:.0}%", ratio(1), ratio(4));
-}
-
-async fn connect(t: &Target) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    clients::connect(t.addr, &t.sni, t.tls.clone()).await
-}
-
-/// Downloads `bytes` over one connection.
-async fn blast(t: &Target, bytes: usize) -> Result<()> {
-    let mut tls = connect(t).await?;
-    tls.write_all(format!("BLAST {bytes}\n").as_bytes()).await?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0;
-    loop {
-        let n = tls.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    anyhow::ensure!(got == bytes, "got {got} of {bytes} bytes");
-    Ok(())
-}
-
-async fn throughput(t: &Target, connections: usize, bytes: usize) -> Result<f64> {
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..connections {
-        let t = Target { addr: t.addr, sni: t.sni.clone(), tls: t.tls.clone() };
-        tasks.spawn(async move { blast(&t, bytes).await });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
-    Ok((connections * bytes) as f64 / start.elapsed().as_secs_f64() / 1e6)
-}
-
-async fn handshake_request(t: &Target) -> Result<()> {
-    let mut tls = connect(t).await?;
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n").await?;
-    read_response(&mut tls).await?;
-    Ok(())
-}
-
-/// Reads one `Content-Length: 2` response (the bench upstream's).
-async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<()> {
-    let mut buf = Vec::with_capacity(128);
-    let mut chunk = [0u8; 128];
-    loop {
-        let n = s.read(&mut chunk).await?;
-        anyhow::ensure!(n > 0, "closed mid-response");
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.ends_with(b"\r\n\r\nok") {
-            return Ok(());
-        }
-    }
-}
-
-async fn conns_per_sec(t: &Target, workers: usize, length: Duration) -> Result<f64> {
-    let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + length;
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..workers {
-        let t = Target { addr: t.addr, sni: t.sni.clone(), tls: t.tls.clone() };
-        let (done, failed) = (done.clone(), failed.clone());
-        tasks.spawn(async move {
-            while Instant::now() < deadline {
-                match handshake_request(&t).await {
-                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    anyhow::ensure!(failed.load(Ordering::Relaxed) == 0, "{} connections failed", failed.load(Ordering::Relaxed));
-    Ok(done.load(Ordering::Relaxed) as f64 / length.as_secs_f64())
-}
-
-async fn latency(t: &Target, workers: usize, length: Duration) -> Result<(f64, f64, f64, usize)> {
-    let deadline = Instant::now() + length;
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..workers {
-        let t = Target { addr: t.addr, sni: t.sni.clone(), tls: t.tls.clone() };
-        tasks.spawn(async move {
-            let mut tls = connect(&t).await?;
-            let mut samples = Vec::new();
-            while Instant::now() < deadline {
-                let start = Instant::now();
-                tls.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n").await?;
-                read_response(&mut tls).await?;
-                samples.push(start.elapsed().as_micros() as u64);
-            }
-            Ok::<_, anyhow::Error>(samples)
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        all.extend(r??);
-    }
-    all.sort_unstable();
-    let q = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64
-    };
-    Ok((q(0.50), q(0.99), q(0.999), all.len()))
 }
 
 /// RSS growth per connection while `n` TLS connections sit idle.
