@@ -344,6 +344,18 @@ impl Agent {
 
     /// Starts an agent without waiting for its tunnel.
     pub fn spawn(dir: &Path, join: &str, upstream: SocketAddr, extra_args: &[&str]) -> Result<Self> {
+        Self::spawn_with_env(dir, join, upstream, extra_args, &[])
+    }
+
+    /// [`Agent::spawn`] with extra environment variables (e.g.
+    /// `TOKIO_WORKER_THREADS` for a benchmark).
+    pub fn spawn_with_env(
+        dir: &Path,
+        join: &str,
+        upstream: SocketAddr,
+        extra_args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let status_file = dir.join("status.addr");
         let _ = std::fs::remove_file(&status_file);
@@ -351,7 +363,8 @@ impl Agent {
         cmd.args(["run", "--join", join, "--upstream", &upstream.to_string(), "--status-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir)
-            .args(extra_args);
+            .args(extra_args)
+            .envs(env.iter().copied());
         let n = std::fs::read_dir(dir)?.count();
         let mut proc = Proc::spawn(cmd, dir.join(format!("agent-{n}.log")))?;
         // An agent may exit at once (bad token): then there is no status

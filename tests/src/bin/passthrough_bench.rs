@@ -50,6 +50,10 @@ struct Args {
     /// Worker threads of the backend.
     #[arg(long, default_value_t = 1)]
     backend_threads: usize,
+    /// Runtime worker threads of edge-server and edge-agent
+    /// (`TOKIO_WORKER_THREADS`; default: one per core).
+    #[arg(long)]
+    proxy_threads: Option<usize>,
 }
 
 /// One path and the processes that carry it (empty for direct).
@@ -138,14 +142,20 @@ async fn bench(args: Args) -> Result<()> {
     })?;
 
     let tunnel_config = edge_tests::load::tunnel_config(args.max_udp_payload, &args.tunnel_settings);
-    let server = Server::start(&tmp.path().join("server"), &tunnel_config)?;
+    let threads = args.proxy_threads.map(|n| n.to_string());
+    let env: Vec<(&str, &std::ffi::OsStr)> =
+        threads.iter().map(|n| ("TOKIO_WORKER_THREADS", std::ffi::OsStr::new(n.as_str()))).collect();
+    let server = Server::start_with_env(&tmp.path().join("server"), &tunnel_config, &env)?;
     let join = server.add_node("bench")?;
-    let agent = Agent::spawn_with_config(
-        &tmp.path().join("agent"),
-        &join,
-        backend,
-        &format!("mode = \"passthrough\"\n{tunnel_config}"),
+    let agent_dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&agent_dir)?;
+    let agent_config = agent_dir.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!("join = {join:?}\nupstream = \"{backend}\"\nmode = \"passthrough\"\n{tunnel_config}"),
     )?;
+    let config_arg = agent_config.to_string_lossy().into_owned();
+    let agent = Agent::spawn_with_env(&agent_dir, &join, backend, &["--config", &config_arg], &env)?;
     agent.wait_ready(Duration::from_secs(20))?;
     let haproxy = haproxy(tmp.path(), backend)?;
 
@@ -196,8 +206,9 @@ async fn bench(args: Args) -> Result<()> {
     let ratio =
         |i: usize, field: fn(&Figures) -> f64| median(rounds.iter().map(|r| field(&r[i]) / field(&r[0])).collect());
     let payload = args.max_udp_payload.map_or("default".to_string(), |n| n.to_string());
+    let threads = args.proxy_threads.map_or("one per core".to_string(), |n| n.to_string());
     println!(
-        "Passthrough to one TLS backend (TLS 1.3, ECDSA P-256), {} workers, {} s phases, medians of {} rounds; tunnel datagrams: {payload}",
+        "Passthrough to one TLS backend (TLS 1.3, ECDSA P-256), {} workers, {} s phases, medians of {} rounds; tunnel datagrams: {payload}; server and agent runtime threads: {threads}",
         args.workers,
         args.seconds,
         args.rounds.max(1)
