@@ -108,19 +108,9 @@ impl ChallengeCerts {
             .with_safe_default_protocol_versions()
             .ok()?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Fixed(key)));
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key)));
         config.alpn_protocols = vec![edge_proto::domains::ACME_TLS_ALPN.to_vec()];
         Some(Arc::new(config))
-    }
-}
-
-/// Always the one certificate.
-#[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
-
-impl rustls::server::ResolvesServerCert for Fixed {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
     }
 }
 

@@ -73,6 +73,12 @@ pub fn validate_domain(name: &str, zone: &str) -> Result<String, DomainError> {
     Ok(name)
 }
 
+/// A domain as an operator names an existing one (`domain remove`,
+/// `domain verify`): trimmed, without a trailing dot, lowercase.
+pub fn lookup_form(name: &str) -> String {
+    name.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// Where the ownership value is published: `_edge-verify.<domain>`.
 pub fn verify_name(domain: &str) -> String {
     format!("{VERIFY_LABEL}.{domain}")
@@ -298,6 +304,7 @@ mod tests {
             assert!(format!("{e:?}").starts_with(kind), "{name:?}: {e:?}");
         }
         assert!(validate_domain("notedge.test", "edge.test").is_ok(), "a suffix that is not a label boundary");
+        assert_eq!(lookup_form(" WWW.C.com. "), "www.c.com");
     }
 
     #[test]

@@ -614,7 +614,7 @@ async fn domain(config: ServerConfig, cmd: DomainCommand) -> Result<()> {
             );
         }
         DomainCommand::Verify { name } => {
-            let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+            let name = edge_proto::domains::lookup_form(&name);
             let record = store
                 .list_domains()
                 .await?

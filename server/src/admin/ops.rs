@@ -422,7 +422,7 @@ impl Ops {
 
     /// Removes a custom domain: every server stops routing it at once.
     pub async fn remove_domain(&self, actor: &Actor, name: &str) -> Result<(), OpError> {
-        let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        let name = edge_proto::domains::lookup_form(name);
         let entry = Self::entry(actor, AuditAction::DomainRemove, &name, String::new());
         if !self.audited(entry, self.store.remove_domain(&name)).await? {
             return Err(OpError::NotFound(format!("no domain named {name:?}")));
