@@ -94,6 +94,9 @@ pub struct AgentConfig {
     /// QUIC tunnel tuning.
     #[serde(default)]
     pub tunnel: TunnelTuning,
+    /// Threads of the async runtime (needs a restart).
+    #[serde(default)]
+    pub runtime: edge_net::runtime::RuntimeConfig,
     /// Log format, `text` or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -360,6 +363,7 @@ impl fmt::Debug for AgentConfig {
             .field("drain_timeout_secs", &self.drain_timeout_secs)
             .field("reconnect", &self.reconnect)
             .field("tunnel", &self.tunnel)
+            .field("runtime", &self.runtime)
             .field("log_format", &self.log_format)
             .field("acme", &self.acme)
             .finish()
@@ -466,6 +470,7 @@ impl AgentConfig {
         check("connections", self.connections != other.connections);
         check("replica", self.replica != other.replica);
         check("tunnel", format!("{:?}", self.tunnel) != format!("{:?}", other.tunnel));
+        check("runtime", self.runtime != other.runtime);
         check("acme", format!("{:?}", self.acme) != format!("{:?}", other.acme));
         check("log_format", self.log_format != other.log_format);
         changed
@@ -561,6 +566,7 @@ impl AgentConfig {
             )));
         }
         self.tunnel.validate("tunnel").map_err(err)?;
+        self.runtime.validate("runtime").map_err(err)?;
         if self.acme.flow == AcmeFlow::Node {
             self.acme.settings().validate("acme").map_err(err)?;
         } else if !self.acme.directories.is_empty() {

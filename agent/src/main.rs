@@ -224,7 +224,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let (config, origin) = args.clone().into_config()?;
             edge_net::logging::init(config.log_format);
             edge_net::raise_fd_limit();
-            let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
+            let runtime = config.runtime.build().context("starting tokio runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 let (reloads, reloaded) = tokio::sync::mpsc::channel(4);

@@ -16,12 +16,14 @@
 //! - [`shared_quic`]: a QUIC UDP socket two server processes share during an
 //!   upgrade, passing each other the datagrams of their connections.
 //! - [`write_deadline`]: writes that must make progress within a deadline.
+//! - [`runtime`]: the tokio runtime, sized by `[runtime] threads`.
 #![forbid(unsafe_code)]
 
 pub mod https;
 pub mod logging;
 pub mod pinned;
 pub mod quic;
+pub mod runtime;
 pub mod shared_quic;
 pub mod splice;
 pub mod stall;

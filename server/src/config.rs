@@ -40,6 +40,9 @@ pub struct ServerConfig {
     /// QUIC tunnel tuning.
     #[serde(default)]
     pub tunnel: TunnelTuning,
+    /// Threads of the async runtime (needs a restart).
+    #[serde(default)]
+    pub runtime: edge_net::runtime::RuntimeConfig,
     /// Log format, `text` or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -805,6 +808,7 @@ impl fmt::Debug for ServerConfig {
             .field("admin_token", &self.admin_token)
             .field("limits", &self.limits)
             .field("tunnel", &self.tunnel)
+            .field("runtime", &self.runtime)
             .field("log_format", &self.log_format)
             .field("dns", &self.dns)
             .field("acme", &self.acme)
@@ -1003,7 +1007,8 @@ impl ServerConfig {
                 ));
             }
         }
-        self.tunnel.validate("tunnel")
+        self.tunnel.validate("tunnel")?;
+        self.runtime.validate("runtime")
     }
 
     /// The zone without a trailing dot.

@@ -710,7 +710,7 @@ fn pid_file(config: &ServerConfig) -> PathBuf {
 fn run(config: ServerConfig, config_path: PathBuf) -> Result<()> {
     edge_net::logging::init_with(config.log_format, config.log_filter.as_deref());
     edge_net::raise_fd_limit();
-    let runtime = tokio::runtime::Runtime::new().context("starting tokio runtime")?;
+    let runtime = config.runtime.build().context("starting tokio runtime")?;
     let pid_path = pid_file(&config);
     // Resolved now: after a package upgrade replaced the file, the running
     // executable's own path names the deleted one. An absolute argv[0] (as

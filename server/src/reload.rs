@@ -54,7 +54,7 @@ fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
 /// What differs between the running config and a new one.
 pub fn plan(old: &ServerConfig, new: &ServerConfig) -> Vec<Section> {
     let mut out = Vec::new();
-    let restart: [(&'static str, bool); 12] = [
+    let restart: [(&'static str, bool); 13] = [
         ("zone", old.zone != new.zone),
         ("data_dir", old.data_dir != new.data_dir),
         ("store", differs(&old.store, &new.store)),
@@ -63,6 +63,7 @@ pub fn plan(old: &ServerConfig, new: &ServerConfig) -> Vec<Section> {
         ("identity", differs(&old.identity, &new.identity)),
         ("admin_token", old.admin_token.as_ref().map(|t| &t.0) != new.admin_token.as_ref().map(|t| &t.0)),
         ("tunnel", differs(&old.tunnel, &new.tunnel)),
+        ("runtime", old.runtime != new.runtime),
         ("log_format", old.log_format != new.log_format),
         ("cluster", differs(&old.cluster, &new.cluster)),
         ("admin", differs(&old.admin, &new.admin)),

@@ -348,7 +348,7 @@ impl Agent {
     }
 
     /// [`Agent::spawn`] with extra environment variables (e.g.
-    /// `TOKIO_WORKER_THREADS` for a benchmark).
+    /// `MALLOC_ARENA_MAX` for a benchmark).
     pub fn spawn_with_env(
         dir: &Path,
         join: &str,

@@ -50,10 +50,14 @@ struct Args {
     /// Worker threads of the backend.
     #[arg(long, default_value_t = 1)]
     backend_threads: usize,
-    /// Runtime worker threads of edge-server and edge-agent
-    /// (`TOKIO_WORKER_THREADS`; default: one per core).
+    /// `[runtime] threads` of edge-server and edge-agent (default: their
+    /// own default, auto).
     #[arg(long)]
     proxy_threads: Option<usize>,
+    /// A further environment variable for edge-server and edge-agent
+    /// (repeatable), for experiments such as `MALLOC_ARENA_MAX=1`.
+    #[arg(long = "proxy-env", value_name = "KEY=VALUE")]
+    proxy_env: Vec<String>,
 }
 
 /// One path and the processes that carry it (empty for direct).
@@ -72,6 +76,19 @@ struct Figures {
     cpu_us_per_request: f64,
     p50_us: f64,
     p99_us: f64,
+    keep_alive_rss_mib: f64,
+    keep_alive_anon_mib: f64,
+}
+
+/// Resident anonymous memory (heap, stacks, buffers) of `pid`, in KiB;
+/// the rest of its RSS is file-backed, mostly the binary's code pages.
+fn anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn main() -> Result<()> {
@@ -141,10 +158,15 @@ async fn bench(args: Args) -> Result<()> {
         std::fs::read_to_string(&addr_file).ok()?.trim().parse().ok()
     })?;
 
-    let tunnel_config = edge_tests::load::tunnel_config(args.max_udp_payload, &args.tunnel_settings);
-    let threads = args.proxy_threads.map(|n| n.to_string());
-    let env: Vec<(&str, &std::ffi::OsStr)> =
-        threads.iter().map(|n| ("TOKIO_WORKER_THREADS", std::ffi::OsStr::new(n.as_str()))).collect();
+    let mut tunnel_config = edge_tests::load::tunnel_config(args.max_udp_payload, &args.tunnel_settings);
+    if let Some(n) = args.proxy_threads {
+        tunnel_config.push_str(&format!("[runtime]\nthreads = {n}\n"));
+    }
+    let mut env: Vec<(&str, &std::ffi::OsStr)> = Vec::new();
+    for setting in &args.proxy_env {
+        let (key, value) = setting.split_once('=').context("--proxy-env takes KEY=VALUE")?;
+        env.push((key, std::ffi::OsStr::new(value)));
+    }
     let server = Server::start_with_env(&tmp.path().join("server"), &tunnel_config, &env)?;
     let join = server.add_node("bench")?;
     let agent_dir = tmp.path().join("agent");
@@ -185,6 +207,8 @@ async fn bench(args: Args) -> Result<()> {
     }
     let seconds = Duration::from_secs(args.seconds);
     let mut rounds: Vec<Vec<Figures>> = Vec::new();
+    // Peak RSS per process over the whole run, kept across the resets.
+    let mut whole_run_peak: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
     for round in 1..=args.rounds.max(1) {
         let mut figures = Vec::new();
         for p in &paths {
@@ -192,9 +216,18 @@ async fn bench(args: Args) -> Result<()> {
             let mut f = Figures { bulk_mbps: throughput(&p.target, 1, args.mib << 20).await?, ..Figures::default() };
             f.conns_per_sec = conns_per_sec(&p.target, args.workers, seconds).await?;
             let cpu = || p.pids.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
+            // The peak RSS of this phase alone: the kernel's high-water
+            // mark is reset first (`clear_refs` 5 resets VmHWM).
+            for &pid in &p.pids {
+                let peak = whole_run_peak.entry(pid).or_default();
+                *peak = (*peak).max(rss_kib(pid).1);
+                let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+            }
             let before = cpu();
             let (p50, p99, _, requests) = latency(&p.target, args.workers, seconds).await?;
             let used = cpu() - before;
+            f.keep_alive_rss_mib = p.pids.iter().map(|&pid| rss_kib(pid).1).sum::<u64>() as f64 / 1024.0;
+            f.keep_alive_anon_mib = p.pids.iter().map(|&pid| anon_kib(pid)).sum::<u64>() as f64 / 1024.0;
             f.requests_per_sec = requests as f64 / seconds.as_secs_f64();
             f.cpu_us_per_request = used * 1e6 / requests.max(1) as f64;
             (f.p50_us, f.p99_us) = (p50, p99);
@@ -206,7 +239,13 @@ async fn bench(args: Args) -> Result<()> {
     let ratio =
         |i: usize, field: fn(&Figures) -> f64| median(rounds.iter().map(|r| field(&r[i]) / field(&r[0])).collect());
     let payload = args.max_udp_payload.map_or("default".to_string(), |n| n.to_string());
-    let threads = args.proxy_threads.map_or("one per core".to_string(), |n| n.to_string());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match args.proxy_threads {
+        None | Some(0) => {
+            format!("auto ({} on {cpus} CPUs)", edge_net::runtime::RuntimeConfig::default().worker_threads(cpus))
+        }
+        Some(n) => n.to_string(),
+    };
     println!(
         "Passthrough to one TLS backend (TLS 1.3, ECDSA P-256), {} workers, {} s phases, medians of {} rounds; tunnel datagrams: {payload}; server and agent runtime threads: {threads}",
         args.workers,
@@ -214,14 +253,15 @@ async fn bench(args: Args) -> Result<()> {
         args.rounds.max(1)
     );
     println!();
-    println!("| path | bulk MB/s | new TLS conn/s | keep-alive req/s | keep-alive p50 / p99 µs | proxy CPU µs per keep-alive request | proxy peak RSS MiB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| path | bulk MB/s | new TLS conn/s | keep-alive req/s | keep-alive p50 / p99 µs | proxy CPU µs per keep-alive request | proxy peak RSS MiB, keep-alive / whole run | of which anonymous MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (i, p) in paths.iter().enumerate() {
-        let rss: u64 = p.pids.iter().map(|&pid| rss_kib(pid).1).sum();
+        let rss: u64 =
+            p.pids.iter().map(|&pid| rss_kib(pid).1.max(whole_run_peak.get(&pid).copied().unwrap_or(0))).sum();
         let rel =
             |field: fn(&Figures) -> f64| if i == 0 { String::new() } else { format!(" ({:.2})", ratio(i, field)) };
         println!(
-            "| {} | {:.0}{} | {:.0}{} | {:.0}{} | {:.0} / {:.0} | {} | {} |",
+            "| {} | {:.0}{} | {:.0}{} | {:.0}{} | {:.0} / {:.0} | {} | {} | {} |",
             p.name,
             med(i, |f| f.bulk_mbps),
             rel(|f| f.bulk_mbps),
@@ -232,11 +272,16 @@ async fn bench(args: Args) -> Result<()> {
             med(i, |f| f.p50_us),
             med(i, |f| f.p99_us),
             if p.pids.is_empty() { "-".to_string() } else { format!("{:.1}", med(i, |f| f.cpu_us_per_request)) },
-            if p.pids.is_empty() { "-".to_string() } else { format!("{:.1}", rss as f64 / 1024.0) },
+            if p.pids.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.1} / {:.1}", med(i, |f| f.keep_alive_rss_mib), rss as f64 / 1024.0)
+            },
+            if p.pids.is_empty() { "-".to_string() } else { format!("{:.1}", med(i, |f| f.keep_alive_anon_mib)) },
         );
     }
     println!();
-    println!("(ratio to direct in brackets, the median of the rounds' ratios)");
+    println!("(ratio to direct in brackets, the median of the rounds' ratios; anonymous: RssAnon at the end of the keep-alive phase)");
     drop(backend_proc);
     Ok(())
 }
