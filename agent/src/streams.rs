@@ -29,8 +29,11 @@ const UPSTREAM_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 const PASSTHROUGH_IDLE: Duration = Duration::from_secs(3600);
 /// How long an answered client may take to close after the answer.
 const LINGER: Duration = Duration::from_secs(2);
-/// Copy buffer per direction when terminating TLS.
-const COPY_BUF: usize = 64 * 1024;
+/// Copy buffer per direction when terminating TLS: one TLS record's
+/// plaintext. tokio allocates it zeroed up front, so every idle
+/// connection keeps both resident; 64 KiB tripled the agent's memory per
+/// idle connection on a current-thread runtime (docs/benchmarks.md).
+const COPY_BUF: usize = 16 * 1024;
 
 /// Why a stream failed.
 #[derive(Debug, thiserror::Error)]
