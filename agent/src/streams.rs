@@ -29,11 +29,6 @@ const UPSTREAM_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 const PASSTHROUGH_IDLE: Duration = Duration::from_secs(3600);
 /// How long an answered client may take to close after the answer.
 const LINGER: Duration = Duration::from_secs(2);
-/// Copy buffer per direction when terminating TLS: one TLS record's
-/// plaintext. tokio allocates it zeroed up front, so every idle
-/// connection keeps both resident; 64 KiB tripled the agent's memory per
-/// idle connection on a current-thread runtime (docs/benchmarks.md).
-const COPY_BUF: usize = 16 * 1024;
 
 /// Why a stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -339,7 +334,9 @@ pub async fn pump<IO>(
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
     let mut upstream = StallGuard::new(upstream, stalls.clone());
-    let copied = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut upstream, COPY_BUF, COPY_BUF).await;
+    // No buffer held while idle: tokio's copy kept two zeroed 64 KiB
+    // buffers per connection resident (docs/benchmarks.md, issue 16).
+    let copied = edge_net::lean_copy::copy_bidirectional(&mut tls, &mut upstream).await;
     let bytes = &node.shared.metrics.bytes;
     match copied {
         Ok((to_upstream, from_upstream)) => {

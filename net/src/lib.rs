@@ -17,9 +17,11 @@
 //!   upgrade, passing each other the datagrams of their connections.
 //! - [`write_deadline`]: writes that must make progress within a deadline.
 //! - [`runtime`]: the tokio runtime, sized by `[runtime] threads`.
+//! - [`lean_copy`]: a bidirectional copy that holds no buffer while idle.
 #![forbid(unsafe_code)]
 
 pub mod https;
+pub mod lean_copy;
 pub mod logging;
 pub mod pinned;
 pub mod quic;
