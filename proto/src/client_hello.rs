@@ -174,6 +174,12 @@ fn check_prefix(partial: &[u8], first: bool) -> Result<(), Rejection> {
     }
 }
 
+/// Parses one complete handshake message without record framing, as QUIC
+/// carries it in CRYPTO frames, and extracts the SNI host name.
+pub fn parse_handshake_message(message: &[u8]) -> Parse {
+    parse_message(message)
+}
+
 /// Parses a complete handshake message and extracts the SNI host name.
 fn parse_message(message: &[u8]) -> Parse {
     let hello = match parse_tls_message_handshake(message) {

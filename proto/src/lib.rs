@@ -5,6 +5,8 @@
 //!
 //! - [`client_hello`]: reads the SNI out of a TLS ClientHello as bytes arrive
 //!   (incomplete / rejected / found).
+//! - [`quic_initial`]: reads the SNI out of a QUIC client's Initial packets
+//!   (public keys, RFC 9001 §5.2), for HTTP/3 passed through by name.
 //! - [`tunnel`]: the wire protocol spoken over the QUIC tunnel between server
 //!   and agent (ALPN, control messages, per-connection stream header).
 //! - [`proxy_v2`]: PROXY protocol v2 headers sent from the agent to upstreams.
@@ -35,6 +37,7 @@ pub mod join;
 pub mod names;
 pub mod probe;
 pub mod proxy_v2;
+pub mod quic_initial;
 pub mod routes;
 pub mod signal;
 pub mod tunnel;
