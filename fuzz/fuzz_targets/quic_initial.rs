@@ -1,7 +1,8 @@
 //! Fuzzes the QUIC Initial reader: header classification, Version
 //! Negotiation, the CRYPTO frame walker and reassembly (fed the input as a
-//! decrypted payload), and whole datagrams. Never panics; a verdict, once
-//! reached, never changes.
+//! decrypted payload), whole datagrams, and the router over them. Never
+//! panics; a verdict, once reached, never changes; nothing pending
+//! outlives its deadline.
 //!
 //! Input: two bytes (big-endian) giving the first datagram's length, the
 //! first datagram, then the second. The whole input is also read as the
@@ -11,6 +12,7 @@
 use edge_proto::quic_initial::{
     classify, version_negotiation, CryptoStream, InitialSni, Packet, Progress, DEFAULT_MAX_CRYPTO_BYTES,
 };
+use edge_proto::quic_route::{Limits, QuicRouter, RouteId, Verdict};
 use libfuzzer_sys::fuzz_target;
 
 fn check_name(progress: &Progress) {
@@ -36,6 +38,20 @@ fuzz_target!(|data: &[u8]| {
     };
     let split = usize::from(u16::from_be_bytes([l0, l1])).min(rest.len());
     let (first, second) = rest.split_at(split);
+
+    // The router: whatever it forwards goes to a route it was given.
+    let mut router = QuicRouter::new(Limits { max_buffered: 2, ..Limits::default() });
+    let now = std::time::Instant::now();
+    let source = "192.0.2.1:443".parse().expect("address");
+    for datagram in [first, second, first] {
+        if let Verdict::Forward { route, .. } =
+            router.on_datagram(now, source, datagram, |_| Some(RouteId(5)), |r| r == RouteId(5))
+        {
+            assert_eq!(route, RouteId(5));
+        }
+    }
+    router.expire(now + std::time::Duration::from_secs(60));
+    assert_eq!(router.pending(), 0);
     if let Ok(Packet::Initial(version, header)) = classify(first) {
         let mut reader = InitialSni::new(version, header.dcid, DEFAULT_MAX_CRYPTO_BYTES);
         let mut settled: Option<Progress> = None;

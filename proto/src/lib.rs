@@ -7,6 +7,9 @@
 //!   (incomplete / rejected / found).
 //! - [`quic_initial`]: reads the SNI out of a QUIC client's Initial packets
 //!   (public keys, RFC 9001 §5.2), for HTTP/3 passed through by name.
+//! - [`quic_route`]: which tunnel a QUIC client's datagram goes to: first
+//!   flights by SNI, later packets by the route prefix of their
+//!   connection ID, with bounded state.
 //! - [`tunnel`]: the wire protocol spoken over the QUIC tunnel between server
 //!   and agent (ALPN, control messages, per-connection stream header).
 //! - [`proxy_v2`]: PROXY protocol v2 headers sent from the agent to upstreams.
@@ -38,6 +41,7 @@ pub mod names;
 pub mod probe;
 pub mod proxy_v2;
 pub mod quic_initial;
+pub mod quic_route;
 pub mod routes;
 pub mod signal;
 pub mod tunnel;

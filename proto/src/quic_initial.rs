@@ -614,4 +614,4 @@ impl Reassembly {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

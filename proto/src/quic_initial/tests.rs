@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::*;
 
-const NAME: &str = "app.n1.edge.test";
+pub(crate) const NAME: &str = "app.n1.edge.test";
 
 fn rustls_client_config() -> rustls::ClientConfig {
     let mut config =
@@ -20,7 +20,7 @@ fn rustls_client_config() -> rustls::ClientConfig {
 }
 
 /// The datagrams a real quinn client sends first when connecting to `name`.
-fn quinn_first_flight(name: &str) -> Vec<Vec<u8>> {
+pub(crate) fn quinn_first_flight(name: &str) -> Vec<Vec<u8>> {
     let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(rustls_client_config()).expect("QUIC config");
     let config = quinn_proto::ClientConfig::new(Arc::new(crypto));
     let mut endpoint =
@@ -166,7 +166,7 @@ fn crypto_frame(offset: usize, data: &[u8]) -> Vec<u8> {
 }
 
 /// A client Initial datagram carrying `frames`, padded to 1200 bytes.
-fn initial(version: Version, dcid: &[u8], pn: u32, frames: &[u8]) -> Vec<u8> {
+pub(crate) fn initial(version: Version, dcid: &[u8], pn: u32, frames: &[u8]) -> Vec<u8> {
     let suite = match rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256 {
         rustls::SupportedCipherSuite::Tls13(s) => s,
         rustls::SupportedCipherSuite::Tls12(_) => unreachable!(),
@@ -197,12 +197,12 @@ fn initial(version: Version, dcid: &[u8], pn: u32, frames: &[u8]) -> Vec<u8> {
     packet
 }
 
-const DCID: [u8; 8] = [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08];
+pub(crate) const DCID: [u8; 8] = [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08];
 
 /// Three packets: the hello cut in five pieces, scattered out of order
 /// and duplicated across them, with PING and PADDING between. Each packet
 /// holds a piece no other has, so no two packets complete the hello.
-fn scattered(version: Version, name: &str) -> Vec<Vec<u8>> {
+pub(crate) fn scattered(version: Version, name: &str) -> Vec<Vec<u8>> {
     let hello = client_hello(name, version);
     let cuts = [0, hello.len() / 5, hello.len() * 2 / 5, hello.len() * 3 / 5, hello.len() * 4 / 5, hello.len()];
     let piece = |i: usize| crypto_frame(cuts[i], &hello[cuts[i]..cuts[i + 1]]);

@@ -1,0 +1,360 @@
+//! Which tunnel a QUIC client's datagram goes to, sans-IO (issue 17).
+//!
+//! A client's first flight carries a Destination Connection ID the client
+//! chose at random; the server learns the route from the SNI in its
+//! Initial packets ([`crate::quic_initial`]) and remembers the pair
+//! (client address, that ID) while the flight lasts. Every later packet
+//! carries a connection ID the node's own QUIC endpoint issued, and those
+//! begin with the tunnel's [`RouteId`] (the idea of QUIC-LB): the router
+//! reads the route from the packet itself, with no table per connection,
+//! and a client that moves to another address keeps being routed.
+//!
+//! State is bounded: pending first flights per source address and in
+//! total, datagrams buffered per pending flight, new Initials per source
+//! per second, and first-flight entries expire when idle. A source that
+//! never sends an authentic Initial leaves nothing behind.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::quic_initial::{classify, version_negotiation, InitialSni, Packet, Progress};
+
+/// Length of the connection IDs a node's endpoint issues.
+pub const ROUTABLE_CID_LEN: usize = 16;
+
+/// A tunnel's routable prefix, assigned by the server holding the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId(pub u32);
+
+impl RouteId {
+    /// A connection ID for this route: the prefix, then `random`.
+    pub fn connection_id(self, random: [u8; ROUTABLE_CID_LEN - 4]) -> [u8; ROUTABLE_CID_LEN] {
+        let mut cid = [0u8; ROUTABLE_CID_LEN];
+        cid[..4].copy_from_slice(&self.0.to_be_bytes());
+        cid[4..].copy_from_slice(&random);
+        cid
+    }
+
+    /// The route a connection ID (or the bytes that start with one) names.
+    pub fn of(cid: &[u8]) -> Option<Self> {
+        let prefix: [u8; 4] = cid.get(..4)?.try_into().ok()?;
+        Some(Self(u32::from_be_bytes(prefix)))
+    }
+}
+
+/// Bounds on the router's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// First flights being read at once, in total.
+    pub max_pending: usize,
+    /// First flights being read at once from one IP address.
+    pub max_pending_per_source: usize,
+    /// Datagrams kept per first flight until its route is known.
+    pub max_buffered: usize,
+    /// How long a first flight may take to complete its ClientHello.
+    pub hello_deadline: Duration,
+    /// New first flights one IP address may start per second.
+    pub new_per_source_per_sec: u32,
+    /// First-flight entries (address, client-chosen ID) kept after the
+    /// route is known, until idle this long.
+    pub flow_idle: Duration,
+    /// First-flight entries kept at once.
+    pub max_flows: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pending: 4096,
+            max_pending_per_source: 16,
+            max_buffered: 8,
+            hello_deadline: Duration::from_secs(3),
+            new_per_source_per_sec: 50,
+            flow_idle: Duration::from_secs(10),
+            max_flows: 65_536,
+        }
+    }
+}
+
+/// Why a datagram was dropped (a metrics label each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a QUIC packet this router can read.
+    Malformed,
+    /// A short header or non-Initial long header for no known route.
+    UnknownRoute,
+    /// An Initial that is too small, unauthentic or not for a pending flight.
+    BadInitial,
+    /// The ClientHello names no route here.
+    UnknownName,
+    /// The ClientHello or its frames were rejected.
+    Rejected,
+    /// A limit on pending flights or the per-source rate.
+    Busy,
+    /// More datagrams than a pending flight may buffer.
+    BufferFull,
+}
+
+impl DropReason {
+    /// A short stable label, used in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownRoute => "unknown_route",
+            DropReason::BadInitial => "bad_initial",
+            DropReason::UnknownName => "unknown_name",
+            DropReason::Rejected => "rejected",
+            DropReason::Busy => "busy",
+            DropReason::BufferFull => "buffer_full",
+        }
+    }
+}
+
+/// What to do with one datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the `buffered` datagrams, then this one, to the route's tunnel.
+    Forward {
+        /// The tunnel.
+        route: RouteId,
+        /// Earlier datagrams of the same first flight, in arrival order.
+        buffered: Vec<Vec<u8>>,
+        /// The server name, when this datagram completed a ClientHello.
+        name: Option<String>,
+    },
+    /// Kept until the ClientHello is complete.
+    Buffered,
+    /// Send this packet back to the source (Version Negotiation).
+    Reply(Vec<u8>),
+    /// Drop it.
+    Drop(DropReason),
+}
+
+/// (client address, client-chosen Destination Connection ID).
+type FlowKey = (SocketAddr, Vec<u8>);
+
+struct Pending {
+    reader: InitialSni,
+    buffered: Vec<Vec<u8>>,
+    deadline: Instant,
+}
+
+struct Flow {
+    route: RouteId,
+    last_seen: Instant,
+}
+
+/// Routes client datagrams; see the module documentation.
+pub struct QuicRouter {
+    limits: Limits,
+    pending: HashMap<FlowKey, Pending>,
+    pending_per_source: HashMap<IpAddr, usize>,
+    flows: HashMap<FlowKey, Flow>,
+    /// Per source: the start of its current one-second window and the new
+    /// flights started in it.
+    rate: HashMap<IpAddr, (Instant, u32)>,
+}
+
+impl std::fmt::Debug for QuicRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicRouter")
+            .field("pending", &self.pending.len())
+            .field("flows", &self.flows.len())
+            .field("sources", &self.rate.len())
+            .finish()
+    }
+}
+
+impl QuicRouter {
+    /// An empty router.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            pending: HashMap::new(),
+            pending_per_source: HashMap::new(),
+            flows: HashMap::new(),
+            rate: HashMap::new(),
+        }
+    }
+
+    /// First flights being read.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// First-flight entries with a known route.
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Decides what to do with `datagram` from `source`. `resolve` maps a
+    /// server name to its route; `live` says whether a route's tunnel is
+    /// still up.
+    pub fn on_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        datagram: &[u8],
+        resolve: impl FnOnce(&str) -> Option<RouteId>,
+        live: impl Fn(RouteId) -> bool,
+    ) -> Verdict {
+        let packet = match classify(datagram) {
+            Ok(packet) => packet,
+            Err(_) => return Verdict::Drop(DropReason::Malformed),
+        };
+        let dcid = match packet {
+            Packet::Short(after_first) => {
+                return match RouteId::of(after_first) {
+                    Some(route) if live(route) => Verdict::Forward { route, buffered: Vec::new(), name: None },
+                    _ => Verdict::Drop(DropReason::UnknownRoute),
+                };
+            }
+            Packet::UnknownVersion(_) => {
+                let unused = datagram.get(1).copied().unwrap_or(0) ^ 0x2a;
+                return version_negotiation(datagram, unused)
+                    .map_or(Verdict::Drop(DropReason::Malformed), Verdict::Reply);
+            }
+            Packet::OtherLong(_, header) | Packet::Initial(_, header) => header.dcid,
+        };
+        // A known first flight (its Initials, 0-RTT and retransmissions).
+        let key: FlowKey = (source, dcid.to_vec());
+        if let Some(flow) = self.flows.get_mut(&key) {
+            if live(flow.route) {
+                flow.last_seen = now;
+                return Verdict::Forward { route: flow.route, buffered: Vec::new(), name: None };
+            }
+            self.flows.remove(&key);
+        }
+        let Packet::Initial(version, _) = packet else {
+            // 0-RTT sent with the hello waits for it; Handshake packets
+            // carry the node's own ID.
+            if self.pending.contains_key(&key) {
+                return self.buffer(&key, datagram);
+            }
+            return match RouteId::of(dcid) {
+                Some(route) if dcid.len() == ROUTABLE_CID_LEN && live(route) => {
+                    Verdict::Forward { route, buffered: Vec::new(), name: None }
+                }
+                _ => Verdict::Drop(DropReason::UnknownRoute),
+            };
+        };
+        let progress = match self.pending.get_mut(&key) {
+            Some(pending) => match pending.reader.feed(datagram) {
+                Ok(progress) => progress,
+                Err(_) => return Verdict::Drop(DropReason::BadInitial),
+            },
+            None => {
+                // An Initial for the node's own ID (a client's later
+                // Initials after the node answered) routes by prefix.
+                if let Some(route) = RouteId::of(dcid).filter(|r| dcid.len() == ROUTABLE_CID_LEN && live(*r)) {
+                    return Verdict::Forward { route, buffered: Vec::new(), name: None };
+                }
+                if !self.admit(now, source.ip()) {
+                    return Verdict::Drop(DropReason::Busy);
+                }
+                let mut reader = InitialSni::new(version, dcid, crate::quic_initial::DEFAULT_MAX_CRYPTO_BYTES);
+                let progress = match reader.feed(datagram) {
+                    Ok(progress) => progress,
+                    // Nothing kept for a source that sent nothing authentic.
+                    Err(_) => return Verdict::Drop(DropReason::BadInitial),
+                };
+                if progress == Progress::NeedMore {
+                    self.start_pending(now, key, reader, datagram);
+                    return Verdict::Buffered;
+                }
+                self.note_new(now, source.ip());
+                progress
+            }
+        };
+        match progress {
+            Progress::NeedMore => self.buffer(&key, datagram),
+            Progress::Rejected(_) => {
+                self.end_pending(&key);
+                Verdict::Drop(DropReason::Rejected)
+            }
+            Progress::Found(name) => {
+                let buffered = self.end_pending(&key).map(|p| p.buffered).unwrap_or_default();
+                match resolve(&name) {
+                    Some(route) if live(route) => {
+                        if self.flows.len() < self.limits.max_flows {
+                            self.flows.insert(key, Flow { route, last_seen: now });
+                        }
+                        Verdict::Forward { route, buffered, name: Some(name) }
+                    }
+                    _ => Verdict::Drop(DropReason::UnknownName),
+                }
+            }
+        }
+    }
+
+    /// Drops first flights past their deadline and idle entries.
+    pub fn expire(&mut self, now: Instant) {
+        let expired: Vec<FlowKey> =
+            self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k.clone()).collect();
+        for key in expired {
+            self.end_pending(&key);
+        }
+        let idle = self.limits.flow_idle;
+        self.flows.retain(|_, f| now.saturating_duration_since(f.last_seen) < idle);
+        self.rate.retain(|_, (start, _)| now.saturating_duration_since(*start) < Duration::from_secs(1));
+    }
+
+    /// Whether `source` may start another first flight now.
+    fn admit(&mut self, now: Instant, source: IpAddr) -> bool {
+        if self.pending.len() >= self.limits.max_pending
+            || self.pending_per_source.get(&source).copied().unwrap_or(0) >= self.limits.max_pending_per_source
+        {
+            return false;
+        }
+        match self.rate.get(&source) {
+            Some(&(start, count)) if now.saturating_duration_since(start) < Duration::from_secs(1) => {
+                count < self.limits.new_per_source_per_sec
+            }
+            _ => true,
+        }
+    }
+
+    /// Counts a new first flight against its source's rate.
+    fn note_new(&mut self, now: Instant, source: IpAddr) {
+        let entry = self.rate.entry(source).or_insert((now, 0));
+        if now.saturating_duration_since(entry.0) >= Duration::from_secs(1) {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+    }
+
+    fn start_pending(&mut self, now: Instant, key: FlowKey, reader: InitialSni, datagram: &[u8]) {
+        self.note_new(now, key.0.ip());
+        *self.pending_per_source.entry(key.0.ip()).or_insert(0) += 1;
+        let deadline = now + self.limits.hello_deadline;
+        self.pending.insert(key, Pending { reader, buffered: vec![datagram.to_vec()], deadline });
+    }
+
+    fn buffer(&mut self, key: &FlowKey, datagram: &[u8]) -> Verdict {
+        let Some(pending) = self.pending.get_mut(key) else {
+            return Verdict::Drop(DropReason::BadInitial);
+        };
+        if pending.buffered.len() >= self.limits.max_buffered {
+            self.end_pending(key);
+            return Verdict::Drop(DropReason::BufferFull);
+        }
+        pending.buffered.push(datagram.to_vec());
+        Verdict::Buffered
+    }
+
+    fn end_pending(&mut self, key: &FlowKey) -> Option<Pending> {
+        let pending = self.pending.remove(key)?;
+        let ip = key.0.ip();
+        if let Some(n) = self.pending_per_source.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_per_source.remove(&ip);
+            }
+        }
+        Some(pending)
+    }
+}
+
+#[cfg(test)]
+mod tests;
