@@ -7,9 +7,10 @@
 //! in a buffer sized to them that is dropped once written. An idle
 //! connection holds nothing but its state.
 //!
-//! The semantics are those of `copy_bidirectional`: a read EOF shuts the
-//! other side's write half down, writes are flushed before the task waits
-//! for more input, and the first error ends both directions.
+//! Half-close and errors work as in `copy_bidirectional`: a read EOF shuts
+//! the other side's write half down (after every byte read before it is
+//! written), writes are flushed before the task waits for more input, and
+//! the first error, `Interrupted` included, ends both directions.
 
 use std::future::poll_fn;
 use std::io;
@@ -169,7 +170,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_writer_gets_the_rest_from_the_spill_in_order() {
-        // Pipes of 100 bytes take a fraction of each 16 KiB read.
+        // Pipes of 100 bytes take a fraction of each read.
         let (up, down) = (pattern(200_000, 3), pattern(300_001, 4));
         let (at_server, at_client, counts) = run(100, up.clone(), down.clone()).await;
         assert_eq!(at_server, up);

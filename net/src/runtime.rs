@@ -4,10 +4,11 @@
 //! task, a QUIC stream, the connection's driver and the UDP socket. On a
 //! multi-threaded runtime each hand-off can wake another worker thread,
 //! and on a small machine those wakeups cost more than the second core
-//! gives: with two cores, one thread spent about 30% less CPU per
+//! gives: with two cores, one thread spent about 40% less CPU per
 //! keep-alive request and served more requests per second
 //! (docs/benchmarks.md, issue 16). So `auto` runs one thread on machines
-//! with at most two CPUs and one per CPU above that.
+//! with at most two CPUs and one per CPU above that. The count is always
+//! set here, so tokio's `TOKIO_WORKER_THREADS` has no effect.
 
 use std::io;
 

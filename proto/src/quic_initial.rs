@@ -353,6 +353,9 @@ impl InitialSni {
             };
             read_any = true;
             self.packets += 1;
+            if self.packets > MAX_INITIAL_PACKETS {
+                return Ok(self.finish(Progress::Rejected(Reject::TooManyPackets)));
+            }
             self.largest_pn = Some(self.largest_pn.map_or(pn, |l| l.max(pn)));
             if let Err(reject) = self.crypto.read_frames(&payload) {
                 frames = Err(reject);
@@ -471,10 +474,11 @@ impl CryptoStream {
                 0x06 => {
                     let (offset, n) = read_varint(payload).ok_or(bad("truncated CRYPTO"))?;
                     let (len, m) = read_varint(&payload[n..]).ok_or(bad("truncated CRYPTO"))?;
-                    let len = usize::try_from(len).map_err(|_| bad("CRYPTO length"))?;
-                    let data = payload.get(n + m..n + m + len).ok_or(bad("CRYPTO longer than the packet"))?;
+                    let end = usize::try_from(len).ok().and_then(|len| (n + m).checked_add(len));
+                    let end = end.ok_or(bad("CRYPTO length"))?;
+                    let data = payload.get(n + m..end).ok_or(bad("CRYPTO longer than the packet"))?;
                     self.data.insert(offset, data)?;
-                    payload = &payload[n + m + len..];
+                    payload = &payload[end..];
                 }
                 0x1c => return Ok(()), // CONNECTION_CLOSE: the rest is the close's.
                 _ => return Err(bad("frame type not allowed in an Initial packet")),
@@ -545,7 +549,8 @@ fn skip_ack(mut buf: &[u8], ecn: bool) -> Option<&[u8]> {
 
 /// RFC 9000 §A.3: the full packet number closest to the next expected.
 pub fn decode_packet_number(largest: Option<u64>, truncated: u64, len: usize) -> u64 {
-    let expected = largest.map_or(0, |l| l + 1);
+    // Packet numbers stay below 2^62 (RFC 9000 §12.3).
+    let expected = largest.map_or(0, |l| l.min((1 << 62) - 1) + 1);
     let bits = 8 * len as u32;
     let window = 1u64 << bits;
     let half = window / 2;

@@ -9,10 +9,17 @@
 //! reads the route from the packet itself, with no table per connection,
 //! and a client that moves to another address keeps being routed.
 //!
-//! State is bounded: pending first flights per source address and in
-//! total, datagrams buffered per pending flight, new Initials per source
-//! per second, and first-flight entries expire when idle. A source that
-//! never sends an authentic Initial leaves nothing behind.
+//! State is bounded: pending first flights per source (an IPv4 address or
+//! an IPv6 /64) and in total, datagrams and bytes buffered per flight and
+//! in total, new flights per source per second, sources tracked, and
+//! first-flight entries expire when idle. A source that never sends an
+//! authentic Initial leaves nothing behind.
+//!
+//! Packets addressed to a node-issued ID are forwarded without a check of
+//! the ID's rest: anyone may send datagrams into a live route, and the
+//! node's endpoint drops those it did not issue. An Initial that opens
+//! under its own ID always goes through its SNI, so a client cannot pick
+//! a route by choosing its first ID.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -48,13 +55,19 @@ impl RouteId {
 pub struct Limits {
     /// First flights being read at once, in total.
     pub max_pending: usize,
-    /// First flights being read at once from one IP address.
+    /// First flights being read at once from one IPv4 address or IPv6 /64.
     pub max_pending_per_source: usize,
     /// Datagrams kept per first flight until its route is known.
     pub max_buffered: usize,
+    /// Bytes kept per first flight until its route is known.
+    pub max_buffered_bytes: usize,
+    /// Bytes kept over all first flights.
+    pub max_buffered_bytes_total: usize,
+    /// Sources (IPv4 addresses, IPv6 /64s) whose rate is tracked at once.
+    pub max_sources: usize,
     /// How long a first flight may take to complete its ClientHello.
     pub hello_deadline: Duration,
-    /// New first flights one IP address may start per second.
+    /// New first flights one IPv4 address or IPv6 /64 may start per second.
     pub new_per_source_per_sec: u32,
     /// First-flight entries (address, client-chosen ID) kept after the
     /// route is known, until idle this long.
@@ -68,7 +81,10 @@ impl Default for Limits {
         Self {
             max_pending: 4096,
             max_pending_per_source: 16,
-            max_buffered: 8,
+            max_buffered: 16,
+            max_buffered_bytes: 32 * 1024,
+            max_buffered_bytes_total: 16 * 1024 * 1024,
+            max_sources: 65_536,
             hello_deadline: Duration::from_secs(3),
             new_per_source_per_sec: 50,
             flow_idle: Duration::from_secs(10),
@@ -137,6 +153,9 @@ type FlowKey = (SocketAddr, Vec<u8>);
 struct Pending {
     reader: InitialSni,
     buffered: Vec<Vec<u8>>,
+    /// Bytes in `buffered`.
+    bytes: usize,
+    source: SourceKey,
     deadline: Instant,
 }
 
@@ -149,11 +168,13 @@ struct Flow {
 pub struct QuicRouter {
     limits: Limits,
     pending: HashMap<FlowKey, Pending>,
-    pending_per_source: HashMap<IpAddr, usize>,
+    pending_per_source: HashMap<SourceKey, usize>,
+    /// Bytes buffered over all pending flights.
+    buffered_bytes: usize,
     flows: HashMap<FlowKey, Flow>,
     /// Per source: the start of its current one-second window and the new
     /// flights started in it.
-    rate: HashMap<IpAddr, (Instant, u32)>,
+    rate: HashMap<SourceKey, (Instant, u32)>,
 }
 
 impl std::fmt::Debug for QuicRouter {
@@ -173,6 +194,7 @@ impl QuicRouter {
             limits,
             pending: HashMap::new(),
             pending_per_source: HashMap::new(),
+            buffered_bytes: 0,
             flows: HashMap::new(),
             rate: HashMap::new(),
         }
@@ -245,25 +267,38 @@ impl QuicRouter {
                 Err(_) => return Verdict::Drop(DropReason::BadInitial),
             },
             None => {
-                // An Initial for the node's own ID (a client's later
-                // Initials after the node answered) routes by prefix.
-                if let Some(route) = RouteId::of(dcid).filter(|r| dcid.len() == ROUTABLE_CID_LEN && live(*r)) {
-                    return Verdict::Forward { route, buffered: Vec::new(), name: None };
-                }
-                if !self.admit(now, source.ip()) {
-                    return Verdict::Drop(DropReason::Busy);
-                }
+                // Initial keys come from the client's first chosen ID, so
+                // an Initial that opens under its own ID starts a flight
+                // and must go through its SNI, whatever the ID looks like.
+                // One that does not is a later Initial of a connection the
+                // node already answered, addressed to the node's own ID.
                 let mut reader = InitialSni::new(version, dcid, crate::quic_initial::DEFAULT_MAX_CRYPTO_BYTES);
                 let progress = match reader.feed(datagram) {
                     Ok(progress) => progress,
-                    // Nothing kept for a source that sent nothing authentic.
-                    Err(_) => return Verdict::Drop(DropReason::BadInitial),
+                    Err(_) => {
+                        return match RouteId::of(dcid) {
+                            Some(route) if dcid.len() == ROUTABLE_CID_LEN && live(route) => {
+                                Verdict::Forward { route, buffered: Vec::new(), name: None }
+                            }
+                            // Nothing kept for a source that sent nothing
+                            // authentic.
+                            _ => Verdict::Drop(DropReason::BadInitial),
+                        };
+                    }
                 };
+                let source_key = SourceKey::of(source.ip());
+                if !self.rate_allows(now, source_key) {
+                    return Verdict::Drop(DropReason::Busy);
+                }
                 if progress == Progress::NeedMore {
-                    self.start_pending(now, key, reader, datagram);
+                    if !self.may_start_pending(source_key, datagram.len()) {
+                        return Verdict::Drop(DropReason::Busy);
+                    }
+                    self.note_new(now, source_key);
+                    self.start_pending(now, key, source_key, reader, datagram);
                     return Verdict::Buffered;
                 }
-                self.note_new(now, source.ip());
+                self.note_new(now, source_key);
                 progress
             }
         };
@@ -300,23 +335,27 @@ impl QuicRouter {
         self.rate.retain(|_, (start, _)| now.saturating_duration_since(*start) < Duration::from_secs(1));
     }
 
-    /// Whether `source` may start another first flight now.
-    fn admit(&mut self, now: Instant, source: IpAddr) -> bool {
-        if self.pending.len() >= self.limits.max_pending
-            || self.pending_per_source.get(&source).copied().unwrap_or(0) >= self.limits.max_pending_per_source
-        {
-            return false;
-        }
+    /// Whether `source` may start another first flight now (per-second
+    /// rate; the table of sources is bounded too).
+    fn rate_allows(&self, now: Instant, source: SourceKey) -> bool {
         match self.rate.get(&source) {
             Some(&(start, count)) if now.saturating_duration_since(start) < Duration::from_secs(1) => {
                 count < self.limits.new_per_source_per_sec
             }
-            _ => true,
+            Some(_) => true,
+            None => self.rate.len() < self.limits.max_sources,
         }
     }
 
+    /// Whether a flight that needs more datagrams may be kept.
+    fn may_start_pending(&self, source: SourceKey, bytes: usize) -> bool {
+        self.pending.len() < self.limits.max_pending
+            && self.pending_per_source.get(&source).copied().unwrap_or(0) < self.limits.max_pending_per_source
+            && self.buffered_bytes + bytes <= self.limits.max_buffered_bytes_total
+    }
+
     /// Counts a new first flight against its source's rate.
-    fn note_new(&mut self, now: Instant, source: IpAddr) {
+    fn note_new(&mut self, now: Instant, source: SourceKey) {
         let entry = self.rate.entry(source).or_insert((now, 0));
         if now.saturating_duration_since(entry.0) >= Duration::from_secs(1) {
             *entry = (now, 0);
@@ -324,35 +363,60 @@ impl QuicRouter {
         entry.1 += 1;
     }
 
-    fn start_pending(&mut self, now: Instant, key: FlowKey, reader: InitialSni, datagram: &[u8]) {
-        self.note_new(now, key.0.ip());
-        *self.pending_per_source.entry(key.0.ip()).or_insert(0) += 1;
+    fn start_pending(&mut self, now: Instant, key: FlowKey, source: SourceKey, reader: InitialSni, datagram: &[u8]) {
+        *self.pending_per_source.entry(source).or_insert(0) += 1;
+        self.buffered_bytes += datagram.len();
         let deadline = now + self.limits.hello_deadline;
-        self.pending.insert(key, Pending { reader, buffered: vec![datagram.to_vec()], deadline });
+        self.pending.insert(
+            key,
+            Pending { reader, buffered: vec![datagram.to_vec()], bytes: datagram.len(), source, deadline },
+        );
     }
 
     fn buffer(&mut self, key: &FlowKey, datagram: &[u8]) -> Verdict {
         let Some(pending) = self.pending.get_mut(key) else {
             return Verdict::Drop(DropReason::BadInitial);
         };
-        if pending.buffered.len() >= self.limits.max_buffered {
+        if pending.buffered.len() >= self.limits.max_buffered
+            || pending.bytes + datagram.len() > self.limits.max_buffered_bytes
+            || self.buffered_bytes + datagram.len() > self.limits.max_buffered_bytes_total
+        {
             self.end_pending(key);
             return Verdict::Drop(DropReason::BufferFull);
         }
         pending.buffered.push(datagram.to_vec());
+        pending.bytes += datagram.len();
+        self.buffered_bytes += datagram.len();
         Verdict::Buffered
     }
 
     fn end_pending(&mut self, key: &FlowKey) -> Option<Pending> {
         let pending = self.pending.remove(key)?;
-        let ip = key.0.ip();
-        if let Some(n) = self.pending_per_source.get_mut(&ip) {
+        self.buffered_bytes -= pending.bytes;
+        if let Some(n) = self.pending_per_source.get_mut(&pending.source) {
             *n -= 1;
             if *n == 0 {
-                self.pending_per_source.remove(&ip);
+                self.pending_per_source.remove(&pending.source);
             }
         }
         Some(pending)
+    }
+}
+
+/// Whom the per-source limits count: an IPv4 address, or an IPv6 /64
+/// (one host usually holds a whole /64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SourceKey(IpAddr);
+
+impl SourceKey {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(IpAddr::V4(v4)),
+                None => Self(IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())),
+            },
+        }
     }
 }
 

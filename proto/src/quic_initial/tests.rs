@@ -134,7 +134,7 @@ fn a_reader_for_another_connection_id_reads_nothing() {
 
 /// The ClientHello rustls sends as a QUIC client (post-quantum key share
 /// first, as the workspace's rustls prefers it).
-fn client_hello(name: &str, version: Version) -> Vec<u8> {
+pub(crate) fn client_hello(name: &str, version: Version) -> Vec<u8> {
     let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
     let mut conn = rustls::quic::ClientConnection::new(
         Arc::new(rustls_client_config()),
@@ -157,7 +157,7 @@ fn varint(v: u64) -> Vec<u8> {
     }
 }
 
-fn crypto_frame(offset: usize, data: &[u8]) -> Vec<u8> {
+pub(crate) fn crypto_frame(offset: usize, data: &[u8]) -> Vec<u8> {
     let mut f = vec![0x06];
     f.extend(varint(offset as u64));
     f.extend(varint(data.len() as u64));
@@ -279,6 +279,18 @@ fn endless_initials_without_a_hello_are_cut_off() {
 }
 
 #[test]
+fn one_datagram_of_many_tiny_initials_stops_at_the_packet_limit() {
+    // Coalesced packets of the minimum size, each only a PING.
+    let mut datagram = Vec::new();
+    for pn in 0..(MAX_INITIAL_PACKETS as u32 + 8) {
+        let packet = initial(Version::V1, &DCID, pn, &[0x01]);
+        datagram.extend_from_slice(&packet);
+    }
+    let mut reader = reader_for(&datagram);
+    assert_eq!(reader.feed(&datagram), Ok(Progress::Rejected(Reject::TooManyPackets)));
+}
+
+#[test]
 fn small_datagrams_are_dropped() {
     let packet = initial(Version::V1, &DCID, 0, &[0x01]);
     let mut reader = reader_for(&packet);
@@ -334,6 +346,7 @@ fn varints_and_packet_numbers_decode_as_in_the_rfc() {
     assert_eq!(decode_packet_number(None, 0, 1), 0);
     assert_eq!(decode_packet_number(Some(0), 3, 2), 3);
     assert_eq!(decode_packet_number(Some(300), 2, 1), 258);
+    let _ = decode_packet_number(Some(u64::MAX), u64::from(u32::MAX), 4);
 }
 
 #[test]

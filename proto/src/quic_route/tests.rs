@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::quic_initial::tests::{initial, quinn_first_flight, scattered, DCID, NAME};
+use crate::quic_initial::tests::{client_hello, crypto_frame, initial, quinn_first_flight, scattered, DCID, NAME};
 use crate::quic_initial::Version;
 
 const ROUTE: RouteId = RouteId(7);
@@ -202,4 +202,70 @@ fn route_ids_round_trip_through_connection_ids() {
         assert_eq!(cid.len(), ROUTABLE_CID_LEN);
     }
     assert_eq!(RouteId::of(&[1, 2, 3]), None);
+}
+
+#[test]
+fn a_client_cannot_pick_a_route_by_choosing_its_first_id() {
+    let mut router = QuicRouter::new(Limits::default());
+    let now = Instant::now();
+    let client = addr("192.0.2.1:5000");
+    // A first flight whose own ID carries a live route's prefix still
+    // goes through its SNI: an unknown name is dropped...
+    let chosen = ROUTE.connection_id([3; 12]);
+    let hello = client_hello("nobody.edge.test", Version::V1);
+    let flight = initial(Version::V1, &chosen, 0, &crypto_frame(0, &hello));
+    assert_eq!(router.on_datagram(now, client, &flight, resolve, live), Verdict::Drop(DropReason::UnknownName));
+    // ...and a known one is forwarded with its name, to its own route.
+    let hello = client_hello("other.n2.edge.test", Version::V1);
+    let flight = initial(Version::V1, &chosen, 0, &crypto_frame(0, &hello));
+    assert!(matches!(
+        router.on_datagram(now, addr("192.0.2.2:5000"), &flight, resolve, live),
+        Verdict::Forward { route: RouteId(9), name: Some(_), .. }
+    ));
+}
+
+#[test]
+fn a_later_initial_to_the_nodes_id_routes_by_prefix() {
+    let mut router = QuicRouter::new(Limits::default());
+    // Sealed under other keys (the client's first ID's), it does not open
+    // under the node's ID: a later Initial of an answered connection.
+    let mut later = initial(Version::V1, &ROUTE.connection_id([4; 12]), 3, &[0x01]);
+    let n = later.len();
+    later[n - 1] ^= 0xff;
+    let verdict = router.on_datagram(Instant::now(), addr("192.0.2.1:5000"), &later, resolve, live);
+    assert_eq!(verdict, Verdict::Forward { route: ROUTE, buffered: Vec::new(), name: None });
+    assert_eq!(router.pending(), 0);
+}
+
+#[test]
+fn an_ipv6_slash_64_counts_as_one_source() {
+    let mut router = QuicRouter::new(Limits { max_pending_per_source: 1, ..Limits::default() });
+    let now = Instant::now();
+    assert_eq!(router.on_datagram(now, addr("[2001:db8:1:2::1]:5000"), &first_of(1), resolve, live), Verdict::Buffered);
+    assert_eq!(
+        router.on_datagram(now, addr("[2001:db8:1:2:ffff::9]:6000"), &first_of(2), resolve, live),
+        Verdict::Drop(DropReason::Busy)
+    );
+    assert_eq!(router.on_datagram(now, addr("[2001:db8:1:3::1]:5000"), &first_of(3), resolve, live), Verdict::Buffered);
+}
+
+#[test]
+fn buffered_bytes_are_capped_per_flight_and_in_total() {
+    let packets = scattered(Version::V1, NAME);
+    let now = Instant::now();
+    let client = addr("192.0.2.1:5000");
+    let mut router = QuicRouter::new(Limits { max_buffered_bytes: packets[0].len() + 10, ..Limits::default() });
+    assert_eq!(router.on_datagram(now, client, &packets[0], resolve, live), Verdict::Buffered);
+    assert_eq!(router.on_datagram(now, client, &packets[1], resolve, live), Verdict::Drop(DropReason::BufferFull));
+    assert_eq!(router.pending(), 0);
+
+    let mut router = QuicRouter::new(Limits { max_buffered_bytes_total: packets[0].len() * 2, ..Limits::default() });
+    assert_eq!(router.on_datagram(now, client, &first_of(1), resolve, live), Verdict::Buffered);
+    assert_eq!(router.on_datagram(now, addr("192.0.2.2:1"), &first_of(2), resolve, live), Verdict::Buffered);
+    assert_eq!(
+        router.on_datagram(now, addr("192.0.2.3:1"), &first_of(3), resolve, live),
+        Verdict::Drop(DropReason::Busy)
+    );
+    router.expire(now + Duration::from_secs(5));
+    assert_eq!(router.on_datagram(now, addr("192.0.2.3:1"), &first_of(3), resolve, live), Verdict::Buffered);
 }
