@@ -38,7 +38,7 @@ cargo build --release --workspace --all-targets
 # Lints, including clippy's incompatible_msrv: the code may use nothing
 # newer than the rust-version Cargo.toml declares.
 cargo clippy --release --workspace --all-targets -- -D warnings
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"
 
 # A bounded coverage-guided run of every fuzz target (stable toolchain, own
 # target dir); FUZZ_SECONDS=0 only replays the seed corpora.

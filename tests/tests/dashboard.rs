@@ -256,14 +256,15 @@ async fn operator_adds_watches_rotates_and_removes_a_node_in_chromium() {
     c.goto(&format!("{base}/ui/domains")).await.unwrap();
     c.find(Locator::Id("dname")).await.unwrap().send_keys("www.shop.test").await.unwrap();
     c.find(Locator::Id("add-domain")).await.unwrap().click().await.unwrap();
-    wait_path(&c, "/ui/domains").await;
-    let domains = text_of(&c, "#domains").await;
-    assert!(
+    // Same path before and after the submit: wait for the new page.
+    let claimed = eventually(Duration::from_secs(10), || async {
+        let domains = text_of(&c, "#domains").await;
         domains.contains("www.shop.test")
             && domains.contains("pending")
-            && domains.contains("_edge-verify.www.shop.test"),
-        "{domains}"
-    );
+            && domains.contains("_edge-verify.www.shop.test")
+    })
+    .await;
+    assert!(claimed, "{}", text_of(&c, "#domains").await);
     shot(&c, &shots, "domains").await;
 
     // Remove the node (with confirmation).
@@ -296,9 +297,14 @@ async fn operator_adds_watches_rotates_and_removes_a_node_in_chromium() {
     // The filter form's blank fields filter nothing; a target narrows.
     c.find(Locator::Id("ftarget")).await.unwrap().send_keys("web1").await.unwrap();
     c.find(Locator::Css("form.filters button")).await.unwrap().click().await.unwrap();
-    wait_path(&c, "/ui/audit").await;
-    let filtered = text_of(&c, "#audit").await;
-    assert!(filtered.contains("node.remove") && !filtered.contains("session.login"), "{filtered}");
+    // The path is /ui/audit before and after the submit: wait for the
+    // filtered page itself, not just the path.
+    let filtered = eventually(Duration::from_secs(10), || async {
+        let shown = text_of(&c, "#audit").await;
+        shown.contains("node.remove") && !shown.contains("session.login")
+    })
+    .await;
+    assert!(filtered, "the filter did not apply:\n{}", text_of(&c, "#audit").await);
 
     // Security headers on every page.
     let r = request(admin, "GET", "/ui/login", &[], None).unwrap();
