@@ -442,13 +442,16 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// Resident set size of a process in KiB, and its peak (Linux).
 pub fn rss_kib(pid: u32) -> (u64, u64) {
+    (status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM"))
+}
+
+/// One KiB field of `/proc/PID/status` (`VmRSS`, `VmHWM`, `RssAnon`...);
+/// 0 when the process or field is gone.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }

@@ -51,17 +51,21 @@ pub async fn connect(t: &Target) -> Result<tokio_rustls::client::TlsStream<tokio
 pub async fn blast(t: &Target, bytes: usize) -> Result<()> {
     let mut tls = connect(t).await?;
     tls.write_all(format!("BLAST {bytes}\n").as_bytes()).await?;
+    let got = read_to_end_counting(&mut tls).await?;
+    anyhow::ensure!(got == bytes, "got {got} of {bytes} bytes");
+    Ok(())
+}
+
+/// Reads `r` to EOF, discarding the bytes, and returns how many there were.
+pub async fn read_to_end_counting<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<usize> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0;
     loop {
-        let n = tls.read(&mut buf).await?;
-        if n == 0 {
-            break;
+        match r.read(&mut buf).await? {
+            0 => return Ok(got),
+            n => got += n,
         }
-        got += n;
     }
-    anyhow::ensure!(got == bytes, "got {got} of {bytes} bytes");
-    Ok(())
 }
 
 /// MB/s of `connections` concurrent downloads of `bytes` each.

@@ -21,7 +21,7 @@ use edge_tests::dns::dig;
 use edge_tests::faults::UdpRelay;
 use edge_tests::postgres::Postgres;
 use edge_tests::{clients, rss_kib, upstreams, wait_for, Agent, Server, ZONE};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Benchmark a cluster of edge-servers.
 #[derive(Debug, Parser)]
@@ -87,15 +87,7 @@ async fn throughput(addr: SocketAddr, sni: &str, ca: &Path, mib: usize, connecti
                 anyhow::Ok(())
             };
             let reader = async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut got = 0;
-                loop {
-                    let n = r.read(&mut buf).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    got += n;
-                }
+                let got = edge_tests::load::read_to_end_counting(&mut r).await?;
                 anyhow::ensure!(got == total, "echoed {got} of {total} bytes");
                 anyhow::Ok(())
             };

@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use edge_tests::load::{blast, conns_per_sec, handshake_request, latency, median, throughput, Target};
 use edge_tests::pebble::free_port;
-use edge_tests::{bin, clients, cpu_seconds, rss_kib, wait_for, Agent, Proc, Server, ZONE};
+use edge_tests::{bin, clients, cpu_seconds, rss_kib, status_kib, wait_for, Agent, Proc, Server, ZONE};
 
 /// Benchmark the tunnel in passthrough mode against direct and HAProxy.
 #[derive(Debug, Parser)]
@@ -78,17 +78,6 @@ struct Figures {
     p99_us: f64,
     keep_alive_rss_mib: f64,
     keep_alive_anon_mib: f64,
-}
-
-/// Resident anonymous memory (heap, stacks, buffers) of `pid`, in KiB;
-/// the rest of its RSS is file-backed, mostly the binary's code pages.
-fn anon_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn main() -> Result<()> {
@@ -227,7 +216,7 @@ async fn bench(args: Args) -> Result<()> {
             let (p50, p99, _, requests) = latency(&p.target, args.workers, seconds).await?;
             let used = cpu() - before;
             f.keep_alive_rss_mib = p.pids.iter().map(|&pid| rss_kib(pid).1).sum::<u64>() as f64 / 1024.0;
-            f.keep_alive_anon_mib = p.pids.iter().map(|&pid| anon_kib(pid)).sum::<u64>() as f64 / 1024.0;
+            f.keep_alive_anon_mib = p.pids.iter().map(|&pid| status_kib(pid, "RssAnon")).sum::<u64>() as f64 / 1024.0;
             f.requests_per_sec = requests as f64 / seconds.as_secs_f64();
             f.cpu_us_per_request = used * 1e6 / requests.max(1) as f64;
             (f.p50_us, f.p99_us) = (p50, p99);
