@@ -103,6 +103,52 @@ pub struct AgentConfig {
     /// Publicly trusted certificate through ACME (unless `cert_file` is set).
     #[serde(default)]
     pub acme: AgentAcmeConfig,
+    /// HTTP/3 for clients of the node's terminated routes.
+    #[serde(default)]
+    pub http3: Http3Config,
+}
+
+/// HTTP/3: QUIC clients reach the server's `listen.quic_clients`, which
+/// carries their datagrams over the tunnel; the agent terminates QUIC and
+/// TLS with the node's certificate and forwards each request to the
+/// route's upstream as HTTP/1.1.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http3Config {
+    /// Serve HTTP/3 (off by default).
+    pub enabled: bool,
+    /// QUIC client connections served at once, per tunnel; more are refused.
+    pub max_connections: u32,
+    /// Requests a client may have open at once on one connection.
+    pub max_streams_per_connection: u32,
+    /// A client connection with no traffic for this long is closed.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for Http3Config {
+    fn default() -> Self {
+        Self { enabled: false, max_connections: 4096, max_streams_per_connection: 100, idle_timeout_secs: 30 }
+    }
+}
+
+impl Http3Config {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(format!("http3.max_connections = {} must be between 1 and 1000000", self.max_connections));
+        }
+        if !(1..=10_000).contains(&self.max_streams_per_connection) {
+            return Err(format!(
+                "http3.max_streams_per_connection = {} must be between 1 and 10000",
+                self.max_streams_per_connection
+            ));
+        }
+        // Under the server's 60 s answer window, so a quiet connection
+        // closes here before the server stops carrying its answers.
+        if !(1..=50).contains(&self.idle_timeout_secs) {
+            return Err(format!("http3.idle_timeout_secs = {} must be between 1 and 50", self.idle_timeout_secs));
+        }
+        Ok(())
+    }
 }
 
 /// One route: the node's names matching `host` go to `upstreams`.
@@ -542,6 +588,7 @@ impl AgentConfig {
                 return Err(err("public_endpoint needs mode = \"terminate\" (the agent answers probes in TLS)".into()));
             }
         }
+        self.http3.validate().map_err(err)?;
         if !(1..=16).contains(&self.connections) {
             return Err(err(format!("connections = {} must be between 1 and 16", self.connections)));
         }

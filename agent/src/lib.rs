@@ -24,6 +24,7 @@ pub mod config;
 pub mod direct;
 pub mod domain_certs;
 pub mod health;
+pub mod http3;
 pub mod metrics;
 pub mod routes;
 pub mod session;
@@ -240,6 +241,11 @@ impl AgentShared {
     /// The node as last welcomed by the server, once known.
     pub fn current_node(&self) -> Option<Arc<Node>> {
         self.node.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The certificates TLS termination serves (HTTP/3 serves the same).
+    pub fn cert_resolver(&self) -> Arc<NodeCertResolver> {
+        self.resolver.clone()
     }
 
     /// Facts of the certificate being served, once one is installed.

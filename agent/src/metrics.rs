@@ -41,13 +41,48 @@ pub struct AgentMetrics {
     pub cert_renewals: AtomicU64,
     /// ACME attempts that failed (each is retried with backoff).
     pub cert_failures: AtomicU64,
+    /// HTTP/3 client connections open now.
+    pub http3_connections: AtomicU64,
+    /// HTTP/3 client connections accepted.
+    pub http3_connections_total: AtomicU64,
+    /// HTTP/3 client connections refused (over `http3.max_connections`).
+    pub http3_refused: AtomicU64,
+    /// HTTP/3 requests answered.
+    pub http3_requests: AtomicU64,
+    /// QUIC client datagrams crossing the tunnel.
+    pub http3_datagrams: std::sync::Arc<edge_net::tunnel_udp::TunnelUdpStats>,
 }
 
 impl AgentMetrics {
     /// Prometheus text format.
     pub fn render(&self) -> String {
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 17] = [
+        let d = &self.http3_datagrams;
+        let rows: [(&str, &str, &str, u64); 26] = [
+            ("edge_agent_http3_connections", "gauge", "HTTP/3 client connections open.", g(&self.http3_connections)),
+            (
+                "edge_agent_http3_connections_total",
+                "counter",
+                "HTTP/3 client connections accepted.",
+                g(&self.http3_connections_total),
+            ),
+            (
+                "edge_agent_http3_refused_total",
+                "counter",
+                "HTTP/3 client connections refused at http3.max_connections.",
+                g(&self.http3_refused),
+            ),
+            ("edge_agent_http3_requests_total", "counter", "HTTP/3 requests answered.", g(&self.http3_requests)),
+            ("edge_agent_quic_client_datagrams_in_total", "counter", "QUIC client datagrams in.", g(&d.received)),
+            ("edge_agent_quic_client_bytes_in_total", "counter", "QUIC client bytes in.", g(&d.received_bytes)),
+            ("edge_agent_quic_client_datagrams_out_total", "counter", "QUIC client datagrams out.", g(&d.sent)),
+            ("edge_agent_quic_client_bytes_out_total", "counter", "QUIC client bytes out.", g(&d.sent_bytes)),
+            (
+                "edge_agent_quic_client_datagrams_dropped_total",
+                "counter",
+                "QUIC client datagrams dropped (queue full, too large for the tunnel now).",
+                g(&d.dropped),
+            ),
             ("edge_agent_cwnd_bytes", "gauge", "Congestion window of the tunnel.", g(&self.cwnd)),
             ("edge_agent_congestion_events", "gauge", "Congestion events on the tunnel.", g(&self.congestion_events)),
             ("edge_agent_lost_packets", "gauge", "Packets the tunnel declared lost.", g(&self.lost_packets)),

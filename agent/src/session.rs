@@ -139,6 +139,9 @@ pub fn capabilities(config: &crate::config::AgentConfig) -> Vec<String> {
     if config.proxy_protocol {
         capabilities.push("proxy_v2".into());
     }
+    if config.http3.enabled {
+        capabilities.push(edge_proto::tunnel::CAPABILITY_QUIC_CLIENTS.into());
+    }
     capabilities
 }
 
@@ -240,6 +243,8 @@ struct Welcomed {
     heartbeat_secs: u64,
     /// The server takes [`AgentMessage::Routes`].
     takes_routes: bool,
+    /// The route of this tunnel's QUIC clients, when the server carries them.
+    quic_route: Option<u32>,
 }
 
 async fn handshake(conn: &quinn::Connection, shared: &AgentShared) -> Result<Welcomed, End> {
@@ -270,11 +275,13 @@ async fn handshake(conn: &quinn::Connection, shared: &AgentShared) -> Result<Wel
             servers,
             servers_revision,
             capabilities,
+            quic_route,
             ..
         }))) => {
             shared.learn_servers(servers, servers_revision);
             let takes_routes = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_ROUTES);
-            Ok(Welcomed { reader, writer, node, hostnames, heartbeat_secs: heartbeat_secs.clamp(1, 300), takes_routes })
+            let heartbeat_secs = heartbeat_secs.clamp(1, 300);
+            Ok(Welcomed { reader, writer, node, hostnames, heartbeat_secs, takes_routes, quic_route })
         }
         Ok(Some(Ok(ServerMessage::Rejected { code, reason }))) => Err(verdict(u64::from(code), &reason)),
         Ok(Some(Ok(other))) => Err(End::Retry(format!("unexpected first message from server: {other:?}"))),
@@ -297,7 +304,7 @@ async fn tunnel(
     moved: tokio::sync::oneshot::Sender<()>,
 ) -> End {
     let mut moved = Some(moved);
-    let Welcomed { mut reader, mut writer, node: node_name, hostnames, heartbeat_secs, takes_routes } =
+    let Welcomed { mut reader, mut writer, node: node_name, hostnames, heartbeat_secs, takes_routes, quic_route } =
         match handshake(conn, shared).await {
             Ok(h) => h,
             Err(end) => return end,
@@ -321,6 +328,19 @@ async fn tunnel(
     tracing::info!(node = %node_name, hostnames = ?hostnames, server = %target.name, address = %conn.remote_address(),
         "tunnel up");
 
+    // HTTP/3 clients on this tunnel's route, for as long as the tunnel (a
+    // drain lets their requests finish too).
+    let http3 = CancellationToken::new();
+    let _http3_stop = http3.clone().drop_guard();
+    if let Some(route) = quic_route.filter(|_| shared.config.http3.enabled) {
+        let (conn, node, stop) = (conn.clone(), node.clone(), http3.clone());
+        tokio::spawn(async move {
+            let route = edge_proto::quic_route::RouteId(route);
+            if let Err(e) = crate::http3::serve(conn, route, node, stop).await {
+                tracing::error!(error = %e, "HTTP/3 could not start on this tunnel");
+            }
+        });
+    }
     let streams = TaskTracker::new();
     let interval = Duration::from_secs(heartbeat_secs);
     let mut heartbeat = tokio::time::interval(interval);

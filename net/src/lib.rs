@@ -25,10 +25,12 @@ pub mod lean_copy;
 pub mod logging;
 pub mod pinned;
 pub mod quic;
+pub mod route_cids;
 pub mod runtime;
 pub mod shared_quic;
 pub mod splice;
 pub mod stall;
+pub mod tunnel_udp;
 pub mod write_deadline;
 
 /// Raises the soft limit on open files to the hard limit: every client

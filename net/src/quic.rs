@@ -103,13 +103,19 @@ impl TunnelTuning {
             .send_window(self.connection_window)
             .keep_alive_interval(Some(Duration::from_secs(self.keep_alive_secs)))
             .max_idle_timeout(IdleTimeout::try_from(Duration::from_secs(self.idle_timeout_secs)).ok())
-            .datagram_receive_buffer_size(None);
+            // QUIC clients' datagrams (issue 17) cross in DATAGRAM frames;
+            // what does not fit the buffer is dropped, as UDP would.
+            .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER_BYTES))
+            .datagram_send_buffer_size(DATAGRAM_BUFFER_BYTES);
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
         t
     }
 }
+
+/// Bytes of QUIC DATAGRAM frames a tunnel buffers each way.
+pub const DATAGRAM_BUFFER_BYTES: usize = 2 * 1024 * 1024;
 
 /// Binds a UDP socket with large buffers (the kernel may clamp them to
 /// `net.core.rmem_max`/`wmem_max`; the granted sizes are logged).

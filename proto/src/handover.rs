@@ -55,6 +55,8 @@ pub enum SocketRole {
     DnsTcp,
     /// The QUIC socket for agents and peers (`listen.quic`).
     Quic,
+    /// The UDP socket for QUIC clients (`listen.quic_clients`).
+    QuicClients,
     /// The control socket `edge-server upgrade` talks to.
     Control,
     /// The successor's end of the datagram socket the two processes pass

@@ -40,6 +40,7 @@ pub mod join;
 pub mod names;
 pub mod probe;
 pub mod proxy_v2;
+pub mod quic_datagram;
 pub mod quic_initial;
 pub mod quic_route;
 pub mod routes;

@@ -74,6 +74,12 @@ pub struct Limits {
     pub flow_idle: Duration,
     /// First-flight entries kept at once.
     pub max_flows: usize,
+    /// How long after a client's last datagram to a route the route's
+    /// answers may still be sent to the client's address (longer than the
+    /// node's QUIC idle timeout, so a quiet connection is not cut here).
+    pub answer_idle: Duration,
+    /// Client addresses answers may go to, at once.
+    pub max_answer_addresses: usize,
 }
 
 impl Default for Limits {
@@ -89,6 +95,8 @@ impl Default for Limits {
             new_per_source_per_sec: 50,
             flow_idle: Duration::from_secs(10),
             max_flows: 65_536,
+            answer_idle: Duration::from_secs(60),
+            max_answer_addresses: 262_144,
         }
     }
 }
@@ -113,6 +121,17 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [DropReason; 7] = [
+        DropReason::Malformed,
+        DropReason::UnknownRoute,
+        DropReason::BadInitial,
+        DropReason::UnknownName,
+        DropReason::Rejected,
+        DropReason::Busy,
+        DropReason::BufferFull,
+    ];
+
     /// A short stable label, used in logs and metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -175,6 +194,9 @@ pub struct QuicRouter {
     /// Per source: the start of its current one-second window and the new
     /// flights started in it.
     rate: HashMap<SourceKey, (Instant, u32)>,
+    /// Per client address: the route it last sent to, and when. A route's
+    /// answers go only to addresses here (the server is no reflector).
+    answers: HashMap<SocketAddr, (RouteId, Instant)>,
 }
 
 impl std::fmt::Debug for QuicRouter {
@@ -183,6 +205,7 @@ impl std::fmt::Debug for QuicRouter {
             .field("pending", &self.pending.len())
             .field("flows", &self.flows.len())
             .field("sources", &self.rate.len())
+            .field("answer_addresses", &self.answers.len())
             .finish()
     }
 }
@@ -197,6 +220,7 @@ impl QuicRouter {
             buffered_bytes: 0,
             flows: HashMap::new(),
             rate: HashMap::new(),
+            answers: HashMap::new(),
         }
     }
 
@@ -210,10 +234,47 @@ impl QuicRouter {
         self.flows.len()
     }
 
+    /// Client addresses a route's answers may go to.
+    pub fn answer_addresses(&self) -> usize {
+        self.answers.len()
+    }
+
     /// Decides what to do with `datagram` from `source`. `resolve` maps a
     /// server name to its route; `live` says whether a route's tunnel is
-    /// still up.
+    /// still up. A datagram forwarded to a route lets the route answer
+    /// `source` ([`QuicRouter::may_answer`]) until [`Limits::answer_idle`].
     pub fn on_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        datagram: &[u8],
+        resolve: impl FnOnce(&str) -> Option<RouteId>,
+        live: impl Fn(RouteId) -> bool,
+    ) -> Verdict {
+        let verdict = self.decide(now, source, datagram, resolve, live);
+        if let Verdict::Forward { route, .. } = &verdict {
+            let full = self.answers.len() >= self.limits.max_answer_addresses;
+            match self.answers.get_mut(&source) {
+                Some(entry) => *entry = (*route, now),
+                // Its answers could not reach it: not worth carrying.
+                None if full => return Verdict::Drop(DropReason::Busy),
+                None => {
+                    self.answers.insert(source, (*route, now));
+                }
+            }
+        }
+        verdict
+    }
+
+    /// Whether `route` may send a datagram to `client`: the client sent
+    /// one to that route within [`Limits::answer_idle`].
+    pub fn may_answer(&self, now: Instant, route: RouteId, client: SocketAddr) -> bool {
+        self.answers
+            .get(&client)
+            .is_some_and(|&(r, seen)| r == route && now.saturating_duration_since(seen) < self.limits.answer_idle)
+    }
+
+    fn decide(
         &mut self,
         now: Instant,
         source: SocketAddr,
@@ -333,6 +394,8 @@ impl QuicRouter {
         let idle = self.limits.flow_idle;
         self.flows.retain(|_, f| now.saturating_duration_since(f.last_seen) < idle);
         self.rate.retain(|_, (start, _)| now.saturating_duration_since(*start) < Duration::from_secs(1));
+        let answer_idle = self.limits.answer_idle;
+        self.answers.retain(|_, (_, seen)| now.saturating_duration_since(*seen) < answer_idle);
     }
 
     /// Whether `source` may start another first flight now (per-second

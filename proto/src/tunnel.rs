@@ -50,6 +50,11 @@ pub const CAPABILITY_DOMAINS: &str = "domains";
 /// the server's word ([`ServerMessage::AcmeTlsAlpn`]): the CSR flow for
 /// custom domains, where the server runs the order.
 pub const CAPABILITY_ACME_TLS_ALPN: &str = "acme_tls_alpn";
+/// Capability an agent sends when it serves QUIC clients (HTTP/3) carried
+/// in the tunnel's DATAGRAM frames ([`crate::quic_datagram`]); a server
+/// with a QUIC client listener lists it back and assigns the tunnel a
+/// route in the welcome's `quic_route`.
+pub const CAPABILITY_QUIC_CLIENTS: &str = "quic_clients";
 /// Most servers listed to an agent.
 pub const MAX_CLUSTER_SERVERS: usize = 64;
 /// Protocol version carried in [`AgentMessage::Hello`].
@@ -181,6 +186,12 @@ pub enum ServerMessage {
         /// agent that announced none gets a welcome it already knows).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         capabilities: Vec<String>,
+        /// The tunnel's routable prefix for QUIC clients
+        /// ([`crate::quic_route::RouteId`]), when the server carries them to
+        /// this agent: every connection ID the agent's QUIC endpoint issues
+        /// on this tunnel starts with it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic_route: Option<u32>,
     },
     /// The cluster's live servers changed (only to agents that sent
     /// [`CAPABILITY_CLUSTER`]): the agent connects to new ones and leaves
@@ -547,6 +558,7 @@ mod tests {
             servers_revision: if servers.is_empty() { 0 } else { 7 },
             servers,
             capabilities: Vec::new(),
+            quic_route: None,
         };
         let json = serde_json::to_string(&welcome(Vec::new())).unwrap();
         assert!(!json.contains("servers"), "agents without the cluster capability still read it: {json}");

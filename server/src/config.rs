@@ -659,6 +659,11 @@ pub struct ListenConfig {
     /// The operators' dashboard and admin API (HTTPS); off when unset.
     /// Keep it on a private address or behind a VPN.
     pub admin: Option<SocketAddr>,
+    /// UDP listener for QUIC clients (HTTP/3), usually the TLS listener's
+    /// address (`0.0.0.0:443`); off when unset. Each client is carried to
+    /// the node named in its ClientHello, over the node's tunnel, to agents
+    /// that enable `[http3]`.
+    pub quic_clients: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -670,6 +675,7 @@ impl Default for ListenConfig {
             http: None,
             metrics: None,
             admin: None,
+            quic_clients: None,
         }
     }
 }

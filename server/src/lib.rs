@@ -55,6 +55,7 @@ pub mod jobs;
 pub mod limits;
 pub mod metrics;
 pub mod modes;
+pub mod quic_clients;
 pub mod registry;
 pub mod reload;
 pub mod scrape;

@@ -96,6 +96,9 @@ impl Scrape {
 pub fn render(shared: &Shared) -> String {
     let mut body = shared.metrics.render(&shared.registry);
     shared.refusals.render(&mut body);
+    if let Some(quic_clients) = &shared.quic_clients {
+        quic_clients.render(&mut body);
+    }
     edge_net::render_process_metrics(&mut body);
     body
 }

@@ -21,7 +21,9 @@ use crate::state::{Admissions, Shared};
 use crate::store::StoreError;
 use crate::sync::RoutingSync;
 use crate::upgrade::{HandoverSockets, Successor, Takeover, Upgrader};
-use crate::{api, certificates, detector, dns, http, identity, ingress, jobs, limits, scrape, token_hash, tunnel};
+use crate::{
+    api, certificates, detector, dns, http, identity, ingress, jobs, limits, quic_clients, scrape, token_hash, tunnel,
+};
 use edge_net::shared_quic::SharedQuicSocket;
 use edge_proto::handover::SocketRole;
 
@@ -84,6 +86,9 @@ pub struct BoundAddrs {
     /// The admin dashboard and API, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
+    /// The UDP listener for QUIC clients, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_clients: Option<SocketAddr>,
 }
 
 /// File in the data directory where a running server records its bound
@@ -210,6 +215,18 @@ impl Server {
             )),
             None => None,
         };
+        let quic_clients = match config.listen.quic_clients {
+            Some(addr) => {
+                let err = |source| ServerError::Bind { what: "quic_clients", addr, source };
+                let socket = match takeover.as_mut().and_then(|t| t.take_udp(SocketRole::QuicClients, addr)) {
+                    Some(socket) => socket,
+                    None => edge_net::quic::udp_socket(addr, config.tunnel.udp_buffer_bytes).map_err(err)?,
+                };
+                keep.keep(SocketRole::QuicClients, socket.local_addr().ok(), &socket);
+                Some(crate::quic_clients::QuicClients::new(socket).map_err(err)?)
+            }
+            None => None,
+        };
         let control = control_listener(&config, &mut takeover);
         if let Some(listener) = &control {
             keep.keep(SocketRole::Control, None, listener);
@@ -229,6 +246,7 @@ impl Server {
             api: local(&api, config.listen.api),
             dns: dns_sockets.as_ref().and_then(|s| s.local_addr().ok()),
             metrics: metrics.as_ref().and_then(|l| l.local_addr().ok()),
+            quic_clients: quic_clients.as_ref().and_then(|q| q.local_addr().ok()),
         };
         let acme = certificates::acme_client(&config, store.clone());
         let admission = Admissions::new(&config.limits);
@@ -295,6 +313,7 @@ impl Server {
             services: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             domains: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             access: crate::access::AccessTable::new(),
+            quic_clients,
         });
         let sync = Arc::new(RoutingSync::new(shared.clone(), zone.clone()));
         let started = std::time::Instant::now();
@@ -554,6 +573,9 @@ impl BoundServer {
         // Clients, and the jobs that write what one process of this server
         // owns: a successor starts them once its predecessor retired.
         tasks.spawn("tls listener", ingress::serve(tls, shared.clone(), shutdown.clone(), clients.clone()));
+        if let Some(quic_clients) = shared.quic_clients.clone() {
+            tasks.spawn("quic client listener", quic_clients::serve(quic_clients, shared.clone(), shutdown.clone()));
+        }
         if let Some(listener) = http {
             tasks.spawn("http listener", http::serve(listener, shared.clone(), shutdown.clone(), clients.clone()));
         }

@@ -69,6 +69,9 @@ pub struct Shared {
     pub domains: tokio::sync::watch::Sender<Arc<Vec<crate::store::DomainRecord>>>,
     /// Access policies in force (the sync sets them).
     pub access: crate::access::AccessTable,
+    /// The UDP listener for QUIC clients, when configured: tunnels of
+    /// agents that serve them register a route here.
+    pub quic_clients: Option<Arc<crate::quic_clients::QuicClients>>,
 }
 
 /// Settings that take effect on new work when the config is reloaded.

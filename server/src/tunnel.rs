@@ -178,6 +178,18 @@ async fn session(
         capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_CLUSTER).then(|| shared.cluster.agent_list());
     let listed = servers.as_mut().map(|rx| rx.borrow_and_update().as_ref().clone()).unwrap_or_default();
     let (servers_revision, listed) = (listed.revision.max(0) as u64, listed.servers);
+    // Agents that serve QUIC clients get a route when this server has a
+    // listener for them; the route lives as long as this session.
+    let quic_route = match &shared.quic_clients {
+        Some(clients) if capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_QUIC_CLIENTS) => {
+            Some(clients.register(&conn, &node.name))
+        }
+        _ => None,
+    };
+    let echoed = |c: &&String| {
+        *c == edge_proto::tunnel::CAPABILITY_ROUTES
+            || (quic_route.is_some() && *c == edge_proto::tunnel::CAPABILITY_QUIC_CLIENTS)
+    };
     step(writer.send(ServerMessage::Welcome {
         node: node.name.clone(),
         hostnames: node.hostnames.clone(),
@@ -185,7 +197,8 @@ async fn session(
         server_version: env!("CARGO_PKG_VERSION").to_string(),
         servers: listed,
         servers_revision,
-        capabilities: capabilities.iter().filter(|c| *c == edge_proto::tunnel::CAPABILITY_ROUTES).cloned().collect(),
+        capabilities: capabilities.iter().filter(echoed).cloned().collect(),
+        quic_route: quic_route.as_ref().map(|r| r.route().0),
     }))
     .await?;
 
@@ -269,7 +282,18 @@ async fn session(
         alpn,
         tunnel_id,
     };
-    let result = control_loop(control, &mut reader, &mut writer, shared.limits().drain_timeout_secs).await;
+    // The agent's answers to its QUIC clients, for as long as the tunnel.
+    let answers = async {
+        if let (Some(clients), Some(route)) = (&shared.quic_clients, &quic_route) {
+            clients.carry_answers(route.route(), &conn).await;
+        }
+        std::future::pending::<()>().await
+    };
+    let result = tokio::select! {
+        result = control_loop(control, &mut reader, &mut writer, shared.limits().drain_timeout_secs) => result,
+        () = answers => Ok(()),
+    };
+    drop(quic_route);
     let remaining = node.remove_tunnel(tunnel_id);
     shared.status_changed.notify_one();
     shared.cluster.note_tunnels_changed();

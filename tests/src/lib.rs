@@ -11,6 +11,7 @@ pub mod admin;
 pub mod clients;
 pub mod dns;
 pub mod faults;
+pub mod h3client;
 pub mod load;
 pub mod pebble;
 pub mod postgres;
@@ -121,6 +122,9 @@ pub struct ServerAddrs {
     /// The admin dashboard and API.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// The UDP listener for QUIC clients (HTTP/3).
+    #[serde(default)]
+    pub quic_clients: Option<SocketAddr>,
 }
 
 /// A running `edge-server`.
@@ -193,6 +197,7 @@ impl Server {
         };
         let http = addrs.and_then(|a| a.http).map_or(any.clone(), |h| h.to_string());
         let metrics = addrs.and_then(|a| a.metrics).map_or(any.clone(), |m| m.to_string());
+        let quic_clients = addrs.and_then(|a| a.quic_clients).map_or(any.clone(), |m| m.to_string());
         let admin = addrs.and_then(|a| a.admin).map_or(any, |m| m.to_string());
         let config = dir.join("server.toml");
         // Tests load the server from one address and read metrics right
@@ -219,7 +224,7 @@ impl Server {
             format!("{extra}\n[modes]\n{loopback}")
         };
         let text = format!(
-            "zone = \"{zone}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\nmetrics = \"{metrics}\"\nadmin = \"{admin}\"\n"
+            "zone = \"{zone}\"\ndata_dir = \"data\"\n{extra}\n[listen]\ntls = \"{tls}\"\nquic = \"{quic}\"\napi = \"{api}\"\nhttp = \"{http}\"\nmetrics = \"{metrics}\"\nadmin = \"{admin}\"\nquic_clients = \"{quic_clients}\"\n"
         );
         std::fs::write(&config, text)?;
         let listening = dir.join("data/listening.json");

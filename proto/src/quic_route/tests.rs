@@ -269,3 +269,43 @@ fn buffered_bytes_are_capped_per_flight_and_in_total() {
     router.expire(now + Duration::from_secs(5));
     assert_eq!(router.on_datagram(now, addr("192.0.2.3:1"), &first_of(3), resolve, live), Verdict::Buffered);
 }
+
+#[test]
+fn a_route_answers_only_addresses_that_sent_to_it_lately() {
+    let mut router = QuicRouter::new(Limits::default());
+    let now = Instant::now();
+    let (client, stranger) = (addr("192.0.2.1:5000"), addr("203.0.113.3:53"));
+    assert!(!router.may_answer(now, ROUTE, client), "nothing sent yet");
+    router.on_datagram(now, client, &short_header(ROUTE), resolve, live);
+    assert!(router.may_answer(now, ROUTE, client));
+    assert!(!router.may_answer(now, RouteId(9), client), "another node's route may not answer it");
+    assert!(!router.may_answer(now, ROUTE, stranger), "no reflection to an address that sent nothing");
+    // A dropped datagram grants nothing.
+    router.on_datagram(now, stranger, &short_header(RouteId(8)), resolve, live);
+    assert!(!router.may_answer(now, RouteId(8), stranger));
+    // The client moves to the other node's route: the first loses it.
+    router.on_datagram(now, client, &short_header(RouteId(9)), resolve, live);
+    assert!(!router.may_answer(now, ROUTE, client) && router.may_answer(now, RouteId(9), client));
+    let later = now + Limits::default().answer_idle;
+    assert!(!router.may_answer(later, RouteId(9), client), "expired after the idle time");
+    router.expire(later);
+    assert_eq!(router.answer_addresses(), 0);
+}
+
+#[test]
+fn answer_addresses_are_bounded() {
+    let mut router = QuicRouter::new(Limits { max_answer_addresses: 2, ..Limits::default() });
+    let now = Instant::now();
+    let forward = Verdict::Forward { route: ROUTE, buffered: Vec::new(), name: None };
+    for port in [1, 2] {
+        assert_eq!(
+            router.on_datagram(now, addr(&format!("192.0.2.1:{port}")), &short_header(ROUTE), resolve, live),
+            forward
+        );
+    }
+    let third = router.on_datagram(now, addr("192.0.2.1:3"), &short_header(ROUTE), resolve, live);
+    assert_eq!(third, Verdict::Drop(DropReason::Busy));
+    // Known addresses still pass.
+    assert_eq!(router.on_datagram(now, addr("192.0.2.1:1"), &short_header(ROUTE), resolve, live), forward);
+    assert_eq!(router.answer_addresses(), 2);
+}

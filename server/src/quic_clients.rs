@@ -1,0 +1,283 @@
+//! QUIC clients (HTTP/3) on UDP (issue 17): each datagram goes to the
+//! tunnel of the node its client is talking to, decided by the sans-IO
+//! [`QuicRouter`] (the SNI of a first flight, or the route in a connection
+//! ID the node's endpoint issued). It crosses in one QUIC DATAGRAM frame of
+//! the tunnel ([`edge_proto::quic_datagram`]); the agent's QUIC endpoint
+//! terminates it, so nothing is decrypted here.
+//!
+//! The agent's answers come back the same way and leave from this socket,
+//! but only to an address that sent datagrams to that tunnel's route
+//! lately: no node can make the server send UDP to an address of its
+//! choosing.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use edge_proto::quic_datagram;
+use edge_proto::quic_route::{DropReason, Limits, QuicRouter, RouteId, Verdict};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+
+/// Largest datagram read from a client (QUIC datagrams are at most this).
+const MAX_DATAGRAM: usize = 65_527;
+
+/// Counters of the QUIC client listener.
+#[derive(Debug, Default)]
+pub struct QuicClientMetrics {
+    /// Datagrams from clients carried to a tunnel.
+    pub to_node_datagrams: AtomicU64,
+    /// Bytes of those.
+    pub to_node_bytes: AtomicU64,
+    /// Datagrams of agents sent to clients.
+    pub to_client_datagrams: AtomicU64,
+    /// Bytes of those.
+    pub to_client_bytes: AtomicU64,
+    /// Version Negotiation packets sent.
+    pub version_negotiation: AtomicU64,
+    /// First flights routed by their SNI (new client connections).
+    pub connections_routed: AtomicU64,
+    /// Client datagrams dropped, by [`DropReason`].
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    /// Client datagrams the tunnel could not take (too large for its path
+    /// now, or the tunnel was gone).
+    pub tunnel_refused: AtomicU64,
+    /// Agent datagrams not sent: their address sent nothing to the route.
+    pub answers_refused: AtomicU64,
+}
+
+impl QuicClientMetrics {
+    fn drop_for(&self, reason: DropReason) {
+        if let Some(i) = DropReason::ALL.iter().position(|r| *r == reason) {
+            self.dropped[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One tunnel that carries QUIC clients.
+#[derive(Debug, Clone)]
+struct RouteEntry {
+    conn: quinn::Connection,
+    node: String,
+}
+
+/// The listener's shared state: the socket, the router, the routes.
+#[derive(Debug)]
+pub struct QuicClients {
+    socket: UdpSocket,
+    router: Mutex<QuicRouter>,
+    routes: RwLock<HashMap<RouteId, RouteEntry>>,
+    next_route: AtomicU32,
+    /// Counters.
+    pub metrics: QuicClientMetrics,
+}
+
+impl QuicClients {
+    /// State around a bound socket.
+    pub fn new(socket: std::net::UdpSocket) -> std::io::Result<Arc<Self>> {
+        socket.set_nonblocking(true)?;
+        Ok(Arc::new(Self {
+            socket: UdpSocket::from_std(socket)?,
+            router: Mutex::new(QuicRouter::new(Limits::default())),
+            routes: RwLock::new(HashMap::new()),
+            // Random start: a route of a previous run is not reused at once.
+            next_route: AtomicU32::new(rand::random::<u32>() | 1),
+            metrics: QuicClientMetrics::default(),
+        }))
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Gives a tunnel of `node` a route; its QUIC clients flow until the
+    /// returned guard is dropped.
+    pub fn register(self: &Arc<Self>, conn: &quinn::Connection, node: &str) -> RouteGuard {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let route = loop {
+            let candidate = RouteId(self.next_route.fetch_add(1, Ordering::Relaxed));
+            if !routes.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        routes.insert(route, RouteEntry { conn: conn.clone(), node: node.to_string() });
+        RouteGuard { clients: self.clone(), route }
+    }
+
+    fn live(&self, route: RouteId) -> bool {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).contains_key(&route)
+    }
+
+    /// The newest route of `node`.
+    fn route_of(&self, node: &str) -> Option<RouteId> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.iter().filter(|(_, e)| e.node == node).map(|(r, _)| *r).max_by_key(|r| r.0)
+    }
+
+    /// Carries the datagrams the agent sends on `route`'s tunnel to their
+    /// clients, until the tunnel closes.
+    pub async fn carry_answers(&self, route: RouteId, conn: &quinn::Connection) {
+        while let Ok(frame) = conn.read_datagram().await {
+            let Ok((client, datagram)) = quic_datagram::decode(&frame) else {
+                self.metrics.answers_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let allowed =
+                self.router.lock().unwrap_or_else(|p| p.into_inner()).may_answer(Instant::now(), route, client);
+            if !allowed {
+                self.metrics.answers_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.send_to(client, datagram);
+            self.metrics.to_client_datagrams.fetch_add(1, Ordering::Relaxed);
+            self.metrics.to_client_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Best effort, as UDP: a full socket buffer drops the datagram.
+    fn send_to(&self, client: SocketAddr, datagram: &[u8]) {
+        let to = match (client, self.socket.local_addr()) {
+            // A dual-stack socket reaches IPv4 clients by their mapped form.
+            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => {
+                SocketAddr::new(std::net::IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            _ => client,
+        };
+        let _ = self.socket.try_send_to(datagram, to);
+    }
+
+    fn forward(&self, route: RouteId, client: SocketAddr, datagram: &[u8]) {
+        let conn = match self.routes.read().unwrap_or_else(|p| p.into_inner()).get(&route) {
+            Some(entry) => entry.conn.clone(),
+            None => return,
+        };
+        let mut frame = Vec::with_capacity(quic_datagram::header_len(client) + datagram.len());
+        quic_datagram::encode(client, datagram, &mut frame);
+        match conn.send_datagram(Bytes::from(frame)) {
+            Ok(()) => {
+                self.metrics.to_node_datagrams.fetch_add(1, Ordering::Relaxed);
+                self.metrics.to_node_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.metrics.tunnel_refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Appends the listener's series in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let m = &self.metrics;
+        let _ = writeln!(out, "# HELP edge_quic_client_datagrams_total QUIC client datagrams carried, by direction.");
+        let _ = writeln!(out, "# TYPE edge_quic_client_datagrams_total counter");
+        let _ = writeln!(out, "edge_quic_client_datagrams_total{{direction=\"to_node\"}} {}", g(&m.to_node_datagrams));
+        let _ =
+            writeln!(out, "edge_quic_client_datagrams_total{{direction=\"to_client\"}} {}", g(&m.to_client_datagrams));
+        let _ = writeln!(out, "# HELP edge_quic_client_bytes_total QUIC client bytes carried, by direction.");
+        let _ = writeln!(out, "# TYPE edge_quic_client_bytes_total counter");
+        let _ = writeln!(out, "edge_quic_client_bytes_total{{direction=\"to_node\"}} {}", g(&m.to_node_bytes));
+        let _ = writeln!(out, "edge_quic_client_bytes_total{{direction=\"to_client\"}} {}", g(&m.to_client_bytes));
+        let _ = writeln!(out, "# HELP edge_quic_client_dropped_total QUIC client datagrams dropped, by reason.");
+        let _ = writeln!(out, "# TYPE edge_quic_client_dropped_total counter");
+        for (reason, count) in DropReason::ALL.iter().zip(&m.dropped) {
+            let _ = writeln!(out, "edge_quic_client_dropped_total{{reason=\"{}\"}} {}", reason.label(), g(count));
+        }
+        let _ = writeln!(out, "edge_quic_client_dropped_total{{reason=\"tunnel_refused\"}} {}", g(&m.tunnel_refused));
+        let _ = writeln!(out, "edge_quic_client_dropped_total{{reason=\"answer_refused\"}} {}", g(&m.answers_refused));
+        let _ = writeln!(out, "# HELP edge_quic_client_connections_total QUIC client connections routed by SNI.");
+        let _ = writeln!(out, "# TYPE edge_quic_client_connections_total counter");
+        let _ = writeln!(out, "edge_quic_client_connections_total {}", g(&m.connections_routed));
+        let _ = writeln!(out, "# HELP edge_quic_version_negotiation_total Version Negotiation packets sent.");
+        let _ = writeln!(out, "# TYPE edge_quic_version_negotiation_total counter");
+        let _ = writeln!(out, "edge_quic_version_negotiation_total {}", g(&m.version_negotiation));
+        let router = self.router.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(out, "# HELP edge_quic_client_pending First flights waiting for their ClientHello.");
+        let _ = writeln!(out, "# TYPE edge_quic_client_pending gauge");
+        let _ = writeln!(out, "edge_quic_client_pending {}", router.pending());
+        let _ = writeln!(out, "# HELP edge_quic_client_addresses Client addresses a node may answer.");
+        let _ = writeln!(out, "# TYPE edge_quic_client_addresses gauge");
+        let _ = writeln!(out, "edge_quic_client_addresses {}", router.answer_addresses());
+    }
+}
+
+/// Keeps a tunnel's route live; dropping it ends the route.
+#[derive(Debug)]
+pub struct RouteGuard {
+    clients: Arc<QuicClients>,
+    route: RouteId,
+}
+
+impl RouteGuard {
+    /// The route.
+    pub fn route(&self) -> RouteId {
+        self.route
+    }
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        self.clients.routes.write().unwrap_or_else(|p| p.into_inner()).remove(&self.route);
+    }
+}
+
+/// Reads client datagrams until `shutdown`.
+pub async fn serve(clients: Arc<QuicClients>, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (len, source) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = expiry.tick() => {
+                clients.router.lock().unwrap_or_else(|p| p.into_inner()).expire(Instant::now());
+                continue;
+            }
+            received = clients.socket.recv_from(&mut buf) => match received {
+                Ok(got) => got,
+                // ICMP errors surface here on Linux; the socket stays usable.
+                Err(_) => continue,
+            },
+        };
+        let source = quic_datagram::canonical(source);
+        let datagram = &buf[..len];
+        let verdict = {
+            let resolve = |name: &str| {
+                let node = shared.registry.route(name)?;
+                let scope = edge_proto::access::Scope::Host(name.to_string());
+                if !shared.access.allows(&node.name, &scope, source.ip()) {
+                    return None;
+                }
+                clients.route_of(&node.name)
+            };
+            let live = |route| clients.live(route);
+            let mut router = clients.router.lock().unwrap_or_else(|p| p.into_inner());
+            router.on_datagram(Instant::now(), source, datagram, resolve, live)
+        };
+        match verdict {
+            Verdict::Forward { route, buffered, name } => {
+                if let Some(name) = name {
+                    clients.metrics.connections_routed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(client = %source, name = %name.escape_debug(), route = route.0,
+                        "QUIC client forwarded");
+                }
+                for earlier in &buffered {
+                    clients.forward(route, source, earlier);
+                }
+                clients.forward(route, source, datagram);
+            }
+            Verdict::Buffered => {}
+            Verdict::Reply(packet) => {
+                clients.metrics.version_negotiation.fetch_add(1, Ordering::Relaxed);
+                clients.send_to(source, &packet);
+            }
+            Verdict::Drop(reason) => clients.metrics.drop_for(reason),
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! HTTP/3 end to end (issue 17), over real processes: QUIC clients reach
+//! the server's UDP listener, are routed by the SNI of their Initial
+//! packets (a post-quantum ClientHello spans several), and are served by
+//! their node's agent with the node's certificate. The client is quinn +
+//! h3 trusting only the node's CA, so a successful handshake proves which
+//! agent answered.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_tests::h3client::{client_config, H3Client};
+use edge_tests::{metric, upstreams, wait_for, Agent, Server, ZONE};
+use sha2::{Digest, Sha256};
+
+const HTTP3_ON: &str = "[http3]\nenabled = true\n";
+
+fn start_node(server: &Server, dir: &std::path::Path, name: &str, upstream: SocketAddr) -> Agent {
+    let join = server.add_node(name).unwrap();
+    let agent = Agent::spawn_with_config(&dir.join(name), &join, upstream, HTTP3_ON).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    agent
+}
+
+fn host(node: &str) -> String {
+    format!("{node}.{ZONE}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_each_serve_only_their_own_http3_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), "").unwrap();
+    let udp = server.addrs.quic_clients.expect("the harness binds quic_clients");
+    let n1 = start_node(&server, dir.path(), "n1", upstreams::http("hello from n1's upstream").await);
+    let n2 = start_node(&server, dir.path(), "n2", upstreams::http("hello from n2's upstream").await);
+
+    for (node, agent, body) in [("n1", &n1, "hello from n1's upstream"), ("n2", &n2, "hello from n2's upstream")] {
+        let config = client_config(&agent.local_ca(node)).unwrap();
+        let client = H3Client::connect(udp, &host(node), config).await.unwrap();
+        let (status, got) = client.get(&host(node), "/").await.unwrap();
+        assert_eq!((status, String::from_utf8_lossy(&got).as_ref()), (200, body), "{node} over HTTP/3");
+        client.close().await;
+    }
+    // n2's name reaches n2's agent only: a client trusting n1's CA cannot
+    // complete a handshake for it.
+    let n1_trust = client_config(&n1.local_ca("n1")).unwrap();
+    let crossed = tokio::time::timeout(Duration::from_secs(5), H3Client::connect(udp, &host("n2"), n1_trust)).await;
+    assert!(!matches!(crossed, Ok(Ok(_))), "n2's name was answered with a certificate n1's CA signed");
+    // A name no node owns is dropped, not answered.
+    let config = client_config(&n1.local_ca("n1")).unwrap();
+    let unknown =
+        tokio::time::timeout(Duration::from_secs(3), H3Client::connect(udp, "nobody.edge.test", config)).await;
+    assert!(!matches!(unknown, Ok(Ok(_))), "a name no node owns was answered");
+
+    let server_metrics = server.metrics().unwrap();
+    let routed = metric(&server_metrics, "edge_quic_client_connections_total").unwrap_or(0.0);
+    assert!(routed >= 3.0, "connections routed by SNI: {routed}\n{server_metrics}");
+    let unknown_names = metric(&server_metrics, "edge_quic_client_dropped_total{reason=\"unknown_name\"}").unwrap();
+    assert!(unknown_names >= 1.0, "{server_metrics}");
+    for (node, agent) in [("n1", &n1), ("n2", &n2)] {
+        let m = agent.metrics().unwrap();
+        let requests = metric(&m, "edge_agent_http3_requests_total").unwrap_or(0.0);
+        assert!(requests >= 1.0, "{node} answered HTTP/3 requests: {requests}\n{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_unknown_versions_get_nothing_or_version_negotiation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), "").unwrap();
+    let udp = server.addrs.quic_clients.unwrap();
+    let agent = start_node(&server, dir.path(), "n1", upstreams::http("still serving").await);
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Garbage, truncated long headers and a short header for no route.
+    let mut junk: Vec<Vec<u8>> = vec![vec![], vec![0xff; 3], vec![0xc0, 0, 0, 0, 1], vec![0x40; 40]];
+    junk.extend((0..200u32).map(|i| (0..(i % 1400) as usize).map(|j| (i as usize * 31 + j) as u8).collect()));
+    for datagram in &junk {
+        let _ = socket.send_to(datagram, udp).await;
+    }
+    // An unknown version, padded as a client must: Version Negotiation.
+    let mut probe = vec![0xc0, 0x1a, 0x2a, 0x3a, 0x4a, 8, 1, 2, 3, 4, 5, 6, 7, 8, 4, 9, 9, 9, 9];
+    probe.resize(1200, 0);
+    socket.send_to(&probe, udp).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
+        .await
+        .expect("a Version Negotiation packet within 5 s")
+        .unwrap();
+    let vn = &buf[..n];
+    assert_eq!(&vn[1..5], &[0, 0, 0, 0], "version 0 marks Version Negotiation");
+    assert_eq!(&vn[6..10], &[9, 9, 9, 9], "the client's source ID comes back as the destination");
+    let versions: Vec<u32> = vn[19..].chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+    assert!(versions.contains(&1), "QUIC v1 is offered: {versions:x?}");
+    // Still serving.
+    let client = H3Client::connect(udp, &host("n1"), client_config(&agent.local_ca("n1")).unwrap()).await.unwrap();
+    assert_eq!(client.get(&host("n1"), "/").await.unwrap().0, 200);
+    client.close().await;
+    let m = server.metrics().unwrap();
+    assert!(metric(&m, "edge_quic_version_negotiation_total").unwrap() >= 1.0, "{m}");
+    assert!(metric(&m, "edge_quic_client_dropped_total{reason=\"malformed\"}").unwrap() >= 1.0, "{m}");
+}
+
+/// 1 MiB of bytes that are not all alike.
+fn payload() -> &'static str {
+    let text: String = (0..1024 * 1024).map(|i: usize| (b'a' + ((i * 7 + i / 4096) % 26) as u8) as char).collect();
+    Box::leak(text.into_boxed_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_downloads_and_a_client_that_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), "").unwrap();
+    let udp = server.addrs.quic_clients.unwrap();
+    let body = payload();
+    let want: [u8; 32] = Sha256::digest(body.as_bytes()).into();
+    let agent = start_node(&server, dir.path(), "n1", upstreams::http(body).await);
+    let config = client_config(&agent.local_ca("n1")).unwrap();
+
+    // 20 connections, 10 downloads on each at once.
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(Arc::new(H3Client::connect(udp, &host("n1"), config.clone()).await.unwrap()));
+    }
+    let mut downloads = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let client = clients[i % clients.len()].clone();
+        downloads.spawn(async move { client.get(&host("n1"), &format!("/file/{i}")).await });
+    }
+    let mut verified = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Some(done) = tokio::time::timeout_at(deadline, downloads.join_next()).await.expect("downloads in 120 s") {
+        let (status, got) = done.unwrap().unwrap();
+        assert_eq!(status, 200);
+        let hash: [u8; 32] = Sha256::digest(&got).into();
+        assert_eq!((got.len(), hash), (body.len(), want), "a download arrived whole");
+        verified += 1;
+    }
+    assert_eq!(verified, 200);
+    for client in clients {
+        Arc::try_unwrap(client).unwrap().close().await;
+    }
+
+    // A client that rebinds its UDP socket mid-download keeps going: its
+    // packets carry the node's connection IDs, which name the route.
+    let client = H3Client::connect(udp, &host("n1"), config).await.unwrap();
+    let before = client.endpoint.local_addr().unwrap();
+    let mut moved = None;
+    let (status, got) = client
+        .get_with(&host("n1"), "/moving", |received| {
+            if moved.is_none() && received >= 64 * 1024 {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                moved = Some(socket.local_addr().unwrap());
+                client.endpoint.rebind(socket).unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    let after = moved.expect("the client moved mid-download");
+    assert_ne!(before.port(), after.port());
+    assert_eq!(status, 200);
+    assert_eq!(<[u8; 32]>::from(Sha256::digest(&got)), want, "the moved client's download is whole");
+    // And the connection still works from the new address.
+    assert_eq!(client.get(&host("n1"), "/after-move").await.unwrap().0, 200);
+    assert_eq!(client.endpoint.local_addr().unwrap(), after);
+    client.close().await;
+
+    let m = agent.metrics().unwrap();
+    assert!(metric(&m, "edge_agent_http3_requests_total").unwrap() >= 202.0, "{m}");
+    wait_for("HTTP/3 connections closed on the agent", Duration::from_secs(40), || {
+        let m = agent.metrics().ok()?;
+        (metric(&m, "edge_agent_http3_connections")? == 0.0).then_some(())
+    })
+    .unwrap();
+}
