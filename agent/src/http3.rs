@@ -26,9 +26,8 @@ use http_body_util::BodyExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Http3Config;
 use crate::routes::Connect;
-use crate::Node;
+use crate::{AgentShared, Node};
 
 /// ALPN of HTTP/3.
 const ALPN_H3: &[u8] = b"h3";
@@ -41,6 +40,9 @@ const MAX_UDP_PAYLOAD: u16 = 1350;
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Deadline for the upstream's response head, and between body frames.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(120);
+/// How long a bodiless request's end of stream is awaited after the
+/// response (dropping the stream earlier would stop the client's sending).
+const REQUEST_END_GRACE: Duration = Duration::from_secs(2);
 /// Largest request header section accepted.
 const MAX_FIELD_SECTION: u64 = 64 * 1024;
 /// The address the endpoint believes it has: clients reach the server's
@@ -66,16 +68,14 @@ pub async fn serve(
     node: Arc<Node>,
     shutdown: CancellationToken,
 ) -> Result<(), Http3Error> {
-    let settings = node.shared.config.http3.clone();
     let stats = node.shared.metrics.http3_datagrams.clone();
     let (socket, feeder) = TunnelUdpSocket::new(tunnel.clone(), LOCAL, INBOUND_QUEUE, stats);
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         endpoint_config(route)?,
-        Some(server_config(&node, &settings)?),
+        Some(server_config(&node.shared)?),
         socket,
         Arc::new(quinn::TokioRuntime),
     )?;
-    let connections = TaskTracker::new();
     let feed = async {
         while let Ok(frame) = tunnel.read_datagram().await {
             if !feeder.feed(frame) {
@@ -83,28 +83,65 @@ pub async fn serve(
             }
         }
     };
-    tokio::pin!(feed);
+    let stop = async {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            () = feed => {}
+        }
+    };
+    accept_until(&endpoint, &node.shared, || Some(node.clone()), stop).await;
+    Ok(())
+}
+
+/// Serves HTTP/3 on the agent's own UDP socket (direct mode: the same
+/// address as the direct TLS listener) until `shutdown`. Clients arriving
+/// before the server has told the agent its names are refused.
+pub async fn serve_direct(
+    socket: std::net::UdpSocket,
+    shared: Arc<AgentShared>,
+    shutdown: CancellationToken,
+) -> Result<(), Http3Error> {
+    let mut config = quinn::EndpointConfig::default();
+    config.grease_quic_bit(false);
+    let endpoint = quinn::Endpoint::new(config, Some(server_config(&shared)?), socket, Arc::new(quinn::TokioRuntime))?;
+    accept_until(&endpoint, &shared, || shared.current_node(), shutdown.cancelled()).await;
+    Ok(())
+}
+
+/// Accepts client connections on `endpoint` until `stop`, each served for
+/// the node `node()` names at that moment; then closes them.
+async fn accept_until(
+    endpoint: &quinn::Endpoint,
+    shared: &AgentShared,
+    node: impl Fn() -> Option<Arc<Node>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let connections = TaskTracker::new();
+    let max = u64::from(shared.config.http3.max_connections);
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            () = &mut feed => break,
+            () = &mut stop => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let metrics = &node.shared.metrics;
-                if metrics.http3_connections.load(Ordering::Relaxed) >= u64::from(settings.max_connections) {
-                    metrics.http3_refused.fetch_add(1, Ordering::Relaxed);
-                    incoming.refuse();
-                    continue;
+                let metrics = &shared.metrics;
+                let node = node();
+                match node {
+                    Some(node) if metrics.http3_connections.load(Ordering::Relaxed) < max => {
+                        connections.spawn(connection(incoming, node));
+                    }
+                    _ => {
+                        metrics.http3_refused.fetch_add(1, Ordering::Relaxed);
+                        incoming.refuse();
+                    }
                 }
-                connections.spawn(connection(incoming, node.clone()));
             }
         }
     }
-    endpoint.close(quinn::VarInt::from_u32(0x100), b"tunnel closed");
+    endpoint.close(quinn::VarInt::from_u32(0x100), b"closing");
     connections.close();
     // Bounded: the connections were closed just now.
     let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
-    Ok(())
 }
 
 fn endpoint_config(route: RouteId) -> Result<quinn::EndpointConfig, Http3Error> {
@@ -119,13 +156,14 @@ fn endpoint_config(route: RouteId) -> Result<quinn::EndpointConfig, Http3Error> 
     Ok(config)
 }
 
-fn server_config(node: &Node, settings: &Http3Config) -> Result<quinn::ServerConfig, Http3Error> {
+fn server_config(shared: &AgentShared) -> Result<quinn::ServerConfig, Http3Error> {
+    let settings = &shared.config.http3;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Http3Error::Config(e.to_string()))?
         .with_no_client_auth()
-        .with_cert_resolver(node.shared.cert_resolver());
+        .with_cert_resolver(shared.cert_resolver());
     tls.alpn_protocols = vec![ALPN_H3.to_vec()];
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| Http3Error::Config(e.to_string()))?;
@@ -282,8 +320,11 @@ async fn exchange(
     let (parts, ()) = request.into_parts();
     let bodiless = matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS)
         && !parts.headers.contains_key(http::header::CONTENT_LENGTH);
-    let body: UpstreamBody = if bodiless {
-        http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
+    // A bodiless request's receive half stays open until the response is
+    // sent: dropping it earlier sends STOP_SENDING, which fails a client
+    // whose end of stream is still in flight.
+    let (body, request_end): (UpstreamBody, Option<H3Recv>) = if bodiless {
+        (http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync(), Some(recv))
     } else {
         let frames = futures_util::stream::unfold(recv, |mut recv| async move {
             match tokio::time::timeout(UPSTREAM_IDLE, recv.recv_data()).await {
@@ -296,7 +337,7 @@ async fn exchange(
                 Err(_) => Some((Err(std::io::Error::other("request body stalled")), recv)),
             }
         });
-        BodyExt::boxed_unsync(http_body_util::StreamBody::new(frames.boxed()))
+        (BodyExt::boxed_unsync(http_body_util::StreamBody::new(frames.boxed())), None)
     };
     let mut upstream_request = Request::builder()
         .method(parts.method)
@@ -356,6 +397,11 @@ async fn exchange(
         }
     }
     send.finish().await?;
+    if let Some(mut recv) = request_end {
+        // Until the client's end of stream, briefly (it is usually here).
+        let _ =
+            tokio::time::timeout(REQUEST_END_GRACE, async { while let Ok(Some(_)) = recv.recv_data().await {} }).await;
+    }
     Ok(())
 }
 

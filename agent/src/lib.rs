@@ -448,6 +448,20 @@ pub async fn run(
     }
     if let Some(listener) = direct_listener {
         announce(&listener, &shared.config.data_dir.join("direct.addr"), "direct listener accepting");
+        if shared.config.http3.enabled {
+            // HTTP/3 on the same address, over UDP.
+            match listener.local_addr().and_then(std::net::UdpSocket::bind) {
+                Ok(socket) => {
+                    let (shared, shutdown) = (shared.clone(), shutdown.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = http3::serve_direct(socket, shared, shutdown).await {
+                            tracing::error!(error = %e, "HTTP/3 on the direct listener could not start");
+                        }
+                    });
+                }
+                Err(e) => tracing::error!(error = %e, "could not bind UDP for HTTP/3 on the direct listener"),
+            }
+        }
         tokio::spawn(direct::serve(listener, shared.clone(), shutdown.clone()));
     }
     tokio::spawn(domain_certs::run(shared.clone(), shutdown.clone()));

@@ -62,7 +62,9 @@ impl H3Client {
         let conn = tokio::time::timeout(std::time::Duration::from_secs(10), endpoint.connect(server, name)?)
             .await
             .map_err(|_| anyhow!("QUIC handshake with {name} via {server} timed out"))??;
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone())).await?;
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+            .await
+            .map_err(|e| anyhow!("HTTP/3 connection setup: {e:?}"))?;
         let driver = tokio::spawn(async move {
             let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
         });
@@ -79,11 +81,20 @@ impl H3Client {
     pub async fn get_with(&self, name: &str, path: &str, mut progress: impl FnMut(usize)) -> Result<(u16, Vec<u8>)> {
         let mut send = self.send.clone();
         let request = http::Request::get(format!("https://{name}{path}")).body(())?;
-        let mut stream = send.send_request(request).await?;
-        stream.finish().await?;
-        let response = stream.recv_response().await?;
+        // h3's errors can display as nothing: their Debug form says more.
+        let h3 = |step: &'static str| move |e: h3::error::StreamError| anyhow!("HTTP/3 request, {step}: {e:?}");
+        let mut stream = send.send_request(request).await.map_err(h3("sending"))?;
+        // A server may stop the request side with H3_NO_ERROR once it has
+        // answered (RFC 9114 §4.1): the answer is still there to read.
+        if let Err(e) = stream.finish().await {
+            if !matches!(e, h3::error::StreamError::RemoteTerminate { code, .. } if code == h3::error::Code::H3_NO_ERROR)
+            {
+                return Err(h3("finishing")(e));
+            }
+        }
+        let response = stream.recv_response().await.map_err(h3("response head"))?;
         let mut body = Vec::new();
-        while let Some(mut chunk) = stream.recv_data().await? {
+        while let Some(mut chunk) = stream.recv_data().await.map_err(h3("response body"))? {
             let n = chunk.remaining();
             body.extend_from_slice(&chunk.copy_to_bytes(n));
             progress(body.len());

@@ -35,21 +35,35 @@ pub async fn echo() -> SocketAddr {
 
 /// HTTP/1.1 with keep-alive: answers every GET with 200 and `body`.
 pub async fn http(body: &'static str) -> SocketAddr {
-    serve(listen().await, move |tcp| http_conn(tcp, body))
+    serve(listen().await, move |tcp| http_conn(tcp, body, None))
+}
+
+/// Request lines an upstream has seen, in order.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// [`http`] that also records each request line (`GET /path HTTP/1.1`).
+pub async fn http_recording(body: &'static str) -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    let record = seen.clone();
+    (serve(listen().await, move |tcp| http_conn(tcp, body, Some(record.clone()))), seen)
 }
 
 /// [`http`] on `bind` (e.g. `[::1]:0`).
 pub async fn http_at(bind: SocketAddr, body: &'static str) -> SocketAddr {
     let listener = TcpListener::bind(bind).await.expect("bind upstream");
-    serve(listener, move |tcp| http_conn(tcp, body))
+    serve(listener, move |tcp| http_conn(tcp, body, None))
 }
 
-async fn http_conn(mut tcp: TcpStream, body: &'static str) {
+async fn http_conn(mut tcp: TcpStream, body: &'static str, seen: Option<Seen>) {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
         while let Some(end) = find(&buf, b"\r\n\r\n") {
-            let request = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            if let Some(seen) = &seen {
+                seen.lock().unwrap_or_else(|p| p.into_inner()).push(head.lines().next().unwrap_or("").to_string());
+            }
+            let request = head.to_ascii_lowercase();
             buf.drain(..end + 4);
             let close = request.contains("connection: close") || request.contains("http/1.0");
             let response = format!(
@@ -254,7 +268,7 @@ impl Switchable {
                         Ok((tcp, _)) => {
                             let stop = stop.clone();
                             conns.spawn(async move {
-                                tokio::select! { _ = stop.cancelled() => {}, _ = http_conn(tcp, body) => {} }
+                                tokio::select! { _ = stop.cancelled() => {}, _ = http_conn(tcp, body, None) => {} }
                             });
                         }
                         Err(_) => break,
@@ -319,6 +333,46 @@ pub async fn tls_http(name: &str, cn: &str, body: &'static str) -> SocketAddr {
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
             let _ = tls.write_all(response.as_bytes()).await;
             let _ = tls.shutdown().await;
+        }
+    })
+}
+
+/// HTTP/1.1 with keep-alive: `GET /bytes/N` answers N bytes (at most
+/// 1 GiB), anything else 2 bytes. For the HTTP/3 benchmark.
+pub async fn http_sized() -> SocketAddr {
+    serve(listen().await, |mut tcp| async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut buf = Vec::with_capacity(4096);
+        let mut read = [0u8; 4096];
+        loop {
+            while let Some(end) = find(&buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                buf.drain(..end + 4);
+                let path = head.split_whitespace().nth(1).unwrap_or("/");
+                let size: usize = path.strip_prefix("/bytes/").and_then(|n| n.parse().ok()).unwrap_or(2);
+                let size = size.min(1 << 30);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n"
+                );
+                if tcp.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut left = size;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if tcp.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+            }
+            if buf.len() > 64 * 1024 {
+                return;
+            }
+            match tcp.read(&mut read).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&read[..n]),
+            }
         }
     })
 }

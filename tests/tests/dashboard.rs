@@ -6,63 +6,19 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use chromium::start_driver;
 use edge_tests::admin::request;
-use edge_tests::{pebble::free_port, upstreams, Agent, Server};
-use fantoccini::{Client, ClientBuilder, Locator};
+use edge_tests::{upstreams, Agent, Server};
+use fantoccini::{Client, Locator};
 
-/// chromedriver, killed on drop.
-struct Driver(Child);
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_driver(log: &Path) -> (Driver, u16) {
-    let port = free_port().unwrap();
-    let child = Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .arg(format!("--log-path={}", log.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver (Debian chromium-driver) is installed by scripts/test.sh");
-    let driver = Driver(child);
-    edge_tests::wait_for("chromedriver", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-    })
-    .unwrap();
-    (driver, port)
-}
+#[path = "support/chromium.rs"]
+mod chromium;
 
 async fn browser(port: u16, profile: &Path) -> Client {
-    let args = vec![
-        "--headless=new".to_string(),
-        "--no-sandbox".into(),
-        "--disable-gpu".into(),
-        "--disable-quic".into(),
-        "--no-first-run".into(),
-        "--disable-background-networking".into(),
-        "--disable-component-update".into(),
-        "--disable-sync".into(),
-        "--disable-dev-shm-usage".into(),
-        "--window-size=1280,1000".into(),
-        format!("--user-data-dir={}", profile.display()),
-    ];
-    let mut caps = serde_json::Map::new();
-    caps.insert("acceptInsecureCerts".into(), serde_json::Value::Bool(true));
-    caps.insert("goog:chromeOptions".into(), serde_json::json!({ "binary": "/usr/bin/chromium", "args": args }));
-    ClientBuilder::rustls()
-        .expect("rustls connector")
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("WebDriver session")
+    chromium::browser(port, profile, &["--disable-quic".to_string()]).await
 }
 
 async fn shot(c: &Client, dir: &Path, name: &str) {

@@ -173,3 +173,56 @@ async fn two_hundred_concurrent_downloads_and_a_client_that_moves() {
     })
     .unwrap();
 }
+
+#[path = "support/chromium.rs"]
+mod chromium;
+
+/// base64 of the SHA-256 of a certificate's public key, as Chromium's
+/// `--ignore-certificate-errors-spki-list` takes it.
+fn spki_hash(cert: &std::path::Path) -> String {
+    let script = format!(
+        "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+        cert.display()
+    );
+    let out = std::process::Command::new("sh").args(["-c", &script]).output().expect("openssl is installed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_loads_a_page_over_http3_through_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start_with_log(&dir.path().join("server"), "", None, Some("info,edge_server::quic_clients=debug"))
+            .unwrap();
+    let udp = server.addrs.quic_clients.unwrap();
+    let (upstream, seen) = upstreams::http_recording("served over h3 by the node").await;
+    let agent = start_node(&server, dir.path(), "n1", upstream);
+    let spki = spki_hash(&agent.data_dir.join("certs/n1.crt"));
+    let origin = format!("{}:{}", host("n1"), udp.port());
+
+    let (_driver, port) = chromium::start_driver(&dir.path().join("chromedriver.log"));
+    let flags = [
+        "--enable-quic".to_string(),
+        format!("--origin-to-force-quic-on={origin}"),
+        format!("--host-resolver-rules=MAP {} 127.0.0.1", host("n1")),
+        format!("--ignore-certificate-errors-spki-list={spki}"),
+    ];
+    let browser = chromium::browser(port, &dir.path().join("profile"), &flags).await;
+    browser.goto(&format!("https://{origin}/from-chromium")).await.unwrap();
+    // The upstream answers text/plain: the page shows the markup as text.
+    let page = browser.source().await.unwrap();
+    assert!(page.contains("served over h3"), "page: {page}");
+    let protocol =
+        browser.execute("return performance.getEntriesByType('navigation')[0].nextHopProtocol", vec![]).await.unwrap();
+    assert_eq!(protocol.as_str(), Some("h3"), "the page came over HTTP/3");
+    browser.close().await.unwrap();
+
+    // The agent served it, the upstream saw it, the server forwarded it.
+    let requests = seen.lock().unwrap().clone();
+    assert!(requests.iter().any(|r| r.starts_with("GET /from-chromium ")), "upstream saw: {requests:?}");
+    let m = agent.metrics().unwrap();
+    assert!(metric(&m, "edge_agent_http3_requests_total").unwrap() >= 1.0, "{m}");
+    let log = server.proc.log_text();
+    assert!(log.contains("QUIC client forwarded") && log.contains("n1.edge.test"), "server log:\n{log}");
+}
