@@ -232,14 +232,15 @@ async fn connection(incoming: quinn::Incoming, node: Arc<Node>) {
         }
     };
     let requests = TaskTracker::new();
+    let pool = Arc::new(UpstreamPool::default());
     loop {
         match h3.accept().await {
             Ok(Some(resolver)) => {
-                let (node, sni) = (node.clone(), sni.clone());
+                let (node, sni, pool) = (node.clone(), sni.clone(), pool.clone());
                 requests.spawn(async move {
                     let resolved = tokio::time::timeout(HANDSHAKE_DEADLINE, resolver.resolve_request()).await;
                     let Ok(Ok((request, stream))) = resolved else { return };
-                    if let Err(e) = request_to_upstream(request, stream, &node, &sni, client).await {
+                    if let Err(e) = request_to_upstream(request, stream, &node, &sni, client, &pool).await {
                         tracing::debug!(%client, error = %e, "HTTP/3 request failed");
                     }
                 });
@@ -253,6 +254,56 @@ async fn connection(incoming: quinn::Incoming, node: Arc<Node>) {
     }
     requests.close();
     requests.wait().await;
+}
+
+/// An upstream HTTP/1.1 connection; its driver stops when it is dropped.
+struct UpstreamConn {
+    route: Arc<crate::routes::Route>,
+    sender: hyper::client::conn::http1::SendRequest<UpstreamBody>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UpstreamConn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Idle upstream connections of one client connection, reused by its
+/// later requests (a connection per request would cost a TCP handshake
+/// each). Per client connection, so a PROXY v2 header still names the
+/// client the upstream connection serves.
+#[derive(Default)]
+struct UpstreamPool(std::sync::Mutex<Vec<UpstreamConn>>);
+
+/// Idle upstream connections kept per client connection.
+const POOL_MAX: usize = 8;
+/// How long a pooled connection may take to be ready again.
+const POOL_READY_WAIT: Duration = Duration::from_millis(100);
+
+impl UpstreamPool {
+    /// An idle connection to `route`, ready for a request.
+    async fn take(&self, route: &Arc<crate::routes::Route>) -> Option<UpstreamConn> {
+        let mut conn = {
+            let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            // Closed ones are dropped on the way.
+            idle.retain(|c| !c.sender.is_closed());
+            let i = idle.iter().position(|c| Arc::ptr_eq(&c.route, route))?;
+            idle.swap_remove(i)
+        };
+        // Just returned ones may still be finishing their last response.
+        match tokio::time::timeout(POOL_READY_WAIT, conn.sender.ready()).await {
+            Ok(Ok(())) => Some(conn),
+            _ => None,
+        }
+    }
+
+    fn put(&self, conn: UpstreamConn) {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < POOL_MAX && !conn.sender.is_closed() {
+            idle.push(conn);
+        }
+    }
 }
 
 type H3Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
@@ -275,6 +326,7 @@ async fn request_to_upstream(
     node: &Node,
     sni: &str,
     client: SocketAddr,
+    pool: &UpstreamPool,
 ) -> Result<(), RequestError> {
     let (mut send, recv) = stream.split();
     let host = request.uri().host().map(str::to_ascii_lowercase).unwrap_or_else(|| sni.to_string());
@@ -287,24 +339,32 @@ async fn request_to_upstream(
     if route.mode == RouteMode::Passthrough {
         return answer(&mut send, StatusCode::MISDIRECTED_REQUEST, "this name is served over TCP only\n").await;
     }
-    let header = StreamHeader { client, local: LOCAL, sni: sni.to_string(), plain: false, service: None };
-    let tcp = match route.connect(&header).await {
-        Connect::Ok(tcp) => tcp,
-        Connect::Refused(refusal, why) => {
-            tracing::debug!(route = %route.pattern, why, "HTTP/3 request refused");
-            return refuse(&mut send, refusal).await;
+    let mut upstream = match pool.take(&route).await {
+        Some(conn) => conn,
+        None => {
+            let header = StreamHeader { client, local: LOCAL, sni: sni.to_string(), plain: false, service: None };
+            let tcp = match route.connect(&header).await {
+                Connect::Ok(tcp) => tcp,
+                Connect::Refused(refusal, why) => {
+                    tracing::debug!(route = %route.pattern, why, "HTTP/3 request refused");
+                    return refuse(&mut send, refusal).await;
+                }
+            };
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let (sender, conn) = match hyper::client::conn::http1::handshake::<_, UpstreamBody>(io).await {
+                Ok(pair) => pair,
+                Err(e) => return Err(RequestError::Upstream(e.to_string())),
+            };
+            let driver = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            UpstreamConn { route: route.clone(), sender, driver }
         }
     };
-    let (mut sender, upstream) =
-        match hyper::client::conn::http1::handshake::<_, UpstreamBody>(hyper_util::rt::TokioIo::new(tcp)).await {
-            Ok(pair) => pair,
-            Err(e) => return Err(RequestError::Upstream(e.to_string())),
-        };
-    let driver = tokio::spawn(upstream);
-    let result = exchange(&mut sender, request, &host, &mut send, recv).await;
-    driver.abort();
+    let result = exchange(&mut upstream.sender, request, &host, &mut send, recv).await;
     if result.is_ok() {
         node.shared.metrics.http3_requests.fetch_add(1, Ordering::Relaxed);
+        pool.put(upstream);
     }
     result
 }

@@ -70,6 +70,12 @@ fn quic_initial_corpus() {
     // The seeds are real Initials (see `write_quic_initial_seeds`): a
     // change that stops reading them shows here.
     assert!(found.len() >= 2, "hellos found in the seeds (quinn_pq, frames): {found:?}");
+    // And tunnel frames (the target reads its input as one too).
+    let frames = corpus("quic_initial")
+        .into_iter()
+        .filter(|(_, data)| edge_proto::quic_datagram::decode(data).is_ok_and(|(_, d)| d.len() == 57))
+        .count();
+    assert_eq!(frames, 2, "tunnel_frame_v4 and tunnel_frame_v6 decode");
 }
 
 fn decode_all<In: serde::de::DeserializeOwned>(data: &[u8]) -> usize {

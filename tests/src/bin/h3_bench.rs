@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use edge_tests::h3client::{client_config, H3Client};
 use edge_tests::load::median;
-use edge_tests::{cpu_seconds, upstreams, Agent, Server, ZONE};
+use edge_tests::{cpu_seconds, metric, upstreams, Agent, Server, ZONE};
 
 /// Benchmark HTTP/3 through the tunnel against HTTP/3 direct to the agent.
 #[derive(Debug, Parser)]
@@ -171,5 +171,19 @@ async fn main() -> Result<()> {
             median(row.cpu_us_per_request.clone()),
         );
     }
+    // Datagrams lost inside the path (each one a retransmission for the
+    // client's or the node's QUIC).
+    let server_metrics = server.metrics()?;
+    let agent_metrics = agent.metrics()?;
+    let get = |text: &str, series: &str| metric(text, series).unwrap_or(0.0);
+    println!(
+        "\ntunnel datagrams dropped: server→agent {:.0} (tunnel refused), agent→server {:.0}; answers refused {:.0}; \
+         carried: {:.0} to the node, {:.0} to clients",
+        get(&server_metrics, "edge_quic_client_dropped_total{reason=\"tunnel_refused\"}"),
+        get(&agent_metrics, "edge_agent_quic_client_datagrams_dropped_total"),
+        get(&server_metrics, "edge_quic_client_dropped_total{reason=\"answer_refused\"}"),
+        get(&server_metrics, "edge_quic_client_datagrams_total{direction=\"to_node\"}"),
+        get(&server_metrics, "edge_quic_client_datagrams_total{direction=\"to_client\"}"),
+    );
     Ok(())
 }
