@@ -117,7 +117,8 @@ pub struct AgentConfig {
 pub struct Http3Config {
     /// Serve HTTP/3 (off by default).
     pub enabled: bool,
-    /// QUIC client connections served at once, per tunnel; more are refused.
+    /// QUIC client connections this agent serves at once (over all its
+    /// tunnels and the direct listener); more are refused.
     pub max_connections: u32,
     /// Requests a client may have open at once on one connection.
     pub max_streams_per_connection: u32,
@@ -519,6 +520,8 @@ impl AgentConfig {
         check("runtime", self.runtime != other.runtime);
         check("acme", format!("{:?}", self.acme) != format!("{:?}", other.acme));
         check("log_format", self.log_format != other.log_format);
+        // Offered in the hello: a tunnel takes it when it connects.
+        check("http3", self.http3 != other.http3);
         changed
     }
 
@@ -654,6 +657,7 @@ mod tests {
         assert_eq!(c.routes.len(), 2);
         assert_eq!(c.routes[1].mode, Some(Mode::Passthrough));
         assert_eq!(c.routes[0].health.as_ref().map(|h| h.check), Some(CheckKind::Http));
+        assert!(c.http3.enabled && c.http3.max_connections == 4096 && c.http3.idle_timeout_secs == 30);
     }
 
     #[test]
@@ -719,6 +723,13 @@ mod tests {
             ),
             (format!("join = {j:?}\n[[routes]]\nhost = \"a.b\"\nupstreams = [\"h:1\"]\nbogus = 1"), "bogus"),
             (format!("join = {j:?}\n[health]\ncheck = \"tcp\"\n[[routes]]\nhost = \"a.b\"\nupstreams = [\"h:1\"]"), "health"),
+            (format!("join = {j:?}\nupstream = \"h:1\"\n[http3]\nmax_connections = 0"), "http3.max_connections"),
+            (
+                format!("join = {j:?}\nupstream = \"h:1\"\n[http3]\nmax_streams_per_connection = 0"),
+                "http3.max_streams_per_connection",
+            ),
+            (format!("join = {j:?}\nupstream = \"h:1\"\n[http3]\nidle_timeout_secs = 60"), "http3.idle_timeout_secs"),
+            (format!("join = {j:?}\nupstream = \"h:1\"\n[http3]\nenable = true"), "enable"),
         ];
         for (text, field) in cases {
             let err = AgentConfig::parse(&text, "agent.toml").and_then(|c| c.validate("agent.toml").map(|_| ()));

@@ -979,6 +979,12 @@ impl ServerConfig {
         if let Some(dns) = &self.dns {
             dns.validate(self.zone(), self.listen.tls)?;
         }
+        if self.listen.quic_clients.is_some_and(|q| q == self.listen.quic && q.port() != 0) {
+            return Err(format!(
+                "listen.quic_clients = {} is listen.quic's address: agents and QUIC clients need UDP ports of their own",
+                self.listen.quic
+            ));
+        }
         let m = &self.modes;
         if !(100..=3_600_000).contains(&m.probe_interval_ms) {
             return Err(format!("modes.probe_interval_ms = {} must be between 100 and 3600000", m.probe_interval_ms));
@@ -1045,6 +1051,7 @@ mod tests {
             (&format!("{MINIMAL}[limits]\nclient_hello_max_bytes = 1"), "limits.client_hello_max_bytes"),
             (&format!("{MINIMAL}[tunnel]\nkeep_alive_secs = 60"), "tunnel.keep_alive_secs"),
             (&format!("{MINIMAL}[listen]\ntls = \"nope\""), "tls"),
+            (&format!("{MINIMAL}[listen]\nquic = \"0.0.0.0:4433\"\nquic_clients = \"0.0.0.0:4433\""), "listen.quic_clients"),
             (&format!("{MINIMAL}[public]\nquic = \"host\""), "public.quic"),
             (&format!("{MINIMAL}admin_token = \"short\""), "admin_token"),
             (&format!("{MINIMAL}[dns]\nlisten = \"127.0.0.1:53\""), "dns.addresses"),
@@ -1078,6 +1085,7 @@ mod tests {
         let c = ServerConfig::parse(text, "examples/server.toml").unwrap();
         assert_eq!(c.zone(), "edge.example.com");
         assert_eq!(c.public.quic.as_deref(), Some("edge.example.com:4433"));
+        assert_eq!(c.listen.quic_clients, Some("0.0.0.0:443".parse().unwrap()));
         let dns = c.dns.as_ref().unwrap();
         assert_eq!(dns.records.len(), 1);
         let acme = c.acme.as_ref().unwrap();

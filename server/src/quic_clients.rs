@@ -43,6 +43,9 @@ pub struct QuicClientMetrics {
     pub version_negotiation: AtomicU64,
     /// First flights routed by their SNI (new client connections).
     pub connections_routed: AtomicU64,
+    /// Datagrams of first flights held until their ClientHello was whole
+    /// (a post-quantum ClientHello spans two or more).
+    pub first_flight_buffered: AtomicU64,
     /// Client datagrams dropped, by [`DropReason`].
     dropped: [AtomicU64; DropReason::ALL.len()],
     /// Client datagrams the tunnel could not take (too large for its path
@@ -65,6 +68,9 @@ impl QuicClientMetrics {
 struct RouteEntry {
     conn: quinn::Connection,
     node: String,
+    /// The tunnel's state, once listed: a leaving tunnel takes no new
+    /// clients while another is up.
+    state: Option<Arc<crate::registry::TunnelState>>,
 }
 
 /// The listener's shared state: the socket, the router, the routes.
@@ -107,18 +113,27 @@ impl QuicClients {
                 break candidate;
             }
         };
-        routes.insert(route, RouteEntry { conn: conn.clone(), node: node.to_string() });
+        routes.insert(route, RouteEntry { conn: conn.clone(), node: node.to_string(), state: None });
         RouteGuard { clients: self.clone(), route }
+    }
+
+    /// Links a route to its tunnel's state (listed after the welcome).
+    pub fn set_state(&self, route: RouteId, state: Arc<crate::registry::TunnelState>) {
+        if let Some(entry) = self.routes.write().unwrap_or_else(|p| p.into_inner()).get_mut(&route) {
+            entry.state = Some(state);
+        }
     }
 
     fn live(&self, route: RouteId) -> bool {
         self.routes.read().unwrap_or_else(|p| p.into_inner()).contains_key(&route)
     }
 
-    /// The newest route of `node`.
+    /// A route of `node` for a new client: one whose tunnel is not leaving
+    /// when there is one, the most recently assigned among those.
     fn route_of(&self, node: &str) -> Option<RouteId> {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        routes.iter().filter(|(_, e)| e.node == node).map(|(r, _)| *r).max_by_key(|r| r.0)
+        let leaving = |e: &RouteEntry| e.state.as_ref().is_some_and(|s| s.leaving.load(Ordering::Relaxed));
+        routes.iter().filter(|(_, e)| e.node == node).max_by_key(|(r, e)| (!leaving(e), r.0)).map(|(r, _)| *r)
     }
 
     /// Carries the datagrams the agent sends on `route`'s tunnel to their
@@ -194,6 +209,13 @@ impl QuicClients {
         let _ = writeln!(out, "# HELP edge_quic_client_connections_total QUIC client connections routed by SNI.");
         let _ = writeln!(out, "# TYPE edge_quic_client_connections_total counter");
         let _ = writeln!(out, "edge_quic_client_connections_total {}", g(&m.connections_routed));
+        let _ = writeln!(
+            out,
+            "# HELP edge_quic_client_first_flight_buffered_total Datagrams of first flights held until their \
+             ClientHello was whole."
+        );
+        let _ = writeln!(out, "# TYPE edge_quic_client_first_flight_buffered_total counter");
+        let _ = writeln!(out, "edge_quic_client_first_flight_buffered_total {}", g(&m.first_flight_buffered));
         let _ = writeln!(out, "# HELP edge_quic_version_negotiation_total Version Negotiation packets sent.");
         let _ = writeln!(out, "# TYPE edge_quic_version_negotiation_total counter");
         let _ = writeln!(out, "edge_quic_version_negotiation_total {}", g(&m.version_negotiation));
@@ -272,7 +294,9 @@ pub async fn serve(clients: Arc<QuicClients>, shared: Arc<Shared>, shutdown: Can
                 }
                 clients.forward(route, source, datagram);
             }
-            Verdict::Buffered => {}
+            Verdict::Buffered => {
+                clients.metrics.first_flight_buffered.fetch_add(1, Ordering::Relaxed);
+            }
             Verdict::Reply(packet) => {
                 clients.metrics.version_negotiation.fetch_add(1, Ordering::Relaxed);
                 clients.send_to(source, &packet);

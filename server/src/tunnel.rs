@@ -210,6 +210,9 @@ async fn session(
     let stalls = edge_net::stall::StallBudget::for_windows(tuning.connection_window, tuning.stream_window);
     let tunnel = Tunnel::new(tunnel_id, conn.clone(), instance, replica.clone(), stalls);
     let state = tunnel.state.clone();
+    if let (Some(clients), Some(route)) = (&shared.quic_clients, &quic_route) {
+        clients.set_state(route.route(), state.clone());
+    }
     let services = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_SERVICES);
     state.serves_services.store(services, std::sync::atomic::Ordering::Relaxed);
     let answers_alpn = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_ACME_TLS_ALPN);

@@ -56,6 +56,10 @@ async fn two_nodes_each_serve_only_their_own_http3_clients() {
     let server_metrics = server.metrics().unwrap();
     let routed = metric(&server_metrics, "edge_quic_client_connections_total").unwrap_or(0.0);
     assert!(routed >= 3.0, "connections routed by SNI: {routed}\n{server_metrics}");
+    // The clients' ClientHellos are post-quantum (X25519MLKEM768): each
+    // first flight spans several Initial datagrams, held until whole.
+    let held = metric(&server_metrics, "edge_quic_client_first_flight_buffered_total").unwrap_or(0.0);
+    assert!(held >= routed, "first-flight datagrams held ({held}) for {routed} connections\n{server_metrics}");
     let unknown_names = metric(&server_metrics, "edge_quic_client_dropped_total{reason=\"unknown_name\"}").unwrap();
     assert!(unknown_names >= 1.0, "{server_metrics}");
     for (node, agent) in [("n1", &n1), ("n2", &n2)] {
