@@ -224,6 +224,12 @@ impl QuicRouter {
         }
     }
 
+    /// Takes new limits (a reload); state already kept stays until it
+    /// expires or ends.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// First flights being read.
     pub fn pending(&self) -> usize {
         self.pending.len()

@@ -762,6 +762,13 @@ pub struct LimitsConfig {
     /// How long a new client connection waits for the agent's first bytes
     /// before it is replayed on another tunnel of the node, if one is up.
     pub agent_answer_timeout_ms: u64,
+    /// New QUIC client connections (first flights) one source (an IPv4
+    /// address or an IPv6 /64) may start per second on
+    /// `listen.quic_clients`; 0 turns the check off.
+    pub quic_client_rate: u32,
+    /// QUIC first flights one source may have waiting for their
+    /// ClientHello at once.
+    pub quic_client_pending: usize,
 }
 
 impl Default for LimitsConfig {
@@ -787,6 +794,8 @@ impl Default for LimitsConfig {
             metrics_cache_ms: 1000,
             source_table_size: 100_000,
             agent_answer_timeout_ms: 3_000,
+            quic_client_rate: 50,
+            quic_client_pending: 16,
         }
     }
 }
@@ -976,6 +985,9 @@ impl ServerConfig {
                 l.agent_answer_timeout_ms
             ));
         }
+        if !(1..=4096).contains(&l.quic_client_pending) {
+            return Err(format!("limits.quic_client_pending = {} must be between 1 and 4096", l.quic_client_pending));
+        }
         if let Some(dns) = &self.dns {
             dns.validate(self.zone(), self.listen.tls)?;
         }
@@ -1050,6 +1062,7 @@ mod tests {
             (&format!("{MINIMAL}bogus = 1"), "bogus"),
             (&format!("{MINIMAL}[limits]\nclient_hello_max_bytes = 1"), "limits.client_hello_max_bytes"),
             (&format!("{MINIMAL}[tunnel]\nkeep_alive_secs = 60"), "tunnel.keep_alive_secs"),
+            (&format!("{MINIMAL}[limits]\nquic_client_pending = 0"), "limits.quic_client_pending"),
             (&format!("{MINIMAL}[listen]\ntls = \"nope\""), "tls"),
             (&format!("{MINIMAL}[listen]\nquic = \"0.0.0.0:4433\"\nquic_clients = \"0.0.0.0:4433\""), "listen.quic_clients"),
             (&format!("{MINIMAL}[public]\nquic = \"host\""), "public.quic"),

@@ -249,6 +249,13 @@ impl Drop for RouteGuard {
     }
 }
 
+/// The router's bounds: the defaults, with the per-source ones from
+/// `[limits]`.
+fn router_limits(limits: &crate::config::LimitsConfig) -> Limits {
+    let rate = if limits.quic_client_rate == 0 { u32::MAX } else { limits.quic_client_rate };
+    Limits { new_per_source_per_sec: rate, max_pending_per_source: limits.quic_client_pending, ..Limits::default() }
+}
+
 /// Reads client datagrams until `shutdown`.
 pub async fn serve(clients: Arc<QuicClients>, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -258,7 +265,10 @@ pub async fn serve(clients: Arc<QuicClients>, shared: Arc<Shared>, shutdown: Can
         let (len, source) = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = expiry.tick() => {
-                clients.router.lock().unwrap_or_else(|p| p.into_inner()).expire(Instant::now());
+                let mut router = clients.router.lock().unwrap_or_else(|p| p.into_inner());
+                router.expire(Instant::now());
+                // Follows a reload within a second.
+                router.set_limits(router_limits(&shared.limits()));
                 continue;
             }
             received = clients.socket.recv_from(&mut buf) => match received {
@@ -303,5 +313,21 @@ pub async fn serve(clients: Arc<QuicClients>, shared: Arc<Shared>, shutdown: Can
             }
             Verdict::Drop(reason) => clients.metrics.drop_for(reason),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_config_and_zero_turns_the_rate_off() {
+        let mut config =
+            crate::config::LimitsConfig { quic_client_rate: 7, quic_client_pending: 3, ..Default::default() };
+        let limits = router_limits(&config);
+        assert_eq!((limits.new_per_source_per_sec, limits.max_pending_per_source), (7, 3));
+        assert_eq!(limits.max_pending, Limits::default().max_pending, "the rest stays");
+        config.quic_client_rate = 0;
+        assert_eq!(router_limits(&config).new_per_source_per_sec, u32::MAX);
     }
 }
