@@ -342,7 +342,10 @@ async fn request_to_upstream(
     let mut upstream = match pool.take(&route).await {
         Some(conn) => conn,
         None => {
-            let header = StreamHeader { client, local: LOCAL, sni: sni.to_string(), plain: false, service: None };
+            // Same family as the client, so a PROXY v2 header stays IPv4 for
+            // IPv4 clients.
+            let local = if client.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 443)) } else { LOCAL };
+            let header = StreamHeader { client, local, sni: sni.to_string(), plain: false, service: None };
             let tcp = match route.connect(&header).await {
                 Connect::Ok(tcp) => tcp,
                 Connect::Refused(refusal, why) => {

@@ -215,6 +215,24 @@ async fn internet_sized_tunnel_datagrams_still_carry_http3() {
     assert!(carried >= 700.0, "1 MiB in datagrams of at most 1350 bytes: {carried}\n{m}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_learns_the_http3_clients_address_by_proxy_v2() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), "").unwrap();
+    let udp = server.addrs.quic_clients.unwrap();
+    let join = server.add_node("n1").unwrap();
+    let extra = format!("proxy_protocol = true\n{HTTP3_ON}");
+    let agent =
+        Agent::spawn_with_config(&dir.path().join("n1"), &join, upstreams::proxy_v2_reporter().await, &extra).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let client = H3Client::connect(udp, &host("n1"), client_config(&agent.local_ca("n1")).unwrap()).await.unwrap();
+    let own = client.endpoint.local_addr().unwrap();
+    let (status, body) = client.get(&host("n1"), "/who").await.unwrap();
+    // The client's address as the server saw it (IPv4, not mapped).
+    assert_eq!((status, String::from_utf8_lossy(&body).into_owned()), (200, own.to_string()));
+    client.close().await;
+}
+
 #[path = "support/chromium.rs"]
 mod chromium;
 
