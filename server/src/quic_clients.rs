@@ -77,6 +77,9 @@ struct RouteEntry {
 #[derive(Debug)]
 pub struct QuicClients {
     socket: UdpSocket,
+    /// Whether the socket is IPv6 (dual-stack: IPv4 clients are reached by
+    /// their mapped form), read once rather than per datagram.
+    ipv6: bool,
     router: Mutex<QuicRouter>,
     routes: RwLock<HashMap<RouteId, RouteEntry>>,
     next_route: AtomicU32,
@@ -88,7 +91,9 @@ impl QuicClients {
     /// State around a bound socket.
     pub fn new(socket: std::net::UdpSocket) -> std::io::Result<Arc<Self>> {
         socket.set_nonblocking(true)?;
+        let ipv6 = socket.local_addr()?.is_ipv6();
         Ok(Arc::new(Self {
+            ipv6,
             socket: UdpSocket::from_std(socket)?,
             router: Mutex::new(QuicRouter::new(Limits::default())),
             routes: RwLock::new(HashMap::new()),
@@ -158,9 +163,8 @@ impl QuicClients {
 
     /// Best effort, as UDP: a full socket buffer drops the datagram.
     fn send_to(&self, client: SocketAddr, datagram: &[u8]) {
-        let to = match (client, self.socket.local_addr()) {
-            // A dual-stack socket reaches IPv4 clients by their mapped form.
-            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => {
+        let to = match client {
+            SocketAddr::V4(v4) if self.ipv6 => {
                 SocketAddr::new(std::net::IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
             }
             _ => client,
