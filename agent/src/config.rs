@@ -124,11 +124,22 @@ pub struct Http3Config {
     pub max_streams_per_connection: u32,
     /// A client connection with no traffic for this long is closed.
     pub idle_timeout_secs: u64,
+    /// Advertise HTTP/3 to TCP clients: the first HTTP/1.x response of
+    /// each TLS connection the agent terminates gets `Alt-Svc: h3=":port"`
+    /// (the server's QUIC port, or `direct_listen`'s), unless the upstream
+    /// sent one.
+    pub alt_svc: bool,
 }
 
 impl Default for Http3Config {
     fn default() -> Self {
-        Self { enabled: false, max_connections: 4096, max_streams_per_connection: 100, idle_timeout_secs: 30 }
+        Self {
+            enabled: false,
+            max_connections: 4096,
+            max_streams_per_connection: 100,
+            idle_timeout_secs: 30,
+            alt_svc: true,
+        }
     }
 }
 

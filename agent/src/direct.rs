@@ -115,7 +115,10 @@ async fn terminate_direct(
     };
     // No tunnel window to protect: a budget that never sheds.
     let unbounded = Arc::new(StallBudget::new(usize::MAX));
-    if let Err(e) = crate::streams::serve_terminated(tls, &header, route, node, &unbounded).await {
+    // HTTP/3 is served on the same address over UDP.
+    let http3 = &node.shared.config.http3;
+    let alt_svc = (http3.enabled && http3.alt_svc).then_some(header.local.port());
+    if let Err(e) = crate::streams::serve_terminated(tls, &header, route, node, &unbounded, alt_svc).await {
         tracing::debug!(%peer, error = %e, "direct connection");
     }
 }

@@ -61,15 +61,18 @@ pub enum Http3Error {
 }
 
 /// Serves HTTP/3 clients carried by `tunnel` on `route` until the tunnel
-/// closes or `shutdown`; then closes their connections.
+/// closes or `shutdown`; then closes their connections. With `streams`
+/// (both ends announced it), frames too large for a DATAGRAM frame cross
+/// on frame streams ([`edge_net::frame_streams`]) both ways.
 pub async fn serve(
     tunnel: quinn::Connection,
     route: RouteId,
+    streams: bool,
     node: Arc<Node>,
     shutdown: CancellationToken,
 ) -> Result<(), Http3Error> {
     let stats = node.shared.metrics.http3_datagrams.clone();
-    let (socket, feeder) = TunnelUdpSocket::new(tunnel.clone(), LOCAL, INBOUND_QUEUE, stats);
+    let (socket, feeder) = TunnelUdpSocket::new(tunnel.clone(), LOCAL, INBOUND_QUEUE, stats.clone(), streams);
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         endpoint_config(route)?,
         Some(server_config(&node.shared)?),
@@ -83,10 +86,27 @@ pub async fn serve(
             }
         }
     };
+    let feed_streams = async {
+        if !streams {
+            return std::future::pending().await;
+        }
+        // Each stream lives at most STREAM_DEADLINE, and the server may
+        // have only STREAMS_IN_FLIGHT open at once.
+        while let Ok(recv) = tunnel.accept_uni().await {
+            let (feeder, stats) = (feeder.clone(), stats.clone());
+            tokio::spawn(async move {
+                if let Some(frame) = edge_net::frame_streams::read(recv).await {
+                    stats.received_on_streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    feeder.feed(frame);
+                }
+            });
+        }
+    };
     let stop = async {
         tokio::select! {
             _ = shutdown.cancelled() => {}
             () = feed => {}
+            () = feed_streams => {}
         }
     };
     accept_until(&endpoint, &node.shared, || Some(node.clone()), stop).await;

@@ -9,6 +9,9 @@
 //! - [`routes`]: which upstreams serve which names; picking an upstream.
 //! - [`health`]: upstream health from active checks and failed connects.
 //! - [`streams`]: one client connection per QUIC stream.
+//! - [`alt_svc`]: `Alt-Svc: h3` on the first HTTP/1.x response of a
+//!   terminated connection.
+//! - [`http3`]: QUIC clients (over the tunnel or direct), served HTTP/3.
 //! - [`direct`]: clients connecting to the node itself, without the tunnel.
 //! - [`tls`]: node certificate (swappable) and server trust.
 //! - [`signal`]: heartbeats to the signal API.
@@ -19,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acme;
+pub mod alt_svc;
 pub mod cluster;
 pub mod config;
 pub mod direct;

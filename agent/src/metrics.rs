@@ -49,6 +49,8 @@ pub struct AgentMetrics {
     pub http3_refused: AtomicU64,
     /// HTTP/3 requests answered.
     pub http3_requests: AtomicU64,
+    /// HTTP/1.x responses over TCP that got an `Alt-Svc: h3` header.
+    pub alt_svc_added: AtomicU64,
     /// QUIC client datagrams crossing the tunnel.
     pub http3_datagrams: std::sync::Arc<edge_net::tunnel_udp::TunnelUdpStats>,
 }
@@ -58,7 +60,7 @@ impl AgentMetrics {
     pub fn render(&self) -> String {
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let d = &self.http3_datagrams;
-        let rows: [(&str, &str, &str, u64); 26] = [
+        let rows: [(&str, &str, &str, u64); 29] = [
             ("edge_agent_http3_connections", "gauge", "HTTP/3 client connections open.", g(&self.http3_connections)),
             (
                 "edge_agent_http3_connections_total",
@@ -73,10 +75,28 @@ impl AgentMetrics {
                 g(&self.http3_refused),
             ),
             ("edge_agent_http3_requests_total", "counter", "HTTP/3 requests answered.", g(&self.http3_requests)),
+            (
+                "edge_agent_alt_svc_advertised_total",
+                "counter",
+                "TCP connections whose first HTTP/1.x response got an Alt-Svc header advertising HTTP/3.",
+                g(&self.alt_svc_added),
+            ),
             ("edge_agent_quic_client_datagrams_in_total", "counter", "QUIC client datagrams in.", g(&d.received)),
             ("edge_agent_quic_client_bytes_in_total", "counter", "QUIC client bytes in.", g(&d.received_bytes)),
             ("edge_agent_quic_client_datagrams_out_total", "counter", "QUIC client datagrams out.", g(&d.sent)),
             ("edge_agent_quic_client_bytes_out_total", "counter", "QUIC client bytes out.", g(&d.sent_bytes)),
+            (
+                "edge_agent_quic_client_datagrams_streamed_out_total",
+                "counter",
+                "QUIC client datagrams sent on tunnel streams (too large for a DATAGRAM frame).",
+                g(&d.sent_on_streams),
+            ),
+            (
+                "edge_agent_quic_client_datagrams_streamed_in_total",
+                "counter",
+                "QUIC client datagrams received on tunnel streams.",
+                g(&d.received_on_streams),
+            ),
             (
                 "edge_agent_quic_client_datagrams_dropped_total",
                 "counter",

@@ -141,6 +141,7 @@ pub fn capabilities(config: &crate::config::AgentConfig) -> Vec<String> {
     }
     if config.http3.enabled {
         capabilities.push(edge_proto::tunnel::CAPABILITY_QUIC_CLIENTS.into());
+        capabilities.push(edge_proto::tunnel::CAPABILITY_QUIC_CLIENT_STREAMS.into());
     }
     capabilities
 }
@@ -245,6 +246,11 @@ struct Welcomed {
     takes_routes: bool,
     /// The route of this tunnel's QUIC clients, when the server carries them.
     quic_route: Option<u32>,
+    /// The server's UDP port for QUIC clients (advertised in `Alt-Svc`).
+    quic_port: Option<u16>,
+    /// The server takes QUIC client frames on streams when they do not
+    /// fit a DATAGRAM frame.
+    quic_streams: bool,
 }
 
 async fn handshake(conn: &quinn::Connection, shared: &AgentShared) -> Result<Welcomed, End> {
@@ -276,12 +282,24 @@ async fn handshake(conn: &quinn::Connection, shared: &AgentShared) -> Result<Wel
             servers_revision,
             capabilities,
             quic_route,
+            quic_port,
             ..
         }))) => {
             shared.learn_servers(servers, servers_revision);
             let takes_routes = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_ROUTES);
+            let quic_streams = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_QUIC_CLIENT_STREAMS);
             let heartbeat_secs = heartbeat_secs.clamp(1, 300);
-            Ok(Welcomed { reader, writer, node, hostnames, heartbeat_secs, takes_routes, quic_route })
+            Ok(Welcomed {
+                reader,
+                writer,
+                node,
+                hostnames,
+                heartbeat_secs,
+                takes_routes,
+                quic_route,
+                quic_port,
+                quic_streams,
+            })
         }
         Ok(Some(Ok(ServerMessage::Rejected { code, reason }))) => Err(verdict(u64::from(code), &reason)),
         Ok(Some(Ok(other))) => Err(End::Retry(format!("unexpected first message from server: {other:?}"))),
@@ -304,11 +322,20 @@ async fn tunnel(
     moved: tokio::sync::oneshot::Sender<()>,
 ) -> End {
     let mut moved = Some(moved);
-    let Welcomed { mut reader, mut writer, node: node_name, hostnames, heartbeat_secs, takes_routes, quic_route } =
-        match handshake(conn, shared).await {
-            Ok(h) => h,
-            Err(end) => return end,
-        };
+    let Welcomed {
+        mut reader,
+        mut writer,
+        node: node_name,
+        hostnames,
+        heartbeat_secs,
+        takes_routes,
+        quic_route,
+        quic_port,
+        quic_streams,
+    } = match handshake(conn, shared).await {
+        Ok(h) => h,
+        Err(end) => return end,
+    };
     if node_name != shared.ticket.node() {
         return End::Fatal(format!(
             "server says this is node {node_name:?}, the join string says {:?}",
@@ -336,11 +363,14 @@ async fn tunnel(
         let (conn, node, stop) = (conn.clone(), node.clone(), http3.clone());
         tokio::spawn(async move {
             let route = edge_proto::quic_route::RouteId(route);
-            if let Err(e) = crate::http3::serve(conn, route, node, stop).await {
+            if let Err(e) = crate::http3::serve(conn, route, quic_streams, node, stop).await {
                 tracing::error!(error = %e, "HTTP/3 could not start on this tunnel");
             }
         });
     }
+    // TCP clients learn of HTTP/3 on the server's QUIC port.
+    let alt_svc =
+        quic_port.filter(|_| quic_route.is_some() && shared.config.http3.enabled && shared.config.http3.alt_svc);
     let streams = TaskTracker::new();
     let interval = Duration::from_secs(heartbeat_secs);
     let mut heartbeat = tokio::time::interval(interval);
@@ -399,7 +429,7 @@ async fn tunnel(
             }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(crate::streams::handle(send, recv, node.clone(), stalls.clone()));
+                    streams.spawn(crate::streams::handle(send, recv, node.clone(), stalls.clone(), alt_svc));
                 }
                 Err(e) => break classify_close(&e),
             },

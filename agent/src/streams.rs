@@ -67,7 +67,17 @@ pub enum StreamError {
 /// Serves one data stream to completion. `stalls` is the budget of the
 /// stream's QUIC connection: an upstream that stops reading an upload while
 /// the tunnel needs the window gets the stream shed.
-pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>, stalls: Arc<StallBudget>) {
+///
+/// `alt_svc` is the UDP port to advertise HTTP/3 on (`Alt-Svc`) in the
+/// first HTTP/1.x response of a terminated connection, when the tunnel
+/// carries QUIC clients.
+pub async fn handle(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    node: Arc<Node>,
+    stalls: Arc<StallBudget>,
+    alt_svc: Option<u16>,
+) {
     let metrics = &node.shared.metrics;
     metrics.total_streams.fetch_add(1, Ordering::Relaxed);
     metrics.open_streams.fetch_add(1, Ordering::Relaxed);
@@ -125,7 +135,7 @@ pub async fn handle(mut send: SendStream, mut recv: RecvStream, node: Arc<Node>,
                         Ok(())
                     }
                 },
-                Some(route) => terminate(tokio::io::join(recv, send), &header, &route, &node, &stalls).await,
+                Some(route) => terminate(tokio::io::join(recv, send), &header, &route, &node, &stalls, alt_svc).await,
             }
         }
     };
@@ -323,17 +333,24 @@ impl Abort for TcpStream {
 
 /// Copies plaintext between an established client TLS session and the
 /// upstream until both sides finish; an error aborts both. Writes to the
-/// upstream count against `stalls`.
+/// upstream count against `stalls`. With `alt_svc`, an HTTP/1.x session's
+/// first response advertises HTTP/3 on that UDP port.
 pub async fn pump<IO>(
     mut tls: tokio_rustls::server::TlsStream<IO>,
     upstream: TcpStream,
     node: &Node,
     sni: &str,
     stalls: &Arc<StallBudget>,
+    alt_svc: Option<u16>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
-    let mut upstream = StallGuard::new(upstream, stalls.clone());
+    let advertise = alt_svc
+        .filter(|_| crate::alt_svc::speaks_http1(tls.get_ref().1.alpn_protocol()))
+        .map(edge_proto::alt_svc::h3_header);
+    let upstream = StallGuard::new(upstream, stalls.clone());
+    let added = &node.shared.metrics.alt_svc_added;
+    let mut upstream = crate::alt_svc::AdvertisingUpstream::new(upstream, advertise, added);
     // No buffer held while idle: tokio's copy kept two zeroed 64 KiB
     // buffers per connection resident (docs/benchmarks.md, issue 16).
     let copied = edge_net::lean_copy::copy_bidirectional(&mut tls, &mut upstream).await;
@@ -348,7 +365,7 @@ pub async fn pump<IO>(
             // Abort both ways: reset the client side, RST the upstream.
             let (io, _) = tls.into_inner();
             io.abort(codes::STREAM_UPSTREAM_FAILED);
-            edge_net::splice::reset_tcp(upstream.get_ref());
+            edge_net::splice::reset_tcp(upstream.get_ref().get_ref());
             if is_shed(&e) {
                 node.shared.metrics.streams_shed.fetch_add(1, Ordering::Relaxed);
             }
@@ -430,12 +447,13 @@ pub async fn terminate<IO>(
     route: &Route,
     node: &Node,
     stalls: &Arc<StallBudget>,
+    alt_svc: Option<u16>,
 ) -> Result<(), StreamError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
     let tls = accept(io, route.tls.clone(), &node.shared.challenges).await?;
-    serve_terminated(tls, header, route, node, stalls).await
+    serve_terminated(tls, header, route, node, stalls, alt_svc).await
 }
 
 /// The part of [`terminate`] after the handshake (the direct listener
@@ -446,13 +464,14 @@ pub async fn serve_terminated<IO>(
     route: &Route,
     node: &Node,
     stalls: &Arc<StallBudget>,
+    alt_svc: Option<u16>,
 ) -> Result<(), StreamError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Abort,
 {
     match route.connect(header).await {
         Connect::Ok(upstream) => {
-            pump(tls, upstream, node, &header.sni, stalls).await;
+            pump(tls, upstream, node, &header.sni, stalls, alt_svc).await;
             Ok(())
         }
         Connect::Refused(refusal, why) => {

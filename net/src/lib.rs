@@ -18,8 +18,11 @@
 //! - [`write_deadline`]: writes that must make progress within a deadline.
 //! - [`runtime`]: the tokio runtime, sized by `[runtime] threads`.
 //! - [`lean_copy`]: a bidirectional copy that holds no buffer while idle.
+//! - [`tunnel_udp`]: a quinn socket made of a tunnel's DATAGRAM frames, and
+//!   [`frame_streams`]: the streams for frames too large for one.
 #![forbid(unsafe_code)]
 
+pub mod frame_streams;
 pub mod https;
 pub mod lean_copy;
 pub mod logging;

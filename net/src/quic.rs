@@ -97,7 +97,8 @@ impl TunnelTuning {
     pub fn transport(&self, peer_bidi_streams: u32) -> TransportConfig {
         let mut t = TransportConfig::default();
         t.max_concurrent_bidi_streams(VarInt::from_u32(peer_bidi_streams))
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            // Only QUIC client frames too large for a DATAGRAM frame.
+            .max_concurrent_uni_streams(VarInt::from_u32(crate::frame_streams::STREAMS_IN_FLIGHT))
             .stream_receive_window(VarInt::from_u32(self.stream_window))
             .receive_window(VarInt::from_u64(self.connection_window).unwrap_or(VarInt::MAX))
             .send_window(self.connection_window)

@@ -4,8 +4,8 @@
 //! each prefixed with the client's address ([`edge_proto::quic_datagram`]).
 //!
 //! Like UDP, nothing here waits or retries: a datagram the tunnel cannot
-//! take now (too large for its current path, or the queue toward the
-//! endpoint is full) is dropped and counted, and the QUIC connections on
+//! take now (too large for its current path with no frame stream free, or
+//! the queue toward the endpoint is full) is dropped and counted, and the QUIC connections on
 //! either side repair the loss. The endpoint sees one datagram per
 //! receive and sends one per transmit (no GSO or GRO), so every datagram
 //! gets its own tunnel frame.
@@ -38,11 +38,18 @@ pub struct TunnelUdpStats {
     /// Datagrams dropped: the tunnel could not take them (too large for its
     /// path now, or the tunnel is gone), or the endpoint's queue was full.
     pub dropped: AtomicU64,
+    /// Datagrams sent on frame streams (too large for a DATAGRAM frame).
+    pub sent_on_streams: AtomicU64,
+    /// Datagrams received on frame streams.
+    pub received_on_streams: AtomicU64,
 }
 
 /// The socket; see the module documentation.
 pub struct TunnelUdpSocket {
     tunnel: quinn::Connection,
+    /// Where frames too large for a DATAGRAM frame go, when the server
+    /// takes them.
+    streams: Option<crate::frame_streams::FrameStreams>,
     inbound: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     local: SocketAddr,
     stats: Arc<TunnelUdpStats>,
@@ -86,20 +93,29 @@ impl TunnelUdpSocket {
     /// A socket sending into `tunnel`, with a queue of `queue` datagrams
     /// toward the endpoint, fed by the returned [`Feeder`]. `local` is the
     /// address the endpoint believes it has (the server's public one).
+    /// With `streams`, frames too large for a DATAGRAM frame go on frame
+    /// streams ([`crate::frame_streams`]).
     pub fn new(
         tunnel: quinn::Connection,
         local: SocketAddr,
         queue: usize,
         stats: Arc<TunnelUdpStats>,
+        streams: bool,
     ) -> (Arc<Self>, Feeder) {
         let (tx, rx) = mpsc::channel(queue.max(1));
-        let socket = Arc::new(Self { tunnel, inbound: Mutex::new(rx), local, stats: stats.clone() });
+        let streams = streams.then(|| crate::frame_streams::FrameStreams::new(tunnel.clone()));
+        let socket = Arc::new(Self { tunnel, streams, inbound: Mutex::new(rx), local, stats: stats.clone() });
         (socket, Feeder { queue: tx, stats })
     }
 
     fn send_one(&self, destination: SocketAddr, datagram: &[u8]) {
         let mut frame = Vec::with_capacity(quic_datagram::HEADER_LEN_V6 + datagram.len());
         quic_datagram::encode(destination, datagram, &mut frame);
+        if let Some(streams) = self.streams.as_ref().filter(|s| !s.fits_datagram(frame.len())) {
+            let counter = if streams.send(&frame) { &self.stats.sent_on_streams } else { &self.stats.dropped };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         match self.tunnel.send_datagram(Bytes::from(frame)) {
             Ok(()) => {
                 self.stats.sent.fetch_add(1, Ordering::Relaxed);

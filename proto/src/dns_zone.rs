@@ -24,12 +24,14 @@
 //! Everything else in `z` is NXDOMAIN with the SOA; names outside `z` are
 //! REFUSED, so the server is never an open resolver.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::caa::KeyValue;
-use hickory_proto::rr::rdata::{A, AAAA, CAA, NS, SOA, TXT};
+use hickory_proto::rr::rdata::svcb::{Alpn, SvcParamKey, SvcParamValue, SVCB};
+use hickory_proto::rr::rdata::{A, AAAA, CAA, HTTPS, NS, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 /// TTLs and SOA fields.
@@ -92,6 +94,11 @@ pub struct Zone {
     challenges: HashMap<String, Vec<String>>,
     /// Static records by lowercase owner name.
     statics: BTreeMap<Name, Vec<Record>>,
+    /// Nodes that serve HTTP/3 now, published as HTTPS records.
+    http3: Arc<HashSet<String>>,
+    /// The UDP port proxied nodes' HTTP/3 is reached on, when it is not
+    /// the TCP port their clients use.
+    http3_port: Option<u16>,
 }
 
 /// The label under a node name that carries DNS-01 values.
@@ -113,6 +120,8 @@ impl Zone {
             nodes: HashMap::new(),
             challenges: HashMap::new(),
             statics: by_name,
+            http3: Arc::default(),
+            http3_port: None,
         }
     }
 
@@ -200,6 +209,20 @@ impl Zone {
         Self { statics: by_name, ..self.clone() }
     }
 
+    /// The same zone with `nodes` publishing HTTPS records (RFC 9460,
+    /// `alpn="h3"`): live state, not stored content, so the serial stays.
+    /// `port` is the UDP port of the servers' QUIC listener when it differs
+    /// from their TLS port; proxied nodes' records then say so, with
+    /// `no-default-alpn` (that port takes no TCP).
+    pub fn with_http3(&self, nodes: HashSet<String>, port: Option<u16>) -> Self {
+        Self { http3: Arc::new(nodes), http3_port: port, ..self.clone() }
+    }
+
+    /// Whether `node`'s names publish an HTTPS record.
+    pub fn serves_http3(&self, node: &str) -> bool {
+        self.http3.contains(node)
+    }
+
     /// Whether `node` has names in the zone.
     pub fn has_node(&self, node: &str) -> bool {
         self.nodes.contains_key(node)
@@ -247,6 +270,27 @@ impl Zone {
             .collect()
     }
 
+    /// The records of type `qtype` at `name`, one of `node`'s names.
+    fn node_records(&self, name: &Name, node: &str, qtype: RecordType) -> Vec<Record> {
+        let addresses = &self.nodes[node];
+        if qtype != RecordType::HTTPS {
+            return self.address_records(name, self.addresses_of(addresses), qtype, self.settings.address_ttl);
+        }
+        if !self.http3.contains(node) {
+            return Vec::new();
+        }
+        let mut params = vec![(SvcParamKey::Alpn, SvcParamValue::Alpn(Alpn(vec!["h3".into()])))];
+        // A node in direct mode serves HTTP/3 on its own address, on the
+        // port its TCP clients use.
+        if let (NodeAddresses::Cluster, Some(port)) = (addresses, self.http3_port) {
+            params.push((SvcParamKey::NoDefaultAlpn, SvcParamValue::NoDefaultAlpn));
+            params.push((SvcParamKey::Port, SvcParamValue::Port(port)));
+        }
+        // ServiceMode, TargetName "." (the owner name itself).
+        let https = HTTPS(SVCB::new(1, Name::root(), params));
+        vec![Record::from_rdata(name.clone(), self.settings.address_ttl, RData::HTTPS(https))]
+    }
+
     fn negative(&self, rcode: ResponseCode) -> Answer {
         let mut soa = self.soa();
         soa.ttl = soa.ttl.min(self.settings.negative_ttl);
@@ -292,10 +336,7 @@ impl Zone {
         }
         match labels.as_slice() {
             [] => self.positive(self.apex_records(&qname, qtype)),
-            [label] if self.nodes.contains_key(label) => {
-                let addrs = self.addresses_of(&self.nodes[label]);
-                self.positive(self.address_records(&qname, addrs, qtype, self.settings.address_ttl))
-            }
+            [label] if self.nodes.contains_key(label) => self.positive(self.node_records(&qname, label, qtype)),
             [first, node] if first == ACME_LABEL && self.nodes.contains_key(node) => {
                 let answers = match qtype {
                     RecordType::TXT => self
@@ -315,10 +356,7 @@ impl Zone {
                 };
                 self.positive(answers)
             }
-            [_, node] if self.nodes.contains_key(node) => {
-                let addrs = self.addresses_of(&self.nodes[node]);
-                self.positive(self.address_records(&qname, addrs, qtype, self.settings.address_ttl))
-            }
+            [_, node] if self.nodes.contains_key(node) => self.positive(self.node_records(&qname, node, qtype)),
             // A name with static or nameserver names below it exists (an
             // empty non-terminal): NODATA, not NXDOMAIN, or resolvers that
             // follow RFC 8020 would treat the whole subtree as gone.
@@ -418,6 +456,43 @@ mod tests {
 
     fn data(a: &Answer) -> Vec<String> {
         a.answers.iter().map(|r| r.data.to_string()).collect()
+    }
+
+    #[test]
+    fn https_records_only_for_nodes_serving_http3() {
+        let own = |ip: &str| Some(NodeAddresses::Own(vec![ip.parse().unwrap()]));
+        let z = zone().edited(43, [("n2".to_string(), own("198.51.100.7")), ("n3".into(), own("198.51.100.8"))], []);
+        // (Records as hickory presents them; dig writes alpn="h3".)
+        // Nothing serves HTTP/3 yet: NODATA, the names exist.
+        let none = ask(&z, "n1.edge.test.", RecordType::HTTPS);
+        assert_eq!((none.rcode, none.answers.len()), (ResponseCode::NoError, 0));
+
+        let nodes: HashSet<String> = ["n1".to_string(), "n2".to_string()].into();
+        let same_port = z.with_http3(nodes.clone(), None);
+        assert_eq!(same_port.serial(), 43, "live state moves no serial");
+        for q in ["n1.edge.test.", "app.n1.edge.test.", "n2.edge.test."] {
+            let a = ask(&same_port, q, RecordType::HTTPS);
+            assert_eq!(data(&a), vec!["1 . alpn=h3,"], "{q}");
+            assert_eq!(a.answers[0].ttl, 30);
+        }
+        assert!(ask(&same_port, "n3.edge.test.", RecordType::HTTPS).answers.is_empty(), "n3 does not serve it");
+        assert!(same_port.serves_http3("n1") && !same_port.serves_http3("n3"));
+
+        // Another UDP port: proxied nodes say so, and that the port takes
+        // no TCP; a direct node serves on its own address and port.
+        let other_port = z.with_http3(nodes, Some(8443));
+        let a = ask(&other_port, "n1.edge.test.", RecordType::HTTPS);
+        assert_eq!(data(&a), vec!["1 . alpn=h3, no-default-alpn= port=8443"]);
+        assert_eq!(data(&ask(&other_port, "n2.edge.test.", RecordType::HTTPS)), vec!["1 . alpn=h3,"]);
+        // The addresses are unchanged, and the record survives edits.
+        assert_eq!(data(&ask(&other_port, "n1.edge.test.", RecordType::A)), vec!["192.0.2.1"]);
+        let edited = other_port.edited(44, [("n9".to_string(), Some(NodeAddresses::Cluster))], []);
+        assert_eq!(ask(&edited, "n1.edge.test.", RecordType::HTTPS).answers.len(), 1);
+        // The wire form round-trips.
+        let record = &a.answers[0];
+        let bytes = hickory_proto::serialize::binary::BinEncodable::to_bytes(record).unwrap();
+        let back: Record = hickory_proto::serialize::binary::BinDecodable::from_bytes(&bytes).unwrap();
+        assert_eq!(&back, record);
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   connection ID, with bounded state.
 //! - [`tunnel`]: the wire protocol spoken over the QUIC tunnel between server
 //!   and agent (ALPN, control messages, per-connection stream header).
+//! - [`alt_svc`]: the `Alt-Svc` header the agent adds to the first HTTP/1.x
+//!   response of a connection to advertise HTTP/3.
 //! - [`proxy_v2`]: PROXY protocol v2 headers sent from the agent to upstreams.
 //! - [`join`]: the one-line join string an operator hands to an agent.
 //! - [`names`]: DNS name rules shared by routing and the node registry.
@@ -32,6 +34,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod alt_svc;
 pub mod client_hello;
 pub mod dns_zone;
 pub mod domains;

@@ -13,6 +13,17 @@
 //! Down the tunnel the address is the client's source; up the tunnel it is
 //! where the server sends the node's answer. An IPv4-mapped IPv6 address
 //! is carried as IPv4, so both ends agree on one form of each client.
+//!
+//! A frame larger than the tunnel takes in a DATAGRAM frame now (a client
+//! padding its Initials to 1,472 bytes over a 1452-byte tunnel path, or
+//! any datagram before the tunnel's MTU discovery has raised its size
+//! from 1200) crosses on a unidirectional tunnel stream of its own
+//! instead, when both ends announced
+//! [`crate::tunnel::CAPABILITY_QUIC_CLIENT_STREAMS`]: the byte
+//! [`STREAM_KIND_DATAGRAM`], then the frame, then the stream's end. Such
+//! streams are rare (first flights, the first second of a tunnel), so one
+//! per datagram costs little, and the inner QUIC still repairs any the
+//! sender gives up on.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -20,6 +31,30 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 pub const HEADER_LEN_V4: usize = 1 + 4 + 2;
 /// Bytes the header takes for an IPv6 client (the most it takes).
 pub const HEADER_LEN_V6: usize = 1 + 16 + 2;
+
+/// First byte of a unidirectional tunnel stream carrying one frame.
+pub const STREAM_KIND_DATAGRAM: u8 = 0x01;
+
+/// The largest client datagram carried on a stream (jumbo paths aside,
+/// QUIC datagrams are at most about 1,500 bytes).
+pub const MAX_STREAM_DATAGRAM: usize = 4096;
+
+/// The most bytes a frame stream holds.
+pub const MAX_STREAM_LEN: usize = 1 + HEADER_LEN_V6 + MAX_STREAM_DATAGRAM;
+
+/// The frame a whole stream carried, checked: its kind byte, then a frame
+/// of at most [`MAX_STREAM_DATAGRAM`] bytes of datagram.
+pub fn stream_frame(stream: &[u8]) -> Result<&[u8], DatagramFrameError> {
+    match stream.split_first() {
+        Some((&STREAM_KIND_DATAGRAM, frame)) if stream.len() <= MAX_STREAM_LEN => {
+            decode(frame)?;
+            Ok(frame)
+        }
+        Some((&STREAM_KIND_DATAGRAM, _)) => Err(DatagramFrameError::TooLong),
+        Some((&kind, _)) => Err(DatagramFrameError::StreamKind(kind)),
+        None => Err(DatagramFrameError::Truncated),
+    }
+}
 
 /// Why a tunnel datagram was not read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +68,12 @@ pub enum DatagramFrameError {
     /// The header is followed by nothing.
     #[error("tunnel datagram with no QUIC payload")]
     Empty,
+    /// A frame stream longer than [`MAX_STREAM_LEN`].
+    #[error("tunnel frame stream over {MAX_STREAM_LEN} bytes")]
+    TooLong,
+    /// A unidirectional tunnel stream of an unknown kind.
+    #[error("tunnel stream of unknown kind {0}")]
+    StreamKind(u8),
 }
 
 /// The one form of a client's address both ends use (IPv4-mapped IPv6
@@ -152,5 +193,24 @@ mod tests {
         let mut bytes = frame("192.0.2.7:1", b"x");
         bytes[0] = 5;
         assert_eq!(decode(&bytes), Err(DatagramFrameError::Family(5)));
+    }
+
+    #[test]
+    fn frame_streams_are_checked_whole() {
+        let client: SocketAddr = "192.0.2.7:4433".parse().unwrap();
+        let mut frame = Vec::new();
+        encode(client, &[0xc0; 1472], &mut frame);
+        let mut stream = vec![STREAM_KIND_DATAGRAM];
+        stream.extend_from_slice(&frame);
+        assert_eq!(stream_frame(&stream), Ok(frame.as_slice()));
+        assert_eq!(decode(stream_frame(&stream).unwrap()).unwrap().1.len(), 1472);
+        assert_eq!(stream_frame(&[]), Err(DatagramFrameError::Truncated));
+        assert_eq!(stream_frame(&[STREAM_KIND_DATAGRAM]), Err(DatagramFrameError::Truncated));
+        assert_eq!(stream_frame(&[9, 4]), Err(DatagramFrameError::StreamKind(9)));
+        let mut long = vec![STREAM_KIND_DATAGRAM];
+        encode(client, &[0; MAX_STREAM_DATAGRAM + 1], &mut long);
+        assert_eq!(stream_frame(&long), Err(DatagramFrameError::TooLong));
+        long.truncate(MAX_STREAM_LEN - 12);
+        assert!(stream_frame(&long).is_ok(), "the largest IPv4 frame fits");
     }
 }

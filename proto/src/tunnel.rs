@@ -55,6 +55,11 @@ pub const CAPABILITY_ACME_TLS_ALPN: &str = "acme_tls_alpn";
 /// with a QUIC client listener lists it back and assigns the tunnel a
 /// route in the welcome's `quic_route`.
 pub const CAPABILITY_QUIC_CLIENTS: &str = "quic_clients";
+/// Capability (with [`CAPABILITY_QUIC_CLIENTS`]) of an end that takes QUIC
+/// client frames too large for a DATAGRAM frame on unidirectional streams
+/// ([`crate::quic_datagram::STREAM_KIND_DATAGRAM`]); the server lists it
+/// back when it does too.
+pub const CAPABILITY_QUIC_CLIENT_STREAMS: &str = "quic_client_streams";
 /// Most servers listed to an agent.
 pub const MAX_CLUSTER_SERVERS: usize = 64;
 /// Protocol version carried in [`AgentMessage::Hello`].
@@ -192,6 +197,10 @@ pub enum ServerMessage {
         /// on this tunnel starts with it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         quic_route: Option<u32>,
+        /// The UDP port of the server's listener for QUIC clients (with
+        /// `quic_route`): what the agent advertises in `Alt-Svc`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic_port: Option<u16>,
     },
     /// The cluster's live servers changed (only to agents that sent
     /// [`CAPABILITY_CLUSTER`]): the agent connects to new ones and leaves
@@ -559,6 +568,7 @@ mod tests {
             servers,
             capabilities: Vec::new(),
             quic_route: None,
+            quic_port: None,
         };
         let json = serde_json::to_string(&welcome(Vec::new())).unwrap();
         assert!(!json.contains("servers"), "agents without the cluster capability still read it: {json}");

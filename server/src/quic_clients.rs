@@ -10,7 +10,7 @@
 //! lately: no node can make the server send UDP to an address of its
 //! choosing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -53,6 +53,11 @@ pub struct QuicClientMetrics {
     pub tunnel_refused: AtomicU64,
     /// Agent datagrams not sent: their address sent nothing to the route.
     pub answers_refused: AtomicU64,
+    /// Client datagrams carried on tunnel streams (too large for a
+    /// DATAGRAM frame of the tunnel then).
+    pub to_node_streamed: AtomicU64,
+    /// Agent datagrams that arrived on tunnel streams.
+    pub to_client_streamed: AtomicU64,
 }
 
 impl QuicClientMetrics {
@@ -68,6 +73,8 @@ impl QuicClientMetrics {
 struct RouteEntry {
     conn: quinn::Connection,
     node: String,
+    /// Frame streams, when the agent takes them.
+    streams: Option<edge_net::frame_streams::FrameStreams>,
     /// The tunnel's state, once listed: a leaving tunnel takes no new
     /// clients while another is up.
     state: Option<Arc<crate::registry::TunnelState>>,
@@ -83,6 +90,8 @@ pub struct QuicClients {
     router: Mutex<QuicRouter>,
     routes: RwLock<HashMap<RouteId, RouteEntry>>,
     next_route: AtomicU32,
+    /// The nodes with a live route, for the zone's HTTPS records.
+    served: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
     /// Counters.
     pub metrics: QuicClientMetrics,
 }
@@ -99,6 +108,7 @@ impl QuicClients {
             routes: RwLock::new(HashMap::new()),
             // Random start: a route of a previous run is not reused at once.
             next_route: AtomicU32::new(rand::random::<u32>() | 1),
+            served: tokio::sync::watch::Sender::new(Arc::default()),
             metrics: QuicClientMetrics::default(),
         }))
     }
@@ -109,8 +119,9 @@ impl QuicClients {
     }
 
     /// Gives a tunnel of `node` a route; its QUIC clients flow until the
-    /// returned guard is dropped.
-    pub fn register(self: &Arc<Self>, conn: &quinn::Connection, node: &str) -> RouteGuard {
+    /// returned guard is dropped. With `streams` (the agent announced
+    /// them), frames too large for a DATAGRAM frame go on frame streams.
+    pub fn register(self: &Arc<Self>, conn: &quinn::Connection, node: &str, streams: bool) -> RouteGuard {
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
         let route = loop {
             let candidate = RouteId(self.next_route.fetch_add(1, Ordering::Relaxed));
@@ -118,8 +129,28 @@ impl QuicClients {
                 break candidate;
             }
         };
-        routes.insert(route, RouteEntry { conn: conn.clone(), node: node.to_string(), state: None });
+        let streams = streams.then(|| edge_net::frame_streams::FrameStreams::new(conn.clone()));
+        routes.insert(route, RouteEntry { conn: conn.clone(), node: node.to_string(), streams, state: None });
+        self.publish_served(&routes);
         RouteGuard { clients: self.clone(), route }
+    }
+
+    /// The nodes that have a route now, updated as tunnels come and go.
+    pub fn served_nodes(&self) -> tokio::sync::watch::Receiver<Arc<BTreeSet<String>>> {
+        self.served.subscribe()
+    }
+
+    /// Publishes the set of nodes with a route (called with the routes
+    /// locked, so changes publish in order).
+    fn publish_served(&self, routes: &HashMap<RouteId, RouteEntry>) {
+        let nodes: BTreeSet<String> = routes.values().map(|e| e.node.clone()).collect();
+        self.served.send_if_modified(|served| {
+            let changed = **served != nodes;
+            if changed {
+                *served = Arc::new(nodes);
+            }
+            changed
+        });
     }
 
     /// Links a route to its tunnel's state (listed after the welcome).
@@ -143,22 +174,53 @@ impl QuicClients {
 
     /// Carries the datagrams the agent sends on `route`'s tunnel to their
     /// clients, until the tunnel closes.
-    pub async fn carry_answers(&self, route: RouteId, conn: &quinn::Connection) {
-        while let Ok(frame) = conn.read_datagram().await {
-            let Ok((client, datagram)) = quic_datagram::decode(&frame) else {
-                self.metrics.answers_refused.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let allowed =
-                self.router.lock().unwrap_or_else(|p| p.into_inner()).may_answer(Instant::now(), route, client);
-            if !allowed {
-                self.metrics.answers_refused.fetch_add(1, Ordering::Relaxed);
-                continue;
+    /// With `streams`, frames too large for a DATAGRAM frame arrive on
+    /// frame streams too.
+    pub async fn carry_answers(&self, route: RouteId, conn: &quinn::Connection, streams: bool) {
+        // Each read lives at most STREAM_DEADLINE; the agent may have only
+        // STREAMS_IN_FLIGHT streams open at once.
+        let mut reads = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                frame = conn.read_datagram() => match frame {
+                    Ok(frame) => self.answer(route, &frame),
+                    Err(_) => break,
+                },
+                recv = conn.accept_uni() => match recv {
+                    Ok(recv) if streams => {
+                        reads.spawn(edge_net::frame_streams::read(recv));
+                    }
+                    // Not negotiated: nothing of it is kept.
+                    Ok(mut recv) => {
+                        let _ = recv.stop(quinn::VarInt::from_u32(0));
+                    }
+                    Err(_) => break,
+                },
+                Some(read) = reads.join_next(), if !reads.is_empty() => {
+                    if let Ok(Some(frame)) = read {
+                        self.metrics.to_client_streamed.fetch_add(1, Ordering::Relaxed);
+                        self.answer(route, &frame);
+                    }
+                }
             }
-            self.send_to(client, datagram);
-            self.metrics.to_client_datagrams.fetch_add(1, Ordering::Relaxed);
-            self.metrics.to_client_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Sends one frame of the agent's to its client, if that client may be
+    /// answered on `route`.
+    fn answer(&self, route: RouteId, frame: &[u8]) {
+        let Ok((client, datagram)) = quic_datagram::decode(frame) else {
+            self.metrics.answers_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let allowed = self.router.lock().unwrap_or_else(|p| p.into_inner()).may_answer(Instant::now(), route, client);
+        if !allowed {
+            self.metrics.answers_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.send_to(client, datagram);
+        self.metrics.to_client_datagrams.fetch_add(1, Ordering::Relaxed);
+        self.metrics.to_client_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
     }
 
     /// Best effort, as UDP: a full socket buffer drops the datagram.
@@ -173,12 +235,22 @@ impl QuicClients {
     }
 
     fn forward(&self, route: RouteId, client: SocketAddr, datagram: &[u8]) {
-        let conn = match self.routes.read().unwrap_or_else(|p| p.into_inner()).get(&route) {
-            Some(entry) => entry.conn.clone(),
+        let (conn, streams) = match self.routes.read().unwrap_or_else(|p| p.into_inner()).get(&route) {
+            Some(entry) => (entry.conn.clone(), entry.streams.clone()),
             None => return,
         };
         let mut frame = Vec::with_capacity(quic_datagram::header_len(client) + datagram.len());
         quic_datagram::encode(client, datagram, &mut frame);
+        if let Some(streams) = streams.filter(|s| !s.fits_datagram(frame.len())) {
+            if !streams.send(&frame) {
+                self.metrics.tunnel_refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            self.metrics.to_node_streamed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.to_node_datagrams.fetch_add(1, Ordering::Relaxed);
+            self.metrics.to_node_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            return;
+        }
         match conn.send_datagram(Bytes::from(frame)) {
             Ok(()) => {
                 self.metrics.to_node_datagrams.fetch_add(1, Ordering::Relaxed);
@@ -203,6 +275,15 @@ impl QuicClients {
         let _ = writeln!(out, "# TYPE edge_quic_client_bytes_total counter");
         let _ = writeln!(out, "edge_quic_client_bytes_total{{direction=\"to_node\"}} {}", g(&m.to_node_bytes));
         let _ = writeln!(out, "edge_quic_client_bytes_total{{direction=\"to_client\"}} {}", g(&m.to_client_bytes));
+        let _ = writeln!(
+            out,
+            "# HELP edge_quic_client_streamed_total QUIC client datagrams carried on tunnel streams (too large for a \
+             DATAGRAM frame then), by direction; also counted in edge_quic_client_datagrams_total."
+        );
+        let _ = writeln!(out, "# TYPE edge_quic_client_streamed_total counter");
+        let _ = writeln!(out, "edge_quic_client_streamed_total{{direction=\"to_node\"}} {}", g(&m.to_node_streamed));
+        let _ =
+            writeln!(out, "edge_quic_client_streamed_total{{direction=\"to_client\"}} {}", g(&m.to_client_streamed));
         let _ = writeln!(out, "# HELP edge_quic_client_dropped_total QUIC client datagrams dropped, by reason.");
         let _ = writeln!(out, "# TYPE edge_quic_client_dropped_total counter");
         for (reason, count) in DropReason::ALL.iter().zip(&m.dropped) {
@@ -249,7 +330,9 @@ impl RouteGuard {
 
 impl Drop for RouteGuard {
     fn drop(&mut self) {
-        self.clients.routes.write().unwrap_or_else(|p| p.into_inner()).remove(&self.route);
+        let mut routes = self.clients.routes.write().unwrap_or_else(|p| p.into_inner());
+        routes.remove(&self.route);
+        self.clients.publish_served(&routes);
     }
 }
 

@@ -547,6 +547,12 @@ impl BoundServer {
         tasks.spawn("store watch", shared.store.watch(revision, shutdown.clone()));
         tasks.spawn("change feed", jobs::change_feed::run(shared.clone(), sync, feed, nudges, shutdown.clone()));
         if let Some((sockets, zone)) = dns {
+            if let Some(clients) = shared.quic_clients.clone() {
+                // Clients of the zone's names find HTTP/3 in HTTPS records.
+                let port = addrs.quic_clients.map(|a| a.port()).filter(|p| *p != addrs.tls.port());
+                let job = jobs::http3_records::run(clients, zone.clone(), port, shutdown.clone());
+                tasks.spawn("https records", job);
+            }
             tasks.spawn("dns listener", dns::serve(sockets, zone, shared.clone(), shutdown.clone()));
         }
 

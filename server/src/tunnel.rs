@@ -180,26 +180,36 @@ async fn session(
     let (servers_revision, listed) = (listed.revision.max(0) as u64, listed.servers);
     // Agents that serve QUIC clients get a route when this server has a
     // listener for them; the route lives as long as this session.
+    let quic_streams = capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_QUIC_CLIENT_STREAMS);
     let quic_route = match &shared.quic_clients {
         Some(clients) if capabilities.iter().any(|c| c == edge_proto::tunnel::CAPABILITY_QUIC_CLIENTS) => {
-            Some(clients.register(&conn, &node.name))
+            Some(clients.register(&conn, &node.name, quic_streams))
         }
         _ => None,
     };
     let echoed = |c: &&String| {
         *c == edge_proto::tunnel::CAPABILITY_ROUTES
-            || (quic_route.is_some() && *c == edge_proto::tunnel::CAPABILITY_QUIC_CLIENTS)
+            || (quic_route.is_some()
+                && (*c == edge_proto::tunnel::CAPABILITY_QUIC_CLIENTS
+                    || *c == edge_proto::tunnel::CAPABILITY_QUIC_CLIENT_STREAMS))
     };
-    step(writer.send(ServerMessage::Welcome {
-        node: node.name.clone(),
-        hostnames: node.hostnames.clone(),
-        heartbeat_secs: HEARTBEAT_SECS,
-        server_version: env!("CARGO_PKG_VERSION").to_string(),
-        servers: listed,
-        servers_revision,
-        capabilities: capabilities.iter().filter(echoed).cloned().collect(),
-        quic_route: quic_route.as_ref().map(|r| r.route().0),
-    }))
+    step(
+        writer.send(ServerMessage::Welcome {
+            node: node.name.clone(),
+            hostnames: node.hostnames.clone(),
+            heartbeat_secs: HEARTBEAT_SECS,
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+            servers: listed,
+            servers_revision,
+            capabilities: capabilities.iter().filter(echoed).cloned().collect(),
+            quic_route: quic_route.as_ref().map(|r| r.route().0),
+            quic_port: quic_route
+                .as_ref()
+                .and(shared.quic_clients.as_ref())
+                .and_then(|clients| clients.local_addr().ok())
+                .map(|a| a.port()),
+        }),
+    )
     .await?;
 
     if apply_endpoint(&shared, &node, endpoint.as_deref(), remote) {
@@ -286,9 +296,11 @@ async fn session(
         tunnel_id,
     };
     // The agent's answers to its QUIC clients, for as long as the tunnel.
+    // (A tunnel without a route has no use for unidirectional streams.)
     let answers = async {
-        if let (Some(clients), Some(route)) = (&shared.quic_clients, &quic_route) {
-            clients.carry_answers(route.route(), &conn).await;
+        match (&shared.quic_clients, &quic_route) {
+            (Some(clients), Some(route)) => clients.carry_answers(route.route(), &conn, quic_streams).await,
+            _ => edge_net::frame_streams::refuse_all(&conn).await,
         }
         std::future::pending::<()>().await
     };

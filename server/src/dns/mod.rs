@@ -4,7 +4,7 @@
 //! builds the zone from the config and the server's state, swaps in a new
 //! snapshot on every change, and answers queries from the current one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -175,6 +175,15 @@ impl ZoneCell {
             };
             *zone = Arc::new(zone.edited(serial, nodes, challenges));
             true
+        });
+    }
+
+    /// Publishes HTTPS records for `nodes` (those that serve HTTP/3 through
+    /// this server now), with `port` when the QUIC listener's port is not
+    /// the TLS port.
+    pub fn set_http3(&self, nodes: &BTreeSet<String>, port: Option<u16>) {
+        self.current.send_modify(|zone| {
+            *zone = Arc::new(zone.with_http3(nodes.iter().cloned().collect(), port));
         });
     }
 
