@@ -36,11 +36,6 @@ impl FrameStreams {
         Self { tunnel, permits: Arc::new(Semaphore::new(STREAMS_IN_FLIGHT as usize)) }
     }
 
-    /// Whether `frame_len` bytes fit a DATAGRAM frame of the tunnel now.
-    pub fn fits_datagram(&self, frame_len: usize) -> bool {
-        self.tunnel.max_datagram_size().is_some_and(|max| frame_len <= max)
-    }
-
     /// Sends `frame` on a stream of its own; false (the frame dropped) when
     /// it is too long or as many streams are in flight as allowed.
     pub fn send(&self, frame: &[u8]) -> bool {

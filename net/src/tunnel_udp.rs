@@ -111,20 +111,21 @@ impl TunnelUdpSocket {
     fn send_one(&self, destination: SocketAddr, datagram: &[u8]) {
         let mut frame = Vec::with_capacity(quic_datagram::HEADER_LEN_V6 + datagram.len());
         quic_datagram::encode(destination, datagram, &mut frame);
-        if let Some(streams) = self.streams.as_ref().filter(|s| !s.fits_datagram(frame.len())) {
-            let counter = if streams.send(&frame) { &self.stats.sent_on_streams } else { &self.stats.dropped };
-            counter.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        match self.tunnel.send_datagram(Bytes::from(frame)) {
+        // A clone of `Bytes` is a reference count: the frame stays at hand
+        // for a stream if the tunnel finds it too large.
+        let frame = Bytes::from(frame);
+        let counter = match self.tunnel.send_datagram(frame.clone()) {
             Ok(()) => {
-                self.stats.sent.fetch_add(1, Ordering::Relaxed);
                 self.stats.sent_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                &self.stats.sent
             }
-            Err(_) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+            Err(quinn::SendDatagramError::TooLarge) => match &self.streams {
+                Some(streams) if streams.send(&frame) => &self.stats.sent_on_streams,
+                _ => &self.stats.dropped,
+            },
+            Err(_) => &self.stats.dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -241,24 +241,25 @@ impl QuicClients {
         };
         let mut frame = Vec::with_capacity(quic_datagram::header_len(client) + datagram.len());
         quic_datagram::encode(client, datagram, &mut frame);
-        if let Some(streams) = streams.filter(|s| !s.fits_datagram(frame.len())) {
-            if !streams.send(&frame) {
-                self.metrics.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            self.metrics.to_node_streamed.fetch_add(1, Ordering::Relaxed);
+        // A clone of `Bytes` is a reference count: the frame stays at hand
+        // for a stream if the tunnel finds it too large.
+        let frame = Bytes::from(frame);
+        let carried = match conn.send_datagram(frame.clone()) {
+            Ok(()) => true,
+            Err(quinn::SendDatagramError::TooLarge) => match &streams {
+                Some(streams) if streams.send(&frame) => {
+                    self.metrics.to_node_streamed.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                _ => false,
+            },
+            Err(_) => false,
+        };
+        if carried {
             self.metrics.to_node_datagrams.fetch_add(1, Ordering::Relaxed);
             self.metrics.to_node_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            return;
-        }
-        match conn.send_datagram(Bytes::from(frame)) {
-            Ok(()) => {
-                self.metrics.to_node_datagrams.fetch_add(1, Ordering::Relaxed);
-                self.metrics.to_node_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.metrics.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-            }
+        } else {
+            self.metrics.tunnel_refused.fetch_add(1, Ordering::Relaxed);
         }
     }
 
