@@ -47,7 +47,9 @@ pub const MAX_STREAM_LEN: usize = 1 + HEADER_LEN_V6 + MAX_STREAM_DATAGRAM;
 pub fn stream_frame(stream: &[u8]) -> Result<&[u8], DatagramFrameError> {
     match stream.split_first() {
         Some((&STREAM_KIND_DATAGRAM, frame)) if stream.len() <= MAX_STREAM_LEN => {
-            decode(frame)?;
+            if decode(frame)?.1.len() > MAX_STREAM_DATAGRAM {
+                return Err(DatagramFrameError::TooLong);
+            }
             Ok(frame)
         }
         Some((&STREAM_KIND_DATAGRAM, _)) => Err(DatagramFrameError::TooLong),
@@ -68,8 +70,9 @@ pub enum DatagramFrameError {
     /// The header is followed by nothing.
     #[error("tunnel datagram with no QUIC payload")]
     Empty,
-    /// A frame stream longer than [`MAX_STREAM_LEN`].
-    #[error("tunnel frame stream over {MAX_STREAM_LEN} bytes")]
+    /// A frame stream longer than [`MAX_STREAM_LEN`], or with a datagram
+    /// longer than [`MAX_STREAM_DATAGRAM`].
+    #[error("tunnel frame stream over {MAX_STREAM_LEN} bytes or with a datagram over {MAX_STREAM_DATAGRAM}")]
     TooLong,
     /// A unidirectional tunnel stream of an unknown kind.
     #[error("tunnel stream of unknown kind {0}")]
@@ -209,8 +212,14 @@ mod tests {
         assert_eq!(stream_frame(&[9, 4]), Err(DatagramFrameError::StreamKind(9)));
         let mut long = vec![STREAM_KIND_DATAGRAM];
         encode(client, &[0; MAX_STREAM_DATAGRAM + 1], &mut long);
-        assert_eq!(stream_frame(&long), Err(DatagramFrameError::TooLong));
-        long.truncate(MAX_STREAM_LEN - 12);
+        assert!(stream_frame(&long) == Err(DatagramFrameError::TooLong), "a datagram over the cap");
+        long.truncate(1 + HEADER_LEN_V4 + MAX_STREAM_DATAGRAM);
         assert!(stream_frame(&long).is_ok(), "the largest IPv4 frame fits");
+        let mut v6 = vec![STREAM_KIND_DATAGRAM];
+        encode("[2001:db8::1]:1".parse().unwrap(), &[0; MAX_STREAM_DATAGRAM], &mut v6);
+        assert_eq!(v6.len(), MAX_STREAM_LEN, "the largest IPv6 frame is the cap");
+        assert!(stream_frame(&v6).is_ok());
+        v6.push(0);
+        assert!(stream_frame(&v6) == Err(DatagramFrameError::TooLong));
     }
 }
