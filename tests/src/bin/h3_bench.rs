@@ -178,12 +178,15 @@ async fn main() -> Result<()> {
     let get = |text: &str, series: &str| metric(text, series).unwrap_or(0.0);
     println!(
         "\ntunnel datagrams dropped: server→agent {:.0} (tunnel refused), agent→server {:.0}; answers refused {:.0}; \
-         carried: {:.0} to the node, {:.0} to clients",
+         carried: {:.0} to the node, {:.0} to clients; on frame streams (too large for a DATAGRAM frame): \
+         {:.0} to the node, {:.0} to clients",
         get(&server_metrics, "edge_quic_client_dropped_total{reason=\"tunnel_refused\"}"),
         get(&agent_metrics, "edge_agent_quic_client_datagrams_dropped_total"),
         get(&server_metrics, "edge_quic_client_dropped_total{reason=\"answer_refused\"}"),
         get(&server_metrics, "edge_quic_client_datagrams_total{direction=\"to_node\"}"),
         get(&server_metrics, "edge_quic_client_datagrams_total{direction=\"to_client\"}"),
+        get(&server_metrics, "edge_quic_client_streamed_total{direction=\"to_node\"}"),
+        get(&server_metrics, "edge_quic_client_streamed_total{direction=\"to_client\"}"),
     );
     Ok(())
 }
