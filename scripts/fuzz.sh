@@ -23,7 +23,7 @@ shift || true
 case "$secs" in '' | *[!0-9]*) echo "usage: $0 [SECONDS_PER_TARGET] [TARGET...]" >&2; exit 2 ;; esac
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(client_hello quic_initial tunnel_frames dns_request signal_json handover)
+  targets=(client_hello quic_initial tunnel_frames dns_request signal_json handover alt_svc)
 fi
 
 # libfuzzer-sys compiles libFuzzer (C++) in its build script.

@@ -52,8 +52,7 @@ fn zone() -> &'static Zone {
         ];
         let cluster: Vec<IpAddr> = vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
         let base = Zone::new(name("edge.test."), settings, cluster, statics);
-        let nodes =
-            HashMap::from([
+        let nodes = HashMap::from([
             ("n1".to_string(), NodeAddresses::Cluster),
             ("n2".to_string(), NodeAddresses::Own(vec!["198.51.100.7".parse().unwrap()])),
         ]);
@@ -61,7 +60,9 @@ fn zone() -> &'static Zone {
             "n1".to_string(),
             vec!["LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0".to_string(), "v2".to_string()],
         )]);
-        base.with_state(42, nodes, challenges)
+        // Both nodes serve HTTP/3: HTTPS answers, with a port for n1.
+        let http3 = ["n1".to_string(), "n2".to_string()].into_iter().collect();
+        base.with_state(42, nodes, challenges).with_http3(http3, Some(8443))
     })
 }
 

@@ -191,3 +191,24 @@ fn handover_corpus() {
     }
     assert!(forwarded > 0 && messages > 0 && routed > 0, "the seeds cover each format");
 }
+
+#[test]
+fn alt_svc_corpus() {
+    use edge_proto::alt_svc::{h3_header, HeadInjector, Outcome};
+    let mut added = 0;
+    for (path, data) in corpus("alt_svc") {
+        // The first byte picks the fuzz target's split; the rest is the stream.
+        let input = &data[1..];
+        let mut injector = HeadInjector::new(h3_header(443));
+        let mut out = Vec::new();
+        injector.push(input, &mut out);
+        injector.finish(&mut out);
+        if injector.outcome() == Outcome::Added {
+            added += 1;
+            assert_eq!(out.len(), input.len() + h3_header(443).len(), "{}", path.display());
+        } else {
+            assert_eq!(out, input, "{}", path.display());
+        }
+    }
+    assert!(added >= 2, "seeds that get the header: {added}");
+}
