@@ -376,6 +376,16 @@ fn default_alpn() -> Vec<String> {
     vec!["http/1.1".into()]
 }
 
+impl AgentConfig {
+    /// Whether HTTP/3 is on but no route terminates TLS here: HTTP/3
+    /// clients (which the zone's HTTPS record invites) would only get 421.
+    pub fn http3_has_nothing_to_serve(&self) -> bool {
+        let default_terminates = self.upstream.is_some() && self.mode == Mode::Terminate;
+        let route_terminates = self.routes.iter().any(|r| r.mode.unwrap_or(self.mode) == Mode::Terminate);
+        self.http3.enabled && !default_terminates && !route_terminates
+    }
+}
+
 /// Reconnect backoff: exponential from `initial_ms` to `max_ms`, with jitter.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -654,6 +664,20 @@ mod tests {
         let ticket = c.validate("agent.toml").unwrap();
         assert_eq!(ticket.node(), "n1");
         assert!(!format!("{c:?}").contains(&ticket.token), "Debug hides the token");
+    }
+
+    #[test]
+    fn http3_with_only_passthrough_routes_is_noticed() {
+        let j = join();
+        let parse = |extra: &str| AgentConfig::parse(&format!("join = {j:?}\n{extra}"), "agent.toml").unwrap();
+        let on = "[http3]\nenabled = true\n";
+        assert!(!parse(&format!("upstream = \"h:1\"\n{on}")).http3_has_nothing_to_serve());
+        assert!(parse(&format!("upstream = \"h:1\"\nmode = \"passthrough\"\n{on}")).http3_has_nothing_to_serve());
+        let mixed = format!(
+            "mode = \"passthrough\"\n[[routes]]\nhost = \"n1.edge.test\"\nupstreams = [\"h:1\"]\nmode = \"terminate\"\n{on}"
+        );
+        assert!(!parse(&mixed).http3_has_nothing_to_serve(), "one route terminates");
+        assert!(!parse("upstream = \"h:1\"\nmode = \"passthrough\"\n").http3_has_nothing_to_serve(), "http3 off");
     }
 
     #[test]

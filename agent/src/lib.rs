@@ -445,6 +445,12 @@ pub async fn run(
     tracing::info!(node = shared.ticket.node(), server = %shared.ticket.server,
         upstream = shared.config.upstream.as_deref().unwrap_or("none"), routes = shared.config.routes.len(),
         mode = %shared.config.mode, "edge-agent starting");
+    if shared.config.http3_has_nothing_to_serve() {
+        tracing::warn!(
+            "http3.enabled is set but every route passes TLS through: HTTP/3 clients get 421 and retry \
+            over TCP; turn http3 off or terminate a route"
+        );
+    }
     tokio::spawn(apply_reloads(shared.clone(), reloads, shutdown.clone()));
     if let Some(listener) = status_listener {
         announce(&listener, &shared.config.data_dir.join("status.addr"), "status endpoint listening");
