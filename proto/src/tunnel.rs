@@ -198,7 +198,9 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         quic_route: Option<u32>,
         /// The UDP port of the server's listener for QUIC clients (with
-        /// `quic_route`): what the agent advertises in `Alt-Svc`.
+        /// `quic_route`): what the agent advertises in `Alt-Svc`. Sent only
+        /// to agents that announced [`CAPABILITY_QUIC_CLIENT_STREAMS`]:
+        /// older ones refuse unknown fields.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         quic_port: Option<u16>,
     },
@@ -573,6 +575,7 @@ mod tests {
         let json = serde_json::to_string(&welcome(Vec::new())).unwrap();
         assert!(!json.contains("servers"), "agents without the cluster capability still read it: {json}");
         assert!(!json.contains("capabilities"), "nor a capability list they never asked for: {json}");
+        assert!(!json.contains("quic_"), "nor the QUIC client fields: {json}");
         let server = ClusterServer {
             id: "a1b2".into(),
             name: "edge-b".into(),

@@ -203,8 +203,11 @@ async fn session(
             servers_revision,
             capabilities: capabilities.iter().filter(echoed).cloned().collect(),
             quic_route: quic_route.as_ref().map(|r| r.route().0),
+            // Only to agents that know the field (the welcome refuses
+            // unknown ones): those announcing frame streams came with it.
             quic_port: quic_route
                 .as_ref()
+                .filter(|_| quic_streams)
                 .and(shared.quic_clients.as_ref())
                 .and_then(|clients| clients.local_addr().ok())
                 .map(|a| a.port()),
