@@ -21,6 +21,8 @@ command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 # checks the systemd units.
 command -v dpkg-shlibdeps >/dev/null 2>&1 || need+=(dpkg-dev)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# The layout test reads the binaries' symbol tables with nm.
+command -v nm >/dev/null 2>&1 || need+=(binutils)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
