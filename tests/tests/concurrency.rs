@@ -12,15 +12,28 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECTIONS: usize = 1000;
 const PAYLOAD: usize = 1024 * 1024;
+/// Windows that let every stream stall at once without shedding. Shedding
+/// (`edge_net::stall`, tested in slow_readers.rs) resets a stream whose
+/// reader made no progress for 1 s once more than three quarters of the
+/// connection window could be parked that way: 24 streams at the default
+/// 32 MiB. This client's 1,000 tasks on 2 threads, sharing 2 cores with
+/// both proxies, can leave that many readers unpolled for a second, which
+/// once reset 22 of them in CI. 0.75 × 1.5 GiB / 1 MiB admits 1,152.
+const TUNNEL: &str = "[tunnel]\nconnection_window = 1610612736\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_concurrent_megabyte_echoes_return_unchanged() {
     edge_net::raise_fd_limit();
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("server"), "").unwrap();
+    let server = Server::start(&tmp.path().join("server"), TUNNEL).unwrap();
     let join = server.add_node("bulk").unwrap();
     let echo = upstreams::echo().await;
-    let agent = Agent::start(&tmp.path().join("agent"), &join, echo, &[]).unwrap();
+    let agent_dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let agent_config = agent_dir.join("agent.toml");
+    std::fs::write(&agent_config, format!("join = {join:?}\nupstream = \"{echo}\"\n{TUNNEL}")).unwrap();
+    let config_arg = agent_config.to_string_lossy().into_owned();
+    let agent = Agent::start(&agent_dir, &join, echo, &["--config", &config_arg]).unwrap();
     let config = clients::client_config(&agent.local_ca("bulk")).unwrap();
     let server_fds_before = edge_tests::fd_count(server.proc.child.id());
     let agent_fds_before = edge_tests::fd_count(agent.proc.child.id());
